@@ -1,0 +1,702 @@
+"""PoseBench: the built-in benchmark for image-to-pose, text-to-pose and pose VQA.
+
+Pose-RFT (§4.1) trains and evaluates on PoseScript, 3DPW, Human3.6M, BEDLAM-Script and
+LLaVA-Instruct, none of which can be downloaded at run time. This file builds a miniature
+stand-in from nothing but the SMPL skeleton (body.py), keeping the paper's central
+difficulty: one input fits many poses.
+
+- Poses: about 18 action archetypes (standing, walking, sitting, squatting, kneeling, lying,
+  bending forward, arms raised, T-pose, reaching, kicking, ...), each a mean joint
+  configuration plus random joint angles, clipped to anatomical limits. Each pose keeps its
+  archetype label (the abstract prompt, CoT-Pose style).
+- Captions, PoseScript style (Delmas et al., ECCV 2022): boolean posecodes are measured on
+  the joints (elbow bent or straight, hand above head, hands together, feet apart, knee
+  raised, torso leaning, lying vs upright, ...); each caption states a random subset of the
+  pose's true posecodes, so one caption fits many poses, as human descriptions do.
+- Images: the posed mesh rendered to a small RGB image (64 x 64, z-buffered, flat shaded,
+  left limbs blue, right limbs orange) from a random camera yaw, elevation and distance,
+  cropped around the person: depth is lost, as in a photo.
+- VQA: yes/no questions answered from posecodes ("Is the left hand above the head?" ->
+  "Yes, the left hand is above the head.").
+- Splits by pose, each from its own random stream (no pose is in two splits; the test split
+  does not change when the training size does), cached on disk keyed by the configuration.
+
+Frames. Poses are stored with a canonical global orientation: the pose's own tilt
+(lying, bending), yaw zero, the body facing +z (PoseScript's normalisation: text-to-pose
+targets). The image-to-pose target is the same body in the camera's view frame (x right,
+y up, z towards the camera): `global_orient_view`, `joints_view`. Joints are pelvis-centred,
+metres, SMPL order.
+
+Departures from the paper's data: synthetic mannequin renders instead of photographs;
+automatic captions only (PoseScript also has human-written ones); yes/no VQA only.
+
+Run:
+    python posebench.py                  # build the default sizes (cached), print stats, write a preview PNG
+    python posebench.py --n_train 2000   # any field of BenchConfig is a flag; see --help
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import body
+
+POSEBENCH_VERSION = 1  # bump when sampling, captions or rendering change: part of the cache key
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class BenchConfig:
+    """What the benchmark is built from; every field is part of the cache key."""
+    n_train: int = field(default=20000, metadata={"help": "poses in the training split"})
+    n_val: int = field(default=1000, metadata={"help": "poses in the validation split"})
+    n_test: int = field(default=1000, metadata={"help": "poses in the test split"})
+    image_size: int = field(default=64, metadata={"help": "rendered image side, pixels"})
+    supersample: int = field(default=1, metadata={"help": "render at this factor and average down (anti-aliasing)"})
+    captions_per_pose: int = field(default=3, metadata={"help": "automatic captions per pose"})
+    vqa_per_pose: int = field(default=2, metadata={"help": "yes/no questions per pose"})
+    yaw_range_deg: float = field(default=120.0, metadata={"help": "camera yaw drawn from +-this around the front"})
+    elevation_range_deg: tuple = field(default=(-10.0, 30.0), metadata={"help": "camera elevation range"})
+    distance_range_m: tuple = field(default=(3.0, 5.0), metadata={"help": "camera distance range"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    smpl_path: str = field(default=None, metadata={"help": "licensed SMPL model pickle; default: the procedural body"})
+
+
+# ---- Poses: archetypes inside anatomical limits ----------------------------------------------
+# Joint angles are Euler angles in degrees, R = Ry(y) Rx(x) Rz(z) in the joint's parent frame
+# (SMPL frame: +x body-left, +y up, +z forward). With this order, for the left arm (along +x at
+# rest) z raises (+) or lowers (-) it in the frontal plane, then x swings a lowered arm
+# forward (-) or back (+), and y swings a horizontal arm forward (-). For legs (along -y) x
+# flexes the hip (-: thigh forward) and knee (+: shin back). Spine x > 0 leans forward.
+# Values are written for the LEFT side; right-side joints use the mirror (x, -y, -z), so
+# the same numbers give a symmetric pose. Root: x > 0 pitches forward, z rolls.
+
+LIMITS_DEG = {  # (x, y, z) ranges, left side / midline
+    "pelvis": ((-100, 100), (-15, 15), (-100, 100)),
+    "left_hip": ((-130, 35), (-45, 45), (-30, 80)),
+    "left_knee": ((0, 150), (-5, 5), (-5, 5)),
+    "left_ankle": ((-35, 45), (-15, 15), (-20, 20)),
+    "left_foot": ((-20, 20), (-5, 5), (-5, 5)),
+    "spine1": ((-20, 45), (-25, 25), (-20, 20)),
+    "spine2": ((-20, 45), (-25, 25), (-20, 20)),
+    "spine3": ((-20, 45), (-25, 25), (-20, 20)),
+    "neck": ((-30, 40), (-40, 40), (-25, 25)),
+    "head": ((-30, 35), (-40, 40), (-25, 25)),
+    "left_collar": ((-10, 10), (-20, 15), (-15, 25)),
+    "left_shoulder": ((-110, 60), (-110, 45), (-90, 110)),
+    "left_elbow": ((-60, 60), (-150, 0), (-5, 5)),
+    "left_wrist": ((-40, 40), (-40, 40), (-60, 60)),
+    "left_hand": ((-10, 10), (-20, 20), (-20, 20)),
+}
+
+_ARMS_DOWN = {"left_shoulder": (0, 0, -75), "right_shoulder": (0, 0, -75),
+              "left_elbow": (0, -10, 0), "right_elbow": (0, -10, 0)}
+# name: (mean angles per joint, noise std in degrees, asymmetric). An asymmetric archetype is
+# mirrored left <-> right with probability 1/2, so each side does the action equally often.
+ARCHETYPES = {
+    "standing": ({**_ARMS_DOWN, "left_knee": (5, 0, 0), "right_knee": (5, 0, 0)}, 8, False),
+    "walking": ({"left_hip": (-25, 0, 3), "right_hip": (15, 0, 3), "left_knee": (15, 0, 0),
+                 "right_knee": (35, 0, 0), "left_shoulder": (20, 0, -75), "right_shoulder": (-20, 0, -75),
+                 "left_elbow": (0, -20, 0), "right_elbow": (0, -25, 0)}, 8, True),
+    "running": ({"left_hip": (-55, 0, 5), "right_hip": (20, 0, 5), "left_knee": (70, 0, 0),
+                 "right_knee": (95, 0, 0), "left_shoulder": (35, 0, -70), "right_shoulder": (-45, 0, -70),
+                 "left_elbow": (0, -90, 0), "right_elbow": (0, -90, 0), "spine1": (10, 0, 0)}, 8, True),
+    "sitting": ({"left_hip": (-90, 0, 8), "right_hip": (-90, 0, 8), "left_knee": (90, 0, 0),
+                 "right_knee": (90, 0, 0), "left_shoulder": (-25, 0, -75), "right_shoulder": (-25, 0, -75),
+                 "left_elbow": (0, -60, 0), "right_elbow": (0, -60, 0)}, 9, False),
+    "squatting": ({"pelvis": (20, 0, 0), "left_hip": (-115, 0, 20), "right_hip": (-115, 0, 20),
+                   "left_knee": (135, 0, 0), "right_knee": (135, 0, 0), "left_ankle": (25, 0, 0),
+                   "right_ankle": (25, 0, 0), "spine1": (15, 0, 0), "spine2": (10, 0, 0),
+                   "left_shoulder": (-70, 0, -65), "right_shoulder": (-70, 0, -65)}, 8, False),
+    "kneeling": ({**_ARMS_DOWN, "left_hip": (-5, 0, 5), "right_hip": (-5, 0, 5), "left_knee": (95, 0, 0),
+                  "right_knee": (95, 0, 0), "left_ankle": (-25, 0, 0), "right_ankle": (-25, 0, 0)}, 8, False),
+    "kneeling_on_one_knee": ({**_ARMS_DOWN, "left_hip": (-90, 0, 5), "left_knee": (90, 0, 0),
+                              "right_hip": (0, 0, 5), "right_knee": (95, 0, 0)}, 8, True),
+    "lying_on_back": ({"pelvis": (-90, 0, 0), "left_shoulder": (0, 0, -55), "right_shoulder": (0, 0, -55),
+                       "left_knee": (10, 0, 0), "right_knee": (10, 0, 0)}, 14, False),
+    "lying_on_side": ({"pelvis": (0, 0, 90), "left_hip": (-40, 0, 0), "right_hip": (-30, 0, 0),
+                       "left_knee": (50, 0, 0), "right_knee": (40, 0, 0), "left_shoulder": (-40, 0, -60),
+                       "right_shoulder": (-50, 0, -60), "left_elbow": (0, -40, 0)}, 10, True),
+    "lying_on_front": ({"pelvis": (90, 0, 0), "left_shoulder": (0, 0, 60), "right_shoulder": (0, 0, 60),
+                        "left_elbow": (0, -30, 0), "right_elbow": (0, -30, 0)}, 12, False),
+    "bending_forward": ({"spine1": (30, 0, 0), "spine2": (25, 0, 0), "spine3": (20, 0, 0),
+                         "left_hip": (-45, 0, 3), "right_hip": (-45, 0, 3), "left_shoulder": (-70, 0, -80),
+                         "right_shoulder": (-70, 0, -80)}, 8, False),
+    "arms_raised": ({"left_shoulder": (0, 0, 85), "right_shoulder": (0, 0, 85), "left_elbow": (0, -5, 0),
+                     "right_elbow": (0, -5, 0)}, 9, False),
+    "t_pose": ({}, 5, False),
+    "reaching_forward": ({"left_shoulder": (-85, 0, -80), "left_elbow": (0, -5, 0), "right_shoulder": (0, 0, -75),
+                          "spine1": (10, 0, 0)}, 8, True),
+    "kicking": ({"left_hip": (-75, 0, 5), "left_knee": (10, 0, 0), "right_hip": (5, 0, 3),
+                 "left_shoulder": (0, 0, -30), "right_shoulder": (0, 0, -30), "spine1": (-10, 0, 0)}, 8, True),
+    "raising_one_hand": ({"left_shoulder": (0, 0, 100), "left_elbow": (0, -45, 0),
+                          "right_shoulder": (0, 0, -75), "right_elbow": (0, -10, 0)}, 9, True),
+    "lunging": ({**_ARMS_DOWN, "left_hip": (-80, 0, 5), "left_knee": (85, 0, 0), "right_hip": (25, 0, 5),
+                 "right_knee": (40, 0, 0)}, 8, True),
+    "clapping": ({"left_shoulder": (-80, -20, -90), "right_shoulder": (-80, -20, -90), "left_elbow": (0, -10, 0),
+                  "right_elbow": (0, -10, 0)}, 6, False),
+    "star_jump": ({"left_shoulder": (0, 0, 60), "right_shoulder": (0, 0, 60), "left_hip": (0, 0, 25),
+                   "right_hip": (0, 0, 25)}, 8, False),
+}
+ARCHETYPE_NAMES = tuple(ARCHETYPES)
+
+
+def _euler_to_matrix(deg: np.ndarray) -> np.ndarray:
+    """(..., 3) Euler angles (x, y, z) in degrees -> (..., 3, 3), R = Ry(y) Rx(x) Rz(z)."""
+    x, y, z = np.deg2rad(deg).transpose(-1, *range(deg.ndim - 1))
+    c, s, o, i = np.cos, np.sin, np.zeros_like(x), np.ones_like(x)
+    rx = np.stack([i, o, o, o, c(x), -s(x), o, s(x), c(x)], -1).reshape(*x.shape, 3, 3)
+    ry = np.stack([c(y), o, s(y), o, i, o, -s(y), o, c(y)], -1).reshape(*x.shape, 3, 3)
+    rz = np.stack([c(z), -s(z), o, s(z), c(z), o, o, o, i], -1).reshape(*x.shape, 3, 3)
+    return ry @ rx @ rz
+
+
+def _left_name(j: int) -> str:
+    return body.SMPL_JOINT_NAMES[j].replace("right_", "left_")
+
+
+MIRROR = np.array([body.JOINT_INDEX[n.replace("left_", "@").replace("right_", "left_").replace("@", "right_")]
+                   for n in body.SMPL_JOINT_NAMES])  # joint index of each joint's mirror image
+
+
+def sample_poses(n: int, rng: np.random.Generator):
+    """Sample n poses. Returns (archetype ids (n,), Euler angles (n, 24, 3) degrees in each
+    joint's own convention, axis-angle pose (n, 24, 3) radians, canonical yaw)."""
+    arch = rng.integers(len(ARCHETYPES), size=n)
+    deg = np.zeros((n, body.NUM_JOINTS, 3))
+    lo = np.array([[r[0] for r in LIMITS_DEG[_left_name(j)]] for j in range(body.NUM_JOINTS)])
+    hi = np.array([[r[1] for r in LIMITS_DEG[_left_name(j)]] for j in range(body.NUM_JOINTS)])
+    for a, name in enumerate(ARCHETYPE_NAMES):
+        idx = np.flatnonzero(arch == a)
+        means, std, asym = ARCHETYPES[name]
+        mean = np.zeros((body.NUM_JOINTS, 3))
+        for jn, v in means.items():
+            mean[body.JOINT_INDEX[jn]] = v
+        d = mean + std * rng.standard_normal((len(idx), body.NUM_JOINTS, 3))
+        d[:, 0, 1] = 0.0  # the root's yaw is canonical (zero); the camera supplies the view
+        d = np.clip(d, lo, hi)
+        if asym:  # swap the roles of left and right for half of the samples
+            flip = rng.random(len(idx)) < 0.5
+            d[flip] = d[flip][:, MIRROR]
+        deg[idx] = d
+    # Right-side joints and the root's mirrored components: (x, y, z) -> (x, -y, -z) on the right.
+    sign = np.ones((body.NUM_JOINTS, 3))
+    for j in range(body.NUM_JOINTS):
+        if body.side_of_joint(j) < 0:
+            sign[j, 1:] = -1
+    mats = _euler_to_matrix(deg * sign)
+    aa = body.matrix_to_axis_angle(torch.as_tensor(mats)).numpy()
+    return arch, deg, aa
+
+
+# ---- Posecodes and captions -----------------------------------------------------------------
+# Thresholds: a posecode is stated only when clearly true; in between (e.g. an elbow at 130
+# degrees), neither "bent" nor "straight" is said, as PoseScript leaves borderline cases out.
+
+THRESH = {
+    "elbow_bent_deg": 110, "elbow_straight_deg": 160, "knee_bent_deg": 120, "knee_straight_deg": 165,
+    "above_head_m": 0.05, "raised_m": 0.05, "forward_m": 0.35, "behind_m": 0.12,
+    "hands_together_m": 0.20, "hands_apart_m": 1.0, "feet_together_m": 0.20, "feet_apart_m": 0.55,
+    "knee_raised_m": 0.10, "foot_raised_m": 0.25, "upright_deg": 20, "lying_deg": 65, "hips_low_m": 0.55,
+}
+
+# code: (statement variants for captions, negated statement, question)
+_SIDED = {
+    "{s}_elbow_bent": (["the {s} elbow is bent", "the {s} arm is bent at the elbow"],
+                       "the {s} elbow is not bent", "Is the {s} elbow bent?"),
+    "{s}_elbow_straight": (["the {s} arm is straight", "the {s} elbow is stretched"],
+                           "the {s} arm is not straight", "Is the {s} arm straight?"),
+    "{s}_knee_bent": (["the {s} knee is bent", "the {s} leg is bent at the knee"],
+                      "the {s} knee is not bent", "Is the {s} knee bent?"),
+    "{s}_knee_straight": (["the {s} leg is straight", "the {s} knee is extended"],
+                          "the {s} leg is not straight", "Is the {s} leg straight?"),
+    "{s}_hand_above_head": (["the {s} hand is above the head", "the {s} hand is raised over the head"],
+                            "the {s} hand is not above the head", "Is the {s} hand above the head?"),
+    "{s}_hand_raised": (["the {s} hand is higher than the shoulder", "the {s} hand is raised"],
+                        "the {s} hand is not raised", "Is the {s} hand raised above the shoulder?"),
+    "{s}_arm_forward": (["the {s} arm reaches forward", "the {s} hand is in front of the body"],
+                        "the {s} arm does not reach forward", "Is the {s} arm reaching forward?"),
+    "{s}_hand_behind": (["the {s} hand is behind the back", "the {s} hand is behind the body"],
+                        "the {s} hand is not behind the body", "Is the {s} hand behind the body?"),
+    "{s}_knee_raised": (["the {s} knee is raised", "the {s} thigh is lifted up"],
+                        "the {s} knee is not raised", "Is the {s} knee raised?"),
+    "{s}_foot_raised": (["the {s} foot is lifted", "the {s} foot is higher than the other"],
+                        "the {s} foot is not lifted", "Is the {s} foot lifted higher than the other one?"),
+}
+_BODY = {
+    "hands_together": (["the hands are close together", "both hands are near each other"],
+                       "the hands are not close together", "Are the hands close together?"),
+    "hands_apart": (["the hands are far apart", "the arms are spread wide"],
+                    "the hands are not far apart", "Are the hands far apart?"),
+    "feet_together": (["the feet are together", "the feet are close to each other"],
+                      "the feet are not together", "Are the feet together?"),
+    "feet_apart": (["the feet are wide apart", "the legs are spread apart"],
+                   "the feet are not wide apart", "Are the feet wide apart?"),
+    "upright": (["the torso is upright", "the person holds the back straight up"],
+                "the torso is not upright", "Is the torso upright?"),
+    "leaning_forward": (["the torso leans forward", "the person is bent forward"],
+                        "the torso does not lean forward", "Is the torso leaning forward?"),
+    "leaning_backward": (["the torso leans backward", "the person leans back"],
+                         "the torso does not lean backward", "Is the torso leaning backward?"),
+    "lying": (["the person is lying down", "the body is horizontal"],
+              "the person is not lying down", "Is the person lying down?"),
+    "lying_on_back": (["the person lies on the back", "the person is lying face up"],
+                      "the person is not lying on the back", "Is the person lying on the back?"),
+    "lying_on_front": (["the person lies on the stomach", "the person is lying face down"],
+                       "the person is not lying on the stomach", "Is the person lying face down?"),
+    "lying_on_side": (["the person lies on one side", "the person is lying sideways"],
+                      "the person is not lying on a side", "Is the person lying on a side?"),
+    "hips_low": (["the hips are low, close to the feet", "the person crouches low"],
+                 "the hips are not low", "Are the hips low, close to the feet?"),
+}
+CODE_TEXT = dict(_BODY)
+for _s in ("left", "right"):
+    for _k, (_st, _neg, _q) in _SIDED.items():
+        CODE_TEXT[_k.format(s=_s)] = ([t.format(s=_s) for t in _st], _neg.format(s=_s), _q.format(s=_s))
+CODE_NAMES = tuple(sorted(CODE_TEXT))
+
+
+def _angle_deg(a, b, c):
+    """Interior angle at b of the triangle a-b-c, degrees; inputs (N, 3)."""
+    u, v = a - b, c - b
+    cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1) + 1e-9)
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
+def posecodes(joints: np.ndarray) -> np.ndarray:
+    """Measure every posecode on canonical, pelvis-centred joints (N, 24, 3) -> (N, C) bool,
+    columns in CODE_NAMES order."""
+    J = {n: joints[:, i] for i, n in enumerate(body.SMPL_JOINT_NAMES)}
+    t = THRESH
+    out = {}
+    spine = J["neck"] - J["pelvis"]
+    spine_n = spine / np.linalg.norm(spine, axis=-1, keepdims=True)
+    tilt = np.degrees(np.arccos(np.clip(spine_n[:, 1], -1, 1)))  # angle of the spine to vertical
+    across = J["left_hip"] - J["right_hip"]
+    across /= np.linalg.norm(across, axis=-1, keepdims=True)
+    front = np.cross(spine_n, across)  # the body's facing direction (y x x = -z for an upright body: flip)
+    front = -front
+    upright = tilt < t["upright_deg"]
+    lying = tilt > t["lying_deg"]
+    lowest_ankle = np.minimum(J["left_ankle"][:, 1], J["right_ankle"][:, 1])
+    out.update({
+        "upright": upright, "lying": lying,
+        "leaning_forward": (~upright) & (~lying) & (spine_n[:, 2] > 0),
+        "leaning_backward": (~upright) & (~lying) & (spine_n[:, 2] < 0),
+        "lying_on_back": lying & (front[:, 1] > 0.7),
+        "lying_on_front": lying & (front[:, 1] < -0.7),
+        "lying_on_side": lying & (np.abs(across[:, 1]) > 0.7),
+        "hands_together": np.linalg.norm(J["left_wrist"] - J["right_wrist"], axis=-1) < t["hands_together_m"],
+        "hands_apart": np.linalg.norm(J["left_wrist"] - J["right_wrist"], axis=-1) > t["hands_apart_m"],
+        "feet_together": np.linalg.norm(J["left_ankle"] - J["right_ankle"], axis=-1) < t["feet_together_m"],
+        "feet_apart": np.linalg.norm(J["left_ankle"] - J["right_ankle"], axis=-1) > t["feet_apart_m"],
+        "hips_low": (~lying) & (J["pelvis"][:, 1] - lowest_ankle < t["hips_low_m"]),
+    })
+    for s, o in (("left", "right"), ("right", "left")):
+        elbow = _angle_deg(J[f"{s}_shoulder"], J[f"{s}_elbow"], J[f"{s}_wrist"])
+        knee = _angle_deg(J[f"{s}_hip"], J[f"{s}_knee"], J[f"{s}_ankle"])
+        out.update({
+            f"{s}_elbow_bent": elbow < t["elbow_bent_deg"],
+            f"{s}_elbow_straight": elbow > t["elbow_straight_deg"],
+            f"{s}_knee_bent": knee < t["knee_bent_deg"],
+            f"{s}_knee_straight": knee > t["knee_straight_deg"],
+            f"{s}_hand_above_head": J[f"{s}_wrist"][:, 1] > J["head"][:, 1] + t["above_head_m"],
+            f"{s}_hand_raised": J[f"{s}_wrist"][:, 1] > J[f"{s}_shoulder"][:, 1] + t["raised_m"],
+            f"{s}_arm_forward": J[f"{s}_wrist"][:, 2] - J[f"{s}_shoulder"][:, 2] > t["forward_m"],
+            f"{s}_hand_behind": upright & (J[f"{s}_wrist"][:, 2] < J["pelvis"][:, 2] - t["behind_m"]),
+            f"{s}_knee_raised": (~lying) & (J[f"{s}_knee"][:, 1] > J[f"{s}_hip"][:, 1] - t["knee_raised_m"]),
+            f"{s}_foot_raised": (~lying) & (J[f"{s}_ankle"][:, 1] > J[f"{o}_ankle"][:, 1] + t["foot_raised_m"]),
+        })
+    return np.stack([out[c] for c in CODE_NAMES], axis=1)
+
+
+def make_captions(codes: np.ndarray, k: int, rng: np.random.Generator):
+    """k captions per pose, each stating 2-4 of the pose's true posecodes (fewer if it has fewer).
+
+    Returns (texts: list of n lists of k str, used: list of n lists of k lists of code names).
+    """
+    texts, used = [], []
+    for row in codes:
+        true = [CODE_NAMES[c] for c in np.flatnonzero(row)]
+        pose_texts, pose_used = [], []
+        for _ in range(k):
+            m = min(len(true), int(rng.integers(2, 5)))
+            chosen = [true[i] for i in rng.choice(len(true), size=m, replace=False)] if m else []
+            clauses = [CODE_TEXT[c][0][int(rng.integers(len(CODE_TEXT[c][0])))] for c in chosen]
+            if not clauses:
+                text = "The person stands in a neutral position."
+            elif len(clauses) == 1:
+                text = clauses[0][0].upper() + clauses[0][1:] + "."
+            else:
+                text = ", ".join(clauses[:-1]) + " and " + clauses[-1]
+                text = text[0].upper() + text[1:] + "."
+            pose_texts.append(text)
+            pose_used.append(chosen)
+        texts.append(pose_texts)
+        used.append(pose_used)
+    return texts, used
+
+
+def make_vqa(codes: np.ndarray, k: int, rng: np.random.Generator):
+    """k yes/no questions per pose, half about true posecodes and half about false ones (in
+    expectation). Returns a list of n lists of dicts {question, answer, code, value}."""
+    out = []
+    for row in codes:
+        qa = []
+        for _ in range(k):
+            want = bool(rng.random() < 0.5)
+            pool = np.flatnonzero(row == want)
+            if len(pool) == 0:
+                want, pool = not want, np.flatnonzero(row == (not want))
+            c = CODE_NAMES[int(rng.choice(pool))]
+            statements, negated, question = CODE_TEXT[c]
+            answer = f"Yes, {statements[0]}." if want else f"No, {negated}."
+            qa.append({"question": question, "answer": answer, "code": c, "value": want})
+        out.append(qa)
+    return out
+
+
+# ---- Cameras and the renderer ---------------------------------------------------------------
+
+def view_rotation(yaw_rad: torch.Tensor, elev_rad: torch.Tensor) -> torch.Tensor:
+    """World -> view rotations (N, 3, 3) for a camera orbiting the pelvis.
+
+    The camera sits at distance d along z_view = (sin(yaw) cos(elev), sin(elev), cos(yaw) cos(elev))
+    and looks at the pelvis; view frame: x to the image's right, y up, z towards the camera.
+    """
+    z = torch.stack([torch.sin(yaw_rad) * torch.cos(elev_rad), torch.sin(elev_rad),
+                     torch.cos(yaw_rad) * torch.cos(elev_rad)], -1)
+    up = torch.tensor([0.0, 1.0, 0.0], dtype=z.dtype).expand_as(z)
+    x = torch.nn.functional.normalize(torch.cross(up, z, dim=-1), dim=-1)
+    y = torch.cross(z, x, dim=-1)
+    return torch.stack([x, y, z], dim=-2)  # rows: the view axes in world coordinates
+
+
+PALETTE = torch.tensor([[0.80, 0.80, 0.78],   # midline (torso, head)
+                        [0.25, 0.45, 0.95],   # left limbs: blue
+                        [0.95, 0.45, 0.20]])  # right limbs: orange
+BACKGROUND = (0.10, 0.10, 0.12)
+LIGHT = torch.nn.functional.normalize(torch.tensor([0.4, 0.6, 1.0]), dim=0)
+
+
+def render(verts_view: torch.Tensor, distance_m: torch.Tensor, faces: torch.Tensor, face_rgb: torch.Tensor,
+           size: int = 64, supersample: int = 1, margin: float = 0.08) -> torch.Tensor:
+    """Rasterise meshes seen by a pinhole camera at (0, 0, d) looking along -z of the view frame.
+
+    The person is cropped as a detector would: the projected 2D box is centred and scaled to
+    fill the image (aspect kept). Flat shading, back faces culled, z-buffer on inverse depth
+    (which is linear in screen space). All pixel-triangle pairs of the batch are enumerated at
+    once from each triangle's bounding box, so there is no Python loop over triangles.
+
+    Args:
+        verts_view: (B, V, 3) vertices in the view frame, metres, pelvis at the origin.
+        distance_m: (B,) camera distance from the pelvis.
+        faces: (F, 3) vertex indices, outward winding. face_rgb: (F, 3) colours in [0, 1].
+    Returns:
+        (B, size, size, 3) uint8 images.
+    """
+    B = verts_view.shape[0]
+    H = W = size * supersample
+    depth = distance_m[:, None] - verts_view[..., 2]  # (B, V)
+    if (depth <= 0.05).any():
+        raise ValueError("render: a vertex is behind or at the camera; increase the camera distance")
+    u, v = verts_view[..., 0] / depth, verts_view[..., 1] / depth  # (B, V) image plane, focal 1
+    span = torch.maximum(u.amax(1) - u.amin(1), v.amax(1) - v.amin(1))
+    scale = (1 - 2 * margin) * W / span  # (B,)
+    px = (u - (u.amax(1) + u.amin(1))[:, None] / 2) * scale[:, None] + W / 2
+    py = H / 2 - (v - (v.amax(1) + v.amin(1))[:, None] / 2) * scale[:, None]  # rows grow downwards
+
+    X = verts_view[:, faces]  # (B, F, 3, 3)
+    normal = torch.cross(X[:, :, 1] - X[:, :, 0], X[:, :, 2] - X[:, :, 0], dim=-1)
+    to_cam = torch.zeros_like(X[:, :, 0])
+    to_cam[..., 2] = distance_m[:, None]
+    to_cam = to_cam - X.mean(2)
+    front = (normal * to_cam).sum(-1) > 0  # (B, F) back faces culled
+    shade = 0.35 + 0.65 * (torch.nn.functional.normalize(normal, dim=-1) @ LIGHT).clamp_min(0)  # (B, F)
+
+    b_idx, f_idx = front.nonzero(as_tuple=True)  # the M front faces of the batch
+    P = torch.stack([px, py], -1)[b_idx[:, None], faces[f_idx]]  # (M, 3, 2) screen corners
+    iz = (1.0 / depth)[b_idx[:, None], faces[f_idx]]  # (M, 3) inverse depth
+    x0 = torch.ceil(P[..., 0].amin(1) - 0.5).clamp(0, W - 1).long()
+    x1 = torch.floor(P[..., 0].amax(1) - 0.5).clamp(-1, W - 1).long()
+    y0 = torch.ceil(P[..., 1].amin(1) - 0.5).clamp(0, H - 1).long()
+    y1 = torch.floor(P[..., 1].amax(1) - 0.5).clamp(-1, H - 1).long()
+    w, h = (x1 - x0 + 1).clamp_min(0), (y1 - y0 + 1).clamp_min(0)
+    count = w * h  # pixel centres in each face's bounding box
+    tri = torch.repeat_interleave(torch.arange(len(count)), count)  # (Q,) face of each pair
+    k = torch.arange(len(tri)) - (torch.cumsum(count, 0) - count)[tri]
+    qx = (x0[tri] + k % w[tri]).float() + 0.5
+    qy = (y0[tri] + k // w[tri]).float() + 0.5
+    a, b, c = P[tri, 0], P[tri, 1], P[tri, 2]
+
+    def edge(p0, p1, x, y):  # twice the signed area of (p0, p1, (x, y))
+        return (p1[:, 0] - p0[:, 0]) * (y - p0[:, 1]) - (p1[:, 1] - p0[:, 1]) * (x - p0[:, 0])
+
+    area = edge(a, b, c[:, 0], c[:, 1])
+    area = torch.where(area.abs() < 1e-12, torch.full_like(area, float("nan")), area)  # degenerate: never inside
+    w0, w1 = edge(b, c, qx, qy) / area, edge(c, a, qx, qy) / area
+    w2 = 1 - w0 - w1
+    inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+    tri, w0, w1, w2 = tri[inside], w0[inside], w1[inside], w2[inside]
+    z = w0 * iz[tri, 0] + w1 * iz[tri, 1] + w2 * iz[tri, 2]
+    pix = b_idx[tri] * (H * W) + qy[inside].long() * W + qx[inside].long()
+    zbuf = torch.full((B * H * W,), -1.0).scatter_reduce_(0, pix, z, reduce="amax")
+    nearest = z >= zbuf[pix]
+    owner = torch.full((B * H * W,), -1, dtype=torch.long).scatter_reduce_(
+        0, pix[nearest], tri[nearest], reduce="amax")  # the visible face of each pixel (or -1)
+    img = torch.tensor(BACKGROUND).repeat(B * H * W, 1)
+    hit = owner >= 0
+    o = owner[hit]
+    img[hit] = face_rgb[f_idx[o]] * shade[b_idx[o], f_idx[o]][:, None]
+    img = img.reshape(B, H, W, 3)
+    if supersample > 1:
+        img = torch.nn.functional.avg_pool2d(img.permute(0, 3, 1, 2), supersample).permute(0, 2, 3, 1)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def face_colours(model: body.BodyModel) -> torch.Tensor:
+    """(F, 3) colour of each face from the side (left, right, midline) of its first vertex's joint."""
+    side = torch.tensor([body.side_of_joint(j) for j in range(body.NUM_JOINTS)])
+    return PALETTE[side[model.vertex_joint[model.faces[:, 0]]] % 3]
+
+
+# ---- Building, caching, loading -------------------------------------------------------------
+
+@dataclass
+class PoseBenchSplit:
+    """One split. Arrays are numpy; N poses, J = 24 joints, C posecodes."""
+    name: str
+    archetype: np.ndarray          # (N,) index into ARCHETYPE_NAMES
+    pose_aa: np.ndarray            # (N, 24, 3) axis-angle, canonical global orientation (yaw 0)
+    global_orient_view: np.ndarray  # (N, 3) axis-angle of the root in the camera's view frame
+    joints: np.ndarray             # (N, 24, 3) canonical, pelvis-centred, metres
+    joints_view: np.ndarray        # (N, 24, 3) in the view frame, pelvis-centred, metres
+    camera: np.ndarray             # (N, 3) yaw_rad, elevation_rad, distance_m
+    images: np.ndarray             # (N, H, W, 3) uint8 (memory-mapped)
+    codes: np.ndarray              # (N, C) bool, columns CODE_NAMES
+    captions: list                 # N lists of str
+    caption_codes: list            # N lists (one per caption) of lists of code names
+    vqa: list                      # N lists of {question, answer, code, value}
+
+    def __len__(self):
+        return len(self.archetype)
+
+    @property
+    def archetype_names(self):
+        return [ARCHETYPE_NAMES[a] for a in self.archetype]
+
+
+def config_key(cfg: BenchConfig) -> str:
+    """Cache key: the configuration, this file's version and the body model's identity."""
+    d = dataclasses.asdict(cfg)
+    if cfg.smpl_path:
+        st = os.stat(cfg.smpl_path)
+        d["smpl_identity"] = [os.path.abspath(cfg.smpl_path), st.st_size, int(st.st_mtime)]
+    else:
+        d["smpl_identity"] = f"procedural-v{body.PROCEDURAL_VERSION}"
+    d["version"] = POSEBENCH_VERSION
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def bench_dir(cfg: BenchConfig) -> str:
+    return os.path.join(body.cache_dir(), "posebench", config_key(cfg))
+
+
+def _validate(cfg: BenchConfig):
+    for name in ("n_train", "n_val", "n_test"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"BenchConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.image_size < 16 or cfg.supersample < 1:
+        raise ValueError(f"BenchConfig: image_size must be >= 16 and supersample >= 1, got "
+                         f"{cfg.image_size} and {cfg.supersample}")
+    lo, hi = cfg.distance_range_m
+    if not 1.5 <= lo <= hi:
+        raise ValueError(f"BenchConfig.distance_range_m must satisfy 1.5 <= low <= high, got {cfg.distance_range_m}")
+    if cfg.smpl_path and not os.path.exists(cfg.smpl_path):
+        raise FileNotFoundError(f"BenchConfig.smpl_path: {cfg.smpl_path} does not exist")
+
+
+def _build_split(cfg: BenchConfig, split: str, n: int, model: body.BodyModel, progress) -> dict:
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])  # one stream per split
+    arch, _, aa = sample_poses(n, rng)
+    yaw = np.deg2rad(rng.uniform(-cfg.yaw_range_deg, cfg.yaw_range_deg, n))
+    elev = np.deg2rad(rng.uniform(*cfg.elevation_range_deg, n))
+    dist = rng.uniform(*cfg.distance_range_m, n)
+    joints = np.zeros((n, body.NUM_JOINTS, 3), np.float32)
+    joints_view = np.zeros_like(joints)
+    go_view = np.zeros((n, 3), np.float32)
+    images = np.zeros((n, cfg.image_size, cfg.image_size, 3), np.uint8)
+    colours = face_colours(model)
+    bs = 512
+    for s in range(0, n, bs):
+        sl = slice(s, min(n, s + bs))
+        pose = torch.as_tensor(aa[sl], dtype=torch.float32)
+        with torch.no_grad():
+            out = model(pose[:, 0], pose[:, 1:])
+        root = out.joints[:, :1]
+        R = view_rotation(torch.as_tensor(yaw[sl], dtype=torch.float32), torch.as_tensor(elev[sl], dtype=torch.float32))
+        j = out.joints - root
+        joints[sl] = j.numpy()
+        joints_view[sl] = (j @ R.transpose(1, 2)).numpy()
+        go_view[sl] = body.matrix_to_axis_angle(R @ body.axis_angle_to_matrix(pose[:, 0])).numpy()
+        verts = (out.vertices - root) @ R.transpose(1, 2)
+        images[sl] = render(verts, torch.as_tensor(dist[sl], dtype=torch.float32), model.faces, colours,
+                            cfg.image_size, cfg.supersample).numpy()
+        progress.update(sl.stop - sl.start)
+    codes = posecodes(joints.astype(np.float64))
+    captions, caption_codes = make_captions(codes, cfg.captions_per_pose, rng)
+    vqa = make_vqa(codes, cfg.vqa_per_pose, rng)
+    return dict(archetype=arch.astype(np.int16), pose_aa=aa.astype(np.float32), global_orient_view=go_view,
+                joints=joints, joints_view=joints_view,
+                camera=np.stack([yaw, elev, dist], 1).astype(np.float32), images=images, codes=codes,
+                text=dict(captions=captions, caption_codes=caption_codes, vqa=vqa))
+
+
+def build(cfg: BenchConfig, force: bool = False) -> str:
+    """Build every split (if not cached) and return the cache directory. Written to a
+    temporary directory first and renamed into place, so a crash leaves no half-built cache."""
+    _validate(cfg)
+    out = bench_dir(cfg)
+    if os.path.exists(os.path.join(out, "meta.json")) and not force:
+        return out
+    from tqdm import tqdm
+
+    t0 = time.time()
+    model = body.BodyModel(cfg.smpl_path)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".building-")
+    try:
+        total = cfg.n_train + cfg.n_val + cfg.n_test
+        with tqdm(total=total, desc="posebench: render", unit="pose", disable=None) as bar:
+            for split in SPLITS:
+                d = _build_split(cfg, split, getattr(cfg, f"n_{split}"), model, bar)
+                np.save(os.path.join(tmp, f"{split}_images.npy"), d.pop("images"))
+                with open(os.path.join(tmp, f"{split}_text.json"), "w") as fh:
+                    json.dump(d.pop("text"), fh)
+                np.savez(os.path.join(tmp, f"{split}.npz"), **d)
+        meta = {"config": dataclasses.asdict(cfg), "version": POSEBENCH_VERSION, "code_names": list(CODE_NAMES),
+                "archetype_names": list(ARCHETYPE_NAMES), "build_seconds": round(time.time() - t0, 1)}
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        if force and os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_split(split: str, cfg: BenchConfig | None = None) -> PoseBenchSplit:
+    """Load one split of the benchmark for `cfg` (default configuration if None), building it
+    first if it is not cached."""
+    if split not in SPLITS:
+        raise ValueError(f"load_split: unknown split {split!r}; expected one of {SPLITS}")
+    cfg = cfg or BenchConfig()
+    root = build(cfg)
+    try:
+        arrays = np.load(os.path.join(root, f"{split}.npz"))
+        images = np.load(os.path.join(root, f"{split}_images.npy"), mmap_mode="r")
+        with open(os.path.join(root, f"{split}_text.json")) as fh:
+            text = json.load(fh)
+        with open(os.path.join(root, "meta.json")) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"posebench cache {root} is unreadable ({e}); delete that directory to rebuild it") from e
+    if meta["code_names"] != list(CODE_NAMES) or meta["archetype_names"] != list(ARCHETYPE_NAMES):
+        raise ValueError(f"posebench cache {root} was written by another version of posebench.py; "
+                         "delete that directory to rebuild it")
+    return PoseBenchSplit(name=split, images=images, captions=text["captions"],
+                          caption_codes=text["caption_codes"], vqa=text["vqa"],
+                          **{k: arrays[k] for k in arrays.files})
+
+
+# ---- Statistics and the preview -------------------------------------------------------------
+
+def caption_ambiguity(split: PoseBenchSplit) -> np.ndarray:
+    """For every caption of the split, the number of the split's poses satisfying all of its
+    posecodes (>= 1: its own pose). Returns (N * captions_per_pose,) counts."""
+    col = {c: i for i, c in enumerate(CODE_NAMES)}
+    req = np.zeros((sum(len(c) for c in split.caption_codes), len(CODE_NAMES)), np.int32)
+    r = 0
+    for pose_codes in split.caption_codes:
+        for used in pose_codes:
+            req[r, [col[c] for c in used]] = 1
+            r += 1
+    violated = (~split.codes).astype(np.int32) @ req.T  # (N, captions): codes a pose fails
+    return (violated == 0).sum(0)
+
+
+def write_preview(split: PoseBenchSplit, path: str, n: int = 24, cols: int = 6) -> str:
+    """A PNG contact sheet: renders with their archetype, first caption and one VQA pair."""
+    import textwrap
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(n, len(split))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.6))
+    for i, ax in enumerate(np.atleast_1d(axes).ravel()):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(split.images[i], interpolation="nearest")
+        qa = split.vqa[i][0]
+        text = "\n".join(textwrap.wrap(split.captions[i][0], 30)) + "\n" + \
+            "\n".join(textwrap.wrap(f"Q: {qa['question']} A: {qa['answer']}", 30))
+        ax.set_title(ARCHETYPE_NAMES[split.archetype[i]], fontsize=8, fontweight="bold")
+        ax.text(0.5, -0.02, text, transform=ax.transAxes, ha="center", va="top", fontsize=6)
+    fig.suptitle(f"posebench {split.name} split: renders, automatic captions and VQA", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Args(BenchConfig):
+    """Command-line arguments: the benchmark configuration plus what to do with it."""
+    preview: str = field(default="results/posebench_preview.png",
+                         metadata={"help": "where to write the PNG contact sheet ('' for none)"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if the cache holds this configuration"})
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    cached = os.path.exists(os.path.join(bench_dir(cfg), "meta.json")) and not args.force
+    root = build(cfg, force=args.force)
+    with open(os.path.join(root, "meta.json")) as fh:
+        meta = json.load(fh)
+    print(f"posebench: {root}")
+    print(f"  build time {meta['build_seconds']:.1f} s" + (" (read from the cache now)" if cached else ""))
+    print(f"  sizes: train {cfg.n_train}, val {cfg.n_val}, test {cfg.n_test}; images {cfg.image_size}x{cfg.image_size}")
+    test = load_split("test", cfg)
+    amb = caption_ambiguity(test)
+    print(f"  caption ambiguity: a test caption fits {amb.mean():.1f} test poses on average "
+          f"(median {np.median(amb):.0f}, {100 * amb.mean() / len(test):.1f} % of the split); "
+          f"{100 * (amb == 1).mean():.1f} % of captions fit only their own pose")
+    freq = test.codes.mean(0)
+    print("  posecode frequency (test): " + ", ".join(f"{c} {100 * f:.0f}%" for c, f in zip(CODE_NAMES, freq)))
+    if args.preview:
+        print(f"  preview: {write_preview(test, args.preview)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""posebench.py: determinism, splits, captions and VQA against a slow per-pose reference, the
+renderer against a slow per-pixel reference, the cache, and bad input."""
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import body
+import posebench as pb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: pb.load_split(s, TINY) for s in pb.SPLITS}
+
+
+def slow_codes(J: np.ndarray) -> set:
+    """The posecodes of one pose (24, 3), written out one statement at a time with math."""
+    t = pb.THRESH
+    P = {n: J[i] for i, n in enumerate(body.SMPL_JOINT_NAMES)}
+
+    def dist(a, b):
+        return math.dist(P[a], P[b])
+
+    def angle(a, b, c):
+        u, v = P[a] - P[b], P[c] - P[b]
+        return math.degrees(math.acos(max(-1.0, min(1.0, u @ v / (np.linalg.norm(u) * np.linalg.norm(v))))))
+
+    spine = (P["neck"] - P["pelvis"]) / np.linalg.norm(P["neck"] - P["pelvis"])
+    tilt = math.degrees(math.acos(max(-1.0, min(1.0, spine[1]))))
+    across = (P["left_hip"] - P["right_hip"]) / np.linalg.norm(P["left_hip"] - P["right_hip"])
+    facing = np.cross(across, spine)  # left x up = forward
+    upright, lying = tilt < t["upright_deg"], tilt > t["lying_deg"]
+    codes = set()
+    if upright:
+        codes.add("upright")
+    if lying:
+        codes.add("lying")
+        if facing[1] > 0.7:
+            codes.add("lying_on_back")
+        if facing[1] < -0.7:
+            codes.add("lying_on_front")
+        if abs(across[1]) > 0.7:
+            codes.add("lying_on_side")
+    if not upright and not lying:
+        codes.add("leaning_forward" if spine[2] > 0 else "leaning_backward")
+    if dist("left_wrist", "right_wrist") < t["hands_together_m"]:
+        codes.add("hands_together")
+    if dist("left_wrist", "right_wrist") > t["hands_apart_m"]:
+        codes.add("hands_apart")
+    if dist("left_ankle", "right_ankle") < t["feet_together_m"]:
+        codes.add("feet_together")
+    if dist("left_ankle", "right_ankle") > t["feet_apart_m"]:
+        codes.add("feet_apart")
+    if not lying and P["pelvis"][1] - min(P["left_ankle"][1], P["right_ankle"][1]) < t["hips_low_m"]:
+        codes.add("hips_low")
+    for s, o in (("left", "right"), ("right", "left")):
+        elbow = angle(f"{s}_shoulder", f"{s}_elbow", f"{s}_wrist")
+        knee = angle(f"{s}_hip", f"{s}_knee", f"{s}_ankle")
+        checks = {
+            "elbow_bent": elbow < t["elbow_bent_deg"], "elbow_straight": elbow > t["elbow_straight_deg"],
+            "knee_bent": knee < t["knee_bent_deg"], "knee_straight": knee > t["knee_straight_deg"],
+            "hand_above_head": P[f"{s}_wrist"][1] > P["head"][1] + t["above_head_m"],
+            "hand_raised": P[f"{s}_wrist"][1] > P[f"{s}_shoulder"][1] + t["raised_m"],
+            "arm_forward": P[f"{s}_wrist"][2] - P[f"{s}_shoulder"][2] > t["forward_m"],
+            "hand_behind": upright and P[f"{s}_wrist"][2] < P["pelvis"][2] - t["behind_m"],
+            "knee_raised": not lying and P[f"{s}_knee"][1] > P[f"{s}_hip"][1] - t["knee_raised_m"],
+            "foot_raised": not lying and P[f"{s}_ankle"][1] > P[f"{o}_ankle"][1] + t["foot_raised_m"],
+        }
+        codes |= {f"{s}_{k}" for k, v in checks.items() if v}
+    return codes
+
+
+def test_posecodes_match_slow_reference(splits):
+    test = splits["test"]
+    for i in range(len(test)):
+        fast = {c for c, v in zip(pb.CODE_NAMES, test.codes[i]) if v}
+        assert fast == slow_codes(test.joints[i].astype(np.float64)), i
+
+
+def test_every_caption_and_vqa_answer_holds_for_its_pose(splits):
+    for split in splits.values():
+        for i in range(len(split)):
+            truth = slow_codes(split.joints[i].astype(np.float64))
+            assert len(split.captions[i]) == TINY.captions_per_pose
+            for text, used in zip(split.captions[i], split.caption_codes[i]):
+                assert set(used) <= truth, (split.name, i, text)
+                for c in used:  # the caption says each of its posecodes, in one of its phrasings
+                    assert any(v.lower() in text.lower() for v in pb.CODE_TEXT[c][0]), (text, c)
+            for qa in split.vqa[i]:
+                assert qa["value"] == (qa["code"] in truth)
+                assert qa["answer"].startswith("Yes" if qa["value"] else "No")
+
+
+def test_captions_are_ambiguous_but_fit_their_own_pose(splits):
+    amb = pb.caption_ambiguity(splits["test"])
+    assert (amb >= 1).all()
+    assert amb.mean() > 2  # a caption fits several poses: the benchmark keeps the one-to-many difficulty
+
+
+def test_sampled_poses_respect_limits_and_mirroring():
+    rng = np.random.default_rng(0)
+    arch, deg, aa = pb.sample_poses(2000, rng)
+    for j in range(body.NUM_JOINTS):
+        lim = np.array(pb.LIMITS_DEG[pb._left_name(j)])
+        assert (deg[:, j] >= lim[:, 0] - 1e-9).all() and (deg[:, j] <= lim[:, 1] + 1e-9).all(), j
+    assert (deg[:, 0, 1] == 0).all()  # canonical yaw
+    assert set(np.unique(arch)) == set(range(len(pb.ARCHETYPES)))
+    # Stored axis-angle equals the Euler angles composed in the documented order and mirroring.
+    sign = np.array([[1, -1, -1] if body.side_of_joint(j) < 0 else [1, 1, 1] for j in range(24)])
+    R = pb._euler_to_matrix(deg[:5] * sign)
+    assert np.abs(body.axis_angle_to_matrix(torch.as_tensor(aa[:5])).numpy() - R).max() < 1e-9
+    # A symmetric archetype's mean pose is mirror-symmetric in joint positions.
+    model = body.BodyModel()
+    mean = np.zeros((1, 24, 3))
+    for name, v in pb.ARCHETYPES["arms_raised"][0].items():
+        mean[0, body.JOINT_INDEX[name]] = v
+    rot = torch.as_tensor(pb._euler_to_matrix(mean * sign), dtype=torch.float32)
+    j = model(rot[:, 0], rot[:, 1:]).joints[0].numpy()
+    lw, rw = j[body.JOINT_INDEX["left_wrist"]], j[body.JOINT_INDEX["right_wrist"]]
+    assert abs(lw[0] + rw[0]) < 0.03 and abs(lw[1] - rw[1]) < 0.03  # mirror images (rest skeleton is nearly symmetric)
+
+
+def test_stored_frames_are_consistent(splits):
+    model = body.BodyModel()
+    s = splits["val"]
+    pose = torch.as_tensor(s.pose_aa)
+    out = model(pose[:, 0], pose[:, 1:])
+    assert np.abs((out.joints - out.joints[:, :1]).numpy() - s.joints).max() < 1e-5
+    view = model(torch.as_tensor(s.global_orient_view), pose[:, 1:])
+    assert np.abs((view.joints - view.joints[:, :1]).numpy() - s.joints_view).max() < 1e-5
+    R = pb.view_rotation(torch.as_tensor(s.camera[:, 0]), torch.as_tensor(s.camera[:, 1]))
+    assert np.abs(s.joints @ R.numpy().transpose(0, 2, 1) - s.joints_view).max() < 1e-5
+
+
+def test_splits_are_deterministic_disjoint_and_independent_of_train_size(splits):
+    again = pb.load_split("test", TINY)
+    assert np.array_equal(again.pose_aa, splits["test"].pose_aa) and again.captions == splits["test"].captions
+    rebuilt = pb.load_split("test", dataclasses.replace(TINY, n_train=20))  # other key, built anew
+    assert np.array_equal(rebuilt.pose_aa, splits["test"].pose_aa)
+    assert np.array_equal(rebuilt.images, splits["test"].images)
+    keys = {s: {p.round(5).tobytes() for p in splits[s].pose_aa} for s in pb.SPLITS}
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
+
+
+def test_images_show_a_centred_person_with_left_and_right_colours(splits):
+    imgs = splits["test"].images.astype(np.int32)
+    assert imgs.shape == (40, 32, 32, 3)
+    bg = np.round(np.array(pb.BACKGROUND) * 255).astype(np.int32)
+    fg = (np.abs(imgs - bg).sum(-1) > 10)
+    assert (fg.mean((1, 2)) > 0.05).all()
+    blue = (imgs[..., 2] > imgs[..., 0] + 40) & fg
+    orange = (imgs[..., 0] > imgs[..., 2] + 40) & fg
+    assert (blue.any((1, 2)) | orange.any((1, 2))).all() and (blue.any((1, 2)) & orange.any((1, 2))).mean() > 0.7
+    ys, xs = np.nonzero(fg.any(0))
+    assert ys.min() <= 4 and ys.max() >= 27 or xs.min() <= 4 and xs.max() >= 27  # the crop fills the frame
+
+
+def slow_render(verts_view, dist, faces, face_rgb, size, margin=0.08):
+    """Per-pixel, per-face reference of pb.render for one image (float64, loops)."""
+    V = verts_view.astype(np.float64)
+    depth = dist - V[:, 2]
+    u, v = V[:, 0] / depth, V[:, 1] / depth
+    span = max(u.max() - u.min(), v.max() - v.min())
+    scale = (1 - 2 * margin) * size / span
+    px = (u - (u.max() + u.min()) / 2) * scale + size / 2
+    py = size / 2 - (v - (v.max() + v.min()) / 2) * scale
+    light = pb.LIGHT.double().numpy()
+    img = np.tile(np.array(pb.BACKGROUND), (size, size, 1))
+    best = np.full((size, size), -1.0)
+    for f, (a, b, c) in enumerate(faces):
+        n = np.cross(V[b] - V[a], V[c] - V[a])
+        if n @ (np.array([0, 0, dist]) - (V[a] + V[b] + V[c]) / 3) <= 0:
+            continue  # back face
+        shade = 0.35 + 0.65 * max(0.0, n / np.linalg.norm(n) @ light)
+        A = np.array([[px[a], px[b], px[c]], [py[a], py[b], py[c]], [1, 1, 1]])
+        for y in range(size):
+            for x in range(size):
+                try:
+                    w = np.linalg.solve(A, [x + 0.5, y + 0.5, 1])  # barycentric weights
+                except np.linalg.LinAlgError:
+                    continue
+                if (w >= 0).all():
+                    z = w @ (1 / depth[[a, b, c]])
+                    if z > best[y, x]:
+                        best[y, x], img[y, x] = z, face_rgb[f] * shade
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def test_renderer_matches_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    # Two overlapping boxes at different depths: occlusion, culling and shading all matter.
+    cube = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float32)
+    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    tris = [(q[0], q[1], q[2]) for q in quads] + [(q[0], q[2], q[3]) for q in quads]
+    verts = torch.cat([cube * torch.tensor([0.3, 0.5, 0.2]), cube * 0.25 + torch.tensor([0.2, 0.1, -0.4])])  # the later faces lie behind
+    faces = torch.tensor(tris + [(a + 8, b + 8, c + 8) for a, b, c in tris])
+    rgb = torch.rand(len(faces), 3, generator=g)
+    R = pb.view_rotation(torch.tensor([0.5]), torch.tensor([0.3]))
+    vv = verts[None] @ R.transpose(1, 2)
+    fast = pb.render(vv, torch.tensor([3.0]), faces, rgb, size=24)[0].numpy()
+    slow = slow_render(vv[0].numpy(), 3.0, faces.numpy(), rgb.double().numpy(), 24)
+    differ = np.abs(fast.astype(int) - slow.astype(int)).max(-1) > 1
+    assert differ.mean() < 0.01  # only pixels exactly on a shared edge may fall either way
+
+
+def test_cache_is_reused_and_a_broken_cache_is_reported(splits, tmp_path):
+    root = pb.bench_dir(TINY)
+    mtime = os.path.getmtime(os.path.join(root, "meta.json"))
+    pb.load_split("val", TINY)
+    assert os.path.getmtime(os.path.join(root, "meta.json")) == mtime  # not rebuilt
+    cfg = dataclasses.replace(TINY, seed=7, n_train=8, n_val=4, n_test=4)
+    broken = pb.build(cfg)
+    with open(os.path.join(broken, "val.npz"), "wb") as fh:
+        fh.write(b"truncated")
+    with pytest.raises(ValueError, match="delete that directory"):
+        pb.load_split("val", cfg)
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="n_test must be >= 1"):
+        pb.build(dataclasses.replace(TINY, n_test=0))
+    with pytest.raises(FileNotFoundError, match="smpl_path"):
+        pb.build(dataclasses.replace(TINY, smpl_path="/nonexistent/SMPL_NEUTRAL.pkl"))
+    with pytest.raises(ValueError, match="unknown split"):
+        pb.load_split("training", TINY)
+
+
+def test_cli_builds_prints_statistics_and_writes_preview(tmp_path):
+    out = tmp_path / "preview.png"
+    r = subprocess.run([sys.executable, "posebench.py", "--n_train", "16", "--n_val", "8", "--n_test", "32",
+                        "--image_size", "32", "--preview", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert "build time" in r.stdout and "caption ambiguity" in r.stdout
+    assert out.stat().st_size > 10_000
+    r = subprocess.run([sys.executable, "posebench.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--n_train" in r.stdout and "--preview" in r.stdout
