@@ -1,0 +1,465 @@
+"""Data: task samples, prompt/answer templates, the tiny word-level tokenizer, and collate.
+
+Pose-RFT (§4.1) trains on four kinds of data, turned into single-turn conversations:
+
+| paper source (§4.1)                                     | task here       | in this file            |
+|---------------------------------------------------------|-----------------|-------------------------|
+| (1) text-pose: PoseScript                               | `text_to_pose`  | posebench captions      |
+| (2) image-pose: Human3.6M, MPI-INF-3DHP, COCO, MPII;    | `image_to_pose` | posebench renders       |
+|     evaluated on 3DPW and Human3.6M                     |                 |                         |
+| (3) image-text: BEDLAM-Script                           | (later issue)   | -                       |
+| (4) VQA: LLaVA-Instruct-150k                            | `vqa`           | posebench yes/no VQA    |
+
+Only the built-in benchmark (posebench.py) exists so far: `PoseBenchTasks` mixes its three
+tasks into one deterministic `Dataset`. Real datasets slot in below as further `Dataset`s
+that yield the same `Sample`, so templates, tokenizer and `collate` serve them unchanged.
+
+A sample and its encoding (B samples, T tokens, M images in a batch, J = 24 joints):
+
+    image_to_pose  image (H, W, 3) uint8; pose6d (J, 6) and joints (J, 3) in the camera's view frame
+        prompt  "<image>\\nWhat is the SMPL pose of the person in this image?"
+        answer  "The SMPL pose of this person is <POSE>."
+    text_to_pose   no image; pose6d and joints canonical (PoseScript's normalised orientation)
+        prompt  "Generate the SMPL pose of a person described as follows: The left knee is raised ..."
+        answer  the same pose answer
+    vqa            image; no pose (pose6d None)
+        prompt  "<image>\\nIs the left arm straight?"     answer  "Yes, the left arm is straight."
+
+    collate -> <s> USER : <image> x num_image_tokens What is ... ? ASSISTANT : The SMPL ... <POSE> . </s>
+    labels     -100 for <s>, the prompt and "ASSISTANT :"   | the answer ids and </s> | -100 for pads
+
+The pose action p is 24 joints x 6D (Zhou et al. 2019), global orientation first (DESIGN.md).
+The `<POSE>` token's last hidden state feeds the pose head; the answer template is the one the
+paper's format reward checks by regular expression (§3.3, Eq. 9): `POSE_ANSWER_PATTERN`.
+
+Departures from the paper's data:
+1. Synthetic stand-ins (posebench.py) for every source: mannequin renders, automatic
+   PoseScript-style captions, yes/no posecode VQA instead of LLaVA-Instruct conversations.
+2. The paper does not state its task mixture or prompt wording; the mixture weights
+   (0.4, 0.4, 0.2) and the prompt paraphrases below are ours.
+3. The `tiny` preset speaks a word-level vocabulary built from every benchmark text (it
+   cannot say a word the benchmark never uses); the paper uses LLaVA-1.5's Llama tokenizer.
+4. Image-to-pose targets the camera-frame global orientation (as HMR2.0 does);
+   text-to-pose targets the canonical one (PoseScript's convention; DESIGN.md).
+
+Run:
+    python data.py                    # build/load the tiny tokenizer, print one encoded sample per task
+    python data.py --n_train 2000     # any BenchConfig field is a flag
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import body
+import posebench
+
+# ---- Templates: prompts, the pose answer (§3.3) and the chat format -------------------------
+
+TASKS = ("image_to_pose", "text_to_pose", "vqa")
+POSE_TASKS = ("image_to_pose", "text_to_pose")  # tasks whose answer holds <POSE> and whose target is a pose
+IMAGE_TOKEN = "<image>"
+POSE_TOKEN = "<POSE>"
+POSE_ANSWER = "The SMPL pose of this person is <POSE>."  # the paper's answer template (§3.3 format reward)
+
+# One element per token: a special token such as <POSE>, a word, or one punctuation character.
+# The word-level tokenizer splits text the same way, so this defines "the same words".
+_PIECE = re.compile(r"<[^<>\s]+>|\w+|[^\w\s]")
+
+
+def normalize_text(text: str) -> str:
+    """Words and punctuation marks joined by single spaces: decoding a word-level encoding gives
+    the original text up to whitespace ("Yes , the arm ." for "Yes, the arm."); both normalise
+    to the same string."""
+    return " ".join(_PIECE.findall(text))
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """The template as a regex, any whitespace allowed around punctuation and special tokens,
+    at least one whitespace between two words; anchored at both ends (use .match or .fullmatch)."""
+    pieces = _PIECE.findall(template)
+    pattern = re.escape(pieces[0])
+    for prev, cur in zip(pieces, pieces[1:]):
+        both_words = re.fullmatch(r"\w+", prev) and re.fullmatch(r"\w+", cur)
+        pattern += (r"\s+" if both_words else r"\s*") + re.escape(cur)
+    return re.compile(r"\A\s*" + pattern + r"\s*\Z")
+
+
+POSE_ANSWER_PATTERN = _template_regex(POSE_ANSWER)  # Eq. 9: R_format = 1 if it matches the decoded answer
+
+PROMPTS = {  # paraphrases, one drawn per sample; image prompts hold IMAGE_TOKEN once (LLaVA-1.5: image first)
+    "image_to_pose": [
+        "<image>\nWhat is the SMPL pose of the person in this image?",
+        "<image>\nEstimate the 3D pose of the person in the image as SMPL parameters.",
+        "<image>\nCould you give the SMPL pose of the person shown in this picture?",
+        "<image>\nPlease predict the body pose of this person in SMPL format.",
+    ],
+    "text_to_pose": [
+        "Generate the SMPL pose of a person described as follows: {caption}",
+        "Here is a description of a body pose: {caption} Give the SMPL pose of this person.",
+        "Create a 3D human pose in SMPL format that matches this description: {caption}",
+        "{caption} What is the SMPL pose of a person who looks like this?",
+    ],
+    "vqa": ["<image>\n{question}"],
+}
+
+
+def chat_text(prompt: str, answer: str | None) -> str:
+    """LLaVA-1.5's conversation format for one turn: "USER: {prompt} ASSISTANT:" (+ " {answer}")."""
+    return f"USER: {prompt} ASSISTANT:" + (" " + answer if answer else "")
+
+
+# ---- Samples --------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    """One single-turn example of any task, from any dataset. J = 24 joints.
+
+    The caption (text_to_pose) or question (vqa) lives inside `prompt`.
+    """
+    task: str                        # one of TASKS
+    prompt: str                      # user turn; holds IMAGE_TOKEN once iff `image` is set
+    answer: str                      # assistant turn; POSE_ANSWER for pose tasks
+    image: np.ndarray | None = None  # (H, W, 3) uint8
+    pose6d: np.ndarray | None = None  # (J, 6) float32 pose action target, global orientation first
+    joints: np.ndarray | None = None  # (J, 3) float32 pelvis-centred joints of the target, metres
+    index: int = -1                  # row of the pose in its split
+
+
+def pose_aa_to_6d(pose_aa: np.ndarray) -> np.ndarray:
+    """(N, J, 3) axis-angle radians -> (N, J, 6) float32 pose actions (first two matrix columns)."""
+    aa = torch.as_tensor(np.asarray(pose_aa, dtype=np.float32))
+    return body.matrix_to_rot6d(body.axis_angle_to_matrix(aa)).numpy().astype(np.float32)
+
+
+def _fill(template: str, **fields: str) -> str:
+    """Fill {name} fields by plain replacement (a caption may hold any character)."""
+    for k, v in fields.items():
+        template = template.replace("{" + k + "}", v)
+    return template
+
+
+# ---- PoseBench: the built-in benchmark's three tasks ----------------------------------------
+
+class PoseBenchTasks(torch.utils.data.Dataset):
+    """A deterministic mixture of image-to-pose, text-to-pose and VQA samples over one split.
+
+    Sample i draws, from `np.random.default_rng((seed, i))`, in this order: the task (weights
+    `mix`), the pose index, the caption or question of that pose, and the prompt paraphrase.
+    So sample i depends on (split, cfg, tasks, mix, seed, i) only, not on `length`, the
+    worker or the epoch; poses are drawn with replacement.
+
+    Args:
+        split: "train", "val" or "test".
+        cfg: the benchmark configuration (default: posebench.BenchConfig()).
+        tasks: which of TASKS to draw from.
+        mix: one non-negative weight per entry of `tasks` (normalised to sum 1).
+        seed: seed of the mixture (not of the benchmark, which `cfg.seed` fixes).
+        length: number of samples (default: the number of poses N in the split).
+    """
+
+    def __init__(self, split: str, cfg: posebench.BenchConfig | None = None, tasks: Sequence[str] = TASKS,
+                 mix: Sequence[float] = (0.4, 0.4, 0.2), seed: int = 0, length: int | None = None):
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if not tasks or unknown or len(set(tasks)) != len(tasks):
+            raise ValueError(f"PoseBenchTasks: tasks must be distinct names from {TASKS}, got {tasks}"
+                             + (f" (unknown task {unknown[0]!r})" if unknown else ""))
+        w = np.asarray(mix, dtype=np.float64)
+        if w.ndim != 1 or len(w) != len(tasks):
+            raise ValueError(f"PoseBenchTasks: mix needs one weight per task ({len(tasks)} for {tasks}), "
+                             f"got {np.atleast_1d(w).tolist()}; e.g. mix=(1.0,) for a single task")
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"PoseBenchTasks: mix weights must be finite, non-negative and not all zero, "
+                             f"got {w.tolist()}")
+        if length is not None and length < 1:
+            raise ValueError(f"PoseBenchTasks: length must be >= 1, got {length}")
+        self.tasks, self.mix, self.seed = tasks, w / w.sum(), seed
+        self.data = posebench.load_split(split, cfg)
+        n = len(self.data)
+        self.length = n if length is None else int(length)
+        # Targets of the whole split, once. Image-to-pose: the root in the camera's view frame.
+        view = np.concatenate([self.data.global_orient_view[:, None], self.data.pose_aa[:, 1:]], 1)  # (N, J, 3)
+        self.pose6d_view = pose_aa_to_6d(view)                # (N, J, 6)
+        self.pose6d = pose_aa_to_6d(self.data.pose_aa)        # (N, J, 6) canonical
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Sample:
+        if not -self.length <= i < self.length:
+            raise IndexError(f"PoseBenchTasks: index {i} out of range for length {self.length}")
+        i = int(i) % self.length
+        rng = np.random.default_rng((self.seed, i))
+        task = self.tasks[int(rng.choice(len(self.tasks), p=self.mix))]
+        idx = int(rng.integers(len(self.data)))
+        n_texts = {"text_to_pose": len(self.data.captions[idx]), "vqa": len(self.data.vqa[idx])}.get(task, 1)
+        text_choice = int(rng.integers(n_texts))  # caption or question (image_to_pose: none)
+        paraphrase = int(rng.integers(len(PROMPTS[task])))
+        return self._sample(task, idx, text_choice, paraphrase)
+
+    def eval_samples(self, task: str) -> list[Sample]:
+        """One sample per pose of the split for `task` (first caption or question, first paraphrase)."""
+        if task not in TASKS:
+            raise ValueError(f"eval_samples: unknown task {task!r}; expected one of {TASKS}")
+        return [self._sample(task, idx, 0, 0) for idx in range(len(self.data))]
+
+    def _sample(self, task: str, idx: int, text_choice: int, paraphrase: int) -> Sample:
+        template = PROMPTS[task][paraphrase]
+        d = self.data
+        if task == "image_to_pose":
+            return Sample(task, template, POSE_ANSWER, image=np.array(d.images[idx]),
+                          pose6d=self.pose6d_view[idx].copy(), joints=d.joints_view[idx].copy(), index=idx)
+        if task == "text_to_pose":
+            return Sample(task, _fill(template, caption=d.captions[idx][text_choice]), POSE_ANSWER,
+                          pose6d=self.pose6d[idx].copy(), joints=d.joints[idx].copy(), index=idx)
+        qa = d.vqa[idx][text_choice]
+        return Sample(task, _fill(template, question=qa["question"]), qa["answer"],
+                      image=np.array(d.images[idx]), index=idx)
+
+
+# ---- Real datasets (later issues) -----------------------------------------------------------
+# PoseScript (+ AMASS npz) -> text_to_pose; HMR2.0-style image npz (Human3.6M, MPI-INF-3DHP,
+# COCO, MPII; 3DPW for evaluation) -> image_to_pose; BEDLAM-Script -> image + text;
+# LLaVA-Instruct-150k -> vqa. Each is a Dataset yielding `Sample`s, its root a path flag.
+
+
+# ---- The tiny preset's tokenizer: word-level, built from every benchmark text ---------------
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, POSE_TOKEN)  # ids 0..5 in this order
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer around a `tokenizers` one, with the special tokens named;
+    `image_token_id` and `pose_token_id` become attributes. No bos/eos are added on encode."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN, "pose_token": POSE_TOKEN},
+        clean_up_tokenization_spaces=True)  # decode "pose ." as "pose."
+
+
+def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every word and punctuation mark of `texts`.
+
+    Text splits on whitespace, then every punctuation character is its own token; case is kept.
+    The special tokens (`SPECIAL_TOKENS`, ids 0-5) are matched before that split, so "<POSE>"
+    and "<image>" are single ids. Words are ordered by frequency, then alphabetically, so the
+    same texts (in any order) give the same ids. Being special, <POSE> is dropped by
+    `decode(..., skip_special_tokens=True)`: decode generated answers (cut at eos) without it
+    before the format reward's regex.
+    """
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    chunks = collections.Counter()  # whitespace-separated chunks first: few distinct ones, fast
+    for text in texts:
+        for piece in _SPECIAL_SPLIT.split(text):
+            if piece not in SPECIAL_TOKENS:
+                chunks.update(piece.split())
+    counts = collections.Counter()
+    for chunk, n in chunks.items():
+        for word, _ in pre.pre_tokenize_str(chunk):
+            counts[word] += n
+    words = sorted(counts, key=lambda word: (-counts[word], word))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return _wrap(tok)
+
+
+def _template_texts() -> list[str]:
+    """The fixed words of every template (fields left out)."""
+    fixed = [re.sub(r"\{\w+\}", " ", p) for ps in PROMPTS.values() for p in ps]
+    return fixed + [POSE_ANSWER, chat_text("", None)]
+
+
+def benchmark_texts(cfg: posebench.BenchConfig | None = None) -> list[str]:
+    """Every text the tiny model must read or write on the benchmark `cfg`: the templates, every
+    prompt of every split with each of its captions or questions filled in, every answer.
+    Returns the distinct texts, sorted."""
+    texts = set(_template_texts())
+    for split in posebench.SPLITS:
+        d = posebench.load_split(split, cfg)
+        texts.update(PROMPTS["image_to_pose"])
+        for captions in d.captions:
+            texts.update(_fill(p, caption=c) for c in captions for p in PROMPTS["text_to_pose"])
+        for qas in d.vqa:
+            texts.update(_fill(p, question=qa["question"]) for qa in qas for p in PROMPTS["vqa"])
+            texts.update(qa["answer"] for qa in qas)
+    texts.add(POSE_ANSWER)
+    return sorted(texts)
+
+
+def tiny_tokenizer(cfg: posebench.BenchConfig | None = None) -> PreTrainedTokenizerFast:
+    """`build_tokenizer(benchmark_texts(cfg))`, built once per benchmark configuration and cached
+    at <cache_dir>/tokenizers/<config_key>/tokenizer.json (written atomically).
+
+    A cached file that cannot encode this file's templates (they changed since it was written)
+    is rebuilt.
+    """
+    cfg = cfg or posebench.BenchConfig()
+    path = os.path.join(body.cache_dir(), "tokenizers", posebench.config_key(cfg), "tokenizer.json")
+    if os.path.exists(path):
+        tok = _wrap(Tokenizer.from_file(path))
+        if tok.unk_token_id not in sum(tok(_template_texts(), add_special_tokens=False)["input_ids"], []):
+            return tok
+    tok = build_tokenizer(benchmark_texts(cfg))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(tok.backend_tokenizer.to_str())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tok
+
+
+# ---- Collate: samples -> one padded batch ---------------------------------------------------
+
+@dataclass
+class Batch:
+    """A padded batch. B samples, T tokens, M = samples with an image, J = 24 joints."""
+    input_ids: torch.Tensor             # (B, T) long
+    attention_mask: torch.Tensor        # (B, T) long, 0 at pads
+    labels: torch.Tensor                # (B, T) long, -100 except the answer ids and the final eos
+    pixel_values: torch.Tensor | None   # (M, 3, H, W) float in [-1, 1], image samples in batch order
+    pose6d: torch.Tensor                # (B, J, 6) float, zeros where there is no pose
+    joints: torch.Tensor                # (B, J, 3) float metres, zeros where there is no pose
+    pose_valid: torch.Tensor            # (B,) bool: the sample has a pose target
+    pose_token_pos: torch.Tensor        # (B,) long: position of <POSE> in input_ids, -1 if absent
+    tasks: list[str]                    # (B,)
+
+    def to(self, device) -> "Batch":
+        """The batch with every tensor on `device`."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+            if torch.is_tensor(getattr(self, f.name))})
+
+
+def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image_tokens: int,
+            add_answer: bool = True, pad_side: str = "right") -> Batch:
+    """Encode samples as bos + chat_text(prompt, answer) + eos and pad them into a `Batch`.
+
+    IMAGE_TOKEN in a prompt becomes `num_image_tokens` image ids (LLaVA: one placeholder per
+    visual token). The prompt and the answer are encoded separately and concatenated, so the
+    prompt-only encoding (add_answer=False, used by generation with pad_side="left") is a
+    prefix of the full one. Only the answer ids and the eos are supervised.
+
+    Raises:
+        ValueError: an image sample whose prompt does not hold IMAGE_TOKEN exactly once, a
+            text-only prompt holding it, a prompt holding POSE_TOKEN, a pose task's answer
+            without exactly one POSE_TOKEN (when add_answer), images of different sizes, or a
+            tokenizer that does not encode IMAGE_TOKEN / POSE_TOKEN as single ids.
+    """
+    if not samples:
+        raise ValueError("collate: no samples")
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"collate: pad_side must be 'left' or 'right', got {pad_side!r}")
+    if num_image_tokens < 1:
+        raise ValueError(f"collate: num_image_tokens must be >= 1, got {num_image_tokens}")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("collate: the tokenizer needs a pad and an eos token")
+    for k, s in enumerate(samples):
+        where = f"collate: sample {k} ({s.task}, pose {s.index})"
+        n_img = s.prompt.count(IMAGE_TOKEN)
+        if s.image is not None and n_img != 1:
+            raise ValueError(f"{where} has an image but its prompt holds {n_img} {IMAGE_TOKEN} "
+                             f"(expected exactly 1): {s.prompt!r}")
+        if s.image is None and n_img:
+            raise ValueError(f"{where} has no image but its prompt holds {IMAGE_TOKEN}: {s.prompt!r}")
+        if s.image is not None and (s.image.ndim != 3 or s.image.shape[2] != 3):
+            raise ValueError(f"{where}: image has shape {s.image.shape}, expected (H, W, 3)")
+        if POSE_TOKEN in s.prompt:
+            raise ValueError(f"{where}: the prompt holds {POSE_TOKEN}; only answers may: {s.prompt!r}")
+        if add_answer and s.task in POSE_TASKS and s.answer.count(POSE_TOKEN) != 1:
+            raise ValueError(f"{where}: a pose task's answer must hold {POSE_TOKEN} exactly once, "
+                             f"got {s.answer!r}")
+    sizes = sorted({s.image.shape for s in samples if s.image is not None})
+    if len(sizes) > 1:
+        raise ValueError(f"collate: the images of a batch must share one size, got {sizes}")
+
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    pose_id = tokenizer.convert_tokens_to_ids(POSE_TOKEN)
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    prompts = [chat_text(s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens), None) for s in samples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if add_answer:
+        answer_ids = [a + [tokenizer.eos_token_id] for a in
+                      tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]]
+    else:
+        answer_ids = [[] for _ in samples]
+    for k, (s, p, a) in enumerate(zip(samples, prompt_ids, answer_ids)):
+        want = num_image_tokens if s.image is not None else 0
+        if p.count(image_id) != want or (add_answer and s.task in POSE_TASKS and a.count(pose_id) != 1):
+            raise ValueError(f"collate: sample {k}: the tokenizer does not encode {IMAGE_TOKEN} and "
+                             f"{POSE_TOKEN} as single ids (got {p.count(image_id)} image ids, expected {want})")
+
+    B = len(samples)
+    lengths = [len(bos) + len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
+    T = max(lengths)
+    input_ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)                    # (B, T)
+    labels = torch.full((B, T), -100, dtype=torch.long)                       # (B, T)
+    pose_token_pos = torch.full((B,), -1, dtype=torch.long)                   # (B,)
+    for b, (p, a, L) in enumerate(zip(prompt_ids, answer_ids, lengths)):
+        start = T - L if pad_side == "left" else 0
+        ids = bos + p + a
+        input_ids[b, start:start + L] = torch.tensor(ids)
+        attention_mask[b, start:start + L] = 1
+        a0 = start + len(bos) + len(p)  # first answer position
+        labels[b, a0:a0 + len(a)] = torch.tensor(a, dtype=torch.long)
+        if pose_id in a:
+            pose_token_pos[b] = a0 + a.index(pose_id)
+
+    J = body.NUM_JOINTS
+    pose6d, joints = torch.zeros(B, J, 6), torch.zeros(B, J, 3)  # (B, J, 6), (B, J, 3)
+    for b, s in enumerate(samples):
+        if s.pose6d is not None:
+            pose6d[b] = torch.as_tensor(np.asarray(s.pose6d, dtype=np.float32)).reshape(J, 6)
+            if s.joints is not None:
+                joints[b] = torch.as_tensor(np.asarray(s.joints, dtype=np.float32)).reshape(J, 3)
+    images = [s.image for s in samples if s.image is not None]
+    pixel_values = None
+    if images:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (M, 3, H, W) in [0, 255]
+        pixel_values = (x / 255 - 0.5) / 0.5
+    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
+                 pose6d=pose6d, joints=joints, pose_valid=torch.tensor([s.pose6d is not None for s in samples]),
+                 pose_token_pos=pose_token_pos, tasks=[s.task for s in samples])
+
+
+# ---- BOILERPLATE: python data.py ------------------------------------------------------------
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(posebench.BenchConfig, description=__doc__).parse_args_into_dataclasses(args=argv)
+    t0 = time.time()
+    tok = tiny_tokenizer(cfg)
+    print(f"tiny tokenizer: {len(tok)} ids (6 special), {time.time() - t0:.1f} s "
+          f"({os.path.join(body.cache_dir(), 'tokenizers', posebench.config_key(cfg))})")
+    ds = PoseBenchTasks("train", cfg)
+    for task in TASKS:
+        s = ds.eval_samples(task)[0]
+        batch = collate([s], tok, num_image_tokens=1)
+        n_sup = int((batch.labels != -100).sum())
+        print(f"\n{task}: {batch.input_ids.shape[1]} tokens at num_image_tokens=1, {n_sup} supervised")
+        print("  " + tok.decode(batch.input_ids[0]).replace("\n", " "))
+
+
+if __name__ == "__main__":
+    main()
