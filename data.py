@@ -126,7 +126,8 @@ def chat_text(prompt: str, answer: str | None) -> str:
 class Sample:
     """One single-turn example of any task, from any dataset. J = 24 joints.
 
-    The caption (text_to_pose) or question (vqa) lives inside `prompt`.
+    The caption (text_to_pose) or question (vqa) lives inside `prompt` and, alone, in `text`
+    (the semantic reward and the retrieval metrics score the caption, not the prompt).
     """
     task: str                        # one of TASKS
     prompt: str                      # user turn; holds IMAGE_TOKEN once iff `image` is set
@@ -135,6 +136,7 @@ class Sample:
     pose6d: np.ndarray | None = None  # (J, 6) float32 pose action target, global orientation first
     joints: np.ndarray | None = None  # (J, 3) float32 pelvis-centred joints of the target, metres
     index: int = -1                  # row of the pose in its split
+    text: str = ""                   # the caption (text_to_pose) or question (vqa) alone
 
 
 def pose_aa_to_6d(pose_aa: np.ndarray) -> np.ndarray:
@@ -222,11 +224,12 @@ class PoseBenchTasks(torch.utils.data.Dataset):
             return Sample(task, template, POSE_ANSWER, image=np.array(d.images[idx]),
                           pose6d=self.pose6d_view[idx].copy(), joints=d.joints_view[idx].copy(), index=idx)
         if task == "text_to_pose":
-            return Sample(task, _fill(template, caption=d.captions[idx][text_choice]), POSE_ANSWER,
-                          pose6d=self.pose6d[idx].copy(), joints=d.joints[idx].copy(), index=idx)
+            caption = d.captions[idx][text_choice]
+            return Sample(task, _fill(template, caption=caption), POSE_ANSWER,
+                          pose6d=self.pose6d[idx].copy(), joints=d.joints[idx].copy(), index=idx, text=caption)
         qa = d.vqa[idx][text_choice]
         return Sample(task, _fill(template, question=qa["question"]), qa["answer"],
-                      image=np.array(d.images[idx]), index=idx)
+                      image=np.array(d.images[idx]), index=idx, text=qa["question"])
 
 
 # ---- Real datasets (later issues) -----------------------------------------------------------

@@ -90,27 +90,44 @@ def _zero_std_groups(rewards: torch.Tensor) -> torch.Tensor:
     return rewards.amax(dim=1) == rewards.amin(dim=1)
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Group-normalised advantages, Eq. 16, for one reward (R_d gives F_i, R_c gives Delta_i).
 
     Args:
         rewards: (B, G) one reward per sample; row b holds the G samples of prompt b.
         eps: added to the group std (Eq. 16 has none; it only matters for near-equal rewards).
+        valid: optional (B, G) bool: only these samples enter the group's mean and std, and the
+            others get advantage 0. For R_c it is the set V of Eq. 6 (samples with a pose): a
+            completion that forgot `<POSE>` has no pose reward to compare.
 
     Returns:
-        (B, G) (r - mean_G) / (std_G + eps), with the unbiased sample std over the G samples
-        (torch.std, as GRPO/TRL). A group whose rewards are all equal gets exact zeros.
+        (B, G) (r - mean_G) / (std_G + eps), with the unbiased sample std over the group's (valid)
+        samples (torch.std, as GRPO/TRL). A group whose (valid) rewards are all equal, or that
+        has fewer than 2 valid samples, gets exact zeros.
 
     Raises:
         ValueError: G < 2 (the std of one sample is undefined) or a NaN/inf reward.
     """
-    _check_rewards(rewards, "rewards")
+    if valid is None:
+        _check_rewards(rewards, "rewards")
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+    else:
+        if valid.shape != rewards.shape:
+            raise ValueError(f"valid must have the shape of rewards {tuple(rewards.shape)}, got {tuple(valid.shape)}")
+        valid = valid.bool()
+        _check_rewards(torch.where(valid, rewards, torch.zeros_like(rewards)), "rewards")  # invalid may be NaN
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    n = valid.sum(dim=1, keepdim=True).to(rewards.dtype)  # (B, 1) group size |V|
     # Eq. 15: A = F + Delta is never formed; each part is normalised on its own reward (Eq. 16).
-    mean = rewards.mean(dim=1, keepdim=True)  # (B, 1)
-    std = rewards.std(dim=1, keepdim=True)  # (B, 1), unbiased (divides by G - 1)
-    adv = (rewards - mean) / (std + eps)  # Eq. 16: F_i = (R_d^(i) - mean) / std
-    # rounding can leave r - mean ~ 1e-17 in an all-equal group; that group has no signal: 0.
-    return torch.where(_zero_std_groups(rewards)[:, None], torch.zeros_like(adv), adv)  # (B, G)
+    mean = r.sum(dim=1, keepdim=True) / n.clamp(min=1)  # (B, 1)
+    var = torch.where(valid, (r - mean) ** 2, torch.zeros_like(r)).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    adv = (r - mean) / (var.sqrt() + eps)  # Eq. 16: F_i = (R_d^(i) - mean) / std, unbiased std
+    # Rounding can leave r - mean ~ 1e-17 in an all-equal group; that group has no signal: 0.
+    big = torch.finfo(rewards.dtype).max
+    hi = torch.where(valid, r, torch.full_like(r, -big)).amax(dim=1)
+    lo = torch.where(valid, r, torch.full_like(r, big)).amin(dim=1)
+    dead = (hi == lo) | (n[:, 0] < 2)  # (B,) no signal in this group
+    return torch.where(dead[:, None] | ~valid, torch.zeros_like(adv), adv)  # (B, G)
 
 
 def frac_zero_std_groups(rewards: torch.Tensor) -> float:

@@ -66,8 +66,10 @@ class BenchConfig:
     captions_per_pose: int = field(default=3, metadata={"help": "automatic captions per pose"})
     vqa_per_pose: int = field(default=2, metadata={"help": "yes/no questions per pose"})
     yaw_range_deg: float = field(default=120.0, metadata={"help": "camera yaw drawn from +-this around the front"})
-    elevation_range_deg: tuple = field(default=(-10.0, 30.0), metadata={"help": "camera elevation range"})
-    distance_range_m: tuple = field(default=(3.0, 5.0), metadata={"help": "camera distance range"})
+    elevation_range_deg: list[float] = field(default_factory=lambda: [-10.0, 30.0],
+                                             metadata={"help": "camera elevation range (two numbers)"})
+    distance_range_m: list[float] = field(default_factory=lambda: [3.0, 5.0],
+                                          metadata={"help": "camera distance range (two numbers)"})
     seed: int = field(default=0, metadata={"help": "seed of every random stream"})
     smpl_path: str = field(default=None, metadata={"help": "licensed SMPL model pickle; default: the procedural body"})
 

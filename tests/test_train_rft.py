@@ -1,0 +1,126 @@
+"""train_rft.py: smoke runs (HyGRPO, plain GRPO, a zero-masked reward, torchrun), exact resume,
+a completion without <POSE>, NaN rewards, and bad arguments."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import posebench
+import train_rft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
+RFT = BENCH + ["--steps", "4", "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "12", "--log_every", "1",
+               "--eval_samples", "32", "--eval_generate", "4", "--threads", "1", "--warmup_steps", "1"]
+
+
+def run(script, args, check=True, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, *script, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny SFT run and tiny retrievers, built once for this file."""
+    d = tmp_path_factory.mktemp("rft_assets")
+    from test_train_sft import TINY_RUN
+    run(["train_sft.py"], TINY_RUN + ["--out_dir", str(d / "sft")])
+    run(["retrieval.py"], BENCH + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
+                                   "--out_dir", str(d), "--num_threads", "1"])
+    return d
+
+
+def rft_args(assets, out, *extra):
+    return RFT + ["--sft_dir", str(assets / "sft"), "--reward_retriever", str(assets / "retriever_reward"),
+                  "--eval_retriever", str(assets / "retriever_eval"), "--out_dir", str(out), *extra]
+
+
+def test_smoke_hybrid_and_metrics(assets, tmp_path):
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "rft"))
+    assert "RFT done" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "rft" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [x for x in rows if "losses/pg_continuous" in x]
+    assert len(train_rows) == 4
+    for key in ("rewards/joint", "rewards/semantic", "rewards/format", "rewards/text", "losses/pg_discrete",
+                "losses/kl_token", "losses/kl_pose", "charts/clipfrac_discrete", "charts/clipfrac_continuous",
+                "charts/frac_zero_std_groups", "time/generate_s", "time/policy_s"):
+        assert key in train_rows[-1], key
+    test = rows[-1]
+    assert "test/text_to_pose/eval_retriever/full/Rt2p@10" in test and "test/image_to_pose/pa_mpjpe_mm" in test
+    assert (tmp_path / "rft" / "reward_curves.png").stat().st_size > 5000
+    assert (tmp_path / "rft" / "base" / "preset.json").exists()
+
+
+def test_plain_grpo_and_zero_masked_reward(assets, tmp_path):
+    run(["train_rft.py"], rft_args(assets, tmp_path / "grpo", "--hybrid", "false", "--steps", "2", "--eval_samples", "0"))
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["losses/pg_continuous"] == 0 and x["losses/kl_pose"] == 0 for x in rows if "losses/pg_continuous" in x)
+    run(["train_rft.py"], rft_args(assets, tmp_path / "z", "--zero_reward", "joint", "--steps", "2", "--eval_samples", "0"))
+    rows = [json.loads(x) for x in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["rewards/joint"] in (0.0, None) for x in rows if "rewards/format" in x)
+
+
+def test_exact_resume(assets, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(["train_rft.py"], rft_args(assets, a, "--eval_samples", "0"))
+    run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--stop_after", "2"))
+    run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--resume"))
+    wa = load_file(str(a / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_torchrun_keeps_whole_groups_per_rank(assets, tmp_path):
+    r = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "train_rft.py"],
+            rft_args(assets, tmp_path / "ddp", "--steps", "2", "--eval_samples", "0"))
+    assert (tmp_path / "ddp" / "LATEST").read_text() == "step-000002", r.stderr[-2000:]
+
+
+def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
+    cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
+    tasks = data.PoseBenchTasks("train", cfg, seed=0)
+    s = next(tasks[i] for i in range(40) if tasks[i].task == "image_to_pose")
+    samples = [s, s]
+    ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
+                           pose_pos=torch.tensor([40, -1]), has_pose=torch.tensor([True, False]),
+                           pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1), np.zeros(144, np.float32)])),
+                           texts=[data.POSE_ANSWER, "The SMPL pose of this person is"])
+
+    class Similarity:
+        def __call__(self, a, b):
+            return torch.ones(len(a))
+
+    import body
+    r, r_d, r_c, valid, where = train_rft.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args())
+    assert valid.tolist() == [True, False] and r["format"].tolist() == [1.0, 0.0]
+    assert r["joint"][0] > 50 and r["joint"][1] == 0  # the exact pose: 1 / (0 + 1 cm)
+    assert r_d.tolist() == [2.0, 1.0]
+
+
+def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
+    import rewards
+    monkeypatch.setattr(rewards, "format_reward", lambda c, t: torch.full((len(c),), float("nan")))
+    with pytest.raises(SystemExit, match="consecutive steps with NaN/inf rewards"):
+        train_rft.main(rft_args(assets, tmp_path / "nan", "--max_bad_steps", "2"))
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped/nonfinite_reward"] for x in rows] == [1, 2]
+
+
+def test_bad_arguments(assets, tmp_path):
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "g1", "--group_size", "1"), check=False)
+    assert r.returncode != 0 and "needs G >= 2" in r.stderr
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "p", "--preset", "smol"), check=False)
+    assert r.returncode != 0 and "holds a 'tiny' checkpoint, but the 'smol' preset" in r.stderr
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "z", "--zero_reward", "style"), check=False)
+    assert r.returncode != 0 and "--zero_reward style" in r.stderr

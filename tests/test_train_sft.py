@@ -1,0 +1,121 @@
+"""train_sft.py: the SFT objective against a slow loop, a subprocess smoke run, exact resume,
+and a 2-process torchrun (gloo) giving the same gradients as one process."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model as M
+import posebench
+import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
+TINY_RUN = ["--n_train", "48", "--n_val", "16", "--n_test", "40", "--stage0_pose_epochs", "1",
+            "--stage0_clip_epochs", "1", "--stage0_lm_steps", "3", "--stage0_batch", "16", "--batch_size", "8",
+            "--steps", "4", "--warmup_steps", "1", "--log_every", "2", "--save_every", "100", "--eval_samples", "16",
+            "--eval_generate", "4", "--threads", "1"]
+
+
+def run(args, **kw):
+    r = subprocess.run([sys.executable, "train_sft.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ), **kw)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.tiny_tokenizer(CFG)
+
+
+def test_sft_loss_matches_slow_reference(tok):
+    torch.manual_seed(0)
+    tasks = data.PoseBenchTasks("train", CFG, seed=0)
+    b = data.collate([tasks[i] for i in range(6)], tok, 32)
+    m = M.build_tiny(tok, rank=2)
+    logits, dist, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+    args = train_sft.Args(l2_6d_weight=0.5)
+    n_tok, n_pose = 1000.0, 7.0  # global counts from other ranks
+    loss, stats = train_sft.sft_loss(logits, b.labels, dist, b, args, n_tok, n_pose)
+    ce, nll, l2 = 0.0, 0.0, 0.0
+    for i in range(6):  # token by token: predict labels[t + 1] from position t
+        for t in range(b.input_ids.shape[1] - 1):
+            if b.labels[i, t + 1] != -100:
+                ce -= torch.log_softmax(logits[i, t].double(), -1)[b.labels[i, t + 1]].item()
+        if b.pose_valid[i]:
+            target = b.pose6d[i].reshape(-1)
+            single = M.gaussian(*[x[i:i + 1] for x in m.pose_head(
+                m.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                        position_ids=(b.attention_mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state[
+                    torch.arange(6), b.pose_token_pos.clamp_min(0)])])
+            nll -= single.log_prob(target[None]).item() / target.numel()
+            l2 += ((dist.mean[i] - target) ** 2).mean().item()
+    ref = ce / n_tok + args.pose_nll_weight * nll / n_pose + 0.5 * l2 / n_pose
+    assert abs(loss.item() - ref) < 1e-4 * max(1.0, abs(ref))
+    assert abs(stats["losses/ce"] - ce / n_tok) < 1e-5
+
+
+def test_cosine_schedule():
+    lrs = [train_sft.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.01
+
+
+def test_smoke_run_and_exact_resume(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = run(TINY_RUN + ["--out_dir", str(a)])
+    assert "SFT done" in out and "answer format valid" in out and "mean training pose" in out
+    assert (a / "LATEST").read_text() == "step-000004" and (a / "test_metrics.json").exists()
+    metrics = (a / "metrics.jsonl").read_text()
+    assert "stage0/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics
+    shutil.copytree(a / "base", b / "base")  # same initial model; stage 0 is skipped
+    run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
+    assert (b / "LATEST").read_text() == "step-000002"
+    run(TINY_RUN + ["--out_dir", str(b), "--resume"])
+    wa = load_file(str(a / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "step-000004" / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_ddp_gradients_equal_one_process(tmp_path, tok):
+    torch.manual_seed(0)
+    m = M.build_tiny(tok)
+    M.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
+    policy = M.apply_lora(copy.deepcopy(m))
+    with torch.no_grad():  # LoRA B starts at zero: give it values so every gradient is non-trivial
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    policy.save_pretrained(str(tmp_path / "run" / "step-000000" / "adapter"))
+    (tmp_path / "run" / "LATEST").write_text("step-000000")
+    worker = os.path.join(ROOT, "tests", "ddp_grad_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    r = subprocess.run([sys.executable, worker, str(tmp_path / "run"), str(one)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        worker, str(tmp_path / "run"), str(two)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    g1, g2 = torch.load(one), torch.load(two)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), k
+    assert any(g.abs().sum() > 0 for g in g1.values())
+
+
+def test_bad_arguments_are_named(tmp_path):
+    r = subprocess.run([sys.executable, "train_sft.py", "--preset", "huge", "--out_dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--preset huge" in r.stderr
+    r = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out_dir", str(tmp_path / "none")] + TINY_RUN,
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "no checkpoint to resume from" in r.stderr

@@ -1,0 +1,402 @@
+"""Reinforcement fine-tuning of PoseLlava with HyGRPO: Algorithm 1 of Pose-RFT (App. C, §3.2-3.3).
+
+    for each step:                                             (Algorithm 1, lines 4-10)
+        sample B prompts; G hybrid outputs each (text a_i at temperature 1, pose p_i from the
+            Gaussian head at the `<POSE>` state of generate's own hidden states)        line 6
+        rewards: R_d = R_format + R_text scores a_i; R_c = R_joint (image) or R_semantic
+            (text) scores p_i (rewards.py)                                              line 7
+        advantages F_i, Delta_i normalised within each group (Eq. 16, hygrpo.py)        line 8
+        num_iterations updates of the HyGRPO objective (Eq. 6/21)                       line 9
+
+One step costs one `generate`, one reference forward without gradient, and one policy forward +
+backward per iteration: the old log-probs are the first iteration's, detached (with
+num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
+same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
+adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
+the SFT model, pi_init = pi_ref (Algorithm 1, line 3).
+
+Ablations, defaults = the paper:
+    --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
+    --zero_reward NAME      zero-mask one reward (Table 5): joint, semantic, format or text
+    --deterministic_head    Table 3: an SFT checkpoint with a mean-only head (train_sft.py --deterministic_head)
+                            that samples with its fixed spread and learns only the mean
+
+Departures from the paper: see hygrpo.py (ratio against pi_old; per-token r_d; the V average) and
+rewards.py (eps in Eq. 7; MiniLM for Eq. 10). Table 4's batch 16 / lr 1e-6 / 1000 steps are the
+defaults of the 7B preset; the tiny preset's defaults fit a 2-core CPU.
+
+Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
+    rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
+    losses/{pg_discrete,pg_continuous,kl_token,kl_pose,total}, charts/{clipfrac_discrete,
+    clipfrac_continuous,frac_zero_std_groups,frac_valid_pose,pose_std_mean,ratio_pose_mean,lr},
+    time/{generate,rewards,reference,policy,optimizer,total}_s
+
+Run:
+    python train_rft.py --sft_dir ckpt/sft                      # tiny preset, CPU
+    torchrun --nproc_per_node=8 train_rft.py --preset smol ...  # whole groups stay on one rank
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import body
+import data
+import hygrpo
+import model as M
+import posebench
+import rewards as R
+import train_sft
+from train_sft import all_reduce_sum, cosine_lr, setup_distributed, sync_gradients
+
+
+@dataclass
+class Args:
+    preset: str = field(default="tiny", metadata={"help": "tiny or smol; must match the SFT checkpoint"})
+    sft_dir: str = field(default="ckpt/sft", metadata={"help": "train_sft.py's output directory (pi_init)"})
+    out_dir: str = field(default="ckpt/rft", metadata={"help": "checkpoints, metrics.jsonl, reward curves"})
+    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward model (Eq. 8)"})
+    eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "the independent evaluator retriever"})
+    text_encoder: str = field(default="", metadata={"help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM; BGE-M3 by path)"})
+    seed: int = field(default=0, metadata={"help": "seed; rank r uses seed + r"})
+    resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir's latest checkpoint"})
+    n_train: int = field(default=20000, metadata={"help": "posebench training poses (must match SFT's benchmark)"})
+    n_val: int = field(default=1000, metadata={"help": "posebench validation poses"})
+    n_test: int = field(default=1000, metadata={"help": "posebench test poses"})
+    steps: int = field(default=200, metadata={"help": "RFT steps (paper, 7B: 1000)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step, B (paper: 16)"})
+    group_size: int = field(default=8, metadata={"help": "samples per prompt, G (>= 2)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper, 7B: 1e-6)"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
+    num_iterations: int = field(default=1, metadata={"help": "updates per sampled batch (pi_old = the sampling policy)"})
+    eps_clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of Eq. 21"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of Eq. 21"})
+    temperature: float = field(default=1.0, metadata={"help": "text sampling temperature"})
+    max_new_tokens: int = field(default=24, metadata={"help": "longest sampled answer"})
+    lora_rank: int = field(default=16, metadata={"help": "rank of the RFT adapter"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the RFT adapter"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    hybrid: bool = field(default=True, metadata={"help": "false: plain GRPO on the text only, pose = the head's mean (Fig. 4)"})
+    deterministic_head: bool = field(default=False, metadata={
+        "help": "Table 3: the SFT checkpoint has a mean-only head (train_sft.py --deterministic_head); poses are "
+                "sampled with its fixed spread and only the mean learns"})
+    zero_reward: str = field(default="", metadata={"help": "zero-mask one reward: joint, semantic, format or text (Table 5)"})
+    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
+                             metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
+    max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
+    log_every: int = field(default=5, metadata={"help": "log every n steps"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
+    eval_samples: int = field(default=1000, metadata={"help": "test poses for the final evaluation"})
+    eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
+    stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+
+
+# ---- ALGO: Algorithm 1, line 6 (sampling) ---------------------------------------------------
+
+@dataclass
+class Rollout:
+    """G samples of B prompts, flattened to N = B * G rows (row b * G + i is sample i of prompt b)."""
+    sequences: torch.Tensor       # (N, T_p + T) prompt (left-padded) + completion
+    attention_mask: torch.Tensor  # (N, T_p + T) prompt mask, then 1 up to and including the first eos
+    completion_mask: torch.Tensor  # (N, T) the completion's tokens (what the discrete policy chose)
+    pixel_values: torch.Tensor | None
+    prompt_len: int               # T_p
+    pose_pos: torch.Tensor        # (N,) index of <POSE> in `sequences` (-1: none)
+    has_pose: torch.Tensor        # (N,) bool: a <POSE> state exists (the set V before task checks)
+    pose: torch.Tensor            # (N, P) the sampled action p_i (zeros where there is none)
+    texts: list                   # N decoded answers
+
+
+def suppressed_tokens(policy, tokenizer) -> list:
+    """Tokens the policy never emits: the image placeholder, padding and bos (never eos, which a
+    tokenizer may use as padding). Masked alike in sampling and in the log-probs, so the policy
+    that samples is exactly the one that is scored."""
+    ids = {policy.get_base_model().config.image_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def rollout(policy, tokenizer, samples, args, device) -> Rollout:
+    """Generate G hybrid outputs per prompt; `samples` already holds each prompt G times."""
+    inner = policy.get_base_model()
+    b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
+    T_p = b.input_ids.shape[1]
+    gen = policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                          do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                          max_new_tokens=args.max_new_tokens, output_hidden_states=True, return_dict_in_generate=True,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          suppress_tokens=suppressed_tokens(policy, tokenizer))
+    states, has_pose, pose_pos = M.pose_states_from_generate(gen, T_p, inner.config.pose_token_id)
+    new = gen.sequences[:, T_p:]  # (N, T)
+    is_eos = new == tokenizer.eos_token_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # tokens generated after the first eos
+    completion_mask = ~after_eos
+    dist = inner.pose_head.distribution(states)
+    # Eq. 2: p_i ~ N(mu, Sigma) (HyGRPO); plain GRPO keeps the head's mean (Fig. 4's baseline)
+    pose = dist.sample() if args.hybrid else dist.mean
+    pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
+    texts = [train_sft.clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
+    return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
+                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts)
+
+
+# ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
+
+def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
+    """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V."""
+    tasks = [s.task for s in samples]
+    image = torch.tensor([t == "image_to_pose" for t in tasks])
+    text = torch.tensor([t == "text_to_pose" for t in tasks])
+    valid = ro.has_pose.cpu() & (image | text)  # V: a pose task whose answer produced a <POSE> state
+    r = {"format": R.format_reward(ro.texts, tasks),                                      # Eq. 9
+         "text": R.text_reward(ro.texts, [s.answer for s in samples], similarity),       # Eq. 10
+         "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
+    pose = ro.pose.float().cpu()
+    if (valid & image).any():  # Eq. 7 on the image-to-pose samples in V
+        idx = torch.nonzero(valid & image).flatten()
+        joints = bodymodel.forward_rot6d(pose[idx]).joints
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]))
+        r["joint"][idx] = R.joint_reward(joints, gt).float()
+    if (valid & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
+        idx = torch.nonzero(valid & text).flatten()
+        r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float()
+    if args.zero_reward:  # Table 5: one reward zero-masked
+        r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
+    r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
+    r_c = torch.where(image, r["joint"], r["semantic"])           # R_c scores the pose p_i
+    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": torch.ones(len(samples), dtype=torch.bool),
+             "joint": valid & image, "semantic": valid & text}   # the rows each reward is defined on
+    return r, r_d, r_c, valid, where
+
+
+# ---- ALGO: the log-probabilities HyGRPO needs -----------------------------------------------
+
+def logprobs(policy, ro: Rollout, suppressed: list):
+    """Teacher-forced token log-probs of the completion (N, T) and the pose distribution (N, P)."""
+    logits, dist, _ = policy.forward_hybrid(ro.sequences, ro.attention_mask, ro.pixel_values,
+                                            ro.pose_pos.clamp_min(0))
+    T_p = ro.prompt_len
+    logits = logits[:, T_p - 1:-1].float()  # (N, T, V): position t predicts token t + 1
+    logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
+    logp = torch.log_softmax(logits, -1)
+    token_logp = logp.gather(-1, ro.sequences[:, T_p:, None]).squeeze(-1)  # (N, T)
+    return token_logp, dist
+
+
+@dataclass
+class StepContext:
+    """What one HyGRPO step needs besides the batch (built once in main, or by bench.py)."""
+    policy: object
+    tokenizer: object
+    opt: torch.optim.Optimizer
+    params: list
+    similarity: object
+    retriever: object
+    bodymodel: object
+    loss_fn: object
+    suppressed: list
+    ddp: bool = False
+
+
+def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
+    """One step of Algorithm 1 (lines 6-9) on B prompts x G samples. Returns the logged metrics
+    with the time of each part, {"skipped": "reward"} for NaN/inf rewards, or None for a NaN/inf
+    loss (no update is applied then)."""
+    policy, device = ctx.policy, next(ctx.policy.parameters()).device
+    t0 = time.time()
+    policy.eval()
+    ro = rollout(policy, ctx.tokenizer, samples, args, device)  # line 6
+    policy.train()
+    t1 = time.time()
+    r, r_d, r_c, valid, where = score(ro, samples, ctx.similarity, ctx.retriever, ctx.bodymodel, args)  # line 7
+    t2 = time.time()
+    if not (torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all()):
+        return {"skipped": "reward"}
+    adv_d = hygrpo.group_advantages(r_d.view(B, G)).to(device)                          # line 8: F_i
+    adv_c = hygrpo.group_advantages(r_c.view(B, G), valid=valid.view(B, G)).to(device)  # Delta_i
+    pose_valid = (valid.to(device) & args.hybrid).view(B, G)  # --hybrid false: no continuous term
+    with torch.no_grad(), policy.disable_adapter():  # pi_ref = pi_init, the same weights
+        ref_token_logp, ref_dist = logprobs(policy, ro, ctx.suppressed)
+    t3 = time.time()
+    old_token_logp = old_pose_logp = None
+    t_opt = 0.0
+    for _ in range(args.num_iterations):  # line 9
+        token_logp, dist = logprobs(policy, ro, ctx.suppressed)
+        pose_logp = dist.log_prob(ro.pose.float())  # (N,)
+        pose_kl = torch.distributions.kl_divergence(dist, ref_dist)  # closed form, (N,)
+        if old_token_logp is None:  # pi_old: the sampling policy = this first forward, detached
+            old_token_logp, old_pose_logp = token_logp.detach(), pose_logp.detach()
+        shape3 = (B, G, -1)
+        loss, stats = ctx.loss_fn(token_logp.view(shape3), old_token_logp.view(shape3),
+                                  ref_token_logp.view(shape3), ro.completion_mask.view(shape3),
+                                  pose_logp.view(B, G), old_pose_logp.view(B, G), pose_kl.view(B, G), pose_valid,
+                                  adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
+        if not torch.isfinite(loss):
+            return None
+        ctx.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t_a = time.time()
+        sync_gradients(ctx.params, ctx.ddp, average=True)
+        torch.nn.utils.clip_grad_norm_(ctx.params, args.grad_clip)
+        ctx.opt.step()
+        t_opt += time.time() - t_a
+    t4 = time.time()
+    v = valid.float()
+    rec = {f"rewards/{k}": (x[where[k]].mean().item() if where[k].any() else None) for k, x in r.items()}
+    rec.update({"rewards/discrete": r_d.mean().item(),
+                "rewards/continuous": (r_c * v).sum().item() / max(1, v.sum().item()),
+                **{f"losses/{k}": stats[k].item() for k in ("pg_discrete", "pg_continuous", "kl_token", "kl_pose")},
+                "losses/total": loss.item(),
+                "charts/clipfrac_discrete": stats["clipfrac_discrete"].item(),
+                "charts/clipfrac_continuous": stats["clipfrac_continuous"].item(),
+                "charts/ratio_pose_mean": stats["ratio_pose_mean"].item(),
+                "charts/frac_zero_std_groups": hygrpo.frac_zero_std_groups(r_d.view(B, G)),
+                "charts/frac_valid_pose": v.mean().item(),
+                "charts/pose_std_mean": dist.stddev.mean().item(),
+                "time/generate_s": t1 - t0, "time/rewards_s": t2 - t1, "time/reference_s": t3 - t2,
+                "time/policy_s": t4 - t3 - t_opt, "time/optimizer_s": t_opt, "time/total_s": time.time() - t0})
+    return rec
+
+
+def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
+    """The reward curves (Fig. 4 style) from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path) if '"rewards/' in line]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    for ax, name in zip(axes, R.REWARD_NAMES):
+        ax.plot([r["step"] for r in rows], [r[f"rewards/{name}"] for r in rows])
+        ax.set_title(f"rewards/{name}")
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if args.group_size < 2:
+        raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
+    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
+        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
+    ddp, rank, world, device = setup_distributed()
+    master = rank == 0
+    if args.batch_size % world:
+        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out_dir, exist_ok=True)
+    t_start = time.time()
+
+    def log(d, step=None):
+        if master:
+            rec = {"step": step, "time_s": round(time.time() - t_start, 1), **d}
+            print(json.dumps(rec), flush=True)
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
+    base_dir = os.path.join(args.out_dir, "base")
+    if args.resume:
+        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
+        state = torch.load(os.path.join(step_dir, "train_state.pt"), weights_only=False)
+    else:
+        sft, tokenizer, _ = M.load_policy(args.sft_dir, args.preset)
+        base = sft.merge_and_unload()  # pi_init: the SFT weights, no adapter
+        if master:
+            M.save_base(base, tokenizer, base_dir, args.preset)
+        torch.manual_seed(args.seed)  # the adapter's init, the same on every rank
+        policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
+    torch.manual_seed(args.seed + rank)  # sampling differs by rank
+    policy.to(device).train()
+    inner = policy.get_base_model()
+    if inner.config.pose_head_deterministic != args.deterministic_head:
+        have = "a deterministic (mean-only)" if inner.config.pose_head_deterministic else "a distributional"
+        raise SystemExit(f"{args.sft_dir} has {have} pose head; pass --deterministic_head "
+                         f"{str(inner.config.pose_head_deterministic).lower()} or use a matching SFT checkpoint")
+    import retrieval
+    retriever = retrieval.load_retriever(args.reward_retriever, device)
+    similarity = R.TextSimilarity(args.text_encoder, str(device))
+    bodymodel = body.BodyModel().to(device)
+    cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1)  # other prompts than SFT's order
+    names, params = train_sft.trainable_params(policy, state)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
+    start, bad = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+    B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
+    suppressed = suppressed_tokens(policy, tokenizer)
+
+    # ---- ALGO: Algorithm 1, lines 4-10
+    from tqdm import tqdm
+    ctx = StepContext(policy, tokenizer, opt, params, similarity, retriever, bodymodel, loss_fn, suppressed, ddp)
+    for step in tqdm(range(start, args.steps), desc="RFT", disable=None if master else True,
+                     initial=start, total=args.steps):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()  # line 5
+        samples = [tasks[i] for i in idx for _ in range(G)]  # (B * G) rows, prompt-major
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
+        rec = hygrpo_step(ctx, samples, B, G, args)  # lines 6-9
+        if rec is None or "skipped" in rec:
+            bad += 1
+            what = rec["skipped"] if rec else "loss"
+            log({f"skipped/nonfinite_{what}": bad}, step + 1)
+            if bad >= args.max_bad_steps:
+                raise SystemExit(f"aborting: {bad} consecutive steps with NaN/inf {what}s (step {step + 1})")
+            continue
+        bad = 0
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            log({**rec, "charts/lr": opt.param_groups[0]["lr"]}, done)
+        stop = args.stop_after and done >= args.stop_after
+        if master and (done % args.save_every == 0 or done == args.steps or stop):
+            train_sft.save_checkpoint(args.out_dir, done, policy, opt, args, names)
+        if stop:
+            break
+
+    if master:
+        plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
+                     f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
+    if master and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+        train = posebench.load_split("train", cfg)
+        test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
+        evaluator = retrieval.load_retriever(args.eval_retriever, device)
+        res = train_sft.evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
+                                        n_generate=args.eval_generate, retrievers={"eval": evaluator, "reward": retriever})
+        log({f"test/{k}": v for k, v in res.items()}, args.steps)
+        with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+        print(f"\nRFT done in {time.time() - t_start:.0f} s. Test split: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in res.items() if "mean_pose" not in k))
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
