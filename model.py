@@ -298,7 +298,9 @@ def build_config(text_config, tokenizer, image_size=TINY["image_size"], rank: in
     ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, POSE_TOKEN])
     if tokenizer.unk_token_id in ids or None in ids:
         raise ValueError(f"the tokenizer lacks {IMAGE_TOKEN} or {POSE_TOKEN}; add them as special tokens first")
-    return PoseLlavaConfig(vision_config=clip.to_dict(), text_config=text_config.to_dict(),
+    text = text_config.to_dict()
+    text.pop("quantization_config", None)  # a GGUF source is dequantized to float on load: the model is not quantized
+    return PoseLlavaConfig(vision_config=clip.to_dict(), text_config=text,
                            image_token_id=ids[0], pose_token_id=ids[1], pose_vision_config=pose,
                            vision_feature_layer=-1, vision_feature_select_strategy="default",
                            pose_head_rank=rank, pose_head_deterministic=deterministic,

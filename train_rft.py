@@ -95,7 +95,8 @@ class Args:
     max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
-    eval_samples: int = field(default=1000, metadata={"help": "test poses for the final evaluation"})
+    eval_samples: int = field(default=1000, metadata={"help": "poses of eval_split for the final evaluation"})
+    eval_split: str = field(default="test", metadata={"help": "split of the final evaluation: test, or val for tuning"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
@@ -385,15 +386,22 @@ def main(argv=None):
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         train = posebench.load_split("train", cfg)
-        test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
+        test_tasks = data.PoseBenchTasks(args.eval_split, cfg, seed=args.seed)
         evaluator = retrieval.load_retriever(args.eval_retriever, device)
-        res = train_sft.evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
-                                        n_generate=args.eval_generate, retrievers={"eval": evaluator, "reward": retriever})
-        log({f"test/{k}": v for k, v in res.items()}, args.steps)
+        def evaluate():
+            return train_sft.evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
+                                             n_generate=args.eval_generate,
+                                             retrievers={"eval": evaluator, "reward": retriever})
+        res = evaluate()
+        with policy.disable_adapter():  # pi_init = the SFT model, by the same evaluation
+            init = evaluate()
+        log({**{f"test/{k}": v for k, v in res.items()}, **{f"test_init/{k}": v for k, v in init.items()}}, args.steps)
         with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
-        print(f"\nRFT done in {time.time() - t_start:.0f} s. Test split: " + ", ".join(
-            f"{k} {v:.3g}" for k, v in res.items() if "mean_pose" not in k))
+            json.dump({"rft": res, "sft": init}, fh, indent=1)
+        print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
+        for k in res:
+            if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:
+                print(f"  {k:48s} {init[k]:8.2f} -> {res[k]:8.2f}")
     if ddp:
         torch.distributed.destroy_process_group()
 

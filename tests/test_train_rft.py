@@ -56,7 +56,7 @@ def test_smoke_hybrid_and_metrics(assets, tmp_path):
                 "charts/frac_zero_std_groups", "time/generate_s", "time/policy_s"):
         assert key in train_rows[-1], key
     test = rows[-1]
-    assert "test/text_to_pose/eval_retriever/full/Rt2p@10" in test and "test/image_to_pose/pa_mpjpe_mm" in test
+    assert "test/text_to_pose/eval_retriever/full/Rt2p@10" in test and "test_init/image_to_pose/pa_mpjpe_mm" in test
     assert (tmp_path / "rft" / "reward_curves.png").stat().st_size > 5000
     assert (tmp_path / "rft" / "base" / "preset.json").exists()
 
