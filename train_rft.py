@@ -280,9 +280,15 @@ def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
         return
     fig, axes = plt.subplots(1, 4, figsize=(14, 3))
     for ax, name in zip(axes, R.REWARD_NAMES):
-        ax.plot([r["step"] for r in rows], [r[f"rewards/{name}"] for r in rows])
+        steps = [r["step"] for r in rows]
+        values = np.array([np.nan if r[f"rewards/{name}"] is None else r[f"rewards/{name}"] for r in rows])
+        ax.plot(steps, values, alpha=0.3, label="per logged step")
+        k = max(1, len(values) // 10)  # moving average over a tenth of the run
+        smooth = [np.nanmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, label=f"mean of {k}")
         ax.set_title(f"rewards/{name}")
         ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
