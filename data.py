@@ -353,6 +353,12 @@ class Batch:
             if torch.is_tensor(getattr(self, f.name))})
 
 
+def images_to_pixels(images: np.ndarray, device="cpu") -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]: what both vision towers take."""
+    x = torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float()  # copy: memmaps are read-only
+    return (x / 255 - 0.5) / 0.5
+
+
 def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image_tokens: int,
             add_answer: bool = True, pad_side: str = "right") -> Batch:
     """Encode samples as bos + chat_text(prompt, answer) + eos and pad them into a `Batch`.
@@ -436,10 +442,7 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
             if s.joints is not None:
                 joints[b] = torch.as_tensor(np.asarray(s.joints, dtype=np.float32)).reshape(J, 3)
     images = [s.image for s in samples if s.image is not None]
-    pixel_values = None
-    if images:
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()  # (M, 3, H, W) in [0, 255]
-        pixel_values = (x / 255 - 0.5) / 0.5
+    pixel_values = images_to_pixels(np.stack(images)) if images else None  # (M, 3, H, W)
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
                  pose6d=pose6d, joints=joints, pose_valid=torch.tensor([s.pose6d is not None for s in samples]),
                  pose_token_pos=pose_token_pos, tasks=[s.task for s in samples])

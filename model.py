@@ -357,6 +357,12 @@ def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False):
     return model, tok
 
 
+def freeze_encoders(model: PoseLlavaForConditionalGeneration) -> None:
+    """Both vision encoders stay frozen during SFT and RFT (§4.1)."""
+    model.model.vision_tower.requires_grad_(False)
+    model.model.pose_tower.requires_grad_(False)
+
+
 def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
     """LoRA on the language model's linear layers only (a regex: CLIP has q_proj too); the
     projectors and pose head are fully trained and saved (`modules_to_save`), and so are the rows
@@ -364,10 +370,7 @@ def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: 
     Under `disable_adapter()` the result is exactly `model` as it was: the reference policy."""
     from peft import LoraConfig, get_peft_model
 
-    for p in model.model.vision_tower.parameters():  # both encoders stay frozen (§4.1)
-        p.requires_grad_(False)
-    for p in model.model.pose_tower.parameters():
-        p.requires_grad_(False)
+    freeze_encoders(model)
     new_tokens = [model.config.pose_token_id]
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
                      modules_to_save=list(MODULES_TO_SAVE),
@@ -435,8 +438,5 @@ def load_policy(run_dir: str, preset: str | None = None, trainable: bool = False
     adapter = os.path.join(step_dir, "adapter")
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter} holds no adapter (adapter_config.json missing)")
-    for p in base.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    for p in base.model.pose_tower.parameters():
-        p.requires_grad_(False)
+    freeze_encoders(base)
     return PeftModel.from_pretrained(base, adapter, is_trainable=trainable), tok, step_dir

@@ -314,12 +314,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
 
-    def log(d, step=None):
-        if master:
-            rec = {"step": step, "time_s": round(time.time() - t_start, 1), **d}
-            print(json.dumps(rec), flush=True)
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+    log = train_sft.make_logger(args.out_dir, master)
 
     # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
     base_dir = os.path.join(args.out_dir, "base")
@@ -349,13 +344,8 @@ def main(argv=None):
     names, params = train_sft.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
-    start, bad = 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+    start = train_sft.restore_train_state(opt, state) if state is not None else 0
+    bad = 0
     B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
     suppressed = suppressed_tokens(policy, tokenizer)
 

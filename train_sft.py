@@ -142,6 +142,29 @@ def trainable_params(policy, state=None):
     return names, [named[n] for n in names]
 
 
+def make_logger(out_dir: str, master: bool):
+    """log(metrics, step): one JSON object per call, printed and appended to out_dir/metrics.jsonl
+    (rank 0 only)."""
+    t_start = time.time()
+
+    def log(d, step=None):
+        if master:
+            rec = {"step": step, "time_s": round(time.time() - t_start, 1), **d}
+            print(json.dumps(rec), flush=True)
+            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+    return log
+
+
+def restore_train_state(opt, state) -> int:
+    """Load the optimizer and the RNG states of a checkpoint (save_checkpoint); return its step."""
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["step"]
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -149,12 +172,6 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 # ---- stage 0 --------------------------------------------------------------------------------
-
-def images_to_pixels(images: np.ndarray, device) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1], as data.collate normalises."""
-    x = torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float()  # copy: memmaps are read-only
-    return (x / 255 - 0.5) / 0.5
-
 
 def stage0_pose_vit(model, train, val, args, device, log):
     """Pretrain f_b on pose estimation: PoseViT tokens, flattened (where a limb is matters) -> linear
@@ -171,13 +188,13 @@ def stage0_pose_vit(model, train, val, args, device, log):
         idx = torch.randint(len(train), (args.stage0_batch,), generator=g)
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, steps, args.stage0_lr, 50)
-        pred = head(vit(images_to_pixels(train.images[idx.numpy()], device)).flatten(1))
+        pred = head(vit(data.images_to_pixels(train.images[idx.numpy()], device)).flatten(1))
         loss = F.l1_loss(pred, target[idx].reshape(len(idx), -1).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        pred = torch.cat([head(vit(images_to_pixels(val.images[i:i + 256], device)).flatten(1)).cpu()
+        pred = torch.cat([head(vit(data.images_to_pixels(val.images[i:i + 256], device)).flatten(1)).cpu()
                           for i in range(0, len(val), 256)]).reshape(-1, body.NUM_JOINTS, 3)
     gt = torch.as_tensor(val.joints_view)
     mean_pose = target.mean(0, keepdim=True).expand_as(gt)
@@ -207,7 +224,7 @@ def stage0_clip(model, train, tokenizer, args, device, log):
         enc = tokenizer(texts, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         t = F.normalize((words(ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)  # mean of words
-        v = F.normalize(img_proj(clip(images_to_pixels(train.images[idx], device)).pooler_output), dim=-1)
+        v = F.normalize(img_proj(clip(data.images_to_pixels(train.images[idx], device)).pooler_output), dim=-1)
         logits = scale.exp().clamp(max=100) * v @ t.T  # (B, B)
         labels = torch.arange(len(idx), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -389,13 +406,7 @@ def main(argv=None):
             import torch.distributed as dist
             dist.barrier()
 
-    def log(d, step=None):
-        if not master:
-            return
-        rec = {"step": step, "time_s": round(time.time() - t_start, 1), **d}
-        print(json.dumps(rec), flush=True)
-        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+    log = make_logger(args.out_dir, master)
 
     # ---- BOILERPLATE: data, stage 0 (once, on rank 0), the base model on every rank
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
@@ -435,11 +446,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start = 0
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        start = restore_train_state(opt, state)
         log({"resumed_from": step_dir}, start)
     tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed)
     n_img = inner.num_image_tokens
