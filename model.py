@@ -153,6 +153,14 @@ def gaussian(mean, log_std, factor) -> torch.distributions.Distribution:
     return torch.distributions.LowRankMultivariateNormal(mean, factor, torch.exp(2 * log_std))
 
 
+def detach_mean(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """The same Gaussian with its mean cut from the graph; the covariance keeps its gradient."""
+    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
+        return torch.distributions.LowRankMultivariateNormal(dist.loc.detach(), dist.cov_factor, dist.cov_diag)
+    base = dist.base_dist
+    return torch.distributions.Independent(torch.distributions.Normal(base.loc.detach(), base.scale), 1)
+
+
 # ---- PoseLlava ------------------------------------------------------------------------------
 
 class PoseLlavaConfig(LlavaConfig):

@@ -9,15 +9,26 @@ Stage 0 (built-in presets only; the paper starts from pretrained parts instead):
      in for a pretrained LLM, so that LoRA adapts a model that already speaks the language.
   Then both encoders are frozen, as in the paper (§4.1).
 Stage 1, SFT on the benchmark mixture (image-to-pose, text-to-pose, VQA): cross-entropy on the
-answer tokens + a pose loss at `<POSE>`: the Gaussian negative log-likelihood of the target
-action p (distributional head) or an L2 on p (deterministic head, Table 3's baseline); an L2 on
-6D and an L2 on joints are flags (ChatPose/PoseLLaVA-style regression), off by default: the
-paper's point is that SFT optimises a parameter-space target (DESIGN.md). LoRA on the LM,
-projectors and pose head trained fully; AdamW betas (0.9, 0.95), cosine schedule (Table 4).
+answer tokens + a pose loss at `<POSE>`, all in parameter space (the paper's point is that SFT
+optimises a parameter-space target, DESIGN.md): the head's mean regresses the target action p by
+an L2 on 6D (ChatPose/PoseLLaVA-style), and the covariance is fitted by the Gaussian negative
+log-likelihood of p at the detached mean (beta-NLL with beta = 1, Seitzer et al. 2022); the
+deterministic head (Table 3's baseline) has the L2 alone. An L2 on joints is a flag, off by
+default. LoRA on the LM, projectors and pose head trained fully; AdamW betas (0.9, 0.95), cosine
+schedule (Table 4). Then the head alone is fitted on cached `<POSE>` states (`fit_head`).
 
-Departures: stage 0 exists only because nothing pretrained can be downloaded here; Table 4's
-batch 80 / lr 3e-4 / 10k steps are the defaults of the 7B preset, the tiny preset uses sizes a
-2-core CPU finishes in minutes.
+Departures:
+  1. Stage 0 exists only because nothing pretrained can be downloaded here.
+  2. Table 4's batch 80 / lr 3e-4 / 10k steps are the defaults of the 7B preset; the tiny preset
+     uses sizes a 2-core CPU finishes in minutes.
+  3. The paper does not spell out its SFT pose loss. A plain NLL (`--nll_trains_mean`) lets the
+     head park hard dimensions under a large variance instead of learning their mean (its gradient
+     on each mean is scaled by the inverse variance); here the mean is regressed and the NLL fits
+     the covariance around it.
+  4. The head fit after stage 1 (`--head_fit_steps`, 0 turns it off) is ours: on the tiny preset,
+     stage 1 sees each training pose about once and its head underfits. Measured on val: a linear
+     probe of the final `<POSE>` states predicted the view orientation, and MPJPE, far better than
+     the stage-1 head (278 vs 351 mm); refitting the head alone on 3,000 cached states reached 279.
 
 Run:
     python train_sft.py                                   # tiny preset, CPU, a few minutes
@@ -75,8 +86,16 @@ class Args:
     head_rank: int = field(default=4, metadata={"help": "rank R of the pose covariance's low-rank factor (0: diagonal)"})
     deterministic_head: bool = field(default=False, metadata={"help": "Table 3 baseline: mean-only head, L2 pose loss"})
     pose_nll_weight: float = field(default=1.0, metadata={"help": "weight of the Gaussian NLL (per pose dim) at <POSE>"})
-    l2_6d_weight: float = field(default=0.0, metadata={"help": "weight of an L2 on the 6D mean (off: paper's SFT is the NLL)"})
+    nll_trains_mean: bool = field(default=False, metadata={
+        "help": "let the NLL's gradient reach the mean too; by default the NLL fits the covariance at the detached "
+                "mean and the mean is regressed by the 6D L2 (a plain NLL scales each dimension's mean gradient by "
+                "its inverse variance, so the head parks hard dimensions under a large variance)"})
+    l2_6d_weight: float = field(default=1.0, metadata={"help": "weight of an L2 on the 6D mean (parameter regression)"})
     l2_joints_weight: float = field(default=0.0, metadata={"help": "weight of an L2 on joints from the mean (off by default)"})
+    head_fit_steps: int = field(default=3000, metadata={
+        "help": "after SFT: fit the pose head alone for this many steps on cached <POSE> states (0: off)"})
+    head_fit_samples: int = field(default=8000, metadata={"help": "training poses whose <POSE> states the head fit uses"})
+    head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture weights: image_to_pose, text_to_pose, vqa"})
     log_every: int = field(default=50, metadata={"help": "log metrics every n steps"})
@@ -277,21 +296,71 @@ def sft_loss(logits, labels, pose_dist, batch: data.Batch, args, n_tokens: float
                          ignore_index=-100, reduction="sum") / n_tokens
     valid = batch.pose_valid
     target = batch.pose6d.reshape(len(valid), -1)  # (B, P)
-    mean = pose_dist.mean
-    zero = logits.new_zeros(())
-    if args.deterministic_head:  # Table 3 baseline: regress the parameters
-        pose = ((mean - target) ** 2).mean(-1)[valid].sum() / n_poses
-    else:  # Gaussian negative log-likelihood of the target action, per dimension
-        pose = args.pose_nll_weight * (-pose_dist.log_prob(target) / target.shape[-1])[valid].sum() / n_poses
-    l2_6d = ((mean - target) ** 2).mean(-1)[valid].sum() / n_poses if args.l2_6d_weight else zero
-    l2_joints = zero
+    pose, l2_6d = pose_loss(pose_dist, target, valid, args, n_poses)
+    l2_joints = logits.new_zeros(())
     if args.l2_joints_weight and valid.any():
-        joints = bodymodel.forward_rot6d(mean[valid]).joints
+        joints = bodymodel.forward_rot6d(pose_dist.mean[valid]).joints
         joints = joints - joints[:, :1]
         l2_joints = ((joints - batch.joints[valid]) ** 2).sum(-1).mean(-1).sum() / n_poses
-    loss = ce + pose + args.l2_6d_weight * l2_6d + args.l2_joints_weight * l2_joints
+    loss = ce + pose + l2_6d + args.l2_joints_weight * l2_joints
     stats = {"losses/ce": ce, "losses/pose": pose, "losses/l2_6d": l2_6d, "losses/l2_joints": l2_joints}
     return loss, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def pose_loss(pose_dist, target, valid, args, n_poses: float):
+    """The parameter-space pose loss at `<POSE>`, weighted: (NLL term, L2-on-6D term).
+
+    The mean regresses the target action p (L2 on 6D, mean over the P dims); the covariance is
+    fitted by the NLL of p at the detached mean (beta-NLL, beta = 1), or at the live mean with
+    `--nll_trains_mean`. The deterministic head has the L2 alone. Sums over the valid rows / n_poses.
+    Args: pose_dist over (B, P); target (B, P); valid (B,) bool.
+    """
+    l2_6d = ((pose_dist.mean - target) ** 2).mean(-1)[valid].sum() / n_poses
+    if args.deterministic_head:  # Table 3 baseline: regress the parameters
+        return l2_6d.new_zeros(()), l2_6d
+    if not args.nll_trains_mean:
+        pose_dist = M.detach_mean(pose_dist)
+    nll = (-pose_dist.log_prob(target) / target.shape[-1])[valid].sum() / n_poses
+    return args.pose_nll_weight * nll, args.l2_6d_weight * l2_6d
+
+
+def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
+    """Fit the pose head alone on cached `<POSE>` states of training poses, with the SFT pose loss.
+
+    Stage 1 sees each training pose about once on the tiny preset (the LM forward is the cost);
+    the head is cheap, and refitting it for many epochs on the final states is what lets it read
+    the view orientation that the states do carry (measured: a linear probe of the states beat the
+    stage-1 head by 70 mm MPJPE on val).
+    """
+    inner = policy.get_base_model()
+    n_img = inner.num_image_tokens
+    per_task = args.head_fit_samples // 2
+    samples = tasks.eval_samples("image_to_pose")[:per_task] + tasks.eval_samples("text_to_pose")[:per_task]
+    states, targets = [], []
+    policy.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), 128):
+            b = data.collate(samples[i:i + 128], tokenizer, n_img).to(device)
+            _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+            states.append(h.float())
+            targets.append(b.pose6d.reshape(len(h), -1))
+    policy.train()
+    states, targets = torch.cat(states), torch.cat(targets)  # (N, D), (N, P)
+    head = inner.pose_head
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    valid = torch.ones(args.head_fit_batch, dtype=torch.bool, device=device)
+    for step in range(args.head_fit_steps):
+        for pg in opt.param_groups:
+            pg["lr"] = cosine_lr(step, args.head_fit_steps, args.lr, 0)
+        idx = torch.randint(len(states), (args.head_fit_batch,), generator=g).to(device)
+        nll, l2_6d = pose_loss(head.distribution(states[idx]), targets[idx], valid, args, args.head_fit_batch)
+        opt.zero_grad(set_to_none=True)
+        (nll + l2_6d).backward()
+        opt.step()
+        if (step + 1) % 500 == 0 or step + 1 == args.head_fit_steps:
+            log({"head_fit/pose": nll.item(), "head_fit/l2_6d": l2_6d.item(), "head_fit/step": step + 1})
 
 
 @torch.no_grad()
@@ -390,6 +459,9 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.preset not in ("tiny", "smol"):
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows 'tiny' and 'smol' (llava-1.5-7b arrives with real data)")
+    if not (args.deterministic_head or args.nll_trains_mean or args.l2_6d_weight > 0):
+        raise SystemExit("--l2_6d_weight 0 leaves the pose head's mean untrained (the NLL fits only the covariance); "
+                         "pass --nll_trains_mean true to train the mean by the NLL instead")
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     torch.set_num_threads(args.threads)
@@ -483,6 +555,8 @@ def main(argv=None):
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
                  "charts/steps_per_s": (done - start) / (time.time() - t_loop)}, done)
+        if master and done == args.steps and args.head_fit_steps:  # only rank 0's model is saved and evaluated
+            fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
         stop = args.stop_after and done >= args.stop_after
         if master and (done % args.save_every == 0 or done == args.steps or stop):
             save_checkpoint(args.out_dir, done, policy, opt, args, names)

@@ -20,7 +20,7 @@ CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 TINY_RUN = ["--n_train", "48", "--n_val", "16", "--n_test", "40", "--stage0_pose_epochs", "1",
             "--stage0_clip_epochs", "1", "--stage0_lm_steps", "3", "--stage0_batch", "16", "--batch_size", "8",
             "--steps", "4", "--warmup_steps", "1", "--log_every", "2", "--save_every", "100", "--eval_samples", "16",
-            "--eval_generate", "4", "--threads", "1"]
+            "--eval_generate", "4", "--head_fit_steps", "20", "--head_fit_samples", "16", "--threads", "1"]
 
 
 def run(args, **kw):
@@ -62,6 +62,29 @@ def test_sft_loss_matches_slow_reference(tok):
     assert abs(stats["losses/ce"] - ce / n_tok) < 1e-5
 
 
+def test_nll_fits_the_covariance_around_the_regressed_mean():
+    """Default pose loss: the NLL's gradient reaches the covariance exactly as a plain NLL's does,
+    and the mean only through the L2 on 6D; `--nll_trains_mean` restores the plain NLL."""
+    torch.manual_seed(0)
+    head = M.GaussianPoseHead(16, rank=2)
+    h, target, valid = torch.randn(5, 16), torch.randn(5, 144), torch.tensor([True, True, False, True, True])
+
+    def grads(args):
+        mean, log_std, factor = [x.detach().requires_grad_() for x in head(h)]
+        nll, l2 = train_sft.pose_loss(M.gaussian(mean, log_std, factor), target, valid, args, 4.0)
+        return torch.autograd.grad(nll + l2, (mean, log_std, factor))
+
+    g_mean, g_std, g_factor = grads(train_sft.Args(l2_6d_weight=0.0))
+    assert g_mean.abs().max() == 0 and g_std.abs().max() > 0
+    f_mean, f_std, f_factor = grads(train_sft.Args(l2_6d_weight=0.0, nll_trains_mean=True))
+    assert f_mean.abs().max() > 0
+    assert torch.allclose(g_std, f_std) and torch.allclose(g_factor, f_factor)
+    l_mean, _, _ = grads(train_sft.Args(l2_6d_weight=1.0))
+    mean = head(h)[0].detach()
+    ref = 2 * (mean - target) / 144 * valid[:, None] / 4.0  # d/d mean of sum_valid mean_P (mean - p)^2 / n
+    assert torch.allclose(l_mean, ref, atol=1e-6)
+
+
 def test_cosine_schedule():
     lrs = [train_sft.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -74,7 +97,7 @@ def test_smoke_run_and_exact_resume(tmp_path):
     assert "SFT done" in out and "answer format valid" in out and "mean training pose" in out
     assert (a / "LATEST").read_text() == "step-000004" and (a / "test_metrics.json").exists()
     metrics = (a / "metrics.jsonl").read_text()
-    assert "stage0/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics
+    assert "stage0/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_6d" in metrics
     shutil.copytree(a / "base", b / "base")  # same initial model; stage 0 is skipped
     run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
     assert (b / "LATEST").read_text() == "step-000002"
@@ -119,3 +142,6 @@ def test_bad_arguments_are_named(tmp_path):
     r = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out_dir", str(tmp_path / "none")] + TINY_RUN,
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint to resume from" in r.stderr
+    r = subprocess.run([sys.executable, "train_sft.py", "--l2_6d_weight", "0", "--out_dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "leaves the pose head's mean untrained" in r.stderr
