@@ -244,8 +244,10 @@ class PoseBenchTasks(torch.utils.data.Dataset):
 POSESCRIPT_SOURCE = ("the PoseScript V2 release, https://download.europe.naverlabs.com/ComputerVision/PoseScript/"
                      "posescript_release_v2.zip (see github.com/naver/posescript)")
 AMASS_SOURCE = "AMASS in the SMPL+H G format, https://amass.is.tue.mpg.de (PoseScript uses its 19 sub-datasets)"
-HMR2_DATA_SOURCE = ("4D-Humans' evaluation npz files (fetch_training_data.sh / hmr2_evaluation_data) or the "
-                    "same schema written by their preprocessing scripts, with the dataset's own images")
+HMR2_DATA_SOURCE = ("4D-Humans' hmr2_evaluation_data.tar.gz (its README, 'Evaluation': 3dpw_test.npz, h36m_val_p2.npz, "
+                    "...), or training npz files in that schema or SPIN's (github.com/nkolot/SPIN, datasets/preprocess; "
+                    "4D-Humans ships its training sets as webdataset tars, which are not read here), with each "
+                    "dataset's own images")
 BEDLAM_SCRIPT_SOURCE = ("PoseEmbroider's BEDLAM processing (github.com/naver/poseembroider, datasets/process_bedlam/"
                         "do.sh) run on BEDLAM (https://bedlam.is.tue.mpg.de)")
 LLAVA_INSTRUCT_SOURCE = ("llava_instruct_150k.json from the Hugging Face dataset liuhaotian/LLaVA-Instruct-150K, "
@@ -496,8 +498,9 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         betas (N, 10), has_betas (N,)                              optional
         body_keypoints_2d (N, 25, 3), extra_keypoints_2d (N, 19, 3)  optional
         body_keypoints_3d (N, 25, 4), extra_keypoints_3d (N, 19, 4)  optional, metres + confidence
-    Records without a pose (has_body_pose 0: 2D-only COCO/MPII annotations) are skipped. Other
-    keys are ignored.
+    SPIN's files (pose (N, 72), shape (N, 10), has_smpl (N,), scale = box / 200) are read as the
+    same fields. Records without a pose (has_body_pose 0: 2D-only COCO/MPII annotations) are
+    skipped. Other keys are ignored.
 
     Args:
         name: the dataset's name in messages ("3DPW", "H36M", ...). npz_path, img_dir: its files.
@@ -519,11 +522,16 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
         with np.load(npz_path, allow_pickle=False) as z:
             keys = set(z.files)
+            spin = "body_pose" not in keys and {"pose", "has_smpl"} <= keys  # SPIN's names for the same fields
+            alias = {"body_pose": "pose", "has_body_pose": "has_smpl", "betas": "shape", "has_betas": "has_smpl"} \
+                if spin else {}
+            keys |= {k for k, v in alias.items() if v in keys}
             missing = [k for k in ("imgname", "center", "scale", "body_pose", "has_body_pose") if k not in keys]
             if missing:
                 raise DataFormatError(f"{_where(name, npz_path)}: missing {missing} (keys: {sorted(keys)}); "
                                       f"expected {self.SCHEMA}")
-            arr = {k: z[k] for k in ["imgname", "scale", *self.SHAPES] if k in keys}
+            arr = {k: z[alias.get(k, k)] for k in ["imgname", "scale", *self.SHAPES] if k in keys}
+        scale_in_200px = scale_in_200px or spin
         N = len(arr["imgname"])
         for k, tail in self.SHAPES.items():
             if k in arr and arr[k].shape != (N, *tail):

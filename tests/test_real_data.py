@@ -198,6 +198,11 @@ def test_hmr2_npz_samples_and_gt_joints(hmr2):
     np.savez(npz, **{**arrays, "scale": arrays["scale"] / 200})
     spin = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=160, scale_in_200px=True).sample(0)
     assert np.array_equal(spin.image, big.image)
+    # SPIN's own field names (pose, shape, has_smpl; scale / 200) read as the same sample
+    np.savez(npz, imgname=arrays["imgname"], center=arrays["center"], scale=arrays["scale"] / 200,
+             pose=arrays["body_pose"], shape=arrays["betas"], has_smpl=arrays["has_body_pose"], part=np.zeros((3, 24, 3)))
+    spin = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
+    assert np.array_equal(spin.image, big.image) and np.allclose(spin.pose6d, big.pose6d)
     b = data.collate([s, ds[0]], TOK, 4)  # real samples collate like posebench ones
     assert b.pixel_values.shape == (2, 3, 64, 64) and b.pose_valid.all()
 
