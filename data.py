@@ -718,6 +718,8 @@ class LLaVAInstruct(torch.utils.data.Dataset):
                                           f"with string values; expected {schema}")
                 question = " ".join(q["value"].replace(IMAGE_TOKEN, " ").split())
                 self.turns.append((k, rec.get("image"), question, a["value"].strip()))
+        if not self.turns:
+            raise DataFormatError(f"{_where(self.NAME, json_path)}: no conversation records")
 
     def __len__(self) -> int:
         return len(self.turns)
