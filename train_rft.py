@@ -22,8 +22,13 @@ Ablations, defaults = the paper:
                             that samples with its fixed spread and learns only the mean
 
 Departures from the paper: see hygrpo.py (ratio against pi_old; per-token r_d; the V average) and
-rewards.py (eps in Eq. 7; MiniLM for Eq. 10). Table 4's batch 16 / lr 1e-6 / 1000 steps are the
-defaults of the 7B preset; the tiny preset's defaults fit a 2-core CPU.
+rewards.py (eps in Eq. 7; MiniLM for Eq. 10, BGE-M3 by --text_encoder).
+
+Defaults by preset (applied only to flags not given): --steps, --batch_size, --lr and --eval_samples
+are 200 / 8 / 1e-4 / 1000 for tiny and smol (sizes a 2-core CPU finishes), Table 4's 1000 / 16 / 1e-6
+(and no posebench evaluation) for llava-1.5-7b. The 7B preset starts from a `train_sft.py --preset
+llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
+needs --smpl_path (the joint reward) and stops at once, naming each missing asset and its source.
 
 Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
@@ -34,6 +39,8 @@ Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
 Run:
     python train_rft.py --sft_dir ckpt/sft                      # tiny preset, CPU
     torchrun --nproc_per_node=8 train_rft.py --preset smol ...  # whole groups stay on one rank
+    torchrun --nproc_per_node=8 train_rft.py --preset llava-1.5-7b --sft_dir ckpt/sft_7b --smpl_path SMPL_NEUTRAL.pkl \
+        --posescript_dir ... --amass_dir ... --image_npz ... --text_encoder /models/bge-m3   # README
 """
 from __future__ import annotations
 
@@ -60,21 +67,24 @@ from train_sft import all_reduce_sum, cosine_lr, setup_distributed, sync_gradien
 
 @dataclass
 class Args:
-    preset: str = field(default="tiny", metadata={"help": "tiny or smol; must match the SFT checkpoint"})
+    preset: str = field(default="tiny", metadata={"help": "tiny, smol or llava-1.5-7b; must match the SFT checkpoint"})
     sft_dir: str = field(default="ckpt/sft", metadata={"help": "train_sft.py's output directory (pi_init)"})
     out_dir: str = field(default="ckpt/rft", metadata={"help": "checkpoints, metrics.jsonl, reward curves"})
     reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward model (Eq. 8)"})
     eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "the independent evaluator retriever"})
-    text_encoder: str = field(default="", metadata={"help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM; BGE-M3 by path)"})
+    text_encoder: str = field(default="", metadata={
+        "help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM; the paper's BGE-M3: a local copy of "
+                "BAAI/bge-m3)"})
     seed: int = field(default=0, metadata={"help": "seed; rank r uses seed + r"})
     resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir's latest checkpoint"})
     n_train: int = field(default=20000, metadata={"help": "posebench training poses (must match SFT's benchmark)"})
     n_val: int = field(default=1000, metadata={"help": "posebench validation poses"})
     n_test: int = field(default=1000, metadata={"help": "posebench test poses"})
-    steps: int = field(default=200, metadata={"help": "RFT steps (paper, 7B: 1000)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per step, B (paper: 16)"})
+    steps: int | None = field(default=None, metadata={"help": "RFT steps; default by preset: 200, llava-1.5-7b 1000 (Table 4)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "prompts per step, B; default by preset: 8, llava-1.5-7b 16 (Table 4)"})
     group_size: int = field(default=8, metadata={"help": "samples per prompt, G (>= 2)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper, 7B: 1e-6)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate; default by preset: 1e-4, llava-1.5-7b 1e-6 (Table 4)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
     num_iterations: int = field(default=1, metadata={"help": "updates per sampled batch (pi_old = the sampling policy)"})
     eps_clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of Eq. 21"})
@@ -95,11 +105,37 @@ class Args:
     max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
-    eval_samples: int = field(default=1000, metadata={"help": "poses of eval_split for the final evaluation"})
+    eval_samples: int | None = field(default=None, metadata={
+        "help": "posebench poses of eval_split for the final evaluation; default by preset: 1000, llava-1.5-7b 0"})
     eval_split: str = field(default="test", metadata={"help": "split of the final evaluation: test, or val for tuning"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
+    smpl_path: str = field(default="", metadata={
+        "help": "licensed SMPL model file (https://smpl.is.tue.mpg.de): joints of the joint reward and the real "
+                "targets ('' : procedural; required for llava-1.5-7b)"})
+    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {data.POSESCRIPT_SOURCE}, unzipped"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+    image_npz: list[str] = field(default_factory=list, metadata={
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {data.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {data.BEDLAM_SCRIPT_SOURCE}"})
+    bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
+    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {data.LLAVA_INSTRUCT_SOURCE}"})
+    coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
+    real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
+        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for llava-1.5-7b), yes or no"})
+
+    def __post_init__(self):  # preset-dependent defaults, for the flags not given
+        for k, v in PRESET_DEFAULTS.get(self.preset, PRESET_DEFAULTS["tiny"]).items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+
+
+SMALL = dict(steps=200, batch_size=8, lr=1e-4, eval_samples=1000)
+PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
+                   "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0)}  # Table 4
 
 
 # ---- ALGO: Algorithm 1, line 6 (sampling) ---------------------------------------------------
@@ -303,6 +339,11 @@ def main(argv=None):
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
         raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
+    if args.preset not in M.PRESETS:
+        raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
+    real = args.preset == "llava-1.5-7b"
+    if real:
+        train_sft.check_real_assets(args, "rft")
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     if args.batch_size % world:
@@ -331,6 +372,8 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # sampling differs by rank
     policy.to(device).train()
     inner = policy.get_base_model()
+    if train_sft.use_gradient_checkpointing(args):
+        M.enable_gradient_checkpointing(inner)
     if inner.config.pose_head_deterministic != args.deterministic_head:
         have = "a deterministic (mean-only)" if inner.config.pose_head_deterministic else "a distributional"
         raise SystemExit(f"{args.sft_dir} has {have} pose head; pass --deterministic_head "
@@ -338,9 +381,13 @@ def main(argv=None):
     import retrieval
     retriever = retrieval.load_retriever(args.reward_retriever, device)
     similarity = R.TextSimilarity(args.text_encoder, str(device))
-    bodymodel = body.BodyModel().to(device)
+    bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1)  # other prompts than SFT's order
+    if real:  # the same body model scores the predicted poses (Eq. 7) and makes the targets' joints
+        tasks = train_sft.real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path),
+                                     args.seed + 1)
+    else:
+        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1)  # other prompts than SFT's order
     names, params = train_sft.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
@@ -380,7 +427,10 @@ def main(argv=None):
     if master:
         plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
-    if master and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+    if master and real:
+        print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
+              "3DPW / Human3.6M through body.lsp14_*, PoseScript-H2 through data.PoseScript)")
+    if master and not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         train = posebench.load_split("train", cfg)
         test_tasks = data.PoseBenchTasks(args.eval_split, cfg, seed=args.seed)
         evaluator = retrieval.load_retriever(args.eval_retriever, device)

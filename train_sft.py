@@ -17,10 +17,20 @@ deterministic head (Table 3's baseline) has the L2 alone. An L2 on joints is a f
 default. LoRA on the LM, projectors and pose head trained fully; AdamW betas (0.9, 0.95), cosine
 schedule (Table 4). Then the head alone is fitted on cached `<POSE>` states (`fit_head`).
 
+The paper's configuration is `--preset llava-1.5-7b`: LLaVA-1.5-7B (--llava_path) and HMR2.0's ViT-H
+(--hmr2_ckpt) instead of stage 0, bf16 with gradient checkpointing, and the real datasets given by
+their flags (--posescript_dir + --amass_dir, --image_npz, --bedlam_script_dir + --bedlam_img_dir,
+--llava_instruct_json + --coco_dir) instead of the built-in benchmark. Missing assets stop the
+script at once, each named with the flag that takes it and where it comes from.
+
+Defaults by preset (applied only to flags not given): --steps, --batch_size, --lr and
+--eval_samples are 1200 / 32 / 1e-3 / 1000 for tiny and smol, and Table 4's 10000 / 80 / 3e-4
+(and no posebench evaluation) for llava-1.5-7b.
+
 Departures:
   1. Stage 0 exists only because nothing pretrained can be downloaded here.
-  2. Table 4's batch 80 / lr 3e-4 / 10k steps are the defaults of the 7B preset; the tiny preset
-     uses sizes a 2-core CPU finishes in minutes.
+  2. The small presets use sizes a 2-core CPU finishes in minutes; the real-data mixture weights
+     (--real_mix) are ours (the paper gives none).
   3. The paper does not spell out its SFT pose loss. A plain NLL (`--nll_trains_mean`) lets the
      head park hard dimensions under a large variance instead of learning their mean (its gradient
      on each mean is scaled by the inverse variance); here the mean is regressed and the NLL fits
@@ -34,6 +44,8 @@ Run:
     python train_sft.py                                   # tiny preset, CPU, a few minutes
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
+    torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
+        --posescript_dir ... --amass_dir ... --image_npz H36M=h36m_train.npz=/data/h36m ...   # README
 """
 from __future__ import annotations
 
@@ -59,7 +71,9 @@ from evaluate import mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random
 
 @dataclass
 class Args:
-    preset: str = field(default="tiny", metadata={"help": "tiny (CPU, random init + stage 0) or smol (SmolLM2-135M)"})
+    preset: str = field(default="tiny", metadata={
+        "help": "tiny (CPU, random init + stage 0), smol (SmolLM2-135M) or llava-1.5-7b (the paper's; needs the asset "
+                "and data flags below)"})
     out_dir: str = field(default="ckpt/sft", metadata={"help": "checkpoints, metrics.jsonl and the final model"})
     seed: int = field(default=0, metadata={"help": "seed; rank r uses seed + r for sampling"})
     resume: bool = field(default=False, metadata={"help": "continue exactly from out_dir's latest checkpoint"})
@@ -75,9 +89,12 @@ class Args:
     stage0_lr: float = field(default=1e-3, metadata={"help": "stage-0 learning rate"})
     stage0_batch: int = field(default=128, metadata={"help": "stage-0 batch size"})
     # stage 1 (SFT)
-    steps: int = field(default=1200, metadata={"help": "SFT steps (paper, 7B: 10000)"})
-    batch_size: int = field(default=32, metadata={"help": "global batch (paper: 80)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (paper, 7B: 3e-4)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "SFT steps; default by preset: 1200, llava-1.5-7b 10000 (Table 4)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "global batch; default by preset: 32, llava-1.5-7b 80 (Table 4)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate; default by preset: 1e-3, llava-1.5-7b 3e-4 (Table 4)"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up before the cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
@@ -93,17 +110,118 @@ class Args:
     l2_6d_weight: float = field(default=1.0, metadata={"help": "weight of an L2 on the 6D mean (parameter regression)"})
     l2_joints_weight: float = field(default=0.0, metadata={"help": "weight of an L2 on joints from the mean (off by default)"})
     head_fit_steps: int = field(default=3000, metadata={
-        "help": "after SFT: fit the pose head alone for this many steps on cached <POSE> states (0: off)"})
+        "help": "after SFT on the built-in benchmark: fit the pose head alone for this many steps on cached <POSE> "
+                "states (0: off; never on llava-1.5-7b)"})
     head_fit_samples: int = field(default=8000, metadata={"help": "training poses whose <POSE> states the head fit uses"})
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture weights: image_to_pose, text_to_pose, vqa"})
     log_every: int = field(default=50, metadata={"help": "log metrics every n steps"})
     save_every: int = field(default=400, metadata={"help": "checkpoint every n steps"})
-    eval_samples: int = field(default=1000, metadata={"help": "test poses used by the final evaluation"})
+    eval_samples: int | None = field(default=None, metadata={
+        "help": "posebench test poses of the final evaluation; default by preset: 1000, llava-1.5-7b 0 (none)"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
+    llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
+    hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {M.HMR2_SOURCE}"})
+    smpl_path: str = field(default="", metadata={
+        "help": "licensed SMPL model file for the real targets' joints (https://smpl.is.tue.mpg.de; '' : procedural)"})
+    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {data.POSESCRIPT_SOURCE}, unzipped"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+    image_npz: list[str] = field(default_factory=list, metadata={
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {data.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {data.BEDLAM_SCRIPT_SOURCE}"})
+    bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
+    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {data.LLAVA_INSTRUCT_SOURCE}"})
+    coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
+    real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
+        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for llava-1.5-7b), yes or no"})
+
+    def __post_init__(self):  # preset-dependent defaults, for the flags not given
+        for k, v in PRESET_DEFAULTS.get(self.preset, PRESET_DEFAULTS["tiny"]).items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+
+
+SMALL = dict(steps=1200, batch_size=32, lr=1e-3, eval_samples=1000)
+PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
+                   "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0)}  # Table 4
+
+
+# ---- real runs: assets and data (--preset llava-1.5-7b) -------------------------------------
+
+def check_real_assets(args, script: str) -> None:
+    """Stop at once, before loading anything, naming every missing asset of a llava-1.5-7b run with
+    the flag that takes it and where it comes from."""
+    problems = []
+
+    def need(flag, path, source, is_dir=False, inside=""):
+        ok = path and (os.path.isdir(path) if is_dir else os.path.isfile(os.path.join(path, inside) if inside else path))
+        if not ok:
+            what = "not given" if not path else f"no {inside} in it" if inside else "not found"
+            problems.append(f"--{flag} {path!r}: {what}; {source}")
+
+    if script == "sft":
+        need("llava_path", args.llava_path, M.LLAVA_SOURCE, inside="config.json")
+        need("hmr2_ckpt", args.hmr2_ckpt, M.HMR2_SOURCE)
+    pairs = [("posescript_dir", "amass_dir", data.POSESCRIPT_SOURCE, data.AMASS_SOURCE),
+             ("bedlam_script_dir", "bedlam_img_dir", data.BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
+             ("llava_instruct_json", "coco_dir", data.LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]
+    for a, b, src_a, src_b in pairs:
+        if getattr(args, a) or getattr(args, b):
+            need(a, getattr(args, a), src_a, is_dir=a.endswith("_dir"))
+            need(b, getattr(args, b), src_b, is_dir=True)
+    for entry in args.image_npz:
+        parts = entry.split("=")
+        if len(parts) != 3:
+            problems.append(f"--image_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, e.g. H36M=h36m_train.npz=/data/h36m")
+            continue
+        need("image_npz", parts[1], data.HMR2_DATA_SOURCE)
+        need("image_npz", parts[2], f"the {parts[0]} images", is_dir=True)
+    if not (args.posescript_dir or args.image_npz or args.bedlam_script_dir or args.llava_instruct_json):
+        problems.append("no training data: give at least one of --posescript_dir (+ --amass_dir), --image_npz, "
+                        "--bedlam_script_dir (+ --bedlam_img_dir), --llava_instruct_json (+ --coco_dir)")
+    if args.smpl_path:
+        need("smpl_path", args.smpl_path, "https://smpl.is.tue.mpg.de (SMPL for Python)")
+    if script == "rft":
+        if not args.smpl_path:
+            problems.append("--smpl_path '': not given; the joint reward (Eq. 7) needs the licensed SMPL model, "
+                            "https://smpl.is.tue.mpg.de (SMPL for Python)")
+        need("sft_dir", args.sft_dir, "train it with `train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt "
+             "...`", inside=os.path.join("base", "preset.json"))
+        need("reward_retriever", args.reward_retriever, "train it with `python retrieval.py`", is_dir=True)
+    if problems:
+        raise SystemExit(f"--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
+
+
+def real_tasks(args, image_size: int, bodymodel, seed: int) -> data.Mixture:
+    """The real-data training mixture of the data flags: PoseScript (text-to-pose), HMR2.0-style
+    npz sets (image-to-pose), BEDLAM-Script (image -> description), LLaVA-Instruct (VQA), weighted
+    by --real_mix per kind and by size within a kind."""
+    kinds = {"text_to_pose": [], "image_to_pose": [], "image_text": [], "vqa": []}
+    if args.posescript_dir:
+        kinds["text_to_pose"].append(data.PoseScript(args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel,
+                                                     seed=seed))
+    for entry in args.image_npz:
+        name, npz, img_dir = entry.split("=")
+        kinds["image_to_pose"].append(data.HMR2ImageDataset(name, npz, img_dir, image_size, bodymodel, seed=seed))
+    if args.bedlam_script_dir:
+        kinds["image_text"].append(data.BEDLAMScript(args.bedlam_script_dir, args.bedlam_img_dir, "training",
+                                                     image_size=image_size, seed=seed))
+    if args.llava_instruct_json:
+        kinds["vqa"].append(data.LLaVAInstruct(args.llava_instruct_json, args.coco_dir, image_size))
+    if len(args.real_mix) != len(kinds):
+        raise SystemExit(f"--real_mix needs {len(kinds)} weights ({', '.join(kinds)}), got {args.real_mix}")
+    parts = [(d, w * len(d) / sum(len(x) for x in ds)) for w, ds in zip(args.real_mix, kinds.values()) for d in ds]
+    return data.Mixture(parts, length=sum(len(d) for d, _ in parts), seed=seed)
+
+
+def use_gradient_checkpointing(args) -> bool:
+    return args.gradient_checkpointing == "yes" or (args.gradient_checkpointing == "auto"
+                                                     and args.preset == "llava-1.5-7b")
 
 
 # ---- distributed boilerplate (nanoGPT style: one code path) ---------------------------------
@@ -457,8 +575,11 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
-    if args.preset not in ("tiny", "smol"):
-        raise SystemExit(f"--preset {args.preset}: train_sft.py knows 'tiny' and 'smol' (llava-1.5-7b arrives with real data)")
+    if args.preset not in M.PRESETS:
+        raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
+    real = args.preset == "llava-1.5-7b"
+    if real:
+        check_real_assets(args, "sft")
     if not (args.deterministic_head or args.nll_trains_mean or args.l2_6d_weight > 0):
         raise SystemExit("--l2_6d_weight 0 leaves the pose head's mean untrained (the NLL fits only the covariance); "
                          "pass --nll_trains_mean true to train the mean by the NLL instead")
@@ -482,27 +603,32 @@ def main(argv=None):
 
     # ---- BOILERPLATE: data, stage 0 (once, on rank 0), the base model on every rank
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    if master:
+    if master and not real:
         posebench.build(cfg)
     barrier()
-    train, val = posebench.load_split("train", cfg), posebench.load_split("val", cfg)
+    train, val = (None, None) if real else (posebench.load_split("train", cfg), posebench.load_split("val", cfg))
     base_dir = os.path.join(args.out_dir, "base")
     if args.resume and not os.path.exists(os.path.join(args.out_dir, "LATEST")):
         raise SystemExit(f"--resume: {args.out_dir} has no checkpoint to resume from (no LATEST file)")
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
-            if args.preset == "tiny":
+            if real:  # pretrained parts: no stage 0
+                base, tokenizer = M.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank, args.deterministic_head)
+                M.save_base(base, tokenizer, base_dir, args.preset)
+            elif args.preset == "tiny":
                 tokenizer = data.tiny_tokenizer(cfg)
                 base = M.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head).to(device)
             else:
                 base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head)
                 base = base.to(device)
-            base.train()
-            stage0_pose_vit(base, train, val, args, device, log)
-            stage0_clip(base, train, tokenizer, args, device, log)
-            if args.preset == "tiny":
-                stage0_lm(base, tokenizer, cfg, args, device, log)
-            M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
+            if not real:
+                base.train()
+                stage0_pose_vit(base, train, val, args, device, log)
+                stage0_clip(base, train, tokenizer, args, device, log)
+                if args.preset == "tiny":
+                    stage0_lm(base, tokenizer, cfg, args, device, log)
+                M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
+            del base
         barrier()
     if args.resume:
         policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
@@ -513,14 +639,19 @@ def main(argv=None):
         policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
     policy.to(device).train()
     inner = policy.get_base_model()
-    bodymodel = body.BodyModel().to(device)
+    if use_gradient_checkpointing(args):
+        M.enable_gradient_checkpointing(inner)
+    bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     names, params = trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start = 0
     if state is not None:
         start = restore_train_state(opt, state)
         log({"resumed_from": step_dir}, start)
-    tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed)
+    if real:
+        tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
+    else:
+        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed)
     n_img = inner.num_image_tokens
     if master:
         n_train = sum(p.numel() for p in params)
@@ -555,7 +686,7 @@ def main(argv=None):
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
                  "charts/steps_per_s": (done - start) / (time.time() - t_loop)}, done)
-        if master and done == args.steps and args.head_fit_steps:  # only rank 0's model is saved and evaluated
+        if master and done == args.steps and args.head_fit_steps and not real:  # rank 0's model is the one saved
             fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
         stop = args.stop_after and done >= args.stop_after
         if master and (done % args.save_every == 0 or done == args.steps or stop):
@@ -565,7 +696,10 @@ def main(argv=None):
             break
 
     # ---- BOILERPLATE: final evaluation on the test split (rank 0)
-    if master and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+    if master and real:
+        print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
+              "3DPW / Human3.6M through body.lsp14_*, PoseScript-H2 through data.PoseScript)")
+    if master and not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
         res = evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
                               n_generate=args.eval_generate)
