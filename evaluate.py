@@ -1,7 +1,7 @@
-"""Evaluation of Pose-RFT: the metric functions (the benchmark runner comes later).
+"""Evaluation of Pose-RFT (§4.1 "Metrics", Tables 1-3): the metric functions and the one
+evaluation code path used by train_sft.py, train_rft.py and `python evaluate.py --ckpt DIR`.
 
-Implements the metrics of Pose-RFT §4.1 "Metrics":
-
+Metrics:
 - Image-to-pose: MPJPE and PA-MPJPE, in millimetres. MPJPE is pelvis-aligned (joint 0
   in the SMPL joint order); PA-MPJPE first applies a similarity Procrustes alignment
   (rotation, uniform scale, translation) of the prediction onto the ground truth.
@@ -11,15 +11,52 @@ Implements the metrics of Pose-RFT §4.1 "Metrics":
   `recall_at_k`) and random sampling (each query ranked among its match plus 31
   randomly drawn others, `recall_at_k_random`).
 
-Shape letters: N = samples (queries / candidates), J = joints.
+`evaluate_policy` runs a policy on a split and returns these metric names (stable: the
+report, the README and metrics.jsonl's `test/*` use them):
+
+    {task}/mpjpe_mm, {task}/pa_mpjpe_mm          task = image_to_pose | text_to_pose; the pose
+                                                 is the head's mean at the teacher-forced <POSE>
+                                                 state (or a sample of the head: sample_pose)
+    {task}/mean_pose_mpjpe_mm, .../mean_pose_pa_mpjpe_mm
+                                                 reference: always the mean training pose
+    text_to_pose/{r}_retriever/{protocol}/R{dir}@{K}
+                                                 Recall@K in %, r = eval (the evaluator retriever) |
+                                                 reward (the reward retriever, App. H); protocol =
+                                                 full | random (None when N < 32); dir = t2p | p2t
+    {task}/format_valid                          task = image_to_pose | text_to_pose | vqa: fraction
+                                                 of greedy answers matching the task's template (Eq. 9)
+    {task}/answer_similarity                     mean cosine of MiniLM embeddings of the greedy
+                                                 answer and the reference answer (Eq. 10)
+    vqa/yes_no_accuracy                          fraction of VQA answers with the right Yes / No
+
+Under torchrun the split is sharded (rank r takes samples r, r + W, ...), the predictions
+are gathered (gloo on CPU, nccl on CUDA) and every rank computes the same metrics.
+
+Run:
+    python evaluate.py --ckpt ckpt/sft                     # -> ckpt/sft/eval/{results.json,results.md,predictions.npz}
+    python evaluate.py --ckpt ckpt/rft --out_dir /tmp/e --sample_pose   # the pose sampled from the head
+    torchrun --nproc_per_node=2 evaluate.py --ckpt ckpt/rft  # the test split sharded over 2 processes
+The whole pipeline (benchmark, retrievers, SFT, RFT, evaluation, REPORT.md): `python report.py`.
+
+Shape letters: N = samples (queries / candidates), J = joints, P = 144 pose dims.
 """
 from __future__ import annotations
 
+import json
 import numbers
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Tuple, Union
 
 import numpy as np
 import torch
+
+import body
+import data
+import model as M
+import posebench
+import rewards as R
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -29,6 +66,10 @@ __all__ = [
     "procrustes_align",
     "recall_at_k",
     "recall_at_k_random",
+    "evaluate_policy",
+    "metric_keys",
+    "markdown_table",
+    "load_results",
 ]
 
 M_TO_MM = 1000.0
@@ -355,3 +396,501 @@ def recall_at_k_random(
         others = others.to(s.device)
         ranks.append((s.gather(1, others) > match).sum(dim=1))  # (N,)
     return _recall_percent(torch.stack(ranks), ks)  # over (n_repeats, N)
+
+
+# --------------------------------------------------------------------------------------
+# BOILERPLATE: one code path for one process and torchrun (nanoGPT style)
+# --------------------------------------------------------------------------------------
+def setup_distributed():
+    """Returns (ddp, rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return True, rank, world, device
+    return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def interleave(shards: list):
+    """Inverse of sharding `shard_r = items[r::W]`: W shards (lists, or tensors with rows) -> the items in order."""
+    W, n = len(shards), sum(len(s) for s in shards)
+    if torch.is_tensor(shards[0]):
+        out = shards[0].new_empty((n, *shards[0].shape[1:]))
+    else:
+        out = [None] * n
+    for r, s in enumerate(shards):
+        out[r::W] = s
+    return out
+
+
+def gather_shards(local, world: int):
+    """All ranks' shards (`items[rank::world]`, a list or a CPU tensor), gathered and put back in order."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+    shards = [None] * world
+    dist.all_gather_object(shards, local)
+    return interleave(shards)
+
+
+# --------------------------------------------------------------------------------------
+# ALGO: running a policy on the benchmark (the one evaluation code path)
+# --------------------------------------------------------------------------------------
+RETRIEVAL_KS = (5, 10, 20)
+PROTOCOLS = ("full", "random")
+DIRECTIONS = ("t2p", "p2t")
+RANDOM_PROTOCOL_MIN_N = 32  # PoseScript's random protocol ranks among 32 candidates
+
+
+def metric_keys(retrievers: Iterable[str] = ("eval", "reward")) -> list:
+    """Every metric name `evaluate_policy` returns, in the order tables list them (module docstring)."""
+    keys = []
+    for task in data.POSE_TASKS:
+        keys += [f"{task}/mpjpe_mm", f"{task}/pa_mpjpe_mm"]
+    for r in retrievers:
+        keys += [f"text_to_pose/{r}_retriever/{p}/R{d}@{k}" for p in PROTOCOLS for d in DIRECTIONS for k in RETRIEVAL_KS]
+    keys += [f"{t}/format_valid" for t in data.TASKS] + [f"{t}/answer_similarity" for t in data.TASKS]
+    keys += ["vqa/yes_no_accuracy"]
+    for task in data.POSE_TASKS:
+        keys += [f"{task}/mean_pose_mpjpe_mm", f"{task}/mean_pose_pa_mpjpe_mm"]
+    return keys
+
+
+def clean_answer(text: str, tokenizer) -> str:
+    """A decoded completion cut at the first eos / pad token, stripped."""
+    for t in (tokenizer.eos_token, tokenizer.pad_token):
+        text = text.split(t)[0] if t and t in text else text
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=24):
+    """Greedy answers (text after "ASSISTANT:") for a list of samples."""
+    b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
+    out = policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
+    return [clean_answer(t, tokenizer) for t in texts]
+
+
+def sample_actions(pose_dist, seeds: list) -> torch.Tensor:
+    """p ~ pi(p | q, a) (Eq. 2) with each row's noise drawn from its own seed, so that a sample
+    does not depend on its batch or its rank: p = mu + W eps_W + sigma * eps_D (torch's rsample).
+
+    Args:
+        pose_dist: the head's distribution over (B, P) (low-rank or diagonal Gaussian).
+        seeds: B ints.
+    Returns:
+        (B, P) sampled actions.
+    """
+    mean = pose_dist.mean  # (B, P)
+    B, P = mean.shape
+    if isinstance(pose_dist, torch.distributions.LowRankMultivariateNormal):
+        W, var = pose_dist.cov_factor, pose_dist.cov_diag  # (B, P, R), (B, P)
+    else:
+        W, var = mean.new_zeros(B, P, 0), pose_dist.variance
+    Rk = W.shape[-1]
+    eps = torch.stack([torch.randn(Rk + P, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    eps = eps.to(mean)  # (B, R + P)
+    return mean + (W @ eps[:, :Rk, None]).squeeze(-1) + var.sqrt() * eps[:, Rk:]
+
+
+def _noise_seed(seed: int, task: str, index: int) -> int:
+    return (seed * 1_000_003 + data.POSE_TASKS.index(task)) * 1_000_003 + index
+
+
+@torch.no_grad()
+def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, sample_pose: bool = False,
+                  seed: int = 0) -> torch.Tensor:
+    """The pose action of each sample at its teacher-forced `<POSE>` state: the head's mean, or a
+    sample (`sample_actions`, seeded per sample). Returns (N, P) on the CPU."""
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    out = [torch.zeros(0, M.POSE_DIM)]
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        b = data.collate(chunk, tokenizer, inner.num_image_tokens).to(device)
+        _, pose_dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        if sample_pose:
+            pose = sample_actions(pose_dist, [_noise_seed(seed, s.task, s.index) for s in chunk])
+        else:
+            pose = pose_dist.mean
+        out.append(pose.float().cpu())
+    return torch.cat(out)  # (N, P)
+
+
+def pose_metrics(task: str, pose6d: torch.Tensor, samples, mean_frame: np.ndarray, bodymodel,
+                 device) -> Dict[str, float]:
+    """MPJPE / PA-MPJPE (mm) of predicted actions (N, P) against the samples' joints, beside the
+    mean training pose (`mean_frame`: the training joints (N_train, J, 3) in the task's frame)."""
+    joints = []
+    for i in range(0, len(pose6d), 256):
+        j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()  # (n, J, 3) m
+        joints.append(j - j[:, :1])
+    pred = torch.cat(joints)
+    gt = torch.as_tensor(np.stack([s.joints for s in samples]))  # (N, J, 3)
+    mean_pose = torch.as_tensor(mean_frame).mean(0, keepdim=True).expand_as(gt)
+    return {f"{task}/mpjpe_mm": mpjpe_mm(pred, gt).mean().item(),
+            f"{task}/pa_mpjpe_mm": pa_mpjpe_mm(pred, gt).mean().item(),
+            f"{task}/mean_pose_mpjpe_mm": mpjpe_mm(mean_pose, gt).mean().item(),
+            f"{task}/mean_pose_pa_mpjpe_mm": pa_mpjpe_mm(mean_pose, gt).mean().item()}
+
+
+@torch.no_grad()
+def retrieval_metrics(name: str, retriever, text_emb: torch.Tensor, pose6d: torch.Tensor, device) -> Dict[str, float]:
+    """Recall@5/10/20 (%) of predicted poses (N, P) against their captions, T2P and P2T, both
+    protocols, by one retriever; text_emb (N, D) = retriever.embed_text(captions). The random
+    protocol's values are None when N < 32."""
+    sim = text_emb @ retriever.embed_pose(pose6d.to(device)).T
+    sim = sim.float().cpu()  # (N texts, N poses)
+    res = {}
+    for proto in PROTOCOLS:
+        for direction, m in (("t2p", sim), ("p2t", sim.T)):
+            if proto == "random" and len(sim) < RANDOM_PROTOCOL_MIN_N:
+                rec = dict.fromkeys(RETRIEVAL_KS)
+            else:
+                rec = (recall_at_k if proto == "full" else recall_at_k_random)(m, RETRIEVAL_KS)
+            for k, v in rec.items():
+                res[f"text_to_pose/{name}_retriever/{proto}/R{direction}@{k}"] = v
+    return res
+
+
+def embed_captions(retrievers: dict, texts: list, device) -> dict:
+    """{name: (N, D) phi_t(texts)}, what each retriever's embed_text returns, with the frozen
+    sentence encoder run once per (encoder, precision) instead of once per retriever."""
+    import retrieval
+
+    sent, out = {}, {}
+    for name, r in retrievers.items():
+        key = (r.cfg.text_encoder, r.cfg.encoder_bf16)
+        if key not in sent:
+            sent[key] = retrieval.encode_sentences(texts, *key, batch_size=256, device=device)  # (N, E)
+        out[name] = r.embed_sentence(sent[key])
+    return out
+
+
+def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, float | None]:
+    """Format validity (Eq. 9), answer similarity (Eq. 10) and, for VQA, yes/no accuracy of greedy
+    answers; None when there are no answers."""
+    res = {f"{task}/format_valid": None, f"{task}/answer_similarity": None}
+    if task == "vqa":
+        res["vqa/yes_no_accuracy"] = None
+    if not answers:
+        return res
+    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers)).mean().item()
+    res[f"{task}/answer_similarity"] = R.text_reward(answers, [s.answer for s in samples], similarity).mean().item()
+    if task == "vqa":
+        res["vqa/yes_no_accuracy"] = float(np.mean([a.strip().split(",")[0] == s.answer.split(",")[0]
+                                                    for a, s in zip(answers, samples)]))
+    return res
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, bodymodel, device, n: int,
+                    batch_size: int = 64, n_generate: int = 200, retrievers: dict | None = None, similarity=None,
+                    sample_pose: bool = False, seed: int = 0, return_predictions: bool = False):
+    """Runs a policy on a split and returns its metrics (names: the module docstring).
+
+    Pose metrics use the first `n` poses of the split per pose task (teacher-forced `<POSE>`
+    state, the head's mean or a seeded sample); answer metrics the first `n_generate` prompts
+    per task, answered greedily. Under an initialised process group, rank r takes every W-th
+    sample and the predictions are gathered: every rank returns the same, as one process would.
+
+    Args:
+        policy: a PoseLlava (peft-wrapped or not). tokenizer: its tokenizer.
+        split_tasks: data.PoseBenchTasks of the split. train: the training PoseBenchSplit (mean pose).
+        bodymodel: body.BodyModel on `device`. n, n_generate: samples per task (see above).
+        retrievers: {name: TextPoseRetriever} for text-to-pose Recall@K (none: no recall fields).
+        similarity: rewards.TextSimilarity for Eq. 10 (None: the packaged MiniLM is loaded).
+        sample_pose, seed: sample the pose from the head, with noise seeded by (seed, task, pose index).
+        return_predictions: also return {task: {"index": (N,), "pose6d": (N, P)}, "answers": {task: [str]}}.
+    Returns:
+        metrics {name: float or None}, or (metrics, predictions).
+    Raises:
+        ValueError: if the split holds no samples for a pose task (n < 1 or an empty split).
+    """
+    rank, world = rank_and_world()
+    was_training = policy.training
+    policy.eval()
+    similarity = similarity or R.TextSimilarity("", str(device))
+    res, preds = {}, {"answers": {}}
+    for task, frame in (("image_to_pose", train.joints_view), ("text_to_pose", train.joints)):
+        samples = split_tasks.eval_samples(task)[:n]
+        if not samples:
+            raise ValueError(f"evaluate_policy: no {task} samples to evaluate (n = {n}, {len(split_tasks.data)} poses "
+                             f"in the {split_tasks.data.name} split); pass n >= 1 and a non-empty split")
+        pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
+                                             sample_pose, seed), world)  # (N, P)
+        res.update(pose_metrics(task, pose6d, samples, frame, bodymodel, device))
+        if task == "text_to_pose" and retrievers:
+            text_emb = embed_captions(retrievers, [s.text for s in samples], device)
+            for name, retriever in retrievers.items():
+                res.update(retrieval_metrics(name, retriever, text_emb[name], pose6d, device))
+        preds[task] = {"index": torch.tensor([s.index for s in samples]), "pose6d": pose6d}
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    for task in data.TASKS:
+        samples = split_tasks.eval_samples(task)[:n_generate]
+        local = samples[rank::world]
+        texts = []
+        for i in range(0, len(local), batch_size):
+            texts += generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device)
+        texts = gather_shards(texts, world)
+        res.update(answer_metrics(task, texts, samples, similarity))
+        preds["answers"][task] = texts
+    policy.train(was_training)
+    return (res, preds) if return_predictions else res
+
+
+# --------------------------------------------------------------------------------------
+# results.json and Markdown tables
+# --------------------------------------------------------------------------------------
+RESULTS_KIND = "pose-rft evaluate.py results"
+RESULTS_VERSION = 1
+
+
+def metric_format(key: str) -> Tuple[str, float, int]:
+    """(row label, scale, decimals) of a metric: mm and Recall@K (%) as they are, fractions as %,
+    cosines with 3 decimals; the arrow says which way is better."""
+    if key.endswith("_mm"):
+        unit, scale, decimals, better = "mm", 1.0, 1, "↓"
+    elif key.endswith(("format_valid", "yes_no_accuracy")):
+        unit, scale, decimals, better = "%", 100.0, 1, "↑"
+    elif key.endswith("answer_similarity"):
+        unit, scale, decimals, better = "cos", 1.0, 3, "↑"
+    else:  # Recall@K, already in percent
+        unit, scale, decimals, better = "%", 1.0, 1, "↑"
+    return f"`{key}` ({unit}) {better}", scale, decimals
+
+
+def format_cell(values, scale: float = 1.0, decimals: int = 1) -> str:
+    """One table cell from the values of one metric over seeds: "v", "mean ± std" (sample std,
+    ddof 1) for several, "-" when there is none (None values are left out)."""
+    vals = [float(v) * scale for v in (values if isinstance(values, (list, tuple)) else [values]) if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{decimals}f}"
+    return f"{np.mean(vals):.{decimals}f} ± {np.std(vals, ddof=1):.{decimals}f}"
+
+
+def markdown_table(header: list, rows: list) -> str:
+    """A GitHub Markdown table: header (C,) strings, rows (n, C) strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(columns: list, keys: list | None = None, first: str = "metric") -> str:
+    """Rows = metrics, columns = runs.
+
+    Args:
+        columns: [(label, metrics)] with metrics a {name: value} dict or a list of them (seeds:
+            the cell is mean ± std).
+        keys: metric names in row order (default: `metric_keys()` present in any column).
+    """
+    runs = [(label, m if isinstance(m, list) else [m]) for label, m in columns]
+    if keys is None:
+        keys = [k for k in metric_keys() if any(k in m for _, ms in runs for m in ms)]
+    rows = []
+    for k in keys:
+        label, scale, decimals = metric_format(k)
+        rows.append([label] + [format_cell([m.get(k) for m in ms], scale, decimals) for _, ms in runs])
+    return markdown_table([first] + [label for label, _ in runs], rows)
+
+
+def results_markdown(record: dict) -> str:
+    """results.md: what was evaluated, then one column of metrics."""
+    b = record["bench"]
+    head = (f"# Evaluation of `{record['ckpt']}`\n\n"
+            f"Checkpoint {record['step']}, preset `{record['preset']}`, {record['split']} split of posebench "
+            f"(train {b['n_train']}, val {b['n_val']}, test {b['n_test']}; key {record['bench_key']}): "
+            f"{record['eval_samples']} poses per pose task ({record['pose']} of the head), "
+            f"{record['eval_generate']} greedy answers per task; {record['world_size']} process(es), "
+            f"{record['time_s']:.0f} s.\n\n")
+    return head + metrics_table([(os.path.basename(record["ckpt"].rstrip("/")) or "value", record["metrics"])])
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str, record: dict, predictions: dict | None = None) -> str:
+    """Writes out_dir/results.json (the record), results.md and predictions.npz. Returns results.json's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    if predictions is not None:
+        arrays = {f"{t}/{k}": v.numpy() for t in data.POSE_TASKS for k, v in predictions[t].items()}
+        arrays.update({f"answers/{t}": np.array(a, dtype=str) for t, a in predictions["answers"].items()})
+
+        def save_npz(p):
+            with open(p, "wb") as fh:
+                np.savez(fh, **arrays)
+        _atomic_write(os.path.join(out_dir, "predictions.npz"), save_npz)
+    _atomic_write(os.path.join(out_dir, "results.md"), lambda p: open(p, "w").write(results_markdown(record)))
+    path = os.path.join(out_dir, "results.json")
+    _atomic_write(path, lambda p: open(p, "w").write(json.dumps(record, indent=1)))  # last: marks completion
+    return path
+
+
+def load_results(path: str, preset: str | None = None, bench: dict | None = None) -> dict:
+    """Reads a results.json of `evaluate.py --ckpt`, checking that it is one and, if given, that it
+    was computed for this preset and this benchmark (n_train, n_val, n_test).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and the fix.
+    """
+    fix = "rerun `python evaluate.py --ckpt RUN_DIR --out_dir DIR` (or `python report.py --force`)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; {fix}")
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); delete it and {fix}") from None
+    if not isinstance(record, dict) or record.get("kind") != RESULTS_KIND or "metrics" not in record:
+        raise ValueError(f"{path} is not a results file of evaluate.py; delete it and {fix}")
+    if record.get("version") != RESULTS_VERSION:
+        raise ValueError(f"{path} was written by another version of evaluate.py; delete it and {fix}")
+    if preset is not None and record.get("preset") != preset:
+        raise ValueError(f"{path} holds results of the '{record.get('preset')}' preset (checkpoint "
+                         f"{record.get('ckpt')}), but the '{preset}' preset was asked for; delete it, or {fix} "
+                         f"on a {preset} checkpoint")
+    if bench is not None and {k: record["bench"].get(k) for k in bench} != bench:
+        raise ValueError(f"{path} was computed on another benchmark ({record['bench']}), not {bench}; delete it and {fix}")
+    return record
+
+
+# --------------------------------------------------------------------------------------
+# BOILERPLATE: python evaluate.py --ckpt DIR
+# --------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    ckpt: str = field(default="", metadata={"help": "a train_sft.py / train_rft.py output directory (base/, LATEST, step-*/adapter)"})
+    out_dir: str = field(default="", metadata={"help": "where results.json, results.md, predictions.npz go ('' : <ckpt>/eval)"})
+    preset: str = field(default="", metadata={"help": "expected preset of the checkpoint ('' : whatever it holds)"})
+    eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "retrieval.py's evaluator retriever"})
+    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward retriever (App. H: measured beside)"})
+    text_encoder: str = field(default="", metadata={"help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM)"})
+    split: str = field(default="test", metadata={"help": "posebench split: test, or val for tuning"})
+    n_train: int = field(default=-1, metadata={"help": "posebench training poses (-1: the checkpoint's, from train_state.pt)"})
+    n_val: int = field(default=-1, metadata={"help": "posebench validation poses (-1: the checkpoint's)"})
+    n_test: int = field(default=-1, metadata={"help": "posebench test poses (-1: the checkpoint's)"})
+    eval_samples: int = field(default=1000, metadata={"help": "poses of the split per pose task"})
+    eval_generate: int = field(default=200, metadata={"help": "prompts per task answered by greedy generation"})
+    batch_size: int = field(default=64, metadata={"help": "samples per forward / generate call, per process"})
+    sample_pose: bool = field(default=False, metadata={"help": "sample the pose from the head (default: its mean)"})
+    seed: int = field(default=0, metadata={"help": "seed of the pose samples (--sample_pose)"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+
+
+def check_run_dir(path: str) -> Tuple[str, str]:
+    """Returns (step_dir, preset) of a complete run directory; FileNotFoundError naming what is missing."""
+    fix = ("point --ckpt at a finished run of train_sft.py or train_rft.py (e.g. ckpt/sft), or train one: "
+           f"`python train_sft.py --out_dir {path}`")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--ckpt {path}: no such directory; {fix}")
+    need = [os.path.join(path, "base", "preset.json"), os.path.join(path, "base", "model", "model.safetensors"),
+            os.path.join(path, "base", "tokenizer", "tokenizer.json"), os.path.join(path, "LATEST")]
+    step_dir = None
+    if os.path.isfile(need[-1]):
+        with open(need[-1]) as fh:
+            step_dir = os.path.join(path, fh.read().strip())
+        need += [os.path.join(step_dir, "adapter", "adapter_config.json"),
+                 os.path.join(step_dir, "adapter", "adapter_model.safetensors")]
+    missing = [p for p in need if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"--ckpt {path} holds no complete model weights (missing: {', '.join(missing)}); {fix}")
+    with open(need[0]) as fh:
+        return step_dir, json.load(fh)["preset"]
+
+
+def bench_config(args: Args, step_dir: str) -> posebench.BenchConfig:
+    """The benchmark of the evaluation: the flags, else the checkpoint's training arguments, else the default."""
+    trained = {}
+    state = os.path.join(step_dir, "train_state.pt")
+    if os.path.isfile(state):
+        trained = torch.load(state, map_location="cpu", weights_only=False).get("args", {})
+    default = posebench.BenchConfig()
+    sizes = {k: getattr(args, k) if getattr(args, k) >= 0 else trained.get(k, getattr(default, k))
+             for k in ("n_train", "n_val", "n_test")}
+    return posebench.BenchConfig(**sizes)
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if not args.ckpt:
+        raise SystemExit("evaluate.py: pass --ckpt RUN_DIR (a train_sft.py / train_rft.py output directory); "
+                         "the whole pipeline with its report is `python report.py`")
+    if args.split not in ("test", "val"):
+        raise SystemExit(f"evaluate.py: --split {args.split}: expected test or val")
+    try:
+        step_dir, preset = check_run_dir(args.ckpt)
+    except FileNotFoundError as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
+    if args.preset and args.preset != preset:
+        raise SystemExit(f"evaluate.py: {args.ckpt} holds a '{preset}' checkpoint, but --preset {args.preset} was "
+                         f"asked for; pass --preset {preset} or point --ckpt at a {args.preset} checkpoint")
+    cfg = bench_config(args, step_dir)
+    n_split = getattr(cfg, f"n_{args.split}")
+    if args.eval_samples < 1 or n_split < 1:
+        raise SystemExit(f"evaluate.py: the {args.split} split to evaluate is empty (--eval_samples "
+                         f"{args.eval_samples}, --n_{args.split} {n_split}): nothing to measure; pass "
+                         f"--eval_samples >= 1 and a benchmark with {args.split} poses (--n_{args.split} >= 1)")
+    out_dir = args.out_dir or os.path.join(args.ckpt, "eval")
+    ddp, rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    import retrieval
+    try:
+        retrievers = {"eval": retrieval.load_retriever(args.eval_retriever, device),
+                      "reward": retrieval.load_retriever(args.reward_retriever, device)}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"evaluate.py: {e}") from None
+    if master:
+        posebench.build(cfg)
+    if ddp:
+        torch.distributed.barrier()
+    policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
+    policy.to(device)
+    train = posebench.load_split("train", cfg)
+    split_tasks = data.PoseBenchTasks(args.split, cfg)
+    metrics, preds = evaluate_policy(
+        policy, tokenizer, split_tasks, train, body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples,
+        args.batch_size, args.eval_generate, retrievers, R.TextSimilarity(args.text_encoder, str(device)),
+        args.sample_pose, args.seed, return_predictions=True)
+    if master:
+        record = {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "preset": preset,
+                  "ckpt": os.path.abspath(args.ckpt), "step": os.path.basename(step_dir), "split": args.split,
+                  "bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
+                  "bench_key": posebench.config_key(cfg), "pose": "sample" if args.sample_pose else "mean",
+                  "seed": args.seed, "eval_samples": len(preds["image_to_pose"]["index"]),
+                  "eval_generate": len(preds["answers"]["vqa"]),
+                  "retrievers": {k: os.path.abspath(getattr(args, f"{k}_retriever")) for k in retrievers},
+                  "world_size": world, "time_s": round(time.time() - t0, 1),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+        path = write_results(out_dir, record, preds)
+        print(results_markdown(record))
+        print(f"wrote {path}, results.md and predictions.npz")
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,8 @@ import model as M
 import posebench
 import rewards as R
 import train_sft
-from train_sft import all_reduce_sum, cosine_lr, setup_distributed, sync_gradients
+from evaluate import clean_answer, evaluate_policy, setup_distributed
+from train_sft import all_reduce_sum, cosine_lr, sync_gradients
 
 
 @dataclass
@@ -182,7 +183,7 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     # Eq. 2: p_i ~ N(mu, Sigma) (HyGRPO); plain GRPO keeps the head's mean (Fig. 4's baseline)
     pose = dist.sample() if args.hybrid else dist.mean
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
-    texts = [train_sft.clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
+    texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
                    b.pixel_values, T_p, pose_pos, has_pose, pose, texts)
 
@@ -430,24 +431,27 @@ def main(argv=None):
     if master and real:
         print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
               "3DPW / Human3.6M through body.lsp14_*, PoseScript-H2 through data.PoseScript)")
-    if master and not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+    if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+        # evaluate.py's code path, sharded over the ranks; every rank gets the same metrics
         train = posebench.load_split("train", cfg)
         test_tasks = data.PoseBenchTasks(args.eval_split, cfg, seed=args.seed)
         evaluator = retrieval.load_retriever(args.eval_retriever, device)
         def evaluate():
-            return train_sft.evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
-                                             n_generate=args.eval_generate,
-                                             retrievers={"eval": evaluator, "reward": retriever})
+            return evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
+                                   n_generate=args.eval_generate, similarity=similarity,
+                                   retrievers={"eval": evaluator, "reward": retriever})
         res = evaluate()
         with policy.disable_adapter():  # pi_init = the SFT model, by the same evaluation
             init = evaluate()
         log({**{f"test/{k}": v for k, v in res.items()}, **{f"test_init/{k}": v for k, v in init.items()}}, args.steps)
-        with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
-            json.dump({"rft": res, "sft": init}, fh, indent=1)
-        print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
-        for k in res:
-            if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:
-                print(f"  {k:48s} {init[k]:8.2f} -> {res[k]:8.2f}")
+        if master:
+            with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
+                json.dump({"rft": res, "sft": init}, fh, indent=1)
+            print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
+            num = lambda v: "       -" if v is None else f"{v:8.2f}"  # noqa: E731
+            for k in res:
+                if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:
+                    print(f"  {k:48s} {num(init[k])} -> {num(res[k])}")
     if ddp:
         torch.distributed.destroy_process_group()
 

@@ -66,7 +66,7 @@ import body
 import data
 import model as M
 import posebench
-from evaluate import mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random
+from evaluate import evaluate_policy, mpjpe_mm, setup_distributed
 
 
 @dataclass
@@ -225,21 +225,6 @@ def use_gradient_checkpointing(args) -> bool:
 
 
 # ---- distributed boilerplate (nanoGPT style: one code path) ---------------------------------
-
-def setup_distributed():
-    """Returns (ddp, rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return True, rank, world, device
-    return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def all_reduce_sum(t: torch.Tensor, ddp: bool) -> torch.Tensor:
     if ddp:
@@ -481,74 +466,6 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
             log({"head_fit/pose": nll.item(), "head_fit/l2_6d": l2_6d.item(), "head_fit/step": step + 1})
 
 
-@torch.no_grad()
-def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, bodymodel, device, n: int,
-                    batch_size: int = 64, n_generate: int = 200, retrievers: dict | None = None):
-    """Test metrics of the head's mean at the teacher-forced `<POSE>` state, next to the
-    "always predict the mean training pose" baseline; answer-format validity and VQA accuracy
-    from greedy generation; with `retrievers` ({name: TextPoseRetriever}), text-to-pose Recall@K
-    (T2P and P2T, full and random-sampling protocols) of the predicted poses against their captions."""
-    policy.eval()
-    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    n_img = inner.num_image_tokens
-    res = {}
-    for task, frame in (("image_to_pose", train.joints_view), ("text_to_pose", train.joints)):
-        samples = split_tasks.eval_samples(task)[:n]
-        preds, means = [], []
-        for i in range(0, len(samples), batch_size):
-            b = data.collate(samples[i:i + batch_size], tokenizer, n_img).to(device)
-            _, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
-            means.append(dist.mean.float().cpu())
-            j = bodymodel.forward_rot6d(means[-1]).joints
-            preds.append(j - j[:, :1])
-        pred = torch.cat(preds)
-        gt = torch.as_tensor(np.stack([s.joints for s in samples]))
-        mean_pose = torch.as_tensor(frame).mean(0, keepdim=True).expand_as(gt)
-        res[f"{task}/mpjpe_mm"] = mpjpe_mm(pred, gt).mean().item()
-        res[f"{task}/pa_mpjpe_mm"] = pa_mpjpe_mm(pred, gt).mean().item()
-        res[f"{task}/mean_pose_mpjpe_mm"] = mpjpe_mm(mean_pose, gt).mean().item()
-        res[f"{task}/mean_pose_pa_mpjpe_mm"] = pa_mpjpe_mm(mean_pose, gt).mean().item()
-        if task == "text_to_pose" and retrievers:
-            pose6d = torch.cat(means)
-            for name, retriever in retrievers.items():
-                sim = retriever.embed_text([s.text for s in samples]) @ retriever.embed_pose(pose6d.to(device)).T
-                sim = sim.float().cpu()  # (N texts, N poses)
-                for proto, fn in (("full", recall_at_k), ("random", recall_at_k_random)):
-                    for direction, m in (("t2p", sim), ("p2t", sim.T)):
-                        for k, v in fn(m).items():
-                            res[f"{task}/{name}_retriever/{proto}/R{direction}@{k}"] = v
-    for task in ("image_to_pose", "text_to_pose", "vqa"):
-        samples = split_tasks.eval_samples(task)[:n_generate]
-        ok = 0
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i:i + batch_size]
-            texts = generate_answers(policy, tokenizer, chunk, n_img, device)
-            if task == "vqa":
-                ok += sum(t.strip().split(",")[0] == s.answer.split(",")[0] for t, s in zip(texts, chunk))
-            else:
-                ok += sum(bool(data.POSE_ANSWER_PATTERN.fullmatch(t.strip())) for t in texts)
-        res[f"{task}/{'yes_no_accuracy' if task == 'vqa' else 'format_valid'}"] = ok / max(1, len(samples))
-    policy.train()
-    return res
-
-
-@torch.no_grad()
-def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=24):
-    """Greedy answers (text after "ASSISTANT:") for a list of samples."""
-    b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
-    out = policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
-    return [clean_answer(t, tokenizer) for t in texts]
-
-
-def clean_answer(text: str, tokenizer) -> str:
-    for t in (tokenizer.eos_token, tokenizer.pad_token):
-        text = text.split(t)[0] if t and t in text else text
-    return text.strip()
-
-
 # ---- checkpoints ----------------------------------------------------------------------------
 
 def save_checkpoint(out_dir, step, policy, opt, args, param_names, extra=None):
@@ -695,24 +612,25 @@ def main(argv=None):
         if stop:
             break
 
-    # ---- BOILERPLATE: final evaluation on the test split (rank 0)
+    # ---- BOILERPLATE: final evaluation on the test split (evaluate.py's code path; sharded over the ranks)
     if master and real:
         print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
               "3DPW / Human3.6M through body.lsp14_*, PoseScript-H2 through data.PoseScript)")
-    if master and not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
+    if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
         res = evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
                               n_generate=args.eval_generate)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
-        with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
-            json.dump(res, fh, indent=1)
-        print(f"\nSFT done in {time.time() - t_start:.0f} s. Test split ({args.eval_samples} poses):")
-        for task in ("image_to_pose", "text_to_pose"):
-            print(f"  {task:14s} MPJPE {res[task + '/mpjpe_mm']:6.1f} mm  PA-MPJPE {res[task + '/pa_mpjpe_mm']:6.1f} mm"
-                  f"   | mean training pose: MPJPE {res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE "
-                  f"{res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}   | answer format valid "
-                  f"{100 * res[task + '/format_valid']:.1f} %")
-        print(f"  vqa            yes/no accuracy {100 * res['vqa/yes_no_accuracy']:.1f} %")
+        if master:
+            with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+            pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+            print(f"\nSFT done in {time.time() - t_start:.0f} s. Test split ({args.eval_samples} poses):")
+            for task in ("image_to_pose", "text_to_pose"):
+                print(f"  {task:14s} MPJPE {res[task + '/mpjpe_mm']:6.1f} mm  PA-MPJPE {res[task + '/pa_mpjpe_mm']:6.1f} mm"
+                      f"   | mean training pose: MPJPE {res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE "
+                      f"{res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}   | answer format valid {pct(res[task + '/format_valid'])}")
+            print(f"  vqa            yes/no accuracy {pct(res['vqa/yes_no_accuracy'])}")
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -1,0 +1,570 @@
+"""The report: Pose-RFT's tables and figures in miniature, measured here by one command (§4:
+Tables 1-3, 5, 6, Figures 4-6).
+
+`python report.py` runs these stages as subprocesses, each timed, its stdout and stderr streamed
+to results/logs/<stage>.log:
+
+    posebench           python posebench.py                           the benchmark (cached by configuration)
+    retrieval           python retrieval.py                           the reward and evaluator retrievers
+    sft_s<seed>         python train_sft.py                           SFT, Gaussian head (the paper's)
+    sft_det_s<seed>     python train_sft.py --deterministic_head      Table 3's baseline: mean-only head, L2
+    rft_s<seed>         python train_rft.py                           HyGRPO from sft = Pose-RFT
+    rft_grpo_s<seed>    python train_rft.py --hybrid false            plain GRPO from sft (Figure 4)
+    rft_det_s<seed>     python train_rft.py --deterministic_head      HyGRPO from sft_det (fixed spread)
+    eval_<run>          python evaluate.py --ckpt results/ckpt/<run>  every run on the test split
+
+and writes results/REPORT.md: the headline table (SFT vs Pose-RFT on every metric of evaluate.py),
+Table 3 in miniature, Figure 4 (results/figure4_reward_curves.png), Figures 5/6
+(results/figure5_text_to_pose.png, results/figure6_image_to_pose.png: ground truth, SFT and
+Pose-RFT rendered by posebench's renderer), the time of every stage and the machine.
+`--full` adds Table 5 (each reward zero-masked: `--zero_reward NAME`), Table 6 (RFT rewarded by
+the evaluator retriever instead, each run measured by both retrievers) and three seeds for every
+run, reported as mean ± std (sample std over seeds).
+
+Training scripts run with their defaults (the step counts of the README); their own final
+evaluation is switched off (`--eval_samples 0`): the eval stages run the same code path
+(evaluate.evaluate_policy) with both retrievers. `--sft_args`, `--rft_args`, `--retrieval_args`
+and `--eval_args` append flags to those commands (tests pass tiny budgets through them).
+
+A stage is skipped when results/stages/<stage>.json records the same command, its outputs
+exist, and no stage it depends on finished after it started; `--force` reruns every stage. A
+training or eval stage that reruns starts from an empty output directory.
+
+Run:
+    python report.py                   # the demo: one seed
+    python report.py --full            # + Tables 5 and 6, seeds 0, 1, 2
+    python report.py --jobs 2          # two independent stages at a time, --threads split between them
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import evaluate as E
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+REWARD_NAMES = ("joint", "semantic", "format", "text")  # rewards.REWARD_NAMES (Table 5 rows)
+
+# kind: (script, extra flags, SFT kind it starts from). Names are <kind>_s<seed>.
+RUNS = {
+    "sft": ("train_sft.py", [], None),
+    "sft_det": ("train_sft.py", ["--deterministic_head", "true"], None),
+    "rft": ("train_rft.py", [], "sft"),
+    "rft_grpo": ("train_rft.py", ["--hybrid", "false"], "sft"),
+    "rft_det": ("train_rft.py", ["--deterministic_head", "true"], "sft_det"),
+}
+FULL_RUNS = {
+    **{f"rft_zero_{r}": ("train_rft.py", ["--zero_reward", r], "sft") for r in REWARD_NAMES},
+    "rft_xret": ("train_rft.py", [], "sft"),  # rewarded by the evaluator retriever (Table 6)
+}
+
+
+@dataclass
+class Args:
+    out_dir: str = field(default="results", metadata={"help": "REPORT.md, PNGs, logs/, stages/, ckpt/, eval/"})
+    preset: str = field(default="tiny", metadata={"help": "model preset of every run (tiny, smol)"})
+    full: bool = field(default=False, metadata={"help": "add Table 5, Table 6 and seeds 0, 1, 2"})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "seeds of every run (default: 0; --full: 0 1 2)"})
+    force: bool = field(default=False, metadata={"help": "rerun every stage even if its output is complete"})
+    jobs: int = field(default=1, metadata={"help": "stages run at the same time (independent ones)"})
+    threads: int = field(default=2, metadata={"help": "CPU threads in all; each stage gets threads // jobs"})
+    n_train: int = field(default=20000, metadata={"help": "posebench training poses"})
+    n_val: int = field(default=1000, metadata={"help": "posebench validation poses"})
+    n_test: int = field(default=1000, metadata={"help": "posebench test poses"})
+    sft_args: str = field(default="", metadata={"help": "extra flags for every train_sft.py (e.g. tiny budgets)"})
+    rft_args: str = field(default="", metadata={"help": "extra flags for every train_rft.py"})
+    retrieval_args: str = field(default="", metadata={"help": "extra flags for retrieval.py"})
+    eval_args: str = field(default="", metadata={"help": "extra flags for every evaluate.py --ckpt"})
+    n_figure: int = field(default=6, metadata={"help": "test examples per task in Figures 5 and 6"})
+
+
+# ---- Stages: plan, skip, run ----------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One subprocess: `python cmd...` in the repository root."""
+    name: str
+    cmd: list
+    outputs: list                  # files that exist once it has completed
+    deps: list = field(default_factory=list)
+    clear: list = field(default_factory=list)  # directories emptied before it (re)runs
+    what: str = ""                 # one line for the report's time table
+
+
+def seeds_of(args: Args) -> list:
+    return list(args.seeds) or ([0, 1, 2] if args.full else [0])
+
+
+def run_kinds(args: Args) -> dict:
+    return {**RUNS, **(FULL_RUNS if args.full else {})}
+
+
+def plan(args: Args) -> list:
+    """Every stage of the report, in an order that respects dependencies."""
+    import posebench
+
+    out = os.path.abspath(args.out_dir)
+    ck, ev = os.path.join(out, "ckpt"), os.path.join(out, "eval")
+    bench = ["--n_train", str(args.n_train), "--n_val", str(args.n_val), "--n_test", str(args.n_test)]
+    cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    th = str(max(1, args.threads // args.jobs))
+    retr = {r: os.path.join(ck, f"retriever_{r}") for r in ("reward", "eval")}
+    stages = [
+        Stage("posebench", ["posebench.py", *bench, "--preview", os.path.join(out, "posebench_preview.png")],
+              [os.path.join(posebench.bench_dir(cfg), "meta.json")], what="`posebench.py`"),
+        Stage("retrieval", ["retrieval.py", *bench, "--out_dir", ck, "--num_threads", th,
+                            *shlex.split(args.retrieval_args)],
+              [os.path.join(retr[r], "model.safetensors") for r in retr], ["posebench"], what="`retrieval.py`"),
+    ]
+    for seed in seeds_of(args):
+        for kind, (script, flags, sft) in run_kinds(args).items():
+            name = f"{kind}_s{seed}"
+            common = [*bench, "--preset", args.preset, "--seed", str(seed), "--out_dir", os.path.join(ck, name),
+                      "--eval_samples", "0", "--threads", th]
+            what = f"`{shlex.join([script, *flags])}`"
+            if script == "train_sft.py":
+                cmd, deps = [script, *common, *flags, *shlex.split(args.sft_args)], ["posebench"]
+            else:
+                reward = retr["eval"] if kind == "rft_xret" else retr["reward"]
+                cmd = [script, *common, "--sft_dir", os.path.join(ck, f"{sft}_s{seed}"), "--reward_retriever",
+                       reward, "--eval_retriever", retr["eval"], *flags, *shlex.split(args.rft_args)]
+                deps = [f"{sft}_s{seed}", "retrieval"]
+                what += f" from {sft}_s{seed}" + (", rewarded by the evaluator retriever" if kind == "rft_xret" else "")
+            stages.append(Stage(name, cmd, [os.path.join(ck, name, "LATEST")], deps, [os.path.join(ck, name)], what))
+            stages.append(Stage(
+                f"eval_{name}", ["evaluate.py", "--ckpt", os.path.join(ck, name), "--out_dir", os.path.join(ev, name),
+                                 "--preset", args.preset, *bench, "--eval_retriever", retr["eval"],
+                                 "--reward_retriever", retr["reward"], "--threads", th, *shlex.split(args.eval_args)],
+                [os.path.join(ev, name, "results.json")], [name, "retrieval"], [os.path.join(ev, name)],
+                f"`evaluate.py --ckpt {name}`"))
+    return stages
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Runner:
+    """Runs stages (up to `jobs` at once), skipping complete ones; remembers its subprocesses."""
+
+    def __init__(self, out_dir: str, jobs: int, force: bool):
+        self.out_dir, self.jobs, self.force = out_dir, jobs, force
+        self.procs, self.lock, self.stopping = set(), threading.Lock(), False
+        for d in ("logs", "stages"):
+            os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+
+    def marker_path(self, name: str) -> str:
+        return os.path.join(self.out_dir, "stages", f"{name}.json")
+
+    def complete(self, stage: Stage, done: dict) -> dict | None:
+        """The stage's marker if it can be skipped: same command, outputs present, no newer dependency."""
+        if self.force or not os.path.isfile(self.marker_path(stage.name)):
+            return None
+        with open(self.marker_path(stage.name)) as fh:
+            marker = json.load(fh)
+        if marker.get("cmd") != stage.cmd or not all(os.path.exists(p) for p in stage.outputs):
+            return None
+        if any(done[d]["finished_at"] > marker["started_at"] for d in stage.deps):
+            return None
+        return {**marker, "status": "earlier run"}
+
+    def run(self, stage: Stage) -> dict:
+        """Runs one stage; its output streams to logs/<name>.log. Raises StageFailed on a non-zero exit."""
+        for d in stage.clear:
+            shutil.rmtree(d, ignore_errors=True)
+        log = os.path.join(self.out_dir, "logs", f"{stage.name}.log")
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["PYTHONUNBUFFERED"] = "1"
+        started = time.time()
+        print(f"  {stage.name}: python {shlex.join(stage.cmd)}  (log: {log})", flush=True)
+        with open(log, "w") as fh:
+            fh.write(f"$ python {shlex.join(stage.cmd)}\n")
+            fh.flush()
+            with self.lock:
+                if self.stopping:
+                    raise StageFailed(f"stage {stage.name} not started: another stage failed")
+                p = subprocess.Popen([sys.executable, *stage.cmd], cwd=ROOT, env=env, stdout=fh,
+                                     stderr=subprocess.STDOUT)
+                self.procs.add(p)
+            rc = p.wait()
+            with self.lock:
+                self.procs.discard(p)
+        finished = time.time()
+        if rc != 0:
+            with open(log) as fh:
+                tail = "".join(fh.readlines()[-25:])
+            raise StageFailed(f"stage {stage.name} failed (exit code {rc}); its log is {log}. Last lines:\n{tail}")
+        marker = {"cmd": stage.cmd, "seconds": round(finished - started, 1), "started_at": started,
+                  "finished_at": finished, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "log": log}
+        tmp = self.marker_path(stage.name) + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(marker, fh, indent=1)
+        os.replace(tmp, self.marker_path(stage.name))
+        print(f"  {stage.name}: done in {marker['seconds']:.0f} s", flush=True)
+        return {**marker, "status": "ran"}
+
+    def run_all(self, stages: list) -> dict:
+        """{stage name: marker + status} after running (or skipping) every stage. On a failure or an
+        interrupt, the subprocesses still running are terminated (only those this runner started)."""
+        todo, done, running = {s.name: s for s in stages}, {}, {}
+        with ThreadPoolExecutor(self.jobs) as pool:
+            try:
+                while todo or running:
+                    for name, s in list(todo.items()):
+                        if len(running) >= self.jobs:
+                            break
+                        if all(d in done for d in s.deps):
+                            del todo[name]
+                            marker = self.complete(s, done)
+                            if marker:
+                                print(f"  {name}: complete ({marker['date']}), skipped", flush=True)
+                                done[name] = marker
+                            else:
+                                running[pool.submit(self.run, s)] = name
+                    if not running:
+                        if todo and not any(all(d in done for d in s.deps) for s in todo.values()):
+                            raise StageFailed(f"stages {sorted(todo)} wait on stages that are not planned")
+                        continue
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        done[running.pop(f)] = f.result()
+            except BaseException:
+                with self.lock:
+                    self.stopping = True
+                    for p in self.procs:
+                        p.terminate()
+                raise
+        return done
+
+
+# ---- Reading results ------------------------------------------------------------------------
+
+def load_runs(args: Args) -> dict:
+    """{kind: [metrics of each seed]} from results/eval/<kind>_s<seed>/results.json."""
+    bench = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    runs = {}
+    for kind in run_kinds(args):
+        runs[kind] = [E.load_results(os.path.join(args.out_dir, "eval", f"{kind}_s{s}", "results.json"),
+                                     args.preset, bench)["metrics"] for s in seeds_of(args)]
+    return runs
+
+
+def mrecall(m: dict, direction: str, retriever: str = "eval", protocol: str = "full") -> float | None:
+    """mRecall (%): the mean of R@5, R@10, R@20 (Tables 3 and 5)."""
+    vals = [m.get(f"text_to_pose/{retriever}_retriever/{protocol}/R{direction}@{k}") for k in E.RETRIEVAL_KS]
+    return None if any(v is None for v in vals) else float(np.mean(vals))
+
+
+def row(label: str, ms: list, cols: list) -> list:
+    """A table row: label, then one cell per (getter, decimals) column over the seeds' metrics."""
+    return [label] + [E.format_cell([get(m) for m in ms], 1.0, dec) for get, dec in cols]
+
+
+def pose_columns() -> list:
+    """Tables 3 and 5's columns: image MPJPE, PA-MPJPE (mm); mRecall T2P, P2T (%, evaluator, full protocol)."""
+    return [(lambda m: m.get("image_to_pose/mpjpe_mm"), 1), (lambda m: m.get("image_to_pose/pa_mpjpe_mm"), 1),
+            (lambda m: mrecall(m, "t2p"), 1), (lambda m: mrecall(m, "p2t"), 1)]
+
+
+POSE_HEADER = ["image-to-pose MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "text-to-pose mRecall T2P (%) ↑", "mRecall P2T (%) ↑"]
+
+
+# ---- Figures --------------------------------------------------------------------------------
+
+def reward_rows(metrics_path: str) -> list:
+    """The logged training steps of a train_rft.py metrics.jsonl."""
+    with open(metrics_path) as fh:
+        return [r for r in map(json.loads, fh) if "rewards/format" in r]
+
+
+def nanmean(a, axis=None):
+    """np.nanmean without the warning on all-NaN slices (a reward never logged gives NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis)
+
+
+def smooth(values: np.ndarray, k: int) -> np.ndarray:
+    """Trailing moving average over k logged steps, NaN (no value logged) ignored."""
+    return np.array([nanmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))])
+
+
+def plot_figure4(curves: dict, png: str) -> None:
+    """Figure 4: reward curves of GRPO vs HyGRPO. curves {label: [rows of each seed]} -> PNG, one panel
+    per reward: the moving average over a tenth of the run, mean over seeds with a ± std band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for ax, name in zip(axes, REWARD_NAMES):
+        for label, seeds in curves.items():
+            n = min(len(r) for r in seeds)
+            steps = np.array([r["step"] for r in seeds[0][:n]])
+            vals = np.array([[np.nan if r.get(f"rewards/{name}") is None else r[f"rewards/{name}"] for r in rows[:n]]
+                             for rows in seeds])  # (seeds, n)
+            k = max(1, n // 10)
+            sm = np.stack([smooth(v, k) for v in vals])
+            mean = nanmean(sm, 0)
+            line, = ax.plot(steps, mean, label=f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+            if len(seeds) > 1:
+                sd = np.std(sm, 0, ddof=1)
+                ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+        unit = " (1/m)" if name == "joint" else ""
+        ax.set_title(f"rewards/{name}{unit}", fontsize=10)
+        ax.set_xlabel("RFT step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Figure 4: training rewards, GRPO (text only) vs HyGRPO (text + pose); "
+                 "moving average over a tenth of the run", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def render_actions(bodymodel, pose6d, rot=None, distance_m: float = 4.0, size: int = 128):
+    """Renders actions (N, P) with posebench's renderer: body posed, pelvis at the origin, rotated by
+    `rot` (3, 3) world -> view (None: the action's own frame is the view frame). Returns (N, size, size, 3) uint8."""
+    import posebench
+    import torch
+
+    with torch.no_grad():
+        out = bodymodel.forward_rot6d(torch.as_tensor(np.asarray(pose6d), dtype=torch.float32).reshape(len(pose6d), -1))
+        verts = out.vertices - out.joints[:, :1]  # (N, V, 3)
+        if rot is not None:
+            verts = verts @ torch.as_tensor(rot, dtype=torch.float32).T
+        return posebench.render(verts, torch.full((len(verts),), distance_m), bodymodel.faces,
+                                posebench.face_colours(bodymodel), size, 2).numpy()
+
+
+def plot_poses(task: str, inputs: list, rows: dict, png: str, title: str) -> None:
+    """A grid: the inputs (images or captions) on top, then one row of renders per entry of `rows`
+    ({label: (K, H, W, 3) uint8}), one column per example."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = len(inputs)
+    fig, axes = plt.subplots(1 + len(rows), K, figsize=(2.3 * K, 2.3 * (1 + len(rows)) + 0.4), squeeze=False)
+    for j in range(K):
+        ax = axes[0, j]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if task == "image_to_pose":
+            ax.imshow(inputs[j], interpolation="nearest")
+        else:
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(inputs[j], 28)), ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes)
+        for i, (label, images) in enumerate(rows.items(), start=1):
+            axes[i, j].imshow(images[j])
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if j == 0:
+                axes[i, j].set_ylabel(label, fontsize=9)
+    axes[0, 0].set_ylabel("input image" if task == "image_to_pose" else "caption", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def pose_figures(args: Args, seed: int) -> dict:
+    """Figures 5 (text-to-pose) and 6 (image-to-pose): the first n_figure test examples; ground
+    truth, SFT and Pose-RFT (the head's mean, from each run's predictions.npz). Returns {task: png}."""
+    import torch
+
+    import body
+    import data
+    import posebench
+
+    cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    tasks = data.PoseBenchTasks("test", cfg)
+    bm = body.BodyModel(cfg.smpl_path)
+    preds = {label: np.load(os.path.join(args.out_dir, "eval", f"{kind}_s{seed}", "predictions.npz"))
+             for label, kind in (("SFT", "sft"), ("Pose-RFT", "rft"))}
+    oblique = posebench.view_rotation(torch.tensor([math.radians(30.0)]), torch.tensor([math.radians(15.0)]))[0]
+    out = {}
+    for task, fig_no, what in (("text_to_pose", 5, "captions"), ("image_to_pose", 6, "test images")):
+        samples = tasks.eval_samples(task)
+        K = min(args.n_figure, *(len(p[f"{task}/index"]) for p in preds.values()))
+        rot = oblique if task == "text_to_pose" else None  # canonical poses seen from the front-left; image: its camera
+        rows = {"ground truth": render_actions(bm, np.stack([samples[i].pose6d for i in range(K)]), rot)}
+        for label, p in preds.items():
+            assert list(p[f"{task}/index"][:K]) == list(range(K)), "predictions are not in test order"
+            rows[label] = render_actions(bm, p[f"{task}/pose6d"][:K], rot)
+        inputs = [samples[i].image if task == "image_to_pose" else samples[i].text for i in range(K)]
+        png = os.path.join(args.out_dir, f"figure{fig_no}_{task}.png")
+        plot_poses(task, inputs, rows, png, f"Figure {fig_no}: {task.replace('_', '-')} on fixed {what} "
+                                            f"(seed {seed}; the pose is the head's mean)")
+        out[task] = png
+    return out
+
+
+# ---- The machine ----------------------------------------------------------------------------
+
+def machine() -> dict:
+    """CPU model, cores, torch and Python versions, GPU if any, the code's git commit."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        commit = (commit + (" (with uncommitted changes)" if dirty else "")) or "unknown"
+    except OSError:
+        commit = "unknown"
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "os": platform.platform(), "gpu": gpu, "commit": commit}
+
+
+# ---- REPORT.md ------------------------------------------------------------------------------
+
+def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) -> str:
+    """Writes out_dir/REPORT.md (tables from the eval stages' results.json, figures, stage times)."""
+    runs = load_runs(args)
+    seeds = seeds_of(args)
+    out = args.out_dir
+    n_seeds = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std" if len(seeds) > 1 else f"seed {seeds[0]}"
+    record = E.load_results(os.path.join(out, "eval", f"sft_s{seeds[0]}", "results.json"))
+    m = machine()
+    parts = [f"# Pose-RFT in miniature: the report\n\n"
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python report.py {shlex.join(argv)}` "
+             f"(code {m['commit']}). Preset `{args.preset}`; posebench with {args.n_train} training, "
+             f"{args.n_test} test poses; {n_seeds}. Every number is measured on the test split by "
+             f"`evaluate.py --ckpt` ({record['eval_samples']} poses per pose task, the head's mean; "
+             f"{record['eval_generate']} greedy answers per task). Recall@K in %; `eval` = the evaluator "
+             f"retriever, `reward` = the reward retriever (App. H).\n"]
+
+    # Headline: SFT vs Pose-RFT on every metric, the mean training pose beside.
+    keys = [k for k in E.metric_keys() if "mean_pose" not in k]
+    mean_pose = [{k: m[k.replace("/mpjpe_mm", "/mean_pose_mpjpe_mm").replace("/pa_mpjpe_mm", "/mean_pose_pa_mpjpe_mm")]
+                  for k in keys if k.endswith("_mm")} for m in runs["sft"]]
+    parts.append("## Headline: SFT vs Pose-RFT, every metric\n\n" + E.metrics_table(
+        [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]), ("always the mean training pose", mean_pose)], keys))
+
+    # Table 3 in miniature.
+    cols = pose_columns()
+    t3 = [row("Baseline (deterministic head, L2 SFT)", runs["sft_det"], cols),
+          row("Baseline + Dist. (Gaussian head, NLL SFT)", runs["sft"], cols),
+          row("Baseline + Dist. + RFT (Pose-RFT)", runs["rft"], cols),
+          row("Baseline + RFT (deterministic head, fixed spread)", runs["rft_det"], cols)]
+    parts.append("## Table 3 in miniature: distributional modelling\n\n"
+                 + E.markdown_table(["method"] + POSE_HEADER, t3)
+                 + "\nmRecall = mean of R@5, R@10, R@20 by the evaluator retriever, full-retrieval protocol. "
+                   "The last row is not in the paper: HyGRPO on the deterministic head, sampling with its fixed "
+                   "spread.\n")
+
+    # Figure 4.
+    png4 = os.path.join(out, "figure4_reward_curves.png")
+    curves = {label: [reward_rows(os.path.join(out, "ckpt", f"{kind}_s{s}", "metrics.jsonl")) for s in seeds]
+              for label, kind in (("GRPO", "rft_grpo"), ("HyGRPO", "rft"))}
+    plot_figure4(curves, png4)
+    t4 = []
+    for label, seeds_rows in curves.items():
+        cells = [label]
+        for name in REWARD_NAMES:
+            first, last = [], []
+            for rows_ in seeds_rows:
+                v = np.array([np.nan if r.get(f"rewards/{name}") is None else r[f"rewards/{name}"] for r in rows_])
+                k = max(1, len(v) // 10)
+                first.append(np.nanmean(v[:k]) if np.isfinite(v[:k]).any() else None)
+                last.append(np.nanmean(v[-k:]) if np.isfinite(v[-k:]).any() else None)
+            cells.append(f"{E.format_cell(first, 1, 3)} → {E.format_cell(last, 1, 3)}")
+        t4.append(cells)
+    parts.append("## Figure 4: GRPO vs HyGRPO, training rewards\n\n"
+                 f"![Figure 4]({os.path.basename(png4)})\n\n"
+                 "Mean reward over the first → the last tenth of the logged steps:\n\n"
+                 + E.markdown_table(["run"] + [f"rewards/{n}" for n in REWARD_NAMES], t4)
+                 + "\nGRPO samples no pose: its pose rewards (joint, semantic) score the head's mean, HyGRPO's score "
+                   "the sampled poses, so compare each curve's trend, not the two levels. `rewards/joint` is "
+                   "1 / (mean joint distance in m + 0.01) (Eq. 7).\n")
+
+    # Figures 5 and 6.
+    pngs = pose_figures(args, seeds[0])
+    parts.append("## Figures 5 and 6: rendered poses\n\n"
+                 f"![Figure 5]({os.path.basename(pngs['text_to_pose'])})\n\n"
+                 f"![Figure 6]({os.path.basename(pngs['image_to_pose'])})\n\n"
+                 "Rendered by posebench's renderer (left limbs blue, right limbs orange), each pose cropped to its "
+                 "box. Text-to-pose: canonical orientation seen from 30° left, 15° up; the ground truth is the pose "
+                 "the caption was written from, one of many that fit it. Image-to-pose: the camera's view frame.\n")
+
+    if args.full:
+        t5 = [row("Baseline (no RL)", runs["sft"], cols)]
+        t5 += [row(f"w/o {n} reward (`--zero_reward {n}`)", runs[f"rft_zero_{n}"], cols) for n in REWARD_NAMES]
+        t5.append(row("Pose-RFT (full model)", runs["rft"], cols))
+        parts.append("## Table 5: each reward zero-masked\n\n" + E.markdown_table(["method"] + POSE_HEADER, t5))
+        t6 = []
+        for measured, by in (("eval", "evaluator"), ("reward", "reward retriever")):
+            cols6 = [(lambda m, d=d, k=k, r=measured: m.get(f"text_to_pose/{r}_retriever/full/R{d}@{k}"), 1)
+                     for d in E.DIRECTIONS for k in E.RETRIEVAL_KS]
+            for label, kind in (("SFT", "sft"), ("RFT rewarded by the reward retriever", "rft"),
+                                ("RFT rewarded by the evaluator retriever", "rft_xret")):
+                cells = row(label, runs[kind], cols6)
+                t6.append([cells[0], by] + cells[1:])
+        parts.append("## Table 6: cross-retriever evaluation\n\n"
+                     + E.markdown_table(["run", "measured by"] + [f"R{d.upper()}@{k} (%)" for d in E.DIRECTIONS
+                                                                   for k in E.RETRIEVAL_KS], t6)
+                     + "\nFull-retrieval protocol. The paper measures its RFT model with an independent retriever "
+                       "(PoseEmbroider); here each RFT run is measured by both of ours.\n")
+
+    # Stage times and the machine.
+    st = [[f"`{s.name}`", s.what, f"{done[s.name]['seconds']:.0f}",
+           "this run" if done[s.name]["status"] == "ran" else f"earlier run ({done[s.name]['date']})"]
+          for s in stages]
+    stage_sum = sum(d["seconds"] for d in done.values())
+    parts.append("## Time and machine\n\n"
+                 + E.markdown_table(["stage", "what", "seconds", "measured in"], st)
+                 + f"\nSum of the stages: {stage_sum:.0f} s ({stage_sum / 60:.1f} min); this invocation, up to writing "
+                   f"this page: {time.time() - t0:.0f} s, with {args.jobs} stage(s) at a time (logs: `logs/`, "
+                   f"exact commands: `stages/*.json`).\n\n"
+                 + f"Machine: {m['cpu']}, {m['cores']} cores; GPU: {m['gpu']}; torch {m['torch']}, Python "
+                   f"{m['python']}, {m['os']}.\n")
+    path = os.path.join(out, "REPORT.md")
+    with open(path + ".tmp", "w") as fh:
+        fh.write("\n".join(parts))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    t0 = time.time()
+    (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit(f"report.py: --jobs {args.jobs} and --threads {args.threads} must be >= 1")
+    args.out_dir = os.path.abspath(args.out_dir)
+    stages = plan(args)
+    print(f"report: {len(stages)} stages -> {args.out_dir}", flush=True)
+    try:
+        done = Runner(args.out_dir, args.jobs, args.force).run_all(stages)
+        path = write_report(args, done, stages, t0, sys.argv[1:] if argv is None else argv)
+    except (StageFailed, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"report.py: {e}") from None
+    total = time.time() - t0
+    print(f"wrote {path}\ntotal time {total:.0f} s ({total / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

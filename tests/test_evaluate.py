@@ -1,0 +1,277 @@
+"""evaluate.py (the runner, results.json, the Markdown writer, torchrun sharding, bad input) and
+report.py (the pipeline end to end with tiny budgets, skipping complete stages).
+
+One tiny report run (module fixture) builds everything the other tests read: its SFT run is the
+"tiny checkpoint", its eval stage is evaluate.py run in one process.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate as E
+import model as M
+import posebench
+import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
+CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
+SFT = ("--stage0_pose_epochs 1 --stage0_clip_epochs 1 --stage0_lm_steps 3 --stage0_batch 16 --batch_size 8 "
+       "--steps 4 --warmup_steps 1 --log_every 2")
+RFT = "--steps 3 --batch_size 2 --group_size 4 --max_new_tokens 12 --log_every 1 --warmup_steps 1"
+EVAL = ["--eval_samples", "40", "--eval_generate", "3"]
+REPORT = [*BENCH, "--jobs", "2", "--threads", "2", "--n_figure", "2", "--sft_args", SFT, "--rft_args", RFT,
+          "--retrieval_args", "--epochs 1 --embed_dim 16 --hidden_dim 32 --batch_size 16", "--eval_args", " ".join(EVAL)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A whole report with tiny budgets: results/ with ckpt/, eval/, logs/, stages/, REPORT.md, PNGs."""
+    out = tmp_path_factory.mktemp("report") / "results"
+    report.main(REPORT + ["--out_dir", str(out)])
+    return out
+
+
+def retriever_flags(results):
+    return ["--eval_retriever", str(results / "ckpt" / "retriever_eval"),
+            "--reward_retriever", str(results / "ckpt" / "retriever_reward")]
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+def test_report_end_to_end(results):
+    text = (results / "REPORT.md").read_text()
+    for section in ("## Headline: SFT vs Pose-RFT", "## Table 3 in miniature", "## Figure 4: GRPO vs HyGRPO",
+                    "## Figures 5 and 6", "## Time and machine", "Machine: ", "torch "):
+        assert section in text, section
+    for key in E.metric_keys():  # the headline lists every metric (the mean pose in its own column)
+        assert "mean_pose" in key or f"`{key}`" in text, key
+    for row in ("Baseline (deterministic head", "Baseline + Dist. (Gaussian", "Baseline + Dist. + RFT"):
+        assert row in text
+    assert " nan " not in text.lower() and "Table 5" not in text
+    for png in ("figure4_reward_curves.png", "figure5_text_to_pose.png", "figure6_image_to_pose.png",
+                "posebench_preview.png"):
+        head = (results / png).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" and (results / png).stat().st_size > 10_000, png
+    stages = [s.name for s in report.plan(report.Args(out_dir=str(results)))]
+    assert len(stages) == 12 and {"rft_grpo_s0", "eval_rft_det_s0", "sft_det_s0"} <= set(stages)
+    for name in stages:  # every stage logged and timed
+        assert (results / "logs" / f"{name}.log").stat().st_size > 0
+        assert json.loads((results / "stages" / f"{name}.json").read_text())["seconds"] > 0
+        assert f"`{name}`" in text
+
+
+def test_report_skips_complete_stages(results, capsys):
+    before = (results / "stages" / "rft_s0.json").read_text()
+    report.main(REPORT + ["--out_dir", str(results)])
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 12 and "done in" not in out and "total time" in out
+    assert (results / "stages" / "rft_s0.json").read_text() == before
+
+
+def test_full_report_tables_and_seeds(results, tmp_path):
+    """--full's Tables 5 and 6 and the mean ± std over seeds, written from copies of the tiny runs'
+    results (no training: the stages are marked done)."""
+    args = report.Args(out_dir=str(tmp_path / "full"), full=True, seeds=[0, 1], n_train=48, n_val=16, n_test=40,
+                       n_figure=2)
+    stages = report.plan(args)
+    assert len(stages) == 2 + 2 * 2 * 10  # posebench, retrieval; per seed 10 runs, each with its eval
+    assert {"rft_zero_format_s1", "eval_rft_xret_s0"} <= {s.name for s in stages}
+    xret = next(s for s in stages if s.name == "rft_xret_s0").cmd
+    assert xret[xret.index("--reward_retriever") + 1].endswith("retriever_eval")
+    for kind in report.run_kinds(args):
+        for seed in (0, 1):
+            src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
+            dst = tmp_path / "full" / "eval" / f"{kind}_s{seed}"
+            shutil.copytree(src, dst)
+            rec = json.loads((dst / "results.json").read_text())
+            rec["metrics"]["image_to_pose/mpjpe_mm"] += 10 * seed  # two seeds, 10 mm apart: std 7.1
+            (dst / "results.json").write_text(json.dumps(rec))
+            if kind.startswith("rft"):
+                (tmp_path / "full" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
+                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "full" / "ckpt" / f"{kind}_s{seed}")
+    done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
+    text = open(report.write_report(args, done, stages, 0.0, ["--full"])).read()
+    assert "## Table 5: each reward zero-masked" in text and "## Table 6: cross-retriever evaluation" in text
+    for r in report.REWARD_NAMES:
+        assert f"w/o {r} reward (`--zero_reward {r}`)" in text
+    assert "| RFT rewarded by the evaluator retriever | evaluator |" in text
+    sft = json.loads((results / "eval" / "sft_s0" / "results.json").read_text())["metrics"]["image_to_pose/mpjpe_mm"]
+    assert f"| `image_to_pose/mpjpe_mm` (mm) ↓ | {sft + 5:.1f} ± 7.1 |" in text
+    assert "2 seeds (0, 1), mean ± std" in text and "Sum of the stages: 84 s" in text
+
+
+def test_runner_reruns_changed_and_stale_stages(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    A = report.Stage("a", ["-c", f"open({str(a)!r}, 'w').write('a')"], [str(a)])
+    B = report.Stage("b", ["-c", f"print('hello from b'); open({str(b)!r}, 'w').write('b')"], [str(b)], ["a"])
+    runner = report.Runner(str(tmp_path / "res"), jobs=2, force=False)
+    status = lambda done: {k: v["status"] for k, v in done.items()}  # noqa: E731
+    assert status(runner.run_all([A, B])) == {"a": "ran", "b": "ran"}
+    assert "hello from b" in (tmp_path / "res" / "logs" / "b.log").read_text()
+    assert status(runner.run_all([A, B])) == {"a": "earlier run", "b": "earlier run"}
+    a.unlink()  # a's output is gone: a reruns, and b, which depends on it, too
+    assert status(runner.run_all([A, B])) == {"a": "ran", "b": "ran"}
+    B.cmd = B.cmd[:1] + [B.cmd[1] + " # changed"]  # another command: only b reruns
+    assert status(runner.run_all([A, B])) == {"a": "earlier run", "b": "ran"}
+    assert status(report.Runner(str(tmp_path / "res"), 1, force=True).run_all([A])) == {"a": "ran"}
+    C = report.Stage("c", ["-c", "import sys, time; time.sleep(0.5); print('boom'); sys.exit(3)"], [])
+    slow = report.Stage("slow", ["-c", "import time; time.sleep(60)"], [])
+    t0 = time.time()  # c fails while slow runs: slow is terminated, not waited for
+    with pytest.raises(report.StageFailed, match=r"(?s)stage c failed \(exit code 3\); its log is .*c\.log.*boom"):
+        runner.run_all([slow, C])
+    assert time.time() - t0 < 30 and not (tmp_path / "res" / "stages" / "slow.json").exists()
+
+
+# ---- evaluate.py ------------------------------------------------------------------------------
+
+def test_evaluate_ckpt_produces_every_field(results):
+    ev = results / "eval" / "sft_s0"
+    rec = json.loads((ev / "results.json").read_text())
+    assert rec["preset"] == "tiny" and rec["ckpt"] == os.path.abspath(results / "ckpt" / "sft_s0")
+    assert rec["step"] == "step-000004" and rec["split"] == "test" and rec["pose"] == "mean"
+    assert rec["bench"] == {"n_train": 48, "n_val": 16, "n_test": 40} and rec["bench_key"] == posebench.config_key(CFG)
+    assert rec["eval_samples"] == 40 and rec["eval_generate"] == 3 and rec["world_size"] == 1
+    m = rec["metrics"]
+    assert list(m) and set(m) == set(E.metric_keys())
+    assert all(v is not None and math.isfinite(v) for v in m.values())
+    for k, v in m.items():
+        if k.endswith("_mm"):
+            assert 0 < v < 2000, k
+        elif "@" in k:
+            assert 0 <= v <= 100, k
+        elif k.endswith("answer_similarity"):
+            assert -1 <= v <= 1, k
+        else:
+            assert 0 <= v <= 1, k
+    md = (ev / "results.md").read_text()
+    assert all(f"`{k}`" in md for k in m)
+    p = np.load(ev / "predictions.npz")
+    assert p["image_to_pose/pose6d"].shape == (40, 144) and list(p["text_to_pose/index"]) == list(range(40))
+    assert p["answers/vqa"].shape == (3,)
+
+
+def test_torchrun_sharded_evaluation_equals_one_process(results, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                        "evaluate.py", "--ckpt", str(results / "ckpt" / "rft_s0"), "--out_dir", str(tmp_path / "two"),
+                        *BENCH, *EVAL, *retriever_flags(results), "--threads", "1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one = json.loads((results / "eval" / "rft_s0" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    p1, p2 = np.load(results / "eval" / "rft_s0" / "predictions.npz"), np.load(tmp_path / "two" / "predictions.npz")
+    assert p1.files == p2.files
+    for k in p1.files:
+        if p1[k].dtype.kind == "f":
+            np.testing.assert_allclose(p1[k], p2[k], atol=1e-5)
+        else:
+            assert (p1[k] == p2[k]).all(), k
+
+
+def test_interleave_inverts_sharding():
+    items = list(range(11))
+    assert E.interleave([items[r::3] for r in range(3)]) == items
+    t = torch.arange(22.0).reshape(11, 2)
+    assert torch.equal(E.interleave([t[r::4] for r in range(4)]), t)  # a rank may hold fewer rows
+
+
+def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
+    # sample_actions: the empirical covariance of many seeded draws is the Gaussian's
+    g = torch.Generator().manual_seed(0)
+    mean, W, var = torch.randn(1, 3, generator=g), 0.5 * torch.randn(1, 3, 2, generator=g), torch.rand(1, 3, generator=g)
+    dist = torch.distributions.LowRankMultivariateNormal(mean.expand(4000, 3), W.expand(4000, 3, 2), var.expand(4000, 3))
+    x = E.sample_actions(dist, list(range(4000)))
+    torch.testing.assert_close(x.T.cov(), dist.covariance_matrix[0], atol=0.06, rtol=0.1)
+    torch.testing.assert_close(x.mean(0), mean[0], atol=0.06, rtol=0)
+    # the policy's sampled poses: a function of (seed, task, pose index) only
+    policy, tok, _ = M.load_policy(str(results / "ckpt" / "sft_s0"), "tiny")
+    samples = data.PoseBenchTasks("test", CFG).eval_samples("text_to_pose")[:7]
+    full = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3)
+    shards = [E.predict_poses(policy, tok, samples[r::3], "cpu", batch_size=2, sample_pose=True, seed=3)
+              for r in range(3)]
+    torch.testing.assert_close(E.interleave(shards), full, atol=1e-5, rtol=0)
+    assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu", sample_pose=True, seed=4))
+    assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu"))
+
+
+def test_markdown_writer_on_fixed_numbers():
+    sft = {"image_to_pose/mpjpe_mm": 362.2074, "text_to_pose/eval_retriever/full/Rt2p@10": 8.0,
+           "text_to_pose/eval_retriever/random/Rp2t@5": None, "vqa/yes_no_accuracy": 0.695,
+           "vqa/answer_similarity": 0.98012}
+    seeds = [{"image_to_pose/mpjpe_mm": 350.0, "text_to_pose/eval_retriever/full/Rt2p@10": 9.0,
+              "vqa/yes_no_accuracy": 0.7, "vqa/answer_similarity": 0.9},
+             {"image_to_pose/mpjpe_mm": 354.0, "text_to_pose/eval_retriever/full/Rt2p@10": 12.0,
+              "vqa/yes_no_accuracy": 0.8, "vqa/answer_similarity": 0.95}]
+    assert E.metrics_table([("SFT", sft), ("Pose-RFT", seeds)]) == (
+        "| metric | SFT | Pose-RFT |\n"
+        "|---|---|---|\n"
+        "| `image_to_pose/mpjpe_mm` (mm) ↓ | 362.2 | 352.0 ± 2.8 |\n"
+        "| `text_to_pose/eval_retriever/full/Rt2p@10` (%) ↑ | 8.0 | 10.5 ± 2.1 |\n"
+        "| `text_to_pose/eval_retriever/random/Rp2t@5` (%) ↑ | - | - |\n"
+        "| `vqa/answer_similarity` (cos) ↑ | 0.980 | 0.925 ± 0.035 |\n"
+        "| `vqa/yes_no_accuracy` (%) ↑ | 69.5 | 75.0 ± 7.1 |\n")
+    assert E.markdown_table(["a", "b"], [["1", "2"], ["x", 3]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| x | 3 |\n"
+    assert report.mrecall({f"text_to_pose/eval_retriever/full/Rt2p@{k}": v for k, v in ((5, 1.0), (10, 2.0), (20, 6.0))},
+                          "t2p") == 3.0
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def test_checkpoint_without_weights_and_empty_split_are_named(results, tmp_path):
+    with pytest.raises(SystemExit, match=r"--ckpt .*nowhere: no such directory; point --ckpt at a finished run"):
+        E.main(["--ckpt", str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--ckpt .*empty holds no complete model weights \(missing: .*"
+                                         r"base/preset.json.*LATEST\); point --ckpt at a finished run"):
+        E.main(["--ckpt", str(tmp_path / "empty")])
+    partial = tmp_path / "partial"  # the base model is there, the adapter is not
+    shutil.copytree(results / "ckpt" / "sft_s0" / "base", partial / "base")
+    (partial / "LATEST").write_text("step-000004")
+    with pytest.raises(SystemExit, match=r"holds no complete model weights \(missing: .*step-000004/adapter/"
+                                         r"adapter_config.json"):
+        E.main(["--ckpt", str(partial)])
+    sft = str(results / "ckpt" / "sft_s0")
+    with pytest.raises(SystemExit, match=r"the test split to evaluate is empty \(--eval_samples 0, --n_test 40\)"):
+        E.main(["--ckpt", sft, "--eval_samples", "0"])
+    with pytest.raises(SystemExit, match=r"the test split to evaluate is empty .*--n_test 0.*pass --eval_samples >= 1"):
+        E.main(["--ckpt", sft, "--n_test", "0"])
+    with pytest.raises(SystemExit, match=r"holds a 'tiny' checkpoint, but --preset smol"):
+        E.main(["--ckpt", sft, "--preset", "smol"])
+    with pytest.raises(SystemExit, match=r"retriever checkpoint .*nothing.* does not exist"):
+        E.main(["--ckpt", sft, *BENCH, "--threads", "1", "--eval_retriever", str(tmp_path / "nothing")])
+
+
+def test_results_file_from_another_preset_is_named(results, tmp_path):
+    path = results / "eval" / "sft_s0" / "results.json"
+    good = path.read_text()
+    rec = json.loads(good)
+    other = tmp_path / "results.json"
+    other.write_text(json.dumps({**rec, "preset": "smol"}))
+    with pytest.raises(ValueError, match=r"results.json holds results of the 'smol' preset .* but the 'tiny' preset "
+                                         r"was asked for; delete it, or rerun `python evaluate.py --ckpt"):
+        E.load_results(str(other), preset="tiny")
+    other.write_text(json.dumps({"image_to_pose/mpjpe_mm": 1.0}))  # e.g. a training run's test_metrics.json
+    with pytest.raises(ValueError, match=r"results.json is not a results file of evaluate.py; delete it"):
+        E.load_results(str(other))
+    with pytest.raises(ValueError, match=r"computed on another benchmark"):
+        E.load_results(str(path), bench={"n_train": 20000, "n_val": 1000, "n_test": 1000})
+    try:  # the report refuses it too, naming the file
+        path.write_text(json.dumps({**rec, "preset": "smol"}))
+        with pytest.raises(SystemExit, match=r"report.py: .*eval/sft_s0/results.json holds results of the 'smol'"):
+            report.main(REPORT + ["--out_dir", str(results)])
+    finally:
+        path.write_text(good)
