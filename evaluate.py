@@ -29,6 +29,17 @@ report, the README and metrics.jsonl's `test/*` use them):
                                                  answer and the reference answer (Eq. 10)
     vqa/yes_no_accuracy                          fraction of VQA answers with the right Yes / No
 
+Real test sets (`evaluate_real`; the llava-1.5-7b preset, or any checkpoint given the flags):
+
+    image_to_pose/{NAME}/mpjpe_mm, .../pa_mpjpe_mm   NAME = each --eval_npz set (3DPW, H36M, ...): HMR2.0's
+                                                 protocol, the 14 LSP joints regressed (--joint_regressor)
+                                                 from the SMPL mesh (--smpl_path, mean shape) of the head's
+                                                 mean pose, minus the regressor's pelvis, against the npz's
+                                                 extra_keypoints_3d (data.HMR2ImageDataset.gt_lsp14)
+    text_to_pose/PoseScript-H2/{r}_retriever/{protocol}/R{dir}@{K}
+                                                 Recall@K as above, on PoseScript's human-captioned test
+                                                 poses (--posescript_dir, --amass_dir)
+
 Under torchrun the split is sharded (rank r takes samples r, r + W, ...), the predictions
 are gathered (gloo on CPU, nccl on CUDA) and every rank computes the same metrics.
 
@@ -36,6 +47,9 @@ Run:
     python evaluate.py --ckpt ckpt/sft                     # -> ckpt/sft/eval/{results.json,results.md,predictions.npz}
     python evaluate.py --ckpt ckpt/rft --out_dir /tmp/e --sample_pose   # the pose sampled from the head
     torchrun --nproc_per_node=2 evaluate.py --ckpt ckpt/rft  # the test split sharded over 2 processes
+    torchrun --nproc_per_node=8 evaluate.py --ckpt ckpt/rft_7b --eval_npz 3DPW=3dpw_test.npz=/data/3DPW \
+        --joint_regressor J_regressor_h36m.npy --smpl_path SMPL_NEUTRAL.pkl \
+        --posescript_dir /data/posescript_release --amass_dir /data/AMASS   # -> ckpt/rft_7b/eval_real/
 The whole pipeline (benchmark, retrievers, SFT, RFT, evaluation, REPORT.md): `python report.py`.
 
 Shape letters: N = samples (queries / candidates), J = joints, P = 144 pose dims.
@@ -67,6 +81,7 @@ __all__ = [
     "recall_at_k",
     "recall_at_k_random",
     "evaluate_policy",
+    "evaluate_real",
     "metric_keys",
     "markdown_table",
     "load_results",
@@ -654,6 +669,58 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
     return (res, preds) if return_predictions else res
 
 
+@torch.no_grad()
+def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=None, regressor=None, device="cpu",
+                  retrievers: dict | None = None, max_samples: int = 0, batch_size: int = 64,
+                  sample_pose: bool = False, seed: int = 0):
+    """Runs a policy on real test sets (metric names: the module docstring), sharded and gathered as
+    `evaluate_policy`; the pose is the head's mean (or a seeded sample) at the teacher-forced `<POSE>`.
+
+    Args:
+        policy, tokenizer: as `evaluate_policy`.
+        image_sets: {NAME: data.HMR2ImageDataset} cropped at the CLIP tower's input size (3DPW, H36M).
+        text_set: data.PoseScript(root, amass, "test", captions=("human",)) (PoseScript-H2), or None.
+        bodymodel: body.BodyModel on `device` (SMPL, posed with the mean shape). regressor: (17 or 19, V)
+            `body.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
+        retrievers: {name: TextPoseRetriever} for the text set's Recall@K (none: no recall fields).
+        max_samples: the first N samples of each set (<= 0: all). batch_size, sample_pose, seed: as
+            `evaluate_policy`.
+    Returns:
+        (metrics {name: float, None for the random protocol when N < 32}, predictions
+        {"image_to_pose/NAME" or "text_to_pose/PoseScript-H2": {"index": (N,), "pose6d": (N, P)}}).
+    """
+    rank, world = rank_and_world()
+    was_training = policy.training
+    policy.eval()
+
+    def predict(ds) -> torch.Tensor:  # (N, P), this rank's samples read one batch at a time, then gathered
+        local = list(range(len(ds) if max_samples <= 0 else min(max_samples, len(ds))))[rank::world]
+        out = [predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device, batch_size,
+                             sample_pose, seed) for j in range(0, len(local), batch_size)]
+        return gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
+
+    res, preds = {}, {}
+    for name, ds in image_sets.items():
+        pose6d = predict(ds)  # (N, P)
+        pred = torch.cat([body.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
+                                                   regressor).cpu()
+                          for i in range(0, len(pose6d), 256)])  # (N, 14, 3) m, minus the regressor's pelvis
+        gt = torch.as_tensor(ds.gt_lsp14()[:len(pose6d)])  # (N, 14, 3) m, pelvis-relative
+        res[f"image_to_pose/{name}/mpjpe_mm"] = body.lsp14_mpjpe_mm(pred, gt).mean().item()
+        res[f"image_to_pose/{name}/pa_mpjpe_mm"] = pa_mpjpe_mm(pred, gt).mean().item()
+        preds[f"image_to_pose/{name}"] = {"index": torch.arange(len(pose6d)), "pose6d": pose6d}
+    if text_set is not None:
+        pose6d = predict(text_set)
+        if retrievers:
+            text_emb = embed_captions(retrievers, [text_set.captions[i][0] for i in range(len(pose6d))], device)
+            for name, retriever in retrievers.items():  # text_to_pose/... -> text_to_pose/PoseScript-H2/...
+                res.update({k.replace("/", "/PoseScript-H2/", 1): v for k, v in
+                            retrieval_metrics(name, retriever, text_emb[name], pose6d, device).items()})
+        preds["text_to_pose/PoseScript-H2"] = {"index": torch.arange(len(pose6d)), "pose6d": pose6d}
+    policy.train(was_training)
+    return res, preds
+
+
 # --------------------------------------------------------------------------------------
 # results.json and Markdown tables
 # --------------------------------------------------------------------------------------
@@ -712,15 +779,19 @@ def metrics_table(columns: list, keys: list | None = None, first: str = "metric"
 
 
 def results_markdown(record: dict) -> str:
-    """results.md: what was evaluated, then one column of metrics."""
+    """results.md: what was evaluated, then one column of metrics (posebench's or `evaluate_real`'s)."""
+    column = [(os.path.basename(record["ckpt"].rstrip("/")) or "value", record["metrics"])]
+    head = f"# Evaluation of `{record['ckpt']}`\n\nCheckpoint {record['step']}, preset `{record['preset']}`, "
+    tail = f"; {record['world_size']} process(es), {record['time_s']:.0f} s.\n\n"
+    if "datasets" in record:  # evaluate_real
+        sets = ", ".join(f"{k.split('/', 1)[1]} ({n} samples)" for k, n in record["datasets"].items())
+        return head + f"{sets}, {record['pose']} of the head" + tail + metrics_table(column, list(record["metrics"]))
     b = record["bench"]
-    head = (f"# Evaluation of `{record['ckpt']}`\n\n"
-            f"Checkpoint {record['step']}, preset `{record['preset']}`, {record['split']} split of posebench "
-            f"(train {b['n_train']}, val {b['n_val']}, test {b['n_test']}; key {record['bench_key']}): "
-            f"{record['eval_samples']} poses per pose task ({record['pose']} of the head), "
-            f"{record['eval_generate']} greedy answers per task; {record['world_size']} process(es), "
-            f"{record['time_s']:.0f} s.\n\n")
-    return head + metrics_table([(os.path.basename(record["ckpt"].rstrip("/")) or "value", record["metrics"])])
+    head += (f"{record['split']} split of posebench "
+             f"(train {b['n_train']}, val {b['n_val']}, test {b['n_test']}; key {record['bench_key']}): "
+             f"{record['eval_samples']} poses per pose task ({record['pose']} of the head), "
+             f"{record['eval_generate']} greedy answers per task")
+    return head + tail + metrics_table(column)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -730,11 +801,13 @@ def _atomic_write(path: str, write) -> None:
 
 
 def write_results(out_dir: str, record: dict, predictions: dict | None = None) -> str:
-    """Writes out_dir/results.json (the record), results.md and predictions.npz. Returns results.json's path."""
+    """Writes out_dir/results.json (the record), results.md and predictions.npz (the predictions that
+    `evaluate_policy` / `evaluate_real` return: {set: {"index", "pose6d"}} and posebench's "answers").
+    Returns results.json's path."""
     os.makedirs(out_dir, exist_ok=True)
     if predictions is not None:
-        arrays = {f"{t}/{k}": v.numpy() for t in data.POSE_TASKS for k, v in predictions[t].items()}
-        arrays.update({f"answers/{t}": np.array(a, dtype=str) for t, a in predictions["answers"].items()})
+        arrays = {f"{t}/{k}": v.numpy() for t, d in predictions.items() if t != "answers" for k, v in d.items()}
+        arrays.update({f"answers/{t}": np.array(a, dtype=str) for t, a in predictions.get("answers", {}).items()})
 
         def save_npz(p):
             with open(p, "wb") as fh:
@@ -769,23 +842,30 @@ def load_results(path: str, preset: str | None = None, bench: dict | None = None
         raise ValueError(f"{path} holds results of the '{record.get('preset')}' preset (checkpoint "
                          f"{record.get('ckpt')}), but the '{preset}' preset was asked for; delete it, or {fix} "
                          f"on a {preset} checkpoint")
-    if bench is not None and {k: record["bench"].get(k) for k in bench} != bench:
-        raise ValueError(f"{path} was computed on another benchmark ({record['bench']}), not {bench}; delete it and {fix}")
+    if bench is not None and {k: record.get("bench", {}).get(k) for k in bench} != bench:
+        raise ValueError(f"{path} was computed on another benchmark ({record.get('bench', 'real data')}), not {bench}; "
+                         f"delete it and {fix}")
     return record
 
 
 # --------------------------------------------------------------------------------------
 # BOILERPLATE: python evaluate.py --ckpt DIR
 # --------------------------------------------------------------------------------------
+SMPL_SOURCE = "https://smpl.is.tue.mpg.de (SMPL for Python; `python body.py convert` makes a chumpy-free copy)"
+REGRESSOR_SOURCE = ("J_regressor_h36m.npy from SPIN's fetch_data.sh (github.com/nkolot/SPIN) or SMPL_to_J19.pkl from "
+                    "4D-Humans' hmr2_data")
+
+
 @dataclass
 class Args:
     ckpt: str = field(default="", metadata={"help": "a train_sft.py / train_rft.py output directory (base/, LATEST, step-*/adapter)"})
-    out_dir: str = field(default="", metadata={"help": "where results.json, results.md, predictions.npz go ('' : <ckpt>/eval)"})
+    out_dir: str = field(default="", metadata={
+        "help": "where results.json, results.md, predictions.npz go ('' : <ckpt>/eval, real test sets <ckpt>/eval_real)"})
     preset: str = field(default="", metadata={"help": "expected preset of the checkpoint ('' : whatever it holds)"})
     eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "retrieval.py's evaluator retriever"})
     reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward retriever (App. H: measured beside)"})
     text_encoder: str = field(default="", metadata={"help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM)"})
-    split: str = field(default="test", metadata={"help": "posebench split: test, or val for tuning"})
+    split: str = field(default="test", metadata={"help": "posebench's (or PoseScript-H2's) split: test, or val for tuning"})
     n_train: int = field(default=-1, metadata={"help": "posebench training poses (-1: the checkpoint's, from train_state.pt)"})
     n_val: int = field(default=-1, metadata={"help": "posebench validation poses (-1: the checkpoint's)"})
     n_test: int = field(default=-1, metadata={"help": "posebench test poses (-1: the checkpoint's)"})
@@ -795,6 +875,17 @@ class Args:
     sample_pose: bool = field(default=False, metadata={"help": "sample the pose from the head (default: its mean)"})
     seed: int = field(default=0, metadata={"help": "seed of the pose samples (--sample_pose)"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    # real test sets (README, "Real runs on GPUs"): any of these, or a llava-1.5-7b checkpoint, selects evaluate_real
+    eval_npz: list[str] = field(default_factory=list, metadata={
+        "help": f"image-to-pose test sets as NAME=NPZ=IMAGE_DIR (3DPW, H36M): {data.HMR2_DATA_SOURCE}"})
+    joint_regressor: str = field(default="", metadata={
+        "help": f"mesh -> evaluation joints, for --eval_npz: {REGRESSOR_SOURCE}"})
+    smpl_path: str = field(default="", metadata={
+        "help": f"the SMPL model file the regressor reads, for --eval_npz: {SMPL_SOURCE}"})
+    posescript_dir: str = field(default="", metadata={
+        "help": f"text-to-pose test (PoseScript-H2): {data.POSESCRIPT_SOURCE}"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+    max_samples: int = field(default=0, metadata={"help": "real test sets: the first N samples of each (0: all)"})
 
 
 def check_run_dir(path: str) -> Tuple[str, str]:
@@ -830,6 +921,64 @@ def bench_config(args: Args, step_dir: str) -> posebench.BenchConfig:
     return posebench.BenchConfig(**sizes)
 
 
+def real_eval_inputs(args: Args, device) -> dict:
+    """`evaluate_real`'s test sets, body model, regressor and retrievers from the flags, before the model loads.
+
+    Raises:
+        SystemExit: naming every missing flag or file with its flag and where it comes from, or a file that
+            does not read (its dataset, path and schema).
+    """
+    problems, names = [], []
+
+    def need(flag, path, source, is_dir=False):
+        if not (path and (os.path.isdir(path) if is_dir else os.path.isfile(path))):
+            problems.append(f"--{flag} {path!r}: {'not found' if path else 'not given'}; {source}")
+
+    sets = [entry.split("=") for entry in args.eval_npz]
+    for entry, parts in zip(args.eval_npz, sets):
+        if len(parts) != 3 or not parts[0] or "/" in parts[0] or parts[0] in names:
+            problems.append(f"--eval_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, each NAME once and without '/', e.g. "
+                            "3DPW=3dpw_test.npz=/data/3DPW")
+            continue
+        names.append(parts[0])
+        need("eval_npz", parts[1], data.HMR2_DATA_SOURCE)
+        need("eval_npz", parts[2], f"the {parts[0]} images", is_dir=True)
+    if args.eval_npz:
+        need("joint_regressor", args.joint_regressor, REGRESSOR_SOURCE)
+        need("smpl_path", args.smpl_path, f"the regressor reads the licensed SMPL model's mesh, {SMPL_SOURCE}")
+    if args.posescript_dir or args.amass_dir:
+        need("posescript_dir", args.posescript_dir, data.POSESCRIPT_SOURCE, is_dir=True)
+        need("amass_dir", args.amass_dir, data.AMASS_SOURCE, is_dir=True)
+        for flag in ("eval_retriever", "reward_retriever"):
+            need(flag, getattr(args, flag), "train it with `python retrieval.py`", is_dir=True)
+    if not (args.eval_npz or args.posescript_dir or args.amass_dir):
+        problems.append("no test set: give --eval_npz NAME=NPZ=IMAGE_DIR (3DPW, H36M) and/or --posescript_dir and "
+                        "--amass_dir (PoseScript-H2)")
+    if problems:
+        raise SystemExit("evaluate.py: real test sets: missing flags or files (nothing was loaded):\n  "
+                         + "\n  ".join(problems))
+    import retrieval
+    try:
+        size = M.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
+        out = {"image_sets": {n: data.HMR2ImageDataset(n, npz, img, size) for n, npz, img in sets}, "text_set": None}
+        for ds in out["image_sets"].values():
+            ds.gt_lsp14()  # its ground truth is there
+        if args.eval_npz:
+            out["bodymodel"] = body.BodyModel(args.smpl_path).to(device)
+            out["regressor"] = body.load_joint_regressor(args.joint_regressor)  # (K, V)
+            if out["regressor"].shape[1] != out["bodymodel"].num_vertices:
+                raise ValueError(f"--joint_regressor {args.joint_regressor} reads {out['regressor'].shape[1]} vertices "
+                                 f"but --smpl_path {args.smpl_path} has {out['bodymodel'].num_vertices}; pass the "
+                                 f"SMPL model the regressor was made for (the official one has 6890), {SMPL_SOURCE}")
+        if args.posescript_dir:
+            out["text_set"] = data.PoseScript(args.posescript_dir, args.amass_dir, args.split, captions=("human",))
+            out["retrievers"] = {k: retrieval.load_retriever(getattr(args, f"{k}_retriever"), device)
+                                 for k in ("eval", "reward")}
+    except (FileNotFoundError, ValueError) as e:  # data.DataFormatError is a ValueError
+        raise SystemExit(f"evaluate.py: {e}") from None
+    return out
+
+
 def main(argv=None):
     from transformers import HfArgumentParser
 
@@ -846,45 +995,60 @@ def main(argv=None):
     if args.preset and args.preset != preset:
         raise SystemExit(f"evaluate.py: {args.ckpt} holds a '{preset}' checkpoint, but --preset {args.preset} was "
                          f"asked for; pass --preset {preset} or point --ckpt at a {args.preset} checkpoint")
-    cfg = bench_config(args, step_dir)
-    n_split = getattr(cfg, f"n_{args.split}")
-    if args.eval_samples < 1 or n_split < 1:
-        raise SystemExit(f"evaluate.py: the {args.split} split to evaluate is empty (--eval_samples "
-                         f"{args.eval_samples}, --n_{args.split} {n_split}): nothing to measure; pass "
-                         f"--eval_samples >= 1 and a benchmark with {args.split} poses (--n_{args.split} >= 1)")
-    out_dir = args.out_dir or os.path.join(args.ckpt, "eval")
+    real = preset == "llava-1.5-7b" or bool(args.eval_npz or args.posescript_dir or args.amass_dir)
+    if not real:
+        cfg = bench_config(args, step_dir)
+        n_split = getattr(cfg, f"n_{args.split}")
+        if args.eval_samples < 1 or n_split < 1:
+            raise SystemExit(f"evaluate.py: the {args.split} split to evaluate is empty (--eval_samples "
+                             f"{args.eval_samples}, --n_{args.split} {n_split}): nothing to measure; pass "
+                             f"--eval_samples >= 1 and a benchmark with {args.split} poses (--n_{args.split} >= 1)")
+    out_dir = args.out_dir or os.path.join(args.ckpt, "eval_real" if real else "eval")
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
     import retrieval
-    try:
-        retrievers = {"eval": retrieval.load_retriever(args.eval_retriever, device),
-                      "reward": retrieval.load_retriever(args.reward_retriever, device)}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"evaluate.py: {e}") from None
-    if master:
-        posebench.build(cfg)
+    if real:
+        inputs = real_eval_inputs(args, device)
+    else:
+        try:
+            retrievers = {"eval": retrieval.load_retriever(args.eval_retriever, device),
+                          "reward": retrieval.load_retriever(args.reward_retriever, device)}
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py: {e}") from None
+        if master:
+            posebench.build(cfg)
     if ddp:
         torch.distributed.barrier()
     policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
     policy.to(device)
-    train = posebench.load_split("train", cfg)
-    split_tasks = data.PoseBenchTasks(args.split, cfg)
-    metrics, preds = evaluate_policy(
-        policy, tokenizer, split_tasks, train, body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples,
-        args.batch_size, args.eval_generate, retrievers, R.TextSimilarity(args.text_encoder, str(device)),
-        args.sample_pose, args.seed, return_predictions=True)
+    if real:
+        metrics, preds = evaluate_real(policy, tokenizer, device=device, max_samples=args.max_samples, seed=args.seed,
+                                       batch_size=args.batch_size, sample_pose=args.sample_pose, **inputs)
+        absp = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+        files = {e.split("=")[0]: [absp(p) for p in e.split("=")[1:]] for e in args.eval_npz}
+        if args.posescript_dir:
+            files["PoseScript-H2"] = [absp(args.posescript_dir), absp(args.amass_dir)]
+        info = {"datasets": {k: len(v["index"]) for k, v in preds.items()}, "files": files,
+                "max_samples": args.max_samples, "joint_regressor": absp(args.joint_regressor),
+                "smpl_path": absp(args.smpl_path),
+                "retrievers": {k: absp(getattr(args, f"{k}_retriever")) for k in inputs.get("retrievers", {})}}
+    else:
+        metrics, preds = evaluate_policy(
+            policy, tokenizer, data.PoseBenchTasks(args.split, cfg), posebench.load_split("train", cfg),
+            body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples, args.batch_size, args.eval_generate,
+            retrievers, R.TextSimilarity(args.text_encoder, str(device)), args.sample_pose, args.seed,
+            return_predictions=True)
+        info = {"bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
+                "bench_key": posebench.config_key(cfg), "eval_samples": len(preds["image_to_pose"]["index"]),
+                "eval_generate": len(preds["answers"]["vqa"]),
+                "retrievers": {k: os.path.abspath(getattr(args, f"{k}_retriever")) for k in retrievers}}
     if master:
         record = {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "preset": preset,
-                  "ckpt": os.path.abspath(args.ckpt), "step": os.path.basename(step_dir), "split": args.split,
-                  "bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
-                  "bench_key": posebench.config_key(cfg), "pose": "sample" if args.sample_pose else "mean",
-                  "seed": args.seed, "eval_samples": len(preds["image_to_pose"]["index"]),
-                  "eval_generate": len(preds["answers"]["vqa"]),
-                  "retrievers": {k: os.path.abspath(getattr(args, f"{k}_retriever")) for k in retrievers},
-                  "world_size": world, "time_s": round(time.time() - t0, 1),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
+                  "ckpt": os.path.abspath(args.ckpt), "step": os.path.basename(step_dir), "split": args.split, **info,
+                  "pose": "sample" if args.sample_pose else "mean", "seed": args.seed, "world_size": world,
+                  "time_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
         path = write_results(out_dir, record, preds)
         print(results_markdown(record))
         print(f"wrote {path}, results.md and predictions.npz")

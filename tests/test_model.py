@@ -98,6 +98,7 @@ def test_head_log_prob_equals_explicit_gaussian(rank):
     head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
     with torch.no_grad():  # make the factor and the spread far from their initial values
         head.mlp[2].weight.normal_(0, 0.5)
+        head.cov_mlp[2].weight.normal_(0, 0.5)
     h = torch.randn(5, 32)
     mean, log_std, factor = head(h)
     dist = head.distribution(h)
@@ -119,6 +120,35 @@ def test_head_starts_at_the_rest_pose_and_deterministic_head_is_fixed():
     det = M.GaussianPoseHead(16, M.POSE_DIM, deterministic=True)
     d = det.distribution(torch.randn(3, 16))
     assert torch.allclose(d.stddev, torch.full((3, M.POSE_DIM), det.fixed_std))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_tempered_head_is_the_gaussian_with_scaled_covariance(rank):
+    """train_rft's --pose_temperature tau: N(mu, tau^2 Sigma), checked against the covariance written out."""
+    torch.manual_seed(1)
+    head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
+    with torch.no_grad():
+        head.cov_mlp[2].weight.normal_(0, 0.5)
+    h = torch.randn(4, 32)
+    mean, log_std, factor = head(h)
+    tau = 0.3
+    cov = tau ** 2 * (factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std)))
+    ref = torch.distributions.MultivariateNormal(mean.double(), covariance_matrix=cov.double())
+    dist = M.tempered(head.distribution(h), tau)
+    p = mean + 0.05 * torch.randn_like(mean)
+    assert torch.allclose(dist.log_prob(p).double(), ref.log_prob(p.double()), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(dist.mean, mean)
+    assert M.tempered(head.distribution(h), 1.0).stddev.equal(head.distribution(h).stddev)
+
+
+def test_mean_and_covariance_networks_share_no_parameter():
+    """The covariance's NLL must not move the mean (model.GaussianPoseHead's docstring)."""
+    head = M.GaussianPoseHead(16, M.POSE_DIM, rank=2)
+    h = torch.randn(5, 16)
+    dist = M.detach_mean(head.distribution(h))
+    (-dist.log_prob(torch.randn(5, M.POSE_DIM))).sum().backward()
+    assert all(p.grad is None for p in head.mlp.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.cov_mlp.parameters())
 
 
 def train_steps(policy, b, n=3, lr=1e-2):

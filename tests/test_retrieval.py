@@ -246,6 +246,6 @@ def test_script_smoke(tmp_path):
     assert "Spearman rank correlation" in proc.stdout and "chance" in proc.stdout
     reward = R.load_retriever(os.path.join(out, "retriever_reward"))
     evaluator = R.load_retriever(os.path.join(out, "retriever_eval"))
-    assert (reward.cfg.pose_features, reward.cfg.seed, reward.cfg.train_poses) == ("rot6d", 0, "train[0:32]")
-    assert (evaluator.cfg.pose_features, evaluator.cfg.seed, evaluator.cfg.train_poses) == ("joints", 1, "train[32:64]")
+    assert (reward.cfg.pose_features, reward.cfg.seed, reward.cfg.train_poses) == ("joints", 0, "train[0:32]")
+    assert (evaluator.cfg.pose_features, evaluator.cfg.seed, evaluator.cfg.train_poses) == ("rot6d", 1, "train[32:64]")
     assert reward.cfg.bench_key == evaluator.cfg.bench_key == posebench.config_key(TINY)
