@@ -63,7 +63,8 @@ def test_report_end_to_end(results):
         head = (results / png).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n" and (results / png).stat().st_size > 10_000, png
     stages = [s.name for s in report.plan(report.Args(out_dir=str(results)))]
-    assert len(stages) == 12 and {"rft_grpo_s0", "eval_rft_det_s0", "sft_det_s0"} <= set(stages)
+    assert len(stages) == 10 and {"rft_grpo_s0", "eval_rft_grpo_s0", "sft_det_s0"} <= set(stages)
+    assert "rft_det_s0" not in stages  # --full only
     for name in stages:  # every stage logged and timed
         assert (results / "logs" / f"{name}.log").stat().st_size > 0
         assert json.loads((results / "stages" / f"{name}.json").read_text())["seconds"] > 0
@@ -74,7 +75,7 @@ def test_report_skips_complete_stages(results, capsys):
     before = (results / "stages" / "rft_s0.json").read_text()
     report.main(REPORT + ["--out_dir", str(results)])
     out = capsys.readouterr().out
-    assert out.count("skipped") == 12 and "done in" not in out and "total time" in out
+    assert out.count("skipped") == 10 and "done in" not in out and "total time" in out
     assert (results / "stages" / "rft_s0.json").read_text() == before
 
 
