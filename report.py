@@ -117,7 +117,8 @@ def run_kinds(args: Args) -> dict:
 
 
 def plan(args: Args) -> list:
-    """Every stage of the report, in an order that respects dependencies."""
+    """Every stage of the report, in an order that respects dependencies: trainings first, then the
+    evaluations, so that a free slot starts the next (long) training before a (short) evaluation."""
     import posebench
 
     out = os.path.abspath(args.out_dir)
@@ -133,6 +134,7 @@ def plan(args: Args) -> list:
                             *shlex.split(args.retrieval_args)],
               [os.path.join(retr[r], "model.safetensors") for r in retr], ["posebench"], what="`retrieval.py`"),
     ]
+    evals = []
     for seed in seeds_of(args):
         for kind, (script, flags, sft) in run_kinds(args).items():
             name = f"{kind}_s{seed}"
@@ -148,13 +150,13 @@ def plan(args: Args) -> list:
                 deps = [f"{sft}_s{seed}", "retrieval"]
                 what += f" from {sft}_s{seed}" + (", rewarded by the evaluator retriever" if kind == "rft_xret" else "")
             stages.append(Stage(name, cmd, [os.path.join(ck, name, "LATEST")], deps, [os.path.join(ck, name)], what))
-            stages.append(Stage(
+            evals.append(Stage(
                 f"eval_{name}", ["evaluate.py", "--ckpt", os.path.join(ck, name), "--out_dir", os.path.join(ev, name),
                                  "--preset", args.preset, *bench, "--eval_retriever", retr["eval"],
                                  "--reward_retriever", retr["reward"], "--threads", th, *shlex.split(args.eval_args)],
                 [os.path.join(ev, name, "results.json")], [name, "retrieval"], [os.path.join(ev, name)],
                 f"`evaluate.py --ckpt {name}`"))
-    return stages
+    return stages + evals
 
 
 class StageFailed(RuntimeError):
@@ -169,6 +171,11 @@ class Runner:
         self.procs, self.lock, self.stopping = set(), threading.Lock(), False
         for d in ("logs", "stages"):
             os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+
+    def say(self, line: str):
+        """One whole line to stdout (print from two threads can interleave a text and its newline)."""
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     def marker_path(self, name: str) -> str:
         return os.path.join(self.out_dir, "stages", f"{name}.json")
@@ -193,7 +200,7 @@ class Runner:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONUNBUFFERED"] = "1"
         started = time.time()
-        print(f"  {stage.name}: python {shlex.join(stage.cmd)}  (log: {log})", flush=True)
+        self.say(f"  {stage.name}: python {shlex.join(stage.cmd)}  (log: {log})")
         with open(log, "w") as fh:
             fh.write(f"$ python {shlex.join(stage.cmd)}\n")
             fh.flush()
@@ -217,7 +224,7 @@ class Runner:
         with open(tmp, "w") as fh:
             json.dump(marker, fh, indent=1)
         os.replace(tmp, self.marker_path(stage.name))
-        print(f"  {stage.name}: done in {marker['seconds']:.0f} s", flush=True)
+        self.say(f"  {stage.name}: done in {marker['seconds']:.0f} s")
         return {**marker, "status": "ran"}
 
     def run_all(self, stages: list) -> dict:
@@ -234,7 +241,7 @@ class Runner:
                             del todo[name]
                             marker = self.complete(s, done)
                             if marker:
-                                print(f"  {name}: complete ({marker['date']}), skipped", flush=True)
+                                self.say(f"  {name}: complete ({marker['date']}), skipped")
                                 done[name] = marker
                             else:
                                 running[pool.submit(self.run, s)] = name

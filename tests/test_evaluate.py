@@ -86,6 +86,10 @@ def test_full_report_tables_and_seeds(results, tmp_path):
                        n_figure=2)
     stages = report.plan(args)
     assert len(stages) == 2 + 2 * 2 * 10  # posebench, retrieval; per seed 10 runs, each with its eval
+    order = {s.name: i for i, s in enumerate(stages)}  # dependencies first; every training before any eval
+    assert all(order[d] < order[s.name] for s in stages for d in s.deps)
+    assert max(i for n, i in order.items() if not n.startswith("eval_")) < min(
+        i for n, i in order.items() if n.startswith("eval_"))
     assert {"rft_zero_format_s1", "eval_rft_xret_s0"} <= {s.name for s in stages}
     xret = next(s for s in stages if s.name == "rft_xret_s0").cmd
     assert xret[xret.index("--reward_retriever") + 1].endswith("retriever_eval")
