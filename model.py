@@ -329,6 +329,16 @@ def tempered(dist: torch.distributions.Distribution, temperature: float) -> torc
     return torch.distributions.Independent(torch.distributions.Normal(base.loc, base.scale * temperature), 1)
 
 
+def marginal(dist: torch.distributions.Distribution, start: int) -> torch.distributions.Distribution:
+    """The marginal Gaussian of the dimensions start: (a Gaussian's marginal keeps those rows of
+    its mean, of its covariance factor and of its diagonal)."""
+    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
+        return torch.distributions.LowRankMultivariateNormal(dist.loc[..., start:], dist.cov_factor[..., start:, :],
+                                                             dist.cov_diag[..., start:])
+    base = dist.base_dist
+    return torch.distributions.Independent(torch.distributions.Normal(base.loc[..., start:], base.scale[..., start:]), 1)
+
+
 def detach_mean(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
     """The same Gaussian with its mean cut from the graph; the covariance keeps its gradient."""
     if isinstance(dist, torch.distributions.LowRankMultivariateNormal):

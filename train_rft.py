@@ -20,6 +20,9 @@ Ablations, defaults = the paper:
     --zero_reward NAME      zero-mask one reward (Table 5): joint, semantic, format or text
     --deterministic_head    Table 3: an SFT checkpoint with a mean-only head (train_sft.py --deterministic_head)
                             that samples with its fixed spread and learns only the mean
+Probes of why image-to-pose does not improve here (README, "Results", finding 4), not the paper's:
+    --joint_reward_align procrustes   the joint reward after a similarity alignment
+    --explore_root false              the global orientation is not sampled (the head's mean)
 
 Departures from the paper: see hygrpo.py (ratio against pi_old; per-token r_d; the V average) and
 rewards.py (eps in Eq. 7; MiniLM for Eq. 10, BGE-M3 by --text_encoder).
@@ -94,7 +97,7 @@ class Args:
     n_train: int = field(default=20000, metadata={"help": "posebench training poses (must match SFT's benchmark)"})
     n_val: int = field(default=1000, metadata={"help": "posebench validation poses"})
     n_test: int = field(default=1000, metadata={"help": "posebench test poses"})
-    steps: int | None = field(default=None, metadata={"help": "RFT steps; default by preset: 200, llava-1.5-7b 1000 (Table 4)"})
+    steps: int | None = field(default=None, metadata={"help": "RFT steps; default by preset: 600, llava-1.5-7b 1000 (Table 4)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "prompts per step, B; default by preset: 8, llava-1.5-7b 16 (Table 4)"})
     group_size: int = field(default=8, metadata={"help": "samples per prompt, G (>= 2)"})
@@ -117,6 +120,12 @@ class Args:
         "help": "Table 3: the SFT checkpoint has a mean-only head (train_sft.py --deterministic_head); poses are "
                 "sampled with its fixed spread and only the mean learns"})
     zero_reward: str = field(default="", metadata={"help": "zero-mask one reward: joint, semantic, format or text (Table 5)"})
+    joint_reward_align: str = field(default="pelvis", metadata={
+        "help": "joints compared by the joint reward: pelvis (Eq. 7: pelvis-centred) or procrustes (an ablation, "
+                "not the paper's: after a similarity alignment, so the global rotation earns nothing)"})
+    explore_root: bool = field(default=True, metadata={
+        "help": "false (an ablation, not the paper's): the global orientation's 6D is not sampled but set to the "
+                "head's mean, and the pose ratio uses the marginal Gaussian of the 23 body joints"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
@@ -151,6 +160,7 @@ class Args:
                 setattr(self, k, v)
 
 
+ROOT_DIMS = 6  # the pose action's first 6D block is the global orientation (body.py)
 SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperature=0.3)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
@@ -199,6 +209,8 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     dist = M.tempered(inner.pose_head.distribution(states), args.pose_temperature)
     # Eq. 2: p_i ~ N(mu, Sigma) (HyGRPO); plain GRPO keeps the head's mean (Fig. 4's baseline)
     pose = dist.sample() if args.hybrid else dist.mean
+    if not args.explore_root:  # --explore_root false: the root stays at the head's mean
+        pose[:, :ROOT_DIMS] = dist.mean[:, :ROOT_DIMS]
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
     texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
@@ -221,7 +233,7 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
         idx = torch.nonzero(valid & image).flatten()
         joints = bodymodel.forward_rot6d(pose[idx]).joints
         gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]))
-        r["joint"][idx] = R.joint_reward(joints, gt).float()
+        r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float()
     if (valid & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
         idx = torch.nonzero(valid & text).flatten()
         r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float()
@@ -247,6 +259,15 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     logp = torch.log_softmax(logits, -1)
     token_logp = logp.gather(-1, ro.sequences[:, T_p:, None]).squeeze(-1)  # (N, T)
     return token_logp, M.tempered(dist, pose_temperature)
+
+
+def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True) -> torch.Tensor:
+    """log pi(p_i) of the sampled poses (N,); with the root not explored, the log-density of the
+    body's 138 dimensions under their marginal (the root is then a deterministic function of the
+    state, not part of the sampled action)."""
+    if explore_root:
+        return dist.log_prob(pose)
+    return M.marginal(dist, ROOT_DIMS).log_prob(pose[:, ROOT_DIMS:])
 
 
 @dataclass
@@ -288,7 +309,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     t_opt = 0.0
     for _ in range(args.num_iterations):  # line 9
         token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature)
-        pose_logp = dist.log_prob(ro.pose.float())  # (N,)
+        pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root)  # (N,)
         pose_kl = torch.distributions.kl_divergence(dist, ref_dist)  # closed form, (N,)
         if old_token_logp is None:  # pi_old: the sampling policy = this first forward, detached
             old_token_logp, old_pose_logp = token_logp.detach(), pose_logp.detach()
@@ -358,6 +379,9 @@ def main(argv=None):
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
         raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
+    if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
+        raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
+                         f"{', '.join(R.JOINT_ALIGNMENTS)}")
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
     real = args.preset == "llava-1.5-7b"

@@ -122,14 +122,19 @@ def test_head_starts_at_the_rest_pose_and_deterministic_head_is_fixed():
     assert torch.allclose(d.stddev, torch.full((3, M.POSE_DIM), det.fixed_std))
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_tempered_head_is_the_gaussian_with_scaled_covariance(rank):
-    """train_rft's --pose_temperature tau: N(mu, tau^2 Sigma), checked against the covariance written out."""
-    torch.manual_seed(1)
+def spread_head(rank: int, seed: int):
+    """A pose head whose covariance output is far from its init (uneven spreads), and 4 states."""
+    torch.manual_seed(seed)
     head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
     with torch.no_grad():
         head.cov_mlp[2].weight.normal_(0, 0.5)
-    h = torch.randn(4, 32)
+    return head, torch.randn(4, 32)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_tempered_head_is_the_gaussian_with_scaled_covariance(rank):
+    """train_rft's --pose_temperature tau: N(mu, tau^2 Sigma), checked against the covariance written out."""
+    head, h = spread_head(rank, seed=1)
     mean, log_std, factor = head(h)
     tau = 0.3
     cov = tau ** 2 * (factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std)))
@@ -139,6 +144,19 @@ def test_tempered_head_is_the_gaussian_with_scaled_covariance(rank):
     assert torch.allclose(dist.log_prob(p).double(), ref.log_prob(p.double()), rtol=1e-4, atol=1e-3)
     assert torch.allclose(dist.mean, mean)
     assert M.tempered(head.distribution(h), 1.0).stddev.equal(head.distribution(h).stddev)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_marginal_is_the_sub_block_gaussian(rank):
+    """train_rft's --explore_root false: the body's marginal, against the covariance's sub-block written out."""
+    head, h = spread_head(rank, seed=2)
+    mean, log_std, factor = (x.double() for x in head(h))  # float64: the algebra, exactly
+    cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std))
+    ref = torch.distributions.MultivariateNormal(mean[:, 6:], covariance_matrix=cov[:, 6:, 6:])
+    dist = M.marginal(M.gaussian(mean, log_std, factor), 6)
+    p = mean[:, 6:] + 0.05 * torch.randn(4, M.POSE_DIM - 6, dtype=torch.float64)
+    assert dist.event_shape == (M.POSE_DIM - 6,)
+    assert torch.allclose(dist.log_prob(p), ref.log_prob(p), rtol=1e-9, atol=1e-6)
 
 
 def test_mean_and_covariance_networks_share_no_parameter():

@@ -24,6 +24,26 @@ def test_joint_reward_by_hand():
         rewards.joint_reward(bad, gt)
 
 
+def test_joint_reward_procrustes_ablation():
+    """--joint_reward_align procrustes: 1 / (PA-MPJPE in metres + eps), so a rotated, scaled and
+    shifted copy of the ground truth is perfect while Eq. 7 penalises it."""
+    import evaluate
+    torch.manual_seed(0)
+    gt = 0.3 * torch.randn(3, 24, 3, dtype=torch.float64)
+    c, s = 0.6, 0.8
+    R = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    pred = gt.clone()
+    pred[0] = 1.2 * gt[0] @ R.T + 0.5  # a similarity transform of the truth
+    pred[1:] = gt[1:] + 0.05 * torch.randn(2, 24, 3, dtype=torch.float64)
+    r = rewards.joint_reward(pred, gt, align="procrustes")
+    assert r[0].item() == pytest.approx(100.0, rel=1e-6)
+    assert rewards.joint_reward(pred, gt)[0] < 10  # Eq. 7 (pelvis) does see the rotation
+    ref = 1 / (evaluate.pa_mpjpe_mm(pred, gt) / 1000 + 0.01)  # evaluate.pa_mpjpe_mm has its own loop test
+    assert torch.allclose(r, ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="align='root'"):
+        rewards.joint_reward(pred, gt, align="root")
+
+
 def test_format_reward_by_hand():
     completions = ["The SMPL pose of this person is <POSE> .", "The SMPL pose of this person is <POSE>.",
                    "The SMPL pose of this person is .", "The SMPL pose is <POSE> .", "Yes , the left arm is straight .",

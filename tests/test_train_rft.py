@@ -68,6 +68,10 @@ def test_plain_grpo_and_zero_masked_reward(assets, tmp_path):
     run(["train_rft.py"], rft_args(assets, tmp_path / "z", "--zero_reward", "joint", "--steps", "2", "--eval_samples", "0"))
     rows = [json.loads(x) for x in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["rewards/joint"] in (0.0, None) for x in rows if "rewards/format" in x)
+    # the probes of README finding 4: the root not explored, the joint reward after alignment
+    run(["train_rft.py"], rft_args(assets, tmp_path / "abl", "--explore_root", "false", "--joint_reward_align",
+                                   "procrustes", "--steps", "2", "--eval_samples", "0"))
+    assert (tmp_path / "abl" / "LATEST").read_text() == "step-000002"
 
 
 def test_exact_resume(assets, tmp_path):
@@ -124,3 +128,5 @@ def test_bad_arguments(assets, tmp_path):
     assert r.returncode != 0 and "holds a 'tiny' checkpoint, but the 'smol' preset" in r.stderr
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "z", "--zero_reward", "style"), check=False)
     assert r.returncode != 0 and "--zero_reward style" in r.stderr
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "a", "--joint_reward_align", "root"), check=False)
+    assert r.returncode != 0 and "--joint_reward_align root" in r.stderr
