@@ -317,34 +317,37 @@ def gaussian(mean, log_std, factor) -> torch.distributions.Distribution:
         return torch.distributions.LowRankMultivariateNormal(mean, factor, torch.exp(2 * log_std))
 
 
+def rebuilt(dist: torch.distributions.Distribution, loc: torch.Tensor, start: int = 0,
+            std_scale: float = 1.0) -> torch.distributions.Distribution:
+    """The head's Gaussian (low-rank or diagonal) with mean `loc`, restricted to the dimensions
+    start: and with every standard deviation multiplied by std_scale (covariance by std_scale^2).
+    One code path for tempered, marginal and detach_mean below."""
+    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
+        factor, diag = dist.cov_factor[..., start:, :], dist.cov_diag[..., start:]
+        if std_scale != 1.0:
+            factor, diag = factor * std_scale, diag * std_scale ** 2
+        return torch.distributions.LowRankMultivariateNormal(loc[..., start:], factor, diag)
+    scale = dist.base_dist.scale[..., start:]
+    if std_scale != 1.0:
+        scale = scale * std_scale
+    return torch.distributions.Independent(torch.distributions.Normal(loc[..., start:], scale), 1)
+
+
 def tempered(dist: torch.distributions.Distribution, temperature: float) -> torch.distributions.Distribution:
     """The same Gaussian with its covariance scaled by temperature^2 (mean unchanged): the pose
     policy's sampling temperature, as a text policy's temperature scales its logits. 1: unchanged."""
-    if temperature == 1.0:
-        return dist
-    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
-        return torch.distributions.LowRankMultivariateNormal(dist.loc, dist.cov_factor * temperature,
-                                                             dist.cov_diag * temperature ** 2)
-    base = dist.base_dist
-    return torch.distributions.Independent(torch.distributions.Normal(base.loc, base.scale * temperature), 1)
+    return dist if temperature == 1.0 else rebuilt(dist, dist.mean, std_scale=temperature)
 
 
 def marginal(dist: torch.distributions.Distribution, start: int) -> torch.distributions.Distribution:
     """The marginal Gaussian of the dimensions start: (a Gaussian's marginal keeps those rows of
     its mean, of its covariance factor and of its diagonal)."""
-    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
-        return torch.distributions.LowRankMultivariateNormal(dist.loc[..., start:], dist.cov_factor[..., start:, :],
-                                                             dist.cov_diag[..., start:])
-    base = dist.base_dist
-    return torch.distributions.Independent(torch.distributions.Normal(base.loc[..., start:], base.scale[..., start:]), 1)
+    return rebuilt(dist, dist.mean, start=start)
 
 
 def detach_mean(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
     """The same Gaussian with its mean cut from the graph; the covariance keeps its gradient."""
-    if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
-        return torch.distributions.LowRankMultivariateNormal(dist.loc.detach(), dist.cov_factor, dist.cov_diag)
-    base = dist.base_dist
-    return torch.distributions.Independent(torch.distributions.Normal(base.loc.detach(), base.scale), 1)
+    return rebuilt(dist, dist.mean.detach())
 
 
 # ---- PoseLlava ------------------------------------------------------------------------------

@@ -479,13 +479,15 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     t3 = [row("Baseline (deterministic head, L2 SFT)", runs["sft_det"], cols),
           row("Baseline + Dist. (Gaussian head, NLL SFT)", runs["sft"], cols),
           row("Baseline + Dist. + RFT (Pose-RFT)", runs["rft"], cols)]
+    note = ""
     if "rft_det" in runs:  # --full
         t3.append(row("Baseline + RFT (deterministic head, fixed spread)", runs["rft_det"], cols))
+        note = (" The last row is not in the paper: HyGRPO on the deterministic head, sampling with its fixed "
+                "spread (at the same --pose_temperature).")
     parts.append("## Table 3 in miniature: distributional modelling\n\n"
                  + E.markdown_table(["method"] + POSE_HEADER, t3)
                  + "\nmRecall = mean of R@5, R@10, R@20 by the evaluator retriever, full-retrieval protocol."
-                 + (" The last row is not in the paper: HyGRPO on the deterministic head, sampling with its fixed "
-                    "spread (at the same --pose_temperature).\n" if "rft_det" in runs else "\n"))
+                 + note + "\n")
 
     # Figure 4.
     png4 = os.path.join(out, "figure4_reward_curves.png")
