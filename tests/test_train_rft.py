@@ -130,3 +130,19 @@ def test_bad_arguments(assets, tmp_path):
     assert r.returncode != 0 and "--zero_reward style" in r.stderr
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "a", "--joint_reward_align", "root"), check=False)
     assert r.returncode != 0 and "--joint_reward_align root" in r.stderr
+
+
+def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
+    """probe.py end to end on the tiny SFT run: every objective's val curve, the root error, JSON."""
+    import probe
+    out = tmp_path / "probe.json"
+    res = probe.main(BENCH + ["--sft_dir", str(assets / "sft"), "--n_states", "16", "--steps", "2", "--eval_every", "1",
+                              "--batch_size", "4", "--samples", "2", "--threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["curves"]) == set(probe.OBJECTIVES) and saved["root_error"] == res["root_error"]
+    for curve in saved["curves"].values():
+        assert [step for step, _ in curve] == [0, 1, 2]
+        assert all(np.isfinite([m["mpjpe_mm"], m["pa_mpjpe_mm"]]).all() for _, m in curve)
+    assert len({json.dumps(c[0][1]) for c in saved["curves"].values()}) == 1  # every objective starts at SFT's head
+    with pytest.raises(SystemExit):
+        probe.main(["--sft_dir", str(tmp_path / "missing")])

@@ -1,0 +1,214 @@
+"""Why does RFT not improve image-to-pose here? A head-only probe with exact gradients.
+
+HyGRPO follows a noisy estimate of the gradient of the expected joint reward (Eq. 7). This
+script removes the noise: it caches the teacher-forced `<POSE>` states of an SFT checkpoint
+(posebench image-to-pose, train and val), then fine-tunes a copy of the pose head's mean network
+on each candidate objective by its exact gradient (the body model is differentiable), at RFT's
+learning rate, and reports val MPJPE / PA-MPJPE of the head's mean. If the objective that RFT
+estimates, followed exactly, raises PA-MPJPE, no amount of samples, steps or tuning of the
+estimator will lower it; the objective itself disagrees with the metric.
+
+Objectives (all on pelvis-centred joints; losses in metres, rewards in 1/metres):
+    6d        the SFT objective's mean part: squared error of the 6D pose (the reference line)
+    eq7       the mean per-joint distance of the head's mean, unaligned (what Eq. 7 rewards)
+    reward    -E[R_joint] over samples of the tempered head (Eq. 7 as RFT optimises it:
+              rewards.joint_reward at --pose_temperature, by reparameterisation; mean and
+              covariance networks both trained, as in RFT)
+    pa        the same distance after a similarity (Procrustes) alignment: body shape only
+    eq7+pa    the sum of the two distances
+    eq7_true_root  eq7 with the ground-truth root substituted: what the body alone is asked for
+
+It also prints the SFT head's root (global orientation) error on val, the quantity that makes
+Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5).
+
+Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU):
+    python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import body
+import data
+import evaluate as E
+import model as M
+import posebench
+import rewards as R
+
+OBJECTIVES = ("6d", "eq7", "reward", "pa", "eq7+pa", "eq7_true_root")
+ROOT_DIMS = 6  # the 6D block of the global orientation (body.py's pose layout)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sft_dir", default="ckpt/sft", help="train_sft.py's output directory (default: %(default)s)")
+    p.add_argument("--preset", default="tiny", help="the checkpoint's preset (default: %(default)s)")
+    p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES,
+                   help="objectives to follow (default: all)")
+    p.add_argument("--steps", type=int, default=1000, help="exact-gradient steps per objective (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=128, help="training states per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, RFT's (default: %(default)s)")
+    p.add_argument("--pose_temperature", type=float, default=0.3,
+                   help="the `reward` objective samples the head at this temperature, RFT's (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=4, help="samples per state for `reward` (default: %(default)s)")
+    p.add_argument("--n_states", type=int, default=6000,
+                   help="training states cached, the split's first (default: %(default)s; every val pose is used)")
+    p.add_argument("--n_train", type=int, default=20000, help="posebench training poses, as SFT's (default: %(default)s)")
+    p.add_argument("--n_val", type=int, default=1000, help="posebench val poses (default: %(default)s)")
+    p.add_argument("--n_test", type=int, default=1000, help="posebench test poses (default: %(default)s)")
+    p.add_argument("--eval_every", type=int, default=250, help="val evaluation interval (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="batch order and samples (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--out", default="", help="write the results here as JSON ('' : print only)")
+    args = p.parse_args(argv)
+    if min(args.steps, args.batch_size, args.samples, args.n_states, args.eval_every) < 1:
+        p.error("--steps, --batch_size, --samples, --n_states and --eval_every must be >= 1")
+    if not os.path.isdir(args.sft_dir):
+        p.error(f"--sft_dir {args.sft_dir} does not exist; train one with `python train_sft.py --out_dir {args.sft_dir}`")
+    return args
+
+
+@torch.no_grad()
+def cache_states(policy, tokenizer, split: str, cfg: posebench.BenchConfig, n: int | None = None,
+                 batch: int = 128) -> dict:
+    """Teacher-forced `<POSE>` states (n, D) of the first n image-to-pose prompts of a split (None:
+    all), with their targets: 6D pose (n, 144) and pelvis-centred view-frame joints (n, 24, 3)."""
+    inner = policy.get_base_model()
+    samples = data.PoseBenchTasks(split, cfg).eval_samples("image_to_pose")[:n]
+    states = []
+    for i in range(0, len(samples), batch):
+        b = data.collate(samples[i:i + batch], tokenizer, inner.num_image_tokens)
+        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        states.append(h.float())
+    return {"h": torch.cat(states),
+            "pose6d": torch.as_tensor(np.stack([s.pose6d for s in samples])).reshape(len(samples), -1).float(),
+            "joints": torch.as_tensor(np.stack([s.joints for s in samples])).float()}
+
+
+def centred(joints: torch.Tensor) -> torch.Tensor:
+    return joints - joints[:, :1]
+
+
+def distance_m(pred: torch.Tensor, gt: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+    """(N,) mean per-joint distance in metres of pelvis-centred joints, differentiable; with
+    aligned=True after the similarity alignment of PA-MPJPE (evaluate._procrustes_align)."""
+    pred, gt = centred(pred), centred(gt)
+    if aligned:
+        pred = E._procrustes_align(pred.double(), gt.double()).to(gt.dtype)
+    return (pred - gt).norm(dim=-1).mean(-1)
+
+
+def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperature: float = 0.3,
+                   samples: int = 8) -> torch.Tensor:
+    """The loss whose exact gradient the probe follows (see the module docstring)."""
+    dist = head.distribution(h)
+    mu = dist.mean
+    if name == "6d":
+        return ((mu - pose6d) ** 2).mean()
+    if name == "reward":
+        p = M.tempered(dist, pose_temperature).rsample((samples,)).reshape(-1, mu.shape[-1])
+        return -R.joint_reward(bodymodel.forward_rot6d(p).joints, joints.repeat(samples, 1, 1)).mean()
+    if name == "eq7_true_root":
+        mu = torch.cat([pose6d[:, :ROOT_DIMS], mu[:, ROOT_DIMS:]], 1)
+    pred = bodymodel.forward_rot6d(mu).joints
+    if name in ("eq7", "eq7_true_root"):
+        return distance_m(pred, joints).mean()
+    if name == "pa":
+        return distance_m(pred, joints, aligned=True).mean()
+    if name == "eq7+pa":
+        return (distance_m(pred, joints) + distance_m(pred, joints, aligned=True)).mean()
+    raise ValueError(f"objective_loss: unknown objective {name!r}; expected one of {OBJECTIVES}")
+
+
+@torch.no_grad()
+def val_metrics(head, val: dict, bodymodel) -> dict:
+    pred = bodymodel.forward_rot6d(head.distribution(val["h"]).mean).joints
+    return {"mpjpe_mm": E.mpjpe_mm(pred, val["joints"]).mean().item(),
+            "pa_mpjpe_mm": E.pa_mpjpe_mm(pred, val["joints"]).mean().item()}
+
+
+@torch.no_grad()
+def root_error_deg(head, val: dict) -> torch.Tensor:
+    """(n,) geodesic angle in degrees between the head's mean root rotation and the true one."""
+    r_pred = body.rot6d_to_matrix(head.distribution(val["h"]).mean[:, :ROOT_DIMS].double())
+    r_true = body.rot6d_to_matrix(val["pose6d"][:, :ROOT_DIMS].double())
+    cos = ((r_pred.transpose(-1, -2) @ r_true).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def follow(name: str, sft_head, train: dict, val: dict, bodymodel, args) -> list:
+    """Fine-tune a copy of the SFT head on one objective; [(step, val metrics)] from step 0.
+    Only the mean network is trained, except for `reward` (the covariance shapes the samples)."""
+    head = copy.deepcopy(sft_head)
+    params = list(head.parameters()) if name == "reward" else list(head.mlp.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    curve = [(0, val_metrics(head, val, bodymodel))]
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(train["h"]), (args.batch_size,), generator=g)
+        loss = objective_loss(name, head, train["h"][idx], train["pose6d"][idx], train["joints"][idx], bodymodel,
+                              args.pose_temperature, args.samples)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            curve.append((step, val_metrics(head, val, bodymodel)))
+            m = curve[-1][1]
+            print(f"  {name:14s} step {step:5d}  val MPJPE {m['mpjpe_mm']:7.2f}  PA-MPJPE {m['pa_mpjpe_mm']:7.2f}",
+                  flush=True)
+    return curve
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    policy, tokenizer, step_dir = M.load_policy(args.sft_dir, args.preset)
+    policy.eval()
+    head = policy.get_base_model().pose_head
+    if hasattr(head, "modules_to_save"):  # peft's wrapper: the trained copy
+        head = head.modules_to_save["default"]
+    if head.deterministic and "reward" in args.objectives:
+        raise SystemExit(f"{args.sft_dir} has a deterministic head: the `reward` objective needs a Gaussian one")
+    sft_head = copy.deepcopy(head).float().requires_grad_(True)
+    cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
+    train = cache_states(policy, tokenizer, "train", cfg, args.n_states)
+    val = cache_states(policy, tokenizer, "val", cfg)
+    del policy
+    bodymodel = body.BodyModel()
+    err = root_error_deg(sft_head, val)
+    root = {"median_deg": err.median().item(), "mean_deg": err.mean().item(),
+            "frac_over_30_deg": (err > 30).float().mean().item(), "frac_over_90_deg": (err > 90).float().mean().item()}
+    print(f"{step_dir}: {len(train['h'])} train / {len(val['h'])} val states cached in {time.time() - t0:.0f} s; "
+          f"root error on val: median {root['median_deg']:.1f} deg, mean {root['mean_deg']:.1f}, "
+          f"> 30 deg {100 * root['frac_over_30_deg']:.1f} %, > 90 deg {100 * root['frac_over_90_deg']:.1f} %", flush=True)
+    results = {"sft_dir": args.sft_dir, "args": vars(args), "root_error": root, "curves": {}}
+    for name in args.objectives:
+        results["curves"][name] = follow(name, sft_head, train, val, bodymodel, args)
+    start = results["curves"][args.objectives[0]][0][1]
+    print(f"\nval, SFT head: MPJPE {start['mpjpe_mm']:.2f} mm, PA-MPJPE {start['pa_mpjpe_mm']:.2f} mm; "
+          f"change after {args.steps} exact-gradient steps (batch {args.batch_size}, lr {args.lr:g}):")
+    print(f"{'objective':16s} {'MPJPE':>8s} {'PA-MPJPE':>9s}")
+    for name, curve in results["curves"].items():
+        end = curve[-1][1]
+        print(f"{name:16s} {end['mpjpe_mm'] - start['mpjpe_mm']:+8.2f} {end['pa_mpjpe_mm'] - start['pa_mpjpe_mm']:+9.2f}")
+    print(f"({time.time() - t0:.0f} s)")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(tmp, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
