@@ -5,8 +5,8 @@ script removes the noise: it caches the teacher-forced `<POSE>` states of an SFT
 (posebench image-to-pose, train and val), then fine-tunes a copy of the pose head's mean network
 on each candidate objective by its exact gradient (the body model is differentiable), at RFT's
 learning rate, and reports val MPJPE / PA-MPJPE of the head's mean. If the objective that RFT
-estimates, followed exactly, raises PA-MPJPE, no amount of samples, steps or tuning of the
-estimator will lower it; the objective itself disagrees with the metric.
+estimates, followed exactly, raises PA-MPJPE, then more samples or a better-tuned estimator only
+bring RFT closer to that path: the objective itself disagrees with the metric.
 
 Objectives (all on pelvis-centred joints; losses in metres, rewards in 1/metres):
     6d        the SFT objective's mean part: squared error of the 6D pose (the reference line)
