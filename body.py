@@ -237,6 +237,38 @@ def pose_to_matrices(pose: torch.Tensor, num_joints: int, name: str, fn: str) ->
         f"6D (B, {6 * n}) or (B, {n}, 6), or matrices (B, {n}, 3, 3)")
 
 
+# ---- Alignment -----------------------------------------------------------------------------
+
+def similarity_align(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Batched similarity Procrustes (Umeyama 1991): the alignment of PA-MPJPE. Differentiable;
+    no input checks (evaluate.procrustes_align validates, rewards.joint_distance_m too); use
+    float64 (a 3x3 SVD).
+
+    Args:
+        p: Predicted joints, (N, J, 3) metres.
+        g: Ground-truth joints, (N, J, 3) metres.
+
+    Returns:
+        s * R @ p + t minimising the summed squared distance to g, with R a proper
+        rotation (det R = +1), (N, J, 3) metres.
+    """
+    mu_p = p.mean(dim=1, keepdim=True)  # (N, 1, 3)
+    mu_g = g.mean(dim=1, keepdim=True)
+    pc, gc = p - mu_p, g - mu_g  # (N, J, 3)
+    var_p = pc.pow(2).sum(dim=(1, 2)) / p.shape[1]  # (N,) m^2
+    cov = gc.transpose(1, 2) @ pc / p.shape[1]  # (N, 3, 3) = mean_j g_j p_j^T
+    u, d, vh = torch.linalg.svd(cov)  # cov = U diag(d) Vh
+    # Reflection fix: flip the last singular direction when U Vh would be a reflection.
+    sign = torch.sign(torch.linalg.det(u) * torch.linalg.det(vh))  # (N,)
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    fix = torch.ones_like(d)  # (N, 3)
+    fix[:, -1] = sign
+    rot = u @ (fix.unsqueeze(-1) * vh)  # (N, 3, 3) = U diag(fix) Vh
+    # Degenerate pred (all joints at one point): var 0, trace 0 -> scale 0, aligned = mu_g.
+    scale = (d * fix).sum(dim=1) / var_p.clamp_min(torch.finfo(p.dtype).tiny)  # (N,)
+    return scale[:, None, None] * (pc @ rot.transpose(1, 2)) + mu_g
+
+
 # ---- The procedural SMPL-format model -------------------------------------------------------
 
 PROCEDURAL_VERSION = 1  # bump when the construction below changes: the cache key includes it

@@ -251,34 +251,6 @@ def mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
     return torch.linalg.vector_norm(p - g, dim=-1).mean(dim=1) * M_TO_MM  # (N,) mm
 
 
-def _procrustes_align(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Batched similarity Procrustes (Umeyama 1991) on validated float64 tensors.
-
-    Args:
-        p: Predicted joints, (N, J, 3) metres.
-        g: Ground-truth joints, (N, J, 3) metres.
-
-    Returns:
-        s * R @ p + t minimising the summed squared distance to g, with R a proper
-        rotation (det R = +1), (N, J, 3) metres.
-    """
-    mu_p = p.mean(dim=1, keepdim=True)  # (N, 1, 3)
-    mu_g = g.mean(dim=1, keepdim=True)
-    pc, gc = p - mu_p, g - mu_g  # (N, J, 3)
-    var_p = pc.pow(2).sum(dim=(1, 2)) / p.shape[1]  # (N,) m^2
-    cov = gc.transpose(1, 2) @ pc / p.shape[1]  # (N, 3, 3) = mean_j g_j p_j^T
-    u, d, vh = torch.linalg.svd(cov)  # cov = U diag(d) Vh
-    # Reflection fix: flip the last singular direction when U Vh would be a reflection.
-    sign = torch.sign(torch.linalg.det(u) * torch.linalg.det(vh))  # (N,)
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    fix = torch.ones_like(d)  # (N, 3)
-    fix[:, -1] = sign
-    rot = u @ (fix.unsqueeze(-1) * vh)  # (N, 3, 3) = U diag(fix) Vh
-    # Degenerate pred (all joints at one point): var 0, trace 0 -> scale 0, aligned = mu_g.
-    scale = (d * fix).sum(dim=1) / var_p.clamp_min(torch.finfo(p.dtype).tiny)  # (N,)
-    return scale[:, None, None] * (pc @ rot.transpose(1, 2)) + mu_g
-
-
 def procrustes_align(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
     """Aligns pred to gt by a similarity transform (rotation, uniform scale, translation).
 
@@ -296,7 +268,7 @@ def procrustes_align(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
         ValueError: On bad shapes or non-finite values.
     """
     p, g = _check_joints("procrustes_align", pred, gt)
-    return _procrustes_align(p, g)
+    return body.similarity_align(p, g)
 
 
 def pa_mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
@@ -313,7 +285,7 @@ def pa_mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
         ValueError: On bad shapes or non-finite values.
     """
     p, g = _check_joints("pa_mpjpe_mm", pred, gt)
-    aligned = _procrustes_align(p, g)  # (N, J, 3) m
+    aligned = body.similarity_align(p, g)  # (N, J, 3) m
     return torch.linalg.vector_norm(aligned - g, dim=-1).mean(dim=1) * M_TO_MM  # (N,) mm
 
 

@@ -63,6 +63,7 @@ from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrained
 import body
 
 POSE_DIM = 6 * body.NUM_JOINTS  # P = 144
+ROOT_DIMS = 6  # the pose action's first 6D block is the global orientation (body.py's joint 0)
 IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 6D of the identity rotation
 LORA_TARGET = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 MODULES_TO_SAVE = ["multi_modal_projector", "pose_projector", "pose_head"]

@@ -41,9 +41,9 @@ import evaluate as E
 import model as M
 import posebench
 import rewards as R
+import train_sft
 
 OBJECTIVES = ("6d", "eq7", "reward", "pa", "eq7+pa", "eq7_true_root")
-ROOT_DIMS = 6  # the 6D block of the global orientation (body.py's pose layout)
 
 
 def parse_args(argv=None):
@@ -75,34 +75,12 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()
-def cache_states(policy, tokenizer, split: str, cfg: posebench.BenchConfig, n: int | None = None,
-                 batch: int = 128) -> dict:
+def cache_states(policy, tokenizer, split: str, cfg: posebench.BenchConfig, n: int | None = None) -> dict:
     """Teacher-forced `<POSE>` states (n, D) of the first n image-to-pose prompts of a split (None:
-    all), with their targets: 6D pose (n, 144) and pelvis-centred view-frame joints (n, 24, 3)."""
-    inner = policy.get_base_model()
+    all), with their targets: 6D pose (n, 144) and view-frame joints (n, 24, 3)."""
     samples = data.PoseBenchTasks(split, cfg).eval_samples("image_to_pose")[:n]
-    states = []
-    for i in range(0, len(samples), batch):
-        b = data.collate(samples[i:i + batch], tokenizer, inner.num_image_tokens)
-        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
-        states.append(h.float())
-    return {"h": torch.cat(states),
-            "pose6d": torch.as_tensor(np.stack([s.pose6d for s in samples])).reshape(len(samples), -1).float(),
-            "joints": torch.as_tensor(np.stack([s.joints for s in samples])).float()}
-
-
-def centred(joints: torch.Tensor) -> torch.Tensor:
-    return joints - joints[:, :1]
-
-
-def distance_m(pred: torch.Tensor, gt: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-    """(N,) mean per-joint distance in metres of pelvis-centred joints, differentiable; with
-    aligned=True after the similarity alignment of PA-MPJPE (evaluate._procrustes_align)."""
-    pred, gt = centred(pred), centred(gt)
-    if aligned:
-        pred = E._procrustes_align(pred.double(), gt.double()).to(gt.dtype)
-    return (pred - gt).norm(dim=-1).mean(-1)
+    h, pose6d = train_sft.pose_states(policy, tokenizer, samples, "cpu")
+    return {"h": h, "pose6d": pose6d, "joints": torch.as_tensor(np.stack([s.joints for s in samples])).float()}
 
 
 def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperature: float = 0.3,
@@ -116,14 +94,14 @@ def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperatu
         p = M.tempered(dist, pose_temperature).rsample((samples,)).reshape(-1, mu.shape[-1])
         return -R.joint_reward(bodymodel.forward_rot6d(p).joints, joints.repeat(samples, 1, 1)).mean()
     if name == "eq7_true_root":
-        mu = torch.cat([pose6d[:, :ROOT_DIMS], mu[:, ROOT_DIMS:]], 1)
+        mu = torch.cat([pose6d[:, :M.ROOT_DIMS], mu[:, M.ROOT_DIMS:]], 1)
     pred = bodymodel.forward_rot6d(mu).joints
     if name in ("eq7", "eq7_true_root"):
-        return distance_m(pred, joints).mean()
+        return R.joint_distance_m(pred, joints).mean()
     if name == "pa":
-        return distance_m(pred, joints, aligned=True).mean()
+        return R.joint_distance_m(pred, joints, align="procrustes").mean()
     if name == "eq7+pa":
-        return (distance_m(pred, joints) + distance_m(pred, joints, aligned=True)).mean()
+        return (R.joint_distance_m(pred, joints) + R.joint_distance_m(pred, joints, align="procrustes")).mean()
     raise ValueError(f"objective_loss: unknown objective {name!r}; expected one of {OBJECTIVES}")
 
 
@@ -137,8 +115,8 @@ def val_metrics(head, val: dict, bodymodel) -> dict:
 @torch.no_grad()
 def root_error_deg(head, val: dict) -> torch.Tensor:
     """(n,) geodesic angle in degrees between the head's mean root rotation and the true one."""
-    r_pred = body.rot6d_to_matrix(head.distribution(val["h"]).mean[:, :ROOT_DIMS].double())
-    r_true = body.rot6d_to_matrix(val["pose6d"][:, :ROOT_DIMS].double())
+    r_pred = body.rot6d_to_matrix(head.distribution(val["h"]).mean[:, :M.ROOT_DIMS].double())
+    r_true = body.rot6d_to_matrix(val["pose6d"][:, :M.ROOT_DIMS].double())
     cos = ((r_pred.transpose(-1, -2) @ r_true).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 

@@ -37,30 +37,39 @@ REWARD_NAMES = ("joint", "semantic", "format", "text")
 JOINT_ALIGNMENTS = ("pelvis", "procrustes")
 
 
-def joint_reward(pred_joints: torch.Tensor, gt_joints: torch.Tensor, eps_m: float = 0.01,
-                 align: str = "pelvis") -> torch.Tensor:
-    """Eq. 7: R_joint = 1 / (||J_pred - J_gt|| + eps), the distance being the mean per-joint
-    Euclidean distance of pelvis-centred joints.
+def joint_distance_m(pred_joints: torch.Tensor, gt_joints: torch.Tensor, align: str = "pelvis") -> torch.Tensor:
+    """The distance inside Eq. 7: the mean per-joint Euclidean distance (metres) of pelvis-centred
+    joints; differentiable (probe.py follows its gradient).
 
     Args:
         pred_joints, gt_joints: (N, J, 3) metres (any frame, the same for both).
         align: "pelvis" (Eq. 7) or "procrustes", an ablation that is not the paper's: the
             prediction is first aligned to the ground truth by a similarity transform
-            (evaluate.procrustes_align), so a wrong global rotation costs nothing.
+            (body.similarity_align, PA-MPJPE's), so a wrong global rotation costs nothing.
+    Returns:
+        (N,) metres.
+    """
+    if align not in JOINT_ALIGNMENTS:
+        raise ValueError(f"joint_distance_m: align={align!r}, expected one of {JOINT_ALIGNMENTS}")
+    pred = body.check_tensor(pred_joints, "pred_joints", (body.NUM_JOINTS, 3), "joint_distance_m")
+    gt = body.check_tensor(gt_joints, "gt_joints", (body.NUM_JOINTS, 3), "joint_distance_m").to(pred)
+    if pred.shape != gt.shape:
+        raise ValueError(f"joint_distance_m: pred_joints {tuple(pred.shape)} and gt_joints {tuple(gt.shape)} differ")
+    pred, gt = pred - pred[:, :1], gt - gt[:, :1]
+    if align == "procrustes":
+        pred = body.similarity_align(pred.double(), gt.double()).to(pred.dtype)
+    return (pred - gt).norm(dim=-1).mean(-1)
+
+
+def joint_reward(pred_joints: torch.Tensor, gt_joints: torch.Tensor, eps_m: float = 0.01,
+                 align: str = "pelvis") -> torch.Tensor:
+    """Eq. 7: R_joint = 1 / (||J_pred - J_gt|| + eps), the distance being `joint_distance_m`
+    (pelvis-centred joints; align="procrustes" is the ablation described there).
+
     Returns:
         (N,) rewards in 1/metres.
     """
-    if align not in JOINT_ALIGNMENTS:
-        raise ValueError(f"joint_reward: align={align!r}, expected one of {JOINT_ALIGNMENTS}")
-    pred = body.check_tensor(pred_joints, "pred_joints", (body.NUM_JOINTS, 3), "joint_reward")
-    gt = body.check_tensor(gt_joints, "gt_joints", (body.NUM_JOINTS, 3), "joint_reward").to(pred)
-    if pred.shape != gt.shape:
-        raise ValueError(f"joint_reward: pred_joints {tuple(pred.shape)} and gt_joints {tuple(gt.shape)} differ")
-    pred, gt = pred - pred[:, :1], gt - gt[:, :1]
-    if align == "procrustes":
-        import evaluate  # evaluate imports this module
-        pred = evaluate.procrustes_align(pred, gt).to(pred.dtype)
-    return 1.0 / ((pred - gt).norm(dim=-1).mean(-1) + eps_m)
+    return 1.0 / (joint_distance_m(pred_joints, gt_joints, align) + eps_m)
 
 
 def semantic_reward(texts: Sequence[str], poses: torch.Tensor, retriever) -> torch.Tensor:

@@ -160,7 +160,6 @@ class Args:
                 setattr(self, k, v)
 
 
-ROOT_DIMS = 6  # the pose action's first 6D block is the global orientation (body.py)
 SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperature=0.3)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
@@ -210,7 +209,7 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     # Eq. 2: p_i ~ N(mu, Sigma) (HyGRPO); plain GRPO keeps the head's mean (Fig. 4's baseline)
     pose = dist.sample() if args.hybrid else dist.mean
     if not args.explore_root:  # --explore_root false: the root stays at the head's mean
-        pose[:, :ROOT_DIMS] = dist.mean[:, :ROOT_DIMS]
+        pose[:, :M.ROOT_DIMS] = dist.mean[:, :M.ROOT_DIMS]
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
     texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
@@ -267,7 +266,7 @@ def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True) -> torch.
     state, not part of the sampled action)."""
     if explore_root:
         return dist.log_prob(pose)
-    return M.marginal(dist, ROOT_DIMS).log_prob(pose[:, ROOT_DIMS:])
+    return M.marginal(dist, M.ROOT_DIMS).log_prob(pose[:, M.ROOT_DIMS:])
 
 
 @dataclass

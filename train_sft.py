@@ -429,6 +429,20 @@ def pose_loss(pose_dist, target, valid, args, n_poses: float):
     return args.pose_nll_weight * nll, args.l2_6d_weight * l2_6d
 
 
+@torch.no_grad()
+def pose_states(policy, tokenizer, samples, device, batch_size: int = 128):
+    """The teacher-forced `<POSE>` states of pose samples and their 6D targets: (N, D) float32 and
+    (N, P), on `device` (for fit_head, and for probe.py)."""
+    n_img = policy.get_base_model().num_image_tokens
+    states, targets = [], []
+    for i in range(0, len(samples), batch_size):
+        b = data.collate(samples[i:i + batch_size], tokenizer, n_img).to(device)
+        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        states.append(h.float())
+        targets.append(b.pose6d.reshape(len(h), -1))
+    return torch.cat(states), torch.cat(targets)
+
+
 def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     """Fit the pose head alone on cached `<POSE>` states of training poses, with the SFT pose loss.
 
@@ -437,21 +451,12 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     the view orientation that the states do carry (measured: a linear probe of the states beat the
     stage-1 head by 70 mm MPJPE on val).
     """
-    inner = policy.get_base_model()
-    n_img = inner.num_image_tokens
     per_task = args.head_fit_samples // 2
     samples = tasks.eval_samples("image_to_pose")[:per_task] + tasks.eval_samples("text_to_pose")[:per_task]
-    states, targets = [], []
     policy.eval()
-    with torch.no_grad():
-        for i in range(0, len(samples), 128):
-            b = data.collate(samples[i:i + 128], tokenizer, n_img).to(device)
-            _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
-            states.append(h.float())
-            targets.append(b.pose6d.reshape(len(h), -1))
+    states, targets = pose_states(policy, tokenizer, samples, device)
     policy.train()
-    states, targets = torch.cat(states), torch.cat(targets)  # (N, D), (N, P)
-    head = inner.pose_head
+    head = policy.get_base_model().pose_head
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed + 2)
