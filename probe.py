@@ -23,6 +23,8 @@ Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5).
 
 Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU):
     python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
+At RFT's own budget of image prompts (600 steps of about 3 states, 8 samples each; 45 s):
+    python probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
 """
 from __future__ import annotations
 
