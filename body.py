@@ -241,7 +241,7 @@ def pose_to_matrices(pose: torch.Tensor, num_joints: int, name: str, fn: str) ->
 
 def similarity_align(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Batched similarity Procrustes (Umeyama 1991): the alignment of PA-MPJPE. Differentiable;
-    no input checks (evaluate.procrustes_align validates, rewards.joint_distance_m too); use
+    no input checks (metrics.procrustes_align validates, rewards.joint_distance_m too); use
     float64 (a 3x3 SVD).
 
     Args:
@@ -602,7 +602,7 @@ def lsp14_from_vertices(vertices, regressor: np.ndarray) -> torch.Tensor:
 
 def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
     """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or data.HMR2ImageDataset.gt_lsp14),
-    no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: evaluate.pa_mpjpe_mm."""
+    no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: metrics.pa_mpjpe_mm."""
     p = check_tensor(pred, "pred", (14, 3), "lsp14_mpjpe_mm").double()
     g = check_tensor(gt, "gt", (14, 3), "lsp14_mpjpe_mm").double()
     if p.shape != g.shape:

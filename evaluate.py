@@ -1,15 +1,6 @@
-"""Evaluation of Pose-RFT (§4.1 "Metrics", Tables 1-3): the metric functions and the one
-evaluation code path used by train_sft.py, train_rft.py and `python evaluate.py --ckpt DIR`.
-
-Metrics:
-- Image-to-pose: MPJPE and PA-MPJPE, in millimetres. MPJPE is pelvis-aligned (joint 0
-  in the SMPL joint order); PA-MPJPE first applies a similarity Procrustes alignment
-  (rotation, uniform scale, translation) of the prediction onto the ground truth.
-- Text-to-pose: Recall@K, K = 5, 10, 20, in percent, for text-to-pose (T2P) and
-  pose-to-text (P2T) retrieval under the two protocols of PoseScript (Delmas et al.
-  2022): full retrieval (each query ranked among all N candidates,
-  `recall_at_k`) and random sampling (each query ranked among its match plus 31
-  randomly drawn others, `recall_at_k_random`).
+"""Evaluation of Pose-RFT (§4.1, Tables 1-3): the one code path that runs a policy through the
+paper's metrics (metrics.py: MPJPE, PA-MPJPE, Recall@K), used by train_sft.py, train_rft.py and
+`python evaluate.py --ckpt DIR`.
 
 `evaluate_policy` runs a policy on a split and returns these metric names (stable: the
 report, the README and metrics.jsonl's `test/*` use them):
@@ -57,11 +48,10 @@ Shape letters: N = samples (queries / candidates), J = joints, P = 144 pose dims
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Tuple, Union
+from typing import Dict, Iterable, Tuple
 
 import numpy as np
 import torch
@@ -70,319 +60,11 @@ import body
 import data
 import model as M
 import posebench
+import retrieval
 import rewards as R
+from metrics import mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
-
-__all__ = [
-    "mpjpe_mm",
-    "pa_mpjpe_mm",
-    "procrustes_align",
-    "recall_at_k",
-    "recall_at_k_random",
-    "evaluate_policy",
-    "evaluate_real",
-    "metric_keys",
-    "markdown_table",
-    "load_results",
-]
-
-M_TO_MM = 1000.0
-
-
-# --------------------------------------------------------------------------------------
-# Input validation
-# --------------------------------------------------------------------------------------
-def _shape(t: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(int(s) for s in t.shape)
-
-
-def _to_tensor(fn: str, name: str, x: ArrayLike) -> torch.Tensor:
-    """Converts a torch tensor / numpy array / nested list of reals to a real tensor.
-
-    Args:
-        fn: Name of the calling public function (for error messages).
-        name: Name of the argument (for error messages).
-        x: The value to convert.
-
-    Returns:
-        A real-valued tensor (floating dtypes kept, others cast to float64).
-
-    Raises:
-        ValueError: If `x` cannot be read as an array of real numbers.
-    """
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        try:
-            arr = np.asarray(x)
-            if arr.dtype == object:
-                raise TypeError("object array")
-            t = torch.as_tensor(arr)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(
-                f"{fn}: {name} must be a torch tensor or numpy array of real numbers, "
-                f"got {type(x).__name__} ({err})"
-            ) from None
-    if t.is_complex():
-        raise ValueError(f"{fn}: {name} has complex dtype {t.dtype} but expected real numbers")
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t
-
-
-def _check_finite(fn: str, name: str, t: torch.Tensor, expected: str) -> None:
-    """Raises ValueError if `t` holds NaN or inf, naming the argument and its shape."""
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int(bad.sum()) - n_nan
-        raise ValueError(
-            f"{fn}: {name} (shape {_shape(t)}) contains {n_nan} NaN and {n_inf} inf "
-            f"value(s) but expected finite {expected}"
-        )
-
-
-def _check_joints(fn: str, pred: ArrayLike, gt: ArrayLike) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validates a pair of joint arrays and returns them as float64 tensors.
-
-    Args:
-        fn: Name of the calling public function (for error messages).
-        pred: Predicted joints, (N, J, 3) metres.
-        gt: Ground-truth joints, (N, J, 3) metres.
-
-    Returns:
-        (pred, gt) as float64 tensors of shape (N, J, 3), on pred's device.
-
-    Raises:
-        ValueError: On a non-(N, J, 3) shape, empty N or J, a pred/gt shape mismatch,
-            or NaN/inf values; the message names the argument, the shape received and
-            the shape expected.
-    """
-    tensors = {"pred": _to_tensor(fn, "pred", pred), "gt": _to_tensor(fn, "gt", gt)}
-
-    def ok(t: torch.Tensor) -> bool:
-        return t.ndim == 3 and t.shape[2] == 3 and t.shape[0] >= 1 and t.shape[1] >= 1
-
-    for name, other in (("pred", "gt"), ("gt", "pred")):
-        t, o = tensors[name], tensors[other]
-        if not ok(t):
-            msg = f"{fn}: {name} has shape {_shape(t)} but expected (N, J, 3) with N >= 1, J >= 1"
-            if ok(o):
-                msg += f" and the same shape as {other} {_shape(o)}"
-            raise ValueError(msg)
-    p, g = tensors["pred"], tensors["gt"]
-    if p.shape != g.shape:
-        raise ValueError(
-            f"{fn}: pred has shape {_shape(p)} but expected the same shape as "
-            f"gt {_shape(g)} (both (N, J, 3))"
-        )
-    for name in ("pred", "gt"):
-        _check_finite(fn, name, tensors[name], "joint positions in metres")
-    return p.to(torch.float64), g.to(device=p.device, dtype=torch.float64)
-
-
-def _check_sim(fn: str, sim: ArrayLike) -> torch.Tensor:
-    """Validates a square similarity matrix.
-
-    Args:
-        fn: Name of the calling public function (for error messages).
-        sim: Similarity matrix, (N, N) queries x candidates.
-
-    Returns:
-        sim as a floating-point tensor of shape (N, N) (floating dtypes are kept).
-
-    Raises:
-        ValueError: If sim is not square 2-D with N >= 1, or holds NaN/inf.
-    """
-    s = _to_tensor(fn, "sim", sim)
-    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] < 1:
-        raise ValueError(
-            f"{fn}: sim has shape {_shape(s)} but expected a square (N, N) "
-            f"query x candidate similarity matrix with N >= 1"
-        )
-    _check_finite(fn, "sim", s, "similarities")
-    return s
-
-
-def _check_ks(fn: str, ks: Union[int, Iterable[int]]) -> Tuple[int, ...]:
-    """Validates the K values: a positive int or an iterable of positive ints."""
-    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
-        ks = (ks,)
-    try:
-        ks = tuple(ks)
-    except TypeError:
-        raise ValueError(f"{fn}: ks must be an int or a sequence of ints, got {ks!r}") from None
-    if not ks or not all(
-        isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in ks
-    ):
-        raise ValueError(f"{fn}: ks must be a non-empty sequence of ints >= 1, got {ks!r}")
-    return tuple(int(k) for k in ks)
-
-
-def _check_positive_int(fn: str, name: str, value: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {value!r}")
-    return int(value)
-
-
-# --------------------------------------------------------------------------------------
-# Image-to-pose: MPJPE / PA-MPJPE
-# --------------------------------------------------------------------------------------
-def mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
-    """Pelvis-aligned mean per-joint position error.
-
-    Joint 0 (the pelvis, SMPL joint order) is subtracted from every joint of pred and of
-    gt, then the Euclidean joint distances are averaged over joints.
-
-    Args:
-        pred: Predicted joints, (N, J, 3) metres (torch tensor or numpy array).
-        gt: Ground-truth joints, (N, J, 3) metres.
-
-    Returns:
-        Per-sample error, (N,) millimetres, float64 tensor.
-
-    Raises:
-        ValueError: On bad shapes or non-finite values.
-    """
-    p, g = _check_joints("mpjpe_mm", pred, gt)
-    p = p - p[:, :1]  # (N, J, 3) pelvis-relative, m
-    g = g - g[:, :1]
-    return torch.linalg.vector_norm(p - g, dim=-1).mean(dim=1) * M_TO_MM  # (N,) mm
-
-
-def procrustes_align(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
-    """Aligns pred to gt by a similarity transform (rotation, uniform scale, translation).
-
-    Batched Umeyama / Kabsch via SVD of the 3x3 cross-covariance, with the reflection fix
-    (the rotation always has det +1, so a mirrored pose is not aligned away).
-
-    Args:
-        pred: Predicted joints, (N, J, 3) metres (torch tensor or numpy array).
-        gt: Ground-truth joints, (N, J, 3) metres.
-
-    Returns:
-        Aligned pred, (N, J, 3) metres, float64 tensor.
-
-    Raises:
-        ValueError: On bad shapes or non-finite values.
-    """
-    p, g = _check_joints("procrustes_align", pred, gt)
-    return body.similarity_align(p, g)
-
-
-def pa_mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
-    """Procrustes-aligned mean per-joint position error.
-
-    Args:
-        pred: Predicted joints, (N, J, 3) metres (torch tensor or numpy array).
-        gt: Ground-truth joints, (N, J, 3) metres.
-
-    Returns:
-        Per-sample error after `procrustes_align`, (N,) millimetres, float64 tensor.
-
-    Raises:
-        ValueError: On bad shapes or non-finite values.
-    """
-    p, g = _check_joints("pa_mpjpe_mm", pred, gt)
-    aligned = body.similarity_align(p, g)  # (N, J, 3) m
-    return torch.linalg.vector_norm(aligned - g, dim=-1).mean(dim=1) * M_TO_MM  # (N,) mm
-
-
-# --------------------------------------------------------------------------------------
-# Text-to-pose: Recall@K
-# --------------------------------------------------------------------------------------
-def _recall_percent(ranks: torch.Tensor, ks: Tuple[int, ...]) -> Dict[int, float]:
-    """Percent of ranks (any shape, 0 = best) below each K."""
-    return {k: float((ranks < k).to(torch.float64).mean()) * 100.0 for k in ks}
-
-
-def recall_at_k(
-    sim: ArrayLike, ks: Union[int, Iterable[int]] = (5, 10, 20)
-) -> Dict[int, float]:
-    """Recall@K under the full-retrieval protocol.
-
-    Query i's true match is candidate i. Its rank is the number of candidates (among all
-    N) with a strictly greater similarity than the match, so ties count in the match's
-    favour; it is a hit at K if rank < K. For T2P pass sim[text, pose]; for P2T pass
-    its transpose.
-
-    Args:
-        sim: Similarity matrix, (N, N) queries x candidates (torch tensor or numpy array).
-        ks: The K values (ints >= 1).
-
-    Returns:
-        {K: recall in percent} as Python floats.
-
-    Raises:
-        ValueError: If sim is not square (N, N) with N >= 1, holds NaN/inf, or ks is bad.
-    """
-    fn = "recall_at_k"
-    s = _check_sim(fn, sim)
-    ks = _check_ks(fn, ks)
-    match = s.diagonal().unsqueeze(1)  # (N, 1)
-    ranks = (s > match).sum(dim=1)  # (N,)
-    return _recall_percent(ranks, ks)
-
-
-def recall_at_k_random(
-    sim: ArrayLike,
-    ks: Union[int, Iterable[int]] = (5, 10, 20),
-    n_candidates: int = 32,
-    n_repeats: int = 10,
-    seed: int = 0,
-) -> Dict[int, float]:
-    """Recall@K under PoseScript's random-sampling protocol.
-
-    Each query i is ranked among n_candidates candidates: its match (candidate i) plus
-    n_candidates - 1 others drawn without replacement from the other N - 1. Rank and hit
-    are as in `recall_at_k` (strictly greater similarities counted, hit if rank < K).
-
-    Sampling (exactly, so that it can be reproduced): g = torch.Generator() seeded with
-    `seed`; for each repeat r = 0..n_repeats-1 in turn,
-    u = torch.rand(N, N, generator=g, dtype=torch.float32) on the CPU, its diagonal set
-    to +inf, and query i's others are the first n_candidates - 1 entries of
-    torch.argsort(u[i], stable=True), i.e. the n_candidates - 1 smallest u[i, j], j != i,
-    ties broken by the smaller j. Memory is O(N^2) per repeat.
-
-    Args:
-        sim: Similarity matrix, (N, N) queries x candidates (torch tensor or numpy array).
-        ks: The K values (ints >= 1).
-        n_candidates: Candidates per query, the match included (PoseScript: 32).
-        n_repeats: Number of independent draws; recall is averaged over queries and
-            repeats.
-        seed: Seed of the torch.Generator.
-
-    Returns:
-        {K: recall in percent} as Python floats.
-
-    Raises:
-        ValueError: If sim is not square (N, N), holds NaN/inf, N < n_candidates, or
-            ks / n_candidates / n_repeats are bad.
-    """
-    fn = "recall_at_k_random"
-    s = _check_sim(fn, sim)
-    ks = _check_ks(fn, ks)
-    n_candidates = _check_positive_int(fn, "n_candidates", n_candidates)
-    n_repeats = _check_positive_int(fn, "n_repeats", n_repeats)
-    n = s.shape[0]
-    if n < n_candidates:
-        raise ValueError(
-            f"{fn}: sim has shape {_shape(s)}, i.e. N = {n}, but the random-sampling "
-            f"protocol ranks each query among n_candidates = {n_candidates} candidates "
-            f"and so needs N >= {n_candidates}"
-        )
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(seed))
-    match = s.diagonal().unsqueeze(1)  # (N, 1)
-    ranks = []
-    for _ in range(n_repeats):
-        u = torch.rand(n, n, generator=g, dtype=torch.float32)  # (N, N)
-        u.fill_diagonal_(float("inf"))
-        others = torch.argsort(u, dim=1, stable=True)[:, : n_candidates - 1]  # (N, C-1)
-        others = others.to(s.device)
-        ranks.append((s.gather(1, others) > match).sum(dim=1))  # (N,)
-    return _recall_percent(torch.stack(ranks), ks)  # over (n_repeats, N)
+__all__ = ["evaluate_policy", "evaluate_real", "metric_keys", "markdown_table", "load_results"]
 
 
 # --------------------------------------------------------------------------------------
@@ -558,8 +240,6 @@ def retrieval_metrics(name: str, retriever, text_emb: torch.Tensor, pose6d: torc
 def embed_captions(retrievers: dict, texts: list, device) -> dict:
     """{name: (N, D) phi_t(texts)}, what each retriever's embed_text returns, with the frozen
     sentence encoder run once per (encoder, precision) instead of once per retriever."""
-    import retrieval
-
     sent, out = {}, {}
     for name, r in retrievers.items():
         key = (r.cfg.text_encoder, r.cfg.encoder_bf16)
@@ -929,7 +609,6 @@ def real_eval_inputs(args: Args, device) -> dict:
     if problems:
         raise SystemExit("evaluate.py: real test sets: missing flags or files (nothing was loaded):\n  "
                          + "\n  ".join(problems))
-    import retrieval
     try:
         size = M.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
         out = {"image_sets": {n: data.HMR2ImageDataset(n, npz, img, size) for n, npz, img in sets}, "text_set": None}
@@ -980,7 +659,6 @@ def main(argv=None):
     master = rank == 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    import retrieval
     if real:
         inputs = real_eval_inputs(args, device)
     else:

@@ -39,7 +39,7 @@ import torch
 
 import body
 import data
-import evaluate as E
+import metrics
 import model as M
 import posebench
 import rewards as R
@@ -110,8 +110,8 @@ def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperatu
 @torch.no_grad()
 def val_metrics(head, val: dict, bodymodel) -> dict:
     pred = bodymodel.forward_rot6d(head.distribution(val["h"]).mean).joints
-    return {"mpjpe_mm": E.mpjpe_mm(pred, val["joints"]).mean().item(),
-            "pa_mpjpe_mm": E.pa_mpjpe_mm(pred, val["joints"]).mean().item()}
+    return {"mpjpe_mm": metrics.mpjpe_mm(pred, val["joints"]).mean().item(),
+            "pa_mpjpe_mm": metrics.pa_mpjpe_mm(pred, val["joints"]).mean().item()}
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import body
+import metrics
 import posebench
 
 POSE_FEATURES = ("rot6d", "joints")
@@ -510,13 +511,11 @@ def similarity_matrix(model: TextPoseRetriever, sent_emb: torch.Tensor, pose, ch
 
 def recall_table(sim: torch.Tensor, n_repeats: int = 10) -> dict:
     """Recall@5/10/20 in percent for T2P (sim) and P2T (sim.T), full and random-sampling protocols."""
-    import evaluate
-
     out = {}
     for direction, s in (("T2P", sim), ("P2T", sim.T)):
-        out[("full", direction)] = evaluate.recall_at_k(s)
+        out[("full", direction)] = metrics.recall_at_k(s)
         if s.shape[0] >= 32:
-            out[("random", direction)] = evaluate.recall_at_k_random(s, n_repeats=n_repeats)
+            out[("random", direction)] = metrics.recall_at_k_random(s, n_repeats=n_repeats)
     return out
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import body
 import data
+import retrieval
 
 VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,\s*[^.]+?\s*\.\s*")
 FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
@@ -105,8 +106,6 @@ class TextSimilarity:
     """
 
     def __init__(self, path: str = "", device: str = "cpu", cache_size: int = 100_000):
-        import retrieval
-
         self.encoder = retrieval.load_sentence_encoder(path, device)
         self.cache, self.cache_size = {}, cache_size  # text -> embedding: answers repeat (templates)
 

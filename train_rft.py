@@ -76,6 +76,7 @@ import data
 import hygrpo
 import model as M
 import posebench
+import retrieval
 import rewards as R
 import train_sft
 from evaluate import clean_answer, evaluate_policy, setup_distributed
@@ -420,7 +421,6 @@ def main(argv=None):
         have = "a deterministic (mean-only)" if inner.config.pose_head_deterministic else "a distributional"
         raise SystemExit(f"{args.sft_dir} has {have} pose head; pass --deterministic_head "
                          f"{str(inner.config.pose_head_deterministic).lower()} or use a matching SFT checkpoint")
-    import retrieval
     retriever = retrieval.load_retriever(args.reward_retriever, device)
     similarity = R.TextSimilarity(args.text_encoder, str(device))
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)

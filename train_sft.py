@@ -68,7 +68,8 @@ import body
 import data
 import model as M
 import posebench
-from evaluate import evaluate_policy, mpjpe_mm, setup_distributed
+from evaluate import evaluate_policy, setup_distributed
+from metrics import mpjpe_mm
 
 
 @dataclass

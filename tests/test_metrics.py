@@ -1,9 +1,9 @@
-"""Tests of the metric functions in evaluate.py, each against a slow reference written here."""
+"""Tests of the metric functions in metrics.py, each against a slow reference written here."""
 import numpy as np
 import pytest
 import torch
 
-from evaluate import (
+from metrics import (
     mpjpe_mm,
     pa_mpjpe_mm,
     procrustes_align,

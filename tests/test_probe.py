@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import body
-import evaluate
+import metrics
 import model
 import probe
 import rewards
@@ -28,8 +28,8 @@ def setup():
 def test_objectives_match_the_metrics(setup):
     bm, head, h, true6d, joints = setup
     pred = bm.forward_rot6d(head.distribution(h).mean).joints
-    mpjpe = evaluate.mpjpe_mm(pred.detach(), joints).mean().item() / 1000
-    pa = evaluate.pa_mpjpe_mm(pred.detach(), joints).mean().item() / 1000
+    mpjpe = metrics.mpjpe_mm(pred.detach(), joints).mean().item() / 1000
+    pa = metrics.pa_mpjpe_mm(pred.detach(), joints).mean().item() / 1000
     loss = lambda name: probe.objective_loss(name, head, h, true6d, joints, bm).item()  # noqa: E731
     assert loss("eq7") == pytest.approx(mpjpe, rel=1e-5)
     assert loss("pa") == pytest.approx(pa, rel=1e-5)
@@ -38,7 +38,7 @@ def test_objectives_match_the_metrics(setup):
     # the true root substituted: the same as eq7 on a pose whose root is the truth's
     mu = head.distribution(h).mean.detach()
     swapped = bm.forward_rot6d(torch.cat([true6d[:, :6], mu[:, 6:]], 1)).joints
-    assert loss("eq7_true_root") == pytest.approx(evaluate.mpjpe_mm(swapped, joints).mean().item() / 1000, rel=1e-5)
+    assert loss("eq7_true_root") == pytest.approx(metrics.mpjpe_mm(swapped, joints).mean().item() / 1000, rel=1e-5)
     with pytest.raises(ValueError, match="unknown objective"):
         loss("mpjpe")
 

@@ -4,6 +4,7 @@ import torch
 
 import body
 import data
+import metrics
 import rewards
 
 
@@ -27,7 +28,6 @@ def test_joint_reward_by_hand():
 def test_joint_reward_procrustes_ablation():
     """--joint_reward_align procrustes: 1 / (PA-MPJPE in metres + eps), so a rotated, scaled and
     shifted copy of the ground truth is perfect while Eq. 7 penalises it."""
-    import evaluate
     torch.manual_seed(0)
     gt = 0.3 * torch.randn(3, 24, 3, dtype=torch.float64)
     c, s = 0.6, 0.8
@@ -38,7 +38,7 @@ def test_joint_reward_procrustes_ablation():
     r = rewards.joint_reward(pred, gt, align="procrustes")
     assert r[0].item() == pytest.approx(100.0, rel=1e-6)
     assert rewards.joint_reward(pred, gt)[0] < 10  # Eq. 7 (pelvis) does see the rotation
-    ref = 1 / (evaluate.pa_mpjpe_mm(pred, gt) / 1000 + 0.01)  # evaluate.pa_mpjpe_mm has its own loop test
+    ref = 1 / (metrics.pa_mpjpe_mm(pred, gt) / 1000 + 0.01)  # metrics.pa_mpjpe_mm has its own loop test
     assert torch.allclose(r, ref, rtol=1e-6)
     with pytest.raises(ValueError, match="align='root'"):
         rewards.joint_reward(pred, gt, align="root")
