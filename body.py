@@ -601,7 +601,7 @@ def lsp14_from_vertices(vertices, regressor: np.ndarray) -> torch.Tensor:
 
 
 def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
-    """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or data.HMR2ImageDataset.gt_lsp14),
+    """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or realdata.HMR2ImageDataset.gt_lsp14),
     no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: metrics.pa_mpjpe_mm."""
     p = check_tensor(pred, "pred", (14, 3), "lsp14_mpjpe_mm").double()
     g = check_tensor(gt, "gt", (14, 3), "lsp14_mpjpe_mm").double()

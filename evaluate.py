@@ -26,7 +26,7 @@ Real test sets (`evaluate_real`; the llava-1.5-7b preset, or any checkpoint give
                                                  protocol, the 14 LSP joints regressed (--joint_regressor)
                                                  from the SMPL mesh (--smpl_path, mean shape) of the head's
                                                  mean pose, minus the regressor's pelvis, against the npz's
-                                                 extra_keypoints_3d (data.HMR2ImageDataset.gt_lsp14)
+                                                 extra_keypoints_3d (realdata.HMR2ImageDataset.gt_lsp14)
     text_to_pose/PoseScript-H2/{r}_retriever/{protocol}/R{dir}@{K}
                                                  Recall@K as above, on PoseScript's human-captioned test
                                                  poses (--posescript_dir, --amass_dir)
@@ -60,6 +60,7 @@ import body
 import data
 import model as M
 import posebench
+import realdata
 import retrieval
 import rewards as R
 from metrics import mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random
@@ -330,8 +331,8 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
 
     Args:
         policy, tokenizer: as `evaluate_policy`.
-        image_sets: {NAME: data.HMR2ImageDataset} cropped at the CLIP tower's input size (3DPW, H36M).
-        text_set: data.PoseScript(root, amass, "test", captions=("human",)) (PoseScript-H2), or None.
+        image_sets: {NAME: realdata.HMR2ImageDataset} cropped at the CLIP tower's input size (3DPW, H36M).
+        text_set: realdata.PoseScript(root, amass, "test", captions=("human",)) (PoseScript-H2), or None.
         bodymodel: body.BodyModel on `device` (SMPL, posed with the mean shape). regressor: (17 or 19, V)
             `body.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
         retrievers: {name: TextPoseRetriever} for the text set's Recall@K (none: no recall fields).
@@ -529,14 +530,14 @@ class Args:
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
     # real test sets (README, "Real runs on GPUs"): any of these, or a llava-1.5-7b checkpoint, selects evaluate_real
     eval_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose test sets as NAME=NPZ=IMAGE_DIR (3DPW, H36M): {data.HMR2_DATA_SOURCE}"})
+        "help": f"image-to-pose test sets as NAME=NPZ=IMAGE_DIR (3DPW, H36M): {realdata.HMR2_DATA_SOURCE}"})
     joint_regressor: str = field(default="", metadata={
         "help": f"mesh -> evaluation joints, for --eval_npz: {REGRESSOR_SOURCE}"})
     smpl_path: str = field(default="", metadata={
         "help": f"the SMPL model file the regressor reads, for --eval_npz: {SMPL_SOURCE}"})
     posescript_dir: str = field(default="", metadata={
-        "help": f"text-to-pose test (PoseScript-H2): {data.POSESCRIPT_SOURCE}"})
-    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+        "help": f"text-to-pose test (PoseScript-H2): {realdata.POSESCRIPT_SOURCE}"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
     max_samples: int = field(default=0, metadata={"help": "real test sets: the first N samples of each (0: all)"})
 
 
@@ -593,14 +594,14 @@ def real_eval_inputs(args: Args, device) -> dict:
                             "3DPW=3dpw_test.npz=/data/3DPW")
             continue
         names.append(parts[0])
-        need("eval_npz", parts[1], data.HMR2_DATA_SOURCE)
+        need("eval_npz", parts[1], realdata.HMR2_DATA_SOURCE)
         need("eval_npz", parts[2], f"the {parts[0]} images", is_dir=True)
     if args.eval_npz:
         need("joint_regressor", args.joint_regressor, REGRESSOR_SOURCE)
         need("smpl_path", args.smpl_path, f"the regressor reads the licensed SMPL model's mesh, {SMPL_SOURCE}")
     if args.posescript_dir or args.amass_dir:
-        need("posescript_dir", args.posescript_dir, data.POSESCRIPT_SOURCE, is_dir=True)
-        need("amass_dir", args.amass_dir, data.AMASS_SOURCE, is_dir=True)
+        need("posescript_dir", args.posescript_dir, realdata.POSESCRIPT_SOURCE, is_dir=True)
+        need("amass_dir", args.amass_dir, realdata.AMASS_SOURCE, is_dir=True)
         for flag in ("eval_retriever", "reward_retriever"):
             need(flag, getattr(args, flag), "train it with `python retrieval.py`", is_dir=True)
     if not (args.eval_npz or args.posescript_dir or args.amass_dir):
@@ -611,7 +612,7 @@ def real_eval_inputs(args: Args, device) -> dict:
                          + "\n  ".join(problems))
     try:
         size = M.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
-        out = {"image_sets": {n: data.HMR2ImageDataset(n, npz, img, size) for n, npz, img in sets}, "text_set": None}
+        out = {"image_sets": {n: realdata.HMR2ImageDataset(n, npz, img, size) for n, npz, img in sets}, "text_set": None}
         for ds in out["image_sets"].values():
             ds.gt_lsp14()  # its ground truth is there
         if args.eval_npz:
@@ -622,10 +623,10 @@ def real_eval_inputs(args: Args, device) -> dict:
                                  f"but --smpl_path {args.smpl_path} has {out['bodymodel'].num_vertices}; pass the "
                                  f"SMPL model the regressor was made for (the official one has 6890), {SMPL_SOURCE}")
         if args.posescript_dir:
-            out["text_set"] = data.PoseScript(args.posescript_dir, args.amass_dir, args.split, captions=("human",))
+            out["text_set"] = realdata.PoseScript(args.posescript_dir, args.amass_dir, args.split, captions=("human",))
             out["retrievers"] = {k: retrieval.load_retriever(getattr(args, f"{k}_retriever"), device)
                                  for k in ("eval", "reward")}
-    except (FileNotFoundError, ValueError) as e:  # data.DataFormatError is a ValueError
+    except (FileNotFoundError, ValueError) as e:  # realdata.DataFormatError is a ValueError
         raise SystemExit(f"evaluate.py: {e}") from None
     return out
 

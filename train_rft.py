@@ -60,9 +60,7 @@ Run:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -76,6 +74,7 @@ import data
 import hygrpo
 import model as M
 import posebench
+import realdata
 import retrieval
 import rewards as R
 import train_sft
@@ -143,13 +142,13 @@ class Args:
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file (https://smpl.is.tue.mpg.de): joints of the joint reward and the real "
                 "targets ('' : procedural; required for llava-1.5-7b)"})
-    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {data.POSESCRIPT_SOURCE}, unzipped"})
-    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
     image_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {data.HMR2_DATA_SOURCE}"})
-    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {data.BEDLAM_SCRIPT_SOURCE}"})
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {realdata.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
     bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
-    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {data.LLAVA_INSTRUCT_SOURCE}"})
+    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {realdata.LLAVA_INSTRUCT_SOURCE}"})
     coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
     real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
         "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})

@@ -68,6 +68,7 @@ import body
 import data
 import model as M
 import posebench
+import realdata
 from evaluate import evaluate_policy, setup_distributed
 from metrics import mpjpe_mm
 
@@ -131,13 +132,13 @@ class Args:
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {M.HMR2_SOURCE}"})
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file for the real targets' joints (https://smpl.is.tue.mpg.de; '' : procedural)"})
-    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {data.POSESCRIPT_SOURCE}, unzipped"})
-    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {data.AMASS_SOURCE}"})
+    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
     image_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {data.HMR2_DATA_SOURCE}"})
-    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {data.BEDLAM_SCRIPT_SOURCE}"})
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {realdata.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
     bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
-    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {data.LLAVA_INSTRUCT_SOURCE}"})
+    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {realdata.LLAVA_INSTRUCT_SOURCE}"})
     coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
     real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
         "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
@@ -170,9 +171,9 @@ def check_real_assets(args, script: str) -> None:
     if script == "sft":
         need("llava_path", args.llava_path, M.LLAVA_SOURCE, inside="config.json")
         need("hmr2_ckpt", args.hmr2_ckpt, M.HMR2_SOURCE)
-    pairs = [("posescript_dir", "amass_dir", data.POSESCRIPT_SOURCE, data.AMASS_SOURCE),
-             ("bedlam_script_dir", "bedlam_img_dir", data.BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
-             ("llava_instruct_json", "coco_dir", data.LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]
+    pairs = [("posescript_dir", "amass_dir", realdata.POSESCRIPT_SOURCE, realdata.AMASS_SOURCE),
+             ("bedlam_script_dir", "bedlam_img_dir", realdata.BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
+             ("llava_instruct_json", "coco_dir", realdata.LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]
     for a, b, src_a, src_b in pairs:
         if getattr(args, a) or getattr(args, b):
             need(a, getattr(args, a), src_a, is_dir=a.endswith("_dir"))
@@ -182,7 +183,7 @@ def check_real_assets(args, script: str) -> None:
         if len(parts) != 3:
             problems.append(f"--image_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, e.g. H36M=h36m_train.npz=/data/h36m")
             continue
-        need("image_npz", parts[1], data.HMR2_DATA_SOURCE)
+        need("image_npz", parts[1], realdata.HMR2_DATA_SOURCE)
         need("image_npz", parts[2], f"the {parts[0]} images", is_dir=True)
     if not (args.posescript_dir or args.image_npz or args.bedlam_script_dir or args.llava_instruct_json):
         problems.append("no training data: give at least one of --posescript_dir (+ --amass_dir), --image_npz, "
@@ -200,26 +201,26 @@ def check_real_assets(args, script: str) -> None:
         raise SystemExit(f"--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
 
 
-def real_tasks(args, image_size: int, bodymodel, seed: int) -> data.Mixture:
+def real_tasks(args, image_size: int, bodymodel, seed: int) -> realdata.Mixture:
     """The real-data training mixture of the data flags: PoseScript (text-to-pose), HMR2.0-style
     npz sets (image-to-pose), BEDLAM-Script (image -> description), LLaVA-Instruct (VQA), weighted
     by --real_mix per kind and by size within a kind."""
     kinds = {"text_to_pose": [], "image_to_pose": [], "image_text": [], "vqa": []}
     if args.posescript_dir:
-        kinds["text_to_pose"].append(data.PoseScript(args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel,
+        kinds["text_to_pose"].append(realdata.PoseScript(args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel,
                                                      seed=seed))
     for entry in args.image_npz:
         name, npz, img_dir = entry.split("=")
-        kinds["image_to_pose"].append(data.HMR2ImageDataset(name, npz, img_dir, image_size, bodymodel, seed=seed))
+        kinds["image_to_pose"].append(realdata.HMR2ImageDataset(name, npz, img_dir, image_size, bodymodel, seed=seed))
     if args.bedlam_script_dir:
-        kinds["image_text"].append(data.BEDLAMScript(args.bedlam_script_dir, args.bedlam_img_dir, "training",
+        kinds["image_text"].append(realdata.BEDLAMScript(args.bedlam_script_dir, args.bedlam_img_dir, "training",
                                                      image_size=image_size, seed=seed))
     if args.llava_instruct_json:
-        kinds["vqa"].append(data.LLaVAInstruct(args.llava_instruct_json, args.coco_dir, image_size))
+        kinds["vqa"].append(realdata.LLaVAInstruct(args.llava_instruct_json, args.coco_dir, image_size))
     if len(args.real_mix) != len(kinds):
         raise SystemExit(f"--real_mix needs {len(kinds)} weights ({', '.join(kinds)}), got {args.real_mix}")
     parts = [(d, w * len(d) / sum(len(x) for x in ds)) for w, ds in zip(args.real_mix, kinds.values()) for d in ds]
-    return data.Mixture(parts, length=sum(len(d) for d, _ in parts), seed=seed)
+    return realdata.Mixture(parts, length=sum(len(d) for d, _ in parts), seed=seed)
 
 
 def use_gradient_checkpointing(args) -> bool:

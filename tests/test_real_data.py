@@ -12,6 +12,7 @@ from PIL import Image
 
 import body
 import data
+import realdata
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -86,7 +87,7 @@ def posescript(tmp_path):
 
 def test_posescript_targets_captions_and_splits(posescript):
     root, amass, seqs = posescript
-    ds = data.PoseScript(root, amass, "train", seed=1)
+    ds = realdata.PoseScript(root, amass, "train", seed=1)
     assert len(ds) == 2 and ds.ids == [0, 1]  # pose 3 has no caption: left out, as PoseScript does
     assert ds.captions[1] == ["The person walks.", "Right arm forward."]  # human + automatic
     a = ds.pose_aa(0)
@@ -98,10 +99,10 @@ def test_posescript_targets_captions_and_splits(posescript):
     expected6d = data.pose_aa_to_6d(a[None])[0]
     assert np.allclose(s.pose6d, expected6d, atol=1e-6) and s.joints is None and s.image is None
     assert ds[0].prompt == s.prompt  # sample i depends on (seed, i) only
-    h2 = data.PoseScript(root, amass, "test", captions=("human",))  # PoseScript-H2 test
+    h2 = realdata.PoseScript(root, amass, "test", captions=("human",))  # PoseScript-H2 test
     assert h2.ids == [2] and h2.captions == [["Arms up."]]
     # joints through a body model; the y-up frame makes an upright root the identity
-    up = data.PoseScript(root, amass, "train", bodymodel=body.BodyModel(), y_up=True)
+    up = realdata.PoseScript(root, amass, "train", bodymodel=body.BodyModel(), y_up=True)
     j = up.sample(0).joints
     assert j.shape == (24, 3) and np.allclose(j[0], 0)
     assert np.allclose(mat(ds.pose_aa(1)[0]), rot("x", np.pi / 2), atol=1e-6)  # upright, facing PoseScript's way
@@ -111,36 +112,36 @@ def test_posescript_targets_captions_and_splits(posescript):
 def test_posescript_errors_name_dataset_file_record(posescript, tmp_path):
     root, amass, _ = posescript
     with pytest.raises(FileNotFoundError, match="PoseScript: release directory .*posescript_release_v2.zip"):
-        data.PoseScript(str(tmp_path / "nowhere"), amass)
+        realdata.PoseScript(str(tmp_path / "nowhere"), amass)
     with pytest.raises(FileNotFoundError, match="PoseScript: AMASS directory .*amass.is.tue.mpg.de"):
-        data.PoseScript(root, str(tmp_path / "no_amass"))
+        realdata.PoseScript(root, str(tmp_path / "no_amass"))
     ids_file = os.path.join(root, "ids_2_dataset_sequence_and_frame_index_100k.json")
     ids = json.load(open(ids_file))
     json.dump({**ids, "1": ["BABEL", "x.npz", 0]}, open(ids_file, "w"))
-    with pytest.raises(data.DataFormatError, match=r"ids_2_.*record '1'.*dataset 'BABEL' unknown"):
-        data.PoseScript(root, amass)
+    with pytest.raises(realdata.DataFormatError, match=r"ids_2_.*record '1'.*dataset 'BABEL' unknown"):
+        realdata.PoseScript(root, amass)
     json.dump({k: v for k, v in ids.items() if k != "1"}, open(ids_file, "w"))
-    with pytest.raises(data.DataFormatError, match="record '1'.*missing"):
-        data.PoseScript(root, amass)
+    with pytest.raises(realdata.DataFormatError, match="record '1'.*missing"):
+        realdata.PoseScript(root, amass)
     json.dump({**ids, "1": ["AMASS", "KIT/3/walk_poses.npz"]}, open(ids_file, "w"))
-    with pytest.raises(data.DataFormatError, match=r"record '1'.*expected \[\"AMASS\""):
-        data.PoseScript(root, amass)
+    with pytest.raises(realdata.DataFormatError, match=r"record '1'.*expected \[\"AMASS\""):
+        realdata.PoseScript(root, amass)
     json.dump({**ids, "1": ["AMASS", "KIT/3/walk_poses.npz", 7]}, open(ids_file, "w"))
-    with pytest.raises(data.DataFormatError, match="walk_poses.npz, record 1: frame 7 out of range for 3 frames"):
-        data.PoseScript(root, amass).pose_aa(1)
+    with pytest.raises(realdata.DataFormatError, match="walk_poses.npz, record 1: frame 7 out of range for 3 frames"):
+        realdata.PoseScript(root, amass).pose_aa(1)
     json.dump({**ids, "1": ["AMASS", "KIT/3/gone_poses.npz", 0]}, open(ids_file, "w"))
     with pytest.raises(FileNotFoundError, match="AMASS sequence of pose 1 .*gone_poses.npz"):
-        data.PoseScript(root, amass).pose_aa(1)
+        realdata.PoseScript(root, amass).pose_aa(1)
     json.dump(ids, open(ids_file, "w"))
     np.savez(os.path.join(amass, "KIT/3/walk_poses.npz"), poses=np.zeros((3, 165)))  # SMPL-X, not SMPL+H
-    with pytest.raises(data.DataFormatError, match=r"walk_poses.npz: 'poses' has shape \(3, 165\); expected \(T, 156\)"):
-        data.PoseScript(root, amass).pose_aa(1)
+    with pytest.raises(realdata.DataFormatError, match=r"walk_poses.npz: 'poses' has shape \(3, 165\); expected \(T, 156\)"):
+        realdata.PoseScript(root, amass).pose_aa(1)
     (tmp_path / "posescript_release" / "posescript_auto_100k.json").write_text('{"0": 5}')
-    with pytest.raises(data.DataFormatError, match="posescript_auto_100k.json, record '0'"):
-        data.PoseScript(root, amass)
+    with pytest.raises(realdata.DataFormatError, match="posescript_auto_100k.json, record '0'"):
+        realdata.PoseScript(root, amass)
     (tmp_path / "posescript_release" / "posescript_auto_100k.json").write_text('{"0": ["a"')
-    with pytest.raises(data.DataFormatError, match="not valid JSON"):
-        data.PoseScript(root, amass)
+    with pytest.raises(realdata.DataFormatError, match="not valid JSON"):
+        realdata.PoseScript(root, amass)
 
 
 # ---- HMR2.0-style image npz -------------------------------------------------------------------
@@ -149,13 +150,13 @@ def test_posescript_errors_name_dataset_file_record(posescript, tmp_path):
 def test_crop_person_is_hmr2s_window():
     img = coord_image()
     # a tall 60 x 120 box expands to 90 x 120 (3 : 4); the square crop has side 120
-    out = data.crop_person(img, (100, 90), (60, 120), 120)
+    out = realdata.crop_person(img, (100, 90), (60, 120), 120)
     assert out.shape == (120, 120, 3)
     assert (out[:, :, 0] == np.arange(40, 160)[None, :]).all() and (out[:, :, 1] == np.arange(30, 150)[:, None]).all()
     # a wide box: 120 x 30 -> 120 x 160, side 160; outside the image is black
-    out = data.crop_person(img, (20, 20), (120, 30), 160)
+    out = realdata.crop_person(img, (20, 20), (120, 30), 160)
     assert (out[0, :, 2] == 0).all() and (out[100, 100] == [100 - 60, 100 - 60, 77]).all()
-    assert data.expand_to_aspect(np.array([[60, 120], [120, 30]])).tolist() == [[90, 120], [120, 160]]
+    assert realdata.expand_to_aspect(np.array([[60, 120], [120, 30]])).tolist() == [[90, 120], [120, 160]]
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ def hmr2(tmp_path):
 
 def test_hmr2_npz_samples_and_gt_joints(hmr2):
     npz, imgs, arrays = hmr2
-    ds = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=64, bodymodel=body.BodyModel())
+    ds = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=64, bodymodel=body.BodyModel())
     assert len(ds) == 2  # record 1 has no pose (has_body_pose 0)
     s = ds[1]
     assert s.task == "image_to_pose" and s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
@@ -192,16 +193,16 @@ def test_hmr2_npz_samples_and_gt_joints(hmr2):
     kp = arrays["extra_keypoints_3d"][[0, 2], :, :3]
     assert gt.shape == (2, 14, 3) and np.allclose(gt[1, 13], kp[1, 18] - kp[1, 14])
     # the crop: centre (100, 80), a 120-px box -> square 160 (the box expanded to 120 x 160)
-    big = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
+    big = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
     assert big.image[80, 80, 0] == 100 and big.image[80, 80, 1] == 80
     # SPIN-style scale (box / 200) gives the same crop
     np.savez(npz, **{**arrays, "scale": arrays["scale"] / 200})
-    spin = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=160, scale_in_200px=True).sample(0)
+    spin = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160, scale_in_200px=True).sample(0)
     assert np.array_equal(spin.image, big.image)
     # SPIN's own field names (pose, shape, has_smpl; scale / 200) read as the same sample
     np.savez(npz, imgname=arrays["imgname"], center=arrays["center"], scale=arrays["scale"] / 200,
              pose=arrays["body_pose"], shape=arrays["betas"], has_smpl=arrays["has_body_pose"], part=np.zeros((3, 24, 3)))
-    spin = data.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
+    spin = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
     assert np.array_equal(spin.image, big.image) and np.allclose(spin.pose6d, big.pose6d)
     b = data.collate([s, ds[0]], TOK, 4)  # real samples collate like posebench ones
     assert b.pixel_values.shape == (2, 3, 64, 64) and b.pose_valid.all()
@@ -210,29 +211,29 @@ def test_hmr2_npz_samples_and_gt_joints(hmr2):
 def test_hmr2_npz_errors(hmr2, tmp_path):
     npz, imgs, arrays = hmr2
     with pytest.raises(FileNotFoundError, match="H36M: annotation file .*h36m.npz not found"):
-        data.HMR2ImageDataset("H36M", str(tmp_path / "h36m.npz"), imgs)
+        realdata.HMR2ImageDataset("H36M", str(tmp_path / "h36m.npz"), imgs)
     with pytest.raises(FileNotFoundError, match="3DPW: image directory"):
-        data.HMR2ImageDataset("3DPW", npz, str(tmp_path / "no_images"))
+        realdata.HMR2ImageDataset("3DPW", npz, str(tmp_path / "no_images"))
     np.savez(npz, **{k: v for k, v in arrays.items() if k != "center"})
-    with pytest.raises(data.DataFormatError, match=r"3DPW: .*3dpw_test.npz: missing \['center'\].*expected imgname"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)
+    with pytest.raises(realdata.DataFormatError, match=r"3DPW: .*3dpw_test.npz: missing \['center'\].*expected imgname"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "body_pose": arrays["body_pose"][:, :69]})
-    with pytest.raises(data.DataFormatError, match=r"body_pose has shape \(3, 69\); expected \(3, 72\)"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)
+    with pytest.raises(realdata.DataFormatError, match=r"body_pose has shape \(3, 69\); expected \(3, 72\)"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "extra_keypoints_3d": arrays["extra_keypoints_3d"][..., :3]})
-    with pytest.raises(data.DataFormatError, match=r"extra_keypoints_3d has shape \(3, 19, 3\); expected \(3, 19, 4\)"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)
+    with pytest.raises(realdata.DataFormatError, match=r"extra_keypoints_3d has shape \(3, 19, 3\); expected \(3, 19, 4\)"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "has_body_pose": np.ones(3)})
     with pytest.raises(FileNotFoundError, match="3DPW: image .*none.png of record 1 of .*3dpw_test.npz not found"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)[1]
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)[1]
     bad = arrays["body_pose"].copy()
     bad[0, 5] = np.nan
     np.savez(npz, **{**arrays, "body_pose": bad})
-    with pytest.raises(data.DataFormatError, match="3dpw_test.npz, record 0 .*non-finite"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)[0]
+    with pytest.raises(realdata.DataFormatError, match="3dpw_test.npz, record 0 .*non-finite"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)[0]
     np.savez(npz, **{**arrays, "has_body_pose": np.zeros(3)})
-    with pytest.raises(data.DataFormatError, match="no record has has_body_pose"):
-        data.HMR2ImageDataset("3DPW", npz, imgs)
+    with pytest.raises(realdata.DataFormatError, match="no record has has_body_pose"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
 
 
 # ---- BEDLAM-Script ------------------------------------------------------------------------------
@@ -269,20 +270,20 @@ def bedlam(tmp_path):
 
 def test_bedlam_script_describe_and_pose(bedlam):
     proc, imgs, ann, a, c = bedlam
-    ds = data.BEDLAMScript(proc, imgs, "train", image_size=64)
+    ds = realdata.BEDLAMScript(proc, imgs, "train", image_size=64)
     assert [it[0] for it in ds.items] == [a, c]  # sorted image paths, selected humans only
     s = ds.sample(0, caption=1)
-    assert s.task == "vqa" and s.answer == "A0b" and s.prompt == data.DESCRIBE_PROMPT and s.pose6d is None
+    assert s.task == "vqa" and s.answer == "A0b" and s.prompt == realdata.DESCRIBE_PROMPT and s.pose6d is None
     assert s.image.shape == (64, 64, 3)
     top = ds.sample(1).image  # the closeup, turned back: its white band is now at the top
     assert top[:8].mean() > top[-8:].mean() + 50
-    p = data.BEDLAMScript(proc, imgs, "training", task="image_to_pose", image_size=64).sample(0)
+    p = realdata.BEDLAMScript(proc, imgs, "training", task="image_to_pose", image_size=64).sample(0)
     h = ann[a][0]
     want = np.zeros((1, 24, 3))
     want[0, 0], want[0, 1:22] = h["smplx_root_cam"], h["smplx_body_pose"].reshape(21, 3)
     assert p.task == "image_to_pose" and np.allclose(p.pose6d, data.pose_aa_to_6d(want)[0], atol=1e-6)
     # the crop centre is the tight box's centre: (100, 60) in R = x, G = y
-    big = data.BEDLAMScript(proc, imgs, "training", image_size=176).sample(0).image
+    big = realdata.BEDLAMScript(proc, imgs, "training", image_size=176).sample(0).image
     assert abs(int(big[88, 88, 0]) - 100) <= 1 and abs(int(big[88, 88, 1]) - 60) <= 1
 
 
@@ -291,27 +292,27 @@ def test_bedlam_script_errors(bedlam, tmp_path):
     sel_path = os.path.join(proc, "imgpaths_bedlam_to_selected_human_index_training_try.pkl")
     sel = pickle.load(open(sel_path, "rb"))
     pickle.dump({**sel, a: [5]}, open(sel_path, "wb"))
-    with pytest.raises(data.DataFormatError, match="BEDLAM-Script: .*selected_human_index.*human index 5 out of range"):
-        data.BEDLAMScript(proc, imgs)
+    with pytest.raises(realdata.DataFormatError, match="BEDLAM-Script: .*selected_human_index.*human index 5 out of range"):
+        realdata.BEDLAMScript(proc, imgs)
     pickle.dump({k: v for k, v in sel.items() if k != "criteria"}, open(sel_path, "wb"))
-    with pytest.raises(data.DataFormatError, match="record 'criteria'.*scale_factor"):
-        data.BEDLAMScript(proc, imgs)
+    with pytest.raises(realdata.DataFormatError, match="record 'criteria'.*scale_factor"):
+        realdata.BEDLAMScript(proc, imgs)
     pickle.dump(sel, open(sel_path, "wb"))
     ann_path = os.path.join(proc, "bedlam_training_try.pkl")
     broken = {**ann, a: [{k: v for k, v in ann[a][0].items() if k != "smplx_tight_bbox"}]}
     pickle.dump(broken, open(ann_path, "wb"))
-    with pytest.raises(data.DataFormatError, match=r"bedlam_training_try.pkl, record '.*human 0'.*missing \['smplx_tight_bbox'\]"):
-        data.BEDLAMScript(proc, imgs)
+    with pytest.raises(realdata.DataFormatError, match=r"bedlam_training_try.pkl, record '.*human 0'.*missing \['smplx_tight_bbox'\]"):
+        realdata.BEDLAMScript(proc, imgs)
     import datetime
     pickle.dump({a: [ann[a][0]], "when": datetime.date(2024, 1, 1)}, open(ann_path, "wb"))
-    with pytest.raises(data.DataFormatError, match="holds a datetime.date object"):
-        data.BEDLAMScript(proc, imgs)
+    with pytest.raises(realdata.DataFormatError, match="holds a datetime.date object"):
+        realdata.BEDLAMScript(proc, imgs)
     pickle.dump(ann, open(ann_path, "wb"))
     pickle.dump({0: ["A0"]}, open(os.path.join(proc, "bedlam_training_3caps_try.pkl"), "wb"))
-    with pytest.raises(data.DataFormatError, match="3caps_try.pkl, record 1: expected a list of captions"):
-        data.BEDLAMScript(proc, imgs)
+    with pytest.raises(realdata.DataFormatError, match="3caps_try.pkl, record 1: expected a list of captions"):
+        realdata.BEDLAMScript(proc, imgs)
     with pytest.raises(FileNotFoundError, match="BEDLAM-Script: file .*bedlam_validation_try.pkl not found.*poseembroider"):
-        data.BEDLAMScript(proc, imgs, "val")
+        realdata.BEDLAMScript(proc, imgs, "val")
 
 
 # ---- LLaVA-Instruct-150k -----------------------------------------------------------------------
@@ -333,7 +334,7 @@ def llava_instruct(tmp_path):
 
 def test_llava_instruct_turns(llava_instruct):
     path, coco, _ = llava_instruct
-    ds = data.LLaVAInstruct(path, coco, image_size=32)
+    ds = realdata.LLaVAInstruct(path, coco, image_size=32)
     assert len(ds) == 3
     s = ds[0]
     assert s.task == "vqa" and s.prompt == "<image>\nWhat are the colors of the bus in the image?"
@@ -347,29 +348,29 @@ def test_llava_instruct_errors(llava_instruct, tmp_path):
     path, coco, recs = llava_instruct
     bad = [dict(recs[0], conversations=recs[0]["conversations"][:3])]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(data.DataFormatError, match="bad.json, record '000000033471': expected"):
-        data.LLaVAInstruct(str(tmp_path / "bad.json"), coco)
+    with pytest.raises(realdata.DataFormatError, match="bad.json, record '000000033471': expected"):
+        realdata.LLaVAInstruct(str(tmp_path / "bad.json"), coco)
     bad = [dict(recs[1], conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}])]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(data.DataFormatError, match="record 'text-1': turn 0 is not a human/gpt pair"):
-        data.LLaVAInstruct(str(tmp_path / "bad.json"), coco)
+    with pytest.raises(realdata.DataFormatError, match="record 'text-1': turn 0 is not a human/gpt pair"):
+        realdata.LLaVAInstruct(str(tmp_path / "bad.json"), coco)
     (tmp_path / "bad.json").write_text(json.dumps([dict(recs[0], image="gone.jpg")]))
     with pytest.raises(FileNotFoundError, match="LLaVA-Instruct-150k: image .*gone.jpg of record 0 .*train2017"):
-        data.LLaVAInstruct(str(tmp_path / "bad.json"), coco)[0]
+        realdata.LLaVAInstruct(str(tmp_path / "bad.json"), coco)[0]
     with pytest.raises(FileNotFoundError, match="LLaVA-Instruct-150k: file .*absent.json not found"):
-        data.LLaVAInstruct(str(tmp_path / "absent.json"), coco)
+        realdata.LLaVAInstruct(str(tmp_path / "absent.json"), coco)
 
 
 def test_mixture_is_deterministic_and_weighted(llava_instruct, posescript):
     path, coco, _ = llava_instruct
     root, amass, _ = posescript
-    parts = [(data.LLaVAInstruct(path, coco, image_size=32), 1.0), (data.PoseScript(root, amass), 3.0)]
-    mix = data.Mixture(parts, length=200, seed=3)
+    parts = [(realdata.LLaVAInstruct(path, coco, image_size=32), 1.0), (realdata.PoseScript(root, amass), 3.0)]
+    mix = realdata.Mixture(parts, length=200, seed=3)
     tasks = [mix[i].task for i in range(200)]
     assert 120 < tasks.count("text_to_pose") < 180 and tasks.count("vqa") > 20
-    assert mix[7].prompt == data.Mixture(parts, length=5, seed=3)[7].prompt
+    assert mix[7].prompt == realdata.Mixture(parts, length=5, seed=3)[7].prompt
     with pytest.raises(ValueError, match="weights"):
-        data.Mixture([(parts[0][0], 0.0)], length=3)
+        realdata.Mixture([(parts[0][0], 0.0)], length=3)
 
 
 # ---- evaluation joints (body.py) ---------------------------------------------------------------
@@ -393,7 +394,7 @@ def test_lsp14_protocol_matches_hmr2_keypoints(tmp_path):
     ours = body.lsp14_from_vertices(verts, reg)
     kp = torch.einsum("kv,bvc->bkc", torch.as_tensor(j19), verts).numpy()
     extra = np.concatenate([kp, np.ones((2, 19, 1))], -1)
-    ds = data.HMR2ImageDataset.__new__(data.HMR2ImageDataset)  # only the keypoints are needed
+    ds = realdata.HMR2ImageDataset.__new__(realdata.HMR2ImageDataset)  # only the keypoints are needed
     ds.name, ds.npz_path, ds.rows, ds.arr = "3DPW", "x.npz", np.arange(2), {"extra_keypoints_3d": extra}
     assert np.allclose(ours.numpy(), ds.gt_lsp14(), atol=1e-9)
     h36m = rng.random((17, V))

@@ -12,10 +12,10 @@ import torch
 from transformers import HfArgumentParser
 
 import body
-import data
 import evaluate as E
 import metrics
 import model as M
+import realdata
 import retrieval
 from test_real_data import coord_image, save_png
 from test_real_model import TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
@@ -94,7 +94,7 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     # the metric is HMR2.0's protocol on the written predictions: SMPL mesh -> 14 LSP joints vs the npz's
     p = np.load(out / "predictions.npz")
     assert p["image_to_pose/H36M/pose6d"].shape == (2, 144) and p["text_to_pose/PoseScript-H2/index"].shape == (N_TEXT,)
-    ds = data.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"))
+    ds = realdata.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"))
     verts = body.BodyModel().forward_rot6d(torch.as_tensor(p["image_to_pose/3DPW/pose6d"])).vertices
     pred = body.lsp14_from_vertices(verts, np.load(d / "J_regressor_h36m.npy"))
     gt = torch.as_tensor(ds.gt_lsp14())

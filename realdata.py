@@ -1,0 +1,543 @@
+"""The paper's real datasets (§4.1), read from local paths: PoseScript (+ AMASS), HMR2.0-style image
+npz (3DPW, Human3.6M, COCO, MPII, ...), BEDLAM-Script, LLaVA-Instruct, and `Mixture`, which mixes
+them for the 7B preset (README, "Real runs on GPUs").
+
+Each dataset yields data.py's `Sample`s, so templates, tokenizer and `collate` serve them unchanged.
+Images become one square person crop at the CLIP tower's size (`image_size`, 336 for LLaVA-1.5);
+the pose ViT takes its own 3:4 centre crop of it (model.crop_to_aspect), which is HMR2.0's input
+window. Every format problem raises `DataFormatError`, naming the dataset, the file, the record
+and the schema; a missing file names where to get it.
+
+Departures from the paper's data: SMPL+H / SMPL-X body joints are taken as SMPL's first 21,
+SMPL's two hand joints at identity; BEDLAM-Script serves as image -> description pairs (the
+paper does not say how it is used); LLaVA-Instruct's multi-turn conversations become
+single-turn samples.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+
+import numpy as np
+import torch
+
+import body
+from data import IMAGE_TOKEN, POSE_ANSWER, PROMPTS, Sample, fill_template, pose_aa_to_6d
+
+
+POSESCRIPT_SOURCE = ("the PoseScript V2 release, https://download.europe.naverlabs.com/ComputerVision/PoseScript/"
+                     "posescript_release_v2.zip (see github.com/naver/posescript)")
+AMASS_SOURCE = "AMASS in the SMPL+H G format, https://amass.is.tue.mpg.de (PoseScript uses its 19 sub-datasets)"
+HMR2_DATA_SOURCE = ("4D-Humans' hmr2_evaluation_data.tar.gz (its README, 'Evaluation': 3dpw_test.npz, h36m_val_p2.npz, "
+                    "...), or training npz files in that schema or SPIN's (github.com/nkolot/SPIN, datasets/preprocess; "
+                    "4D-Humans ships its training sets as webdataset tars, which are not read here), with each "
+                    "dataset's own images")
+BEDLAM_SCRIPT_SOURCE = ("PoseEmbroider's BEDLAM processing (github.com/naver/poseembroider, datasets/process_bedlam/"
+                        "do.sh) run on BEDLAM (https://bedlam.is.tue.mpg.de)")
+LLAVA_INSTRUCT_SOURCE = ("llava_instruct_150k.json from the Hugging Face dataset liuhaotian/LLaVA-Instruct-150K, "
+                         "with COCO train2017 images (https://cocodataset.org)")
+DESCRIBE_PROMPT = "<image>\nDescribe the body pose of the person in this image."
+
+
+class DataFormatError(ValueError):
+    """A dataset file that does not follow its schema."""
+
+
+def _where(dataset: str, path, record=None) -> str:
+    return f"{dataset}: {path}" + ("" if record is None else f", record {record!r}")
+
+
+def _need(dataset: str, path: str, what: str, source: str) -> str:
+    """`path` if it exists, else FileNotFoundError naming the dataset, the file and its source."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{dataset}: {what} {path} not found; it comes from {source}")
+    return path
+
+
+def _read_json(dataset: str, path: str, source: str, schema: str):
+
+    _need(dataset, path, "file", source)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as err:
+        raise DataFormatError(f"{_where(dataset, path)}: not valid JSON ({err}); expected {schema}") from None
+
+
+def _read_pickle(dataset: str, path: str, source: str):
+    """A pickle of numpy arrays and builtins, read without importing anything else it names."""
+
+    from smpl_pickle import _allowed_globals
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in (("collections", "OrderedDict"), ("builtins", "tuple"), ("builtins", "list")):
+                return super().find_class(module, name)
+            target = _allowed_globals().get((module, name))
+            if target is None:
+                raise DataFormatError(f"{_where(dataset, path)}: holds a {module}.{name} object; expected only "
+                                      "numpy arrays, numbers, strings, lists and dicts")
+            return target
+
+    with open(_need(dataset, path, "file", source), "rb") as fh:
+        return Restricted(fh, encoding="latin1").load()
+
+
+def _rotz(angle_rad: np.ndarray) -> np.ndarray:
+    """(N,) -> (N, 3, 3) rotations about +z."""
+    c, s = np.cos(angle_rad), np.sin(angle_rad)
+    R = np.zeros((len(angle_rad), 3, 3))
+    R[:, 0, 0], R[:, 0, 1], R[:, 1, 0], R[:, 1, 1], R[:, 2, 2] = c, -s, s, c, 1
+    return R
+
+
+def posescript_normalize(global_orient: np.ndarray) -> np.ndarray:
+    """PoseScript's orientation normalisation (naver/posescript text2pose/utils.py,
+    get_pose_data_from_file): write the root rotation as R = Rz(tz) Ry(ty) Rx(tx) in AMASS's
+    z-up world and drop tz, i.e. Rz(-tz) R with tz = atan2(R[1, 0], R[0, 0]): no rotation about
+    the vertical axis is left. (N, 3) axis-angle -> (N, 3) axis-angle, radians."""
+    R = body.axis_angle_to_matrix(torch.as_tensor(np.asarray(global_orient, dtype=np.float64))).numpy()
+    tz = np.arctan2(R[:, 1, 0], R[:, 0, 0])
+    return body.matrix_to_axis_angle(torch.as_tensor(_rotz(-tz) @ R)).numpy()
+
+
+def smplh_to_smpl24(poses: np.ndarray) -> np.ndarray:
+    """(N, 156) SMPL+H axis-angle (global orientation, 21 body joints, 30 hand joints) -> (N, 24, 3):
+    the first 22 joints, and identity for SMPL's two hand joints (22, 23), which SMPL+H replaces by
+    MANO's fingers."""
+    out = np.zeros((len(poses), body.NUM_JOINTS, 3), dtype=np.float64)
+    out[:, :22] = np.asarray(poses, dtype=np.float64)[:, :66].reshape(-1, 22, 3)
+    return out
+
+
+_Y_UP = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # Rx(-pi/2): AMASS's z-up world -> SMPL's y-up
+
+
+def _targets(pose_aa: np.ndarray, bodymodel=None, betas=None):
+    """(N, 24, 3) axis-angle -> pose6d (N, 24, 6) and, with a BodyModel, pelvis-centred joints (N, 24, 3) m."""
+    pose6d = pose_aa_to_6d(pose_aa)
+    if bodymodel is None:
+        return pose6d, None
+    with torch.no_grad():
+        aa = torch.as_tensor(pose_aa, dtype=torch.float32)
+        b = None if betas is None else torch.as_tensor(np.asarray(betas, dtype=np.float32)[:, :body.NUM_BETAS])
+        j = bodymodel(aa[:, 0], aa[:, 1:], b).joints
+    return pose6d, (j - j[:, :1]).numpy().astype(np.float32)
+
+
+class PoseScript(torch.utils.data.Dataset):
+    """text_to_pose samples from PoseScript (Delmas et al. 2022) on AMASS poses (§4.1 (1)).
+
+    Files, as naver/posescript's text2pose/config.py and data.py read them:
+        root/ids_2_dataset_sequence_and_frame_index_100k.json  {"<pose id>": ["AMASS", "<sequence npz>", frame]}
+        root/{split}_ids_100k.json                             [pose id, ...]
+        root/posescript_human_6293.json, posescript_auto_100k.json  {"<pose id>": caption or [captions]}
+        amass_root/<sequence npz>                               'poses' (T, 156): SMPL+H axis-angle, radians
+    A pose of the split counts if one of the chosen caption files describes it ("human" alone is
+    PoseScript-H2, the paper's text-to-pose test set). The target is SMPL's 24 joints (hands at
+    identity), the global orientation normalised about the vertical axis as PoseScript does
+    (`posescript_normalize`), in AMASS's z-up frame (PoseScript's, which its retrieval models
+    expect) or, with `y_up`, in SMPL's y-up frame (posebench's canonical one).
+
+    Args:
+        root: the PoseScript release directory. amass_root: AMASS's SMPL+H G directory.
+        split: train, val or test. captions: "human", "auto" or both.
+        bodymodel: a body.BodyModel to fill `joints` (None: joints stay None).
+        seed: seed of the caption and prompt draws (sample i depends on (seed, i) only).
+    """
+
+    NAME = "PoseScript"
+    CAPTION_FILES = {"human": "posescript_human_6293.json", "auto": "posescript_auto_100k.json"}
+    IDS_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
+
+    def __init__(self, root: str, amass_root: str, split: str = "train", captions: Sequence[str] = ("human", "auto"),
+                 bodymodel=None, y_up: bool = False, seed: int = 0):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
+        bad = [c for c in captions if c not in self.CAPTION_FILES]
+        if bad or not captions:
+            raise ValueError(f"{self.NAME}: captions must be among {tuple(self.CAPTION_FILES)}, got {tuple(captions)}")
+        _need(self.NAME, root, "release directory", POSESCRIPT_SOURCE)
+        self.amass_root = _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE)
+        self.bodymodel, self.y_up, self.seed = bodymodel, y_up, seed
+        ids_path = os.path.join(root, self.IDS_FILE)
+        info = _read_json(self.NAME, ids_path, POSESCRIPT_SOURCE, '{"<pose id>": ["AMASS", "<npz path>", frame]}')
+        split_path = os.path.join(root, f"{split}_ids_100k.json")
+        split_ids = _read_json(self.NAME, split_path, POSESCRIPT_SOURCE, "a list of pose ids")
+        if not isinstance(info, dict) or not isinstance(split_ids, list):
+            raise DataFormatError(f"{self.NAME}: {ids_path} must hold a dict and {split_path} a list")
+        texts: dict[int, list[str]] = {}
+        for c in captions:
+            path = os.path.join(root, self.CAPTION_FILES[c])
+            for key, val in _read_json(self.NAME, path, POSESCRIPT_SOURCE, '{"<pose id>": caption or [captions]}').items():
+                vals = val if isinstance(val, list) else [val]
+                if not key.lstrip("-").isdigit() or not all(isinstance(v, str) for v in vals):
+                    raise DataFormatError(f"{_where(self.NAME, path, key)}: expected an integer pose id mapped to "
+                                          f"a caption or a list of captions, got {type(val).__name__}")
+                texts.setdefault(int(key), []).extend(vals)
+        self.ids, self.captions, self.refs = [], [], []
+        for pid in split_ids:
+            if not isinstance(pid, int):
+                raise DataFormatError(f"{_where(self.NAME, split_path, pid)}: pose ids must be integers")
+            if not texts.get(pid):
+                continue
+            ref = info.get(str(pid))
+            if ref is None:
+                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: pose id of {split_path} missing")
+            if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[1], str) and isinstance(ref[2], int)):
+                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: got {ref!r}; expected "
+                                      '["AMASS", "<sequence npz path>", frame index]')
+            if ref[0] != "AMASS":
+                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: dataset {ref[0]!r} unknown; "
+                                      "PoseScript poses come from 'AMASS'")
+            self.ids.append(pid)
+            self.captions.append(texts[pid])
+            self.refs.append((ref[1], ref[2]))
+        if not self.ids:
+            raise DataFormatError(f"{self.NAME}: no pose of {split_path} has a caption in {list(captions)}")
+        self._sequences = collections.OrderedDict()  # a small cache of decoded 'poses' arrays
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pose_aa(self, i: int) -> np.ndarray:
+        """The target of pose i: (24, 3) axis-angle, radians, orientation normalised."""
+        rel, frame = self.refs[i]
+        path = os.path.join(self.amass_root, rel)
+        poses = self._sequences.get(path)
+        if poses is None:
+            _need(self.NAME, path, f"AMASS sequence of pose {self.ids[i]}", AMASS_SOURCE)
+            with np.load(path) as z:
+                if "poses" not in z.files:
+                    raise DataFormatError(f"{_where(self.NAME, path)}: no 'poses' array (keys {z.files}); expected "
+                                          "an AMASS SMPL+H G npz with 'poses' (T, 156)")
+                poses = z["poses"]
+            if poses.ndim != 2 or poses.shape[1] != 156:
+                raise DataFormatError(f"{_where(self.NAME, path)}: 'poses' has shape {poses.shape}; expected (T, 156), "
+                                      "SMPL+H's 52 joints x 3 (the SMPL+H G format)")
+            self._sequences[path] = poses
+            if len(self._sequences) > 64:
+                self._sequences.popitem(last=False)
+        if not 0 <= frame < len(poses):
+            raise DataFormatError(f"{_where(self.NAME, path, self.ids[i])}: frame {frame} out of range for "
+                                  f"{len(poses)} frames")
+        aa = smplh_to_smpl24(poses[frame][None])[0]  # (24, 3)
+        aa[0] = posescript_normalize(aa[:1])[0]
+        if self.y_up:
+            R = _Y_UP @ body.axis_angle_to_matrix(torch.as_tensor(aa[:1])).numpy()[0]
+            aa[0] = body.matrix_to_axis_angle(torch.as_tensor(R[None])).numpy()[0]
+        return aa
+
+    def __getitem__(self, i: int) -> Sample:
+        rng = np.random.default_rng((self.seed, int(i)))
+        return self.sample(int(i), int(rng.integers(len(self.captions[i]))), int(rng.integers(len(PROMPTS["text_to_pose"]))))
+
+    def sample(self, i: int, caption: int = 0, paraphrase: int = 0) -> Sample:
+        """Pose i with its caption `caption`, in prompt paraphrase `paraphrase`."""
+        pose6d, joints = _targets(self.pose_aa(i)[None], self.bodymodel)
+        text = self.captions[i][caption]
+        return Sample("text_to_pose", fill_template(PROMPTS["text_to_pose"][paraphrase], caption=text), POSE_ANSWER,
+                      pose6d=pose6d[0], joints=None if joints is None else joints[0], index=i, text=text)
+
+
+def expand_to_aspect(box_wh: np.ndarray, aspect_wh=(192, 256)) -> np.ndarray:
+    """(N, 2) box sizes -> the smallest boxes of aspect w : h that contain them (HMR2.0's
+    expand_to_aspect_ratio with its ViT's 192 x 256 BBOX_SHAPE)."""
+    w, h = np.asarray(box_wh, dtype=np.float64).T
+    tw, th = aspect_wh
+    return np.stack([np.maximum(w, h * tw / th), np.maximum(h, w * th / tw)], -1)
+
+
+def crop_person(image: np.ndarray, center, box_wh, size: int) -> np.ndarray:
+    """HMR2.0's person crop at `size`: the square of side max(box expanded to 3 : 4) centred on
+    `center`, black outside the image, resized (bilinear). Its centre 3 : 4 region is exactly the
+    expanded box, the window HMR2.0's ViT sees. (H, W, 3) uint8 -> (size, size, 3) uint8."""
+    from PIL import Image
+
+    side = float(expand_to_aspect(np.asarray(box_wh, dtype=np.float64).reshape(1, 2)).max())
+    x0, y0 = float(center[0]) - side / 2, float(center[1]) - side / 2
+    box = tuple(int(round(v)) for v in (x0, y0, x0 + side, y0 + side))
+    return np.asarray(Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR))
+
+
+def _load_rgb(dataset: str, path: str, where: str, source: str) -> np.ndarray:
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{dataset}: image {path} of {where} not found; the images come from {source}")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class HMR2ImageDataset(torch.utils.data.Dataset):
+    """image_to_pose samples from an HMR2.0-style npz (§4.1 (2): Human3.6M, MPI-INF-3DHP, COCO,
+    MPII for training; 3DPW and Human3.6M for evaluation).
+
+    Schema (4D-Humans hmr2/datasets/image_dataset.py), N records:
+        imgname (N,) str, relative to img_dir     center (N, 2) pixels
+        scale (N,) or (N, 2): box size in pixels (4D-Humans' files; `scale_in_200px` for SPIN-style /200)
+        body_pose (N, 72) axis-angle, global orientation first, camera frame; has_body_pose (N,)
+        betas (N, 10), has_betas (N,)                              optional
+        body_keypoints_2d (N, 25, 3), extra_keypoints_2d (N, 19, 3)  optional
+        body_keypoints_3d (N, 25, 4), extra_keypoints_3d (N, 19, 4)  optional, metres + confidence
+    SPIN's files (pose (N, 72), shape (N, 10), has_smpl (N,), scale = box / 200) are read as the
+    same fields. Records without a pose (has_body_pose 0: 2D-only COCO/MPII annotations) are
+    skipped. Other keys are ignored.
+
+    Args:
+        name: the dataset's name in messages ("3DPW", "H36M", ...). npz_path, img_dir: its files.
+        image_size: side of the square crop (the CLIP tower's input, 336 for LLaVA-1.5).
+        bodymodel: a body.BodyModel to fill `joints` from pose and betas (None: joints stay None).
+    """
+
+    SCHEMA = ("imgname (N,), center (N, 2), scale (N,) or (N, 2), body_pose (N, 72), has_body_pose (N,) "
+              "[+ optional betas (N, 10), has_betas (N,), body_keypoints_2d (N, 25, 3), extra_keypoints_2d "
+              "(N, 19, 3), body_keypoints_3d (N, 25, 4), extra_keypoints_3d (N, 19, 4)]")
+    SHAPES = {"center": (2,), "body_pose": (72,), "has_body_pose": (), "betas": (10,), "has_betas": (),
+              "body_keypoints_2d": (25, 3), "extra_keypoints_2d": (19, 3), "body_keypoints_3d": (25, 4),
+              "extra_keypoints_3d": (19, 4)}
+
+    def __init__(self, name: str, npz_path: str, img_dir: str, image_size: int = 336, bodymodel=None,
+                 scale_in_200px: bool = False, seed: int = 0):
+        self.name, self.npz_path, self.image_size, self.bodymodel, self.seed = name, npz_path, image_size, bodymodel, seed
+        _need(name, npz_path, "annotation file", HMR2_DATA_SOURCE)
+        self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
+        with np.load(npz_path, allow_pickle=False) as z:
+            keys = set(z.files)
+            spin = "body_pose" not in keys and {"pose", "has_smpl"} <= keys  # SPIN's names for the same fields
+            alias = {"body_pose": "pose", "has_body_pose": "has_smpl", "betas": "shape", "has_betas": "has_smpl"} \
+                if spin else {}
+            keys |= {k for k, v in alias.items() if v in keys}
+            missing = [k for k in ("imgname", "center", "scale", "body_pose", "has_body_pose") if k not in keys]
+            if missing:
+                raise DataFormatError(f"{_where(name, npz_path)}: missing {missing} (keys: {sorted(keys)}); "
+                                      f"expected {self.SCHEMA}")
+            arr = {k: z[alias.get(k, k)] for k in ["imgname", "scale", *self.SHAPES] if k in keys}
+        scale_in_200px = scale_in_200px or spin
+        N = len(arr["imgname"])
+        for k, tail in self.SHAPES.items():
+            if k in arr and arr[k].shape != (N, *tail):
+                raise DataFormatError(f"{_where(name, npz_path)}: {k} has shape {arr[k].shape}; expected "
+                                      f"{(N, *tail)} for {N} records ({self.SCHEMA})")
+        scale = arr["scale"].reshape(N, -1) if arr["scale"].size in (N, 2 * N) else None
+        if scale is None:
+            raise DataFormatError(f"{_where(name, npz_path)}: scale has shape {arr['scale'].shape}; expected ({N},) "
+                                  f"or ({N}, 2)")
+        self.box_wh = np.broadcast_to(scale * (200.0 if scale_in_200px else 1.0), (N, 2)).astype(np.float64)
+        self.arr = arr
+        self.rows = np.flatnonzero(arr["has_body_pose"] > 0)  # records with a pose target
+        if len(self.rows) == 0:
+            raise DataFormatError(f"{_where(name, npz_path)}: no record has has_body_pose > 0")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Sample:
+        paraphrase = int(np.random.default_rng((self.seed, int(i))).integers(len(PROMPTS["image_to_pose"])))
+        return self.sample(int(i), paraphrase)
+
+    def sample(self, i: int, paraphrase: int = 0) -> Sample:
+        r = int(self.rows[i])
+        a = self.arr
+        rel = a["imgname"][r]
+        rel = rel.decode() if isinstance(rel, bytes) else str(rel)
+        pose = a["body_pose"][r].astype(np.float64).reshape(1, body.NUM_JOINTS, 3)
+        if not np.isfinite(pose).all() or not np.isfinite(a["center"][r]).all() or not (self.box_wh[r] > 0).all():
+            raise DataFormatError(f"{_where(self.name, self.npz_path, r)} ({rel}): non-finite pose or center, or a "
+                                  f"box size <= 0 ({self.box_wh[r]})")
+        image = _load_rgb(self.name, os.path.join(self.img_dir, rel), f"record {r} of {self.npz_path}", HMR2_DATA_SOURCE)
+        crop = crop_person(image, a["center"][r], self.box_wh[r], self.image_size)
+        betas = a["betas"][r:r + 1] if "betas" in a and a.get("has_betas", np.ones(r + 1))[r] > 0 else None
+        pose6d, joints = _targets(pose, self.bodymodel, betas)
+        return Sample("image_to_pose", PROMPTS["image_to_pose"][paraphrase], POSE_ANSWER, image=crop,
+                      pose6d=pose6d[0], joints=None if joints is None else joints[0], index=i)
+
+    def gt_lsp14(self) -> np.ndarray:
+        """HMR2.0's evaluation target of every pose record: the 14 LSP joints of the npz's
+        `extra_keypoints_3d` (its keypoints 25..37 and 43), minus its pelvis (keypoint 39), metres,
+        (N, 14, 3) in the order of this dataset's samples."""
+        if "extra_keypoints_3d" not in self.arr:
+            raise DataFormatError(f"{_where(self.name, self.npz_path)}: no extra_keypoints_3d (N, 19, 4); HMR2.0's "
+                                  "protocol reads its 3D ground truth there (else use body.lsp14_from_vertices)")
+        kp = self.arr["extra_keypoints_3d"][self.rows, :, :3].astype(np.float64)  # (N, 19, 3) m
+        _, lsp14, pelvis = body.REGRESSOR_LAYOUTS[19]
+        return kp[:, list(lsp14)] - kp[:, pelvis:pelvis + 1]
+
+
+class BEDLAMScript(torch.utils.data.Dataset):
+    """Image-text samples of BEDLAM-Script (PoseEmbroider, Delmas et al. 2024; §4.1 (3)).
+
+    Files, as PoseEmbroider's processing writes them and its datasets/bedlam.py reads them
+    (the full set, not a farther-sampled subset), split = "training" or "validation":
+        processed_dir/bedlam_{split}_try.pkl    {image path: [per human: {"smplx_root_cam" (3,),
+            "smplx_global_orient" (3,), "smplx_body_pose" (63,), "smplx_tight_bbox" (4,) x1 y1 x2 y2, ...}]}
+        processed_dir/imgpaths_bedlam_to_selected_human_index_{split}_try.pkl
+                                                 {"criteria": {"scale_factor": s, ...}, image path: [human index]}
+        processed_dir/bedlam_{split}_3caps_try.pkl   {data id: [3 captions]}
+        img_dir/{split}/<image path>             (`closeup` images are stored turned 90 deg: turned back)
+    Data ids count the selected humans over the sorted image paths. task "describe" gives vqa-kind
+    samples (image -> the caption, no pose); task "image_to_pose" gives the camera-frame pose
+    (SMPL-X's 21 body joints as SMPL's, hands at identity).
+    """
+
+    NAME = "BEDLAM-Script"
+    HUMAN_KEYS = ("smplx_root_cam", "smplx_body_pose", "smplx_tight_bbox")
+
+    def __init__(self, processed_dir: str, img_dir: str, split: str = "training", task: str = "describe",
+                 image_size: int = 336, bodymodel=None, seed: int = 0):
+        split = {"train": "training", "val": "validation"}.get(split, split)
+        if split not in ("training", "validation") or task not in ("describe", "image_to_pose"):
+            raise ValueError(f"{self.NAME}: split must be training or validation and task describe or "
+                             f"image_to_pose, got {split!r}, {task!r}")
+        self.task, self.image_size, self.bodymodel, self.seed = task, image_size, bodymodel, seed
+        self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split)
+        ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
+        sel_path = os.path.join(processed_dir, f"imgpaths_bedlam_to_selected_human_index_{split}_try.pkl")
+        cap_path = os.path.join(processed_dir, f"bedlam_{split}_3caps_try.pkl")
+        ann = _read_pickle(self.NAME, ann_path, BEDLAM_SCRIPT_SOURCE)
+        sel = dict(_read_pickle(self.NAME, sel_path, BEDLAM_SCRIPT_SOURCE))
+        caps = _read_pickle(self.NAME, cap_path, BEDLAM_SCRIPT_SOURCE)
+        criteria = sel.pop("criteria", None)
+        if not isinstance(criteria, dict) or "scale_factor" not in criteria:
+            raise DataFormatError(f"{_where(self.NAME, sel_path, 'criteria')}: expected a dict with 'scale_factor'")
+        self.scale_factor = float(criteria["scale_factor"])
+        self.items = []  # (image path, human dict, captions)
+        data_id = 0
+        for img in sorted(ann):
+            for h in sel.get(img, []):
+                humans = ann[img]
+                if not isinstance(h, (int, np.integer)) or not 0 <= h < len(humans):
+                    raise DataFormatError(f"{_where(self.NAME, sel_path, img)}: human index {h!r} out of range for "
+                                          f"{len(humans)} humans in {ann_path}")
+                human = humans[h]
+                missing = [k for k in self.HUMAN_KEYS if k not in human]
+                shapes = {k: np.shape(human[k]) for k in self.HUMAN_KEYS if k in human}
+                if missing or shapes != {"smplx_root_cam": (3,), "smplx_body_pose": (63,), "smplx_tight_bbox": (4,)}:
+                    raise DataFormatError(f"{_where(self.NAME, ann_path, f'{img} human {h}')}: missing {missing}, "
+                                          f"shapes {shapes}; expected smplx_root_cam (3,), smplx_body_pose (63,), "
+                                          "smplx_tight_bbox (4,)")
+                texts = caps.get(data_id) if isinstance(caps, dict) else None
+                if not texts or not all(isinstance(t, str) for t in texts):
+                    raise DataFormatError(f"{_where(self.NAME, cap_path, data_id)}: expected a list of captions for "
+                                          f"data id {data_id} ({img}, human {h})")
+                self.items.append((img, human, list(texts)))
+                data_id += 1
+        if not self.items:
+            raise DataFormatError(f"{self.NAME}: {sel_path} selects no human")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        rng = np.random.default_rng((self.seed, int(i)))
+        caption = int(rng.integers(len(self.items[i][2])))
+        return self.sample(int(i), caption, int(rng.integers(len(PROMPTS["image_to_pose"]))))
+
+    def sample(self, i: int, caption: int = 0, paraphrase: int = 0) -> Sample:
+        from PIL import Image
+
+        img, human, texts = self.items[i]
+        image = _load_rgb(self.NAME, os.path.join(self.img_dir, img), f"item {i}", BEDLAM_SCRIPT_SOURCE)
+        if "closeup" in img:  # stored turned; PoseEmbroider turns them back by 90 deg clockwise
+            image = np.asarray(Image.fromarray(image).transpose(Image.Transpose.ROTATE_270))
+        x1, y1, x2, y2 = np.asarray(human["smplx_tight_bbox"], dtype=np.float64)
+        pad = (self.scale_factor - 1) * np.hypot(x2 - x1, y2 - y1) / 2  # PoseEmbroider's get_scaled_bbox margin
+        crop = crop_person(image, ((x1 + x2) / 2, (y1 + y2) / 2), (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), self.image_size)
+        text = texts[caption]
+        if self.task == "describe":
+            return Sample("vqa", DESCRIBE_PROMPT, text, image=crop, index=i, text=DESCRIBE_PROMPT.split("\n", 1)[1])
+        aa = np.zeros((1, body.NUM_JOINTS, 3))
+        aa[0, 0] = np.asarray(human["smplx_root_cam"], dtype=np.float64)
+        aa[0, 1:22] = np.asarray(human["smplx_body_pose"], dtype=np.float64).reshape(21, 3)
+        pose6d, joints = _targets(aa, self.bodymodel)
+        return Sample("image_to_pose", PROMPTS["image_to_pose"][paraphrase], POSE_ANSWER, image=crop,
+                      pose6d=pose6d[0], joints=None if joints is None else joints[0], index=i)
+
+
+def pad_to_square(image: np.ndarray, size: int, fill=(122, 116, 104)) -> np.ndarray:
+    """LLaVA-1.5's "pad" preprocessing: centre the image on a square of CLIP's mean colour, resize.
+    (H, W, 3) uint8 -> (size, size, 3) uint8."""
+    from PIL import Image
+
+    H, W = image.shape[:2]
+    S = max(H, W)
+    canvas = Image.new("RGB", (S, S), tuple(fill))
+    canvas.paste(Image.fromarray(image), ((S - W) // 2, (S - H) // 2))
+    return np.asarray(canvas.resize((size, size), Image.BICUBIC))
+
+
+class LLaVAInstruct(torch.utils.data.Dataset):
+    """vqa samples from LLaVA-Instruct-150k (§4.1 (4)).
+
+    Schema (llava_instruct_150k.json): a list of {"id": str, "image": "<file in image_dir>",
+    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}.
+    Each human/gpt pair becomes one single-turn sample with the image (the `<image>` mark moved to
+    the front, LLaVA-1.5's order); a record without "image" gives text-only samples. Departure:
+    later turns lose the earlier ones as context (our chat template is single-turn).
+    """
+
+    NAME = "LLaVA-Instruct-150k"
+
+    def __init__(self, json_path: str, image_dir: str, image_size: int = 336):
+        self.image_dir = _need(self.NAME, image_dir, "image directory", LLAVA_INSTRUCT_SOURCE)
+        self.json_path, self.image_size = json_path, image_size
+        records = _read_json(self.NAME, json_path, LLAVA_INSTRUCT_SOURCE, "a list of conversation records")
+        schema = ('{"id", "image" (optional), "conversations": [{"from": "human", "value"}, {"from": "gpt", '
+                  '"value"}, ...]}')
+        if not isinstance(records, list):
+            raise DataFormatError(f"{_where(self.NAME, json_path)}: expected a list of records {schema}")
+        self.turns = []  # (record index, image file or None, question, answer)
+        for k, rec in enumerate(records):
+            rid = rec.get("id", k) if isinstance(rec, dict) else k
+            conv = rec.get("conversations") if isinstance(rec, dict) else None
+            if not isinstance(conv, list) or len(conv) < 2 or len(conv) % 2:
+                raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: expected {schema}")
+            for t in range(0, len(conv), 2):
+                q, a = conv[t], conv[t + 1]
+                if not (isinstance(q, dict) and isinstance(a, dict) and q.get("from") == "human"
+                        and a.get("from") == "gpt" and isinstance(q.get("value"), str) and isinstance(a.get("value"), str)):
+                    raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: turn {t} is not a human/gpt pair "
+                                          f"with string values; expected {schema}")
+                question = " ".join(q["value"].replace(IMAGE_TOKEN, " ").split())
+                self.turns.append((k, rec.get("image"), question, a["value"].strip()))
+        if not self.turns:
+            raise DataFormatError(f"{_where(self.NAME, json_path)}: no conversation records")
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    def __getitem__(self, i: int) -> Sample:
+        k, image_file, question, answer = self.turns[i]
+        if image_file is None:
+            return Sample("vqa", question, answer, index=i, text=question)
+        image = _load_rgb(self.NAME, os.path.join(self.image_dir, image_file), f"record {k} of {self.json_path}",
+                          LLAVA_INSTRUCT_SOURCE)
+        return Sample("vqa", IMAGE_TOKEN + "\n" + question, answer, image=pad_to_square(image, self.image_size),
+                      index=i, text=question)
+
+
+class Mixture(torch.utils.data.Dataset):
+    """A deterministic weighted mixture of datasets: sample i draws a dataset (by weight), then a
+    uniform index into it, from np.random.default_rng((seed, i)).
+
+    Args:
+        parts: (dataset, weight) pairs, weights non-negative, not all zero. length: samples.
+    """
+
+    def __init__(self, parts, length: int, seed: int = 0):
+        if not parts:
+            raise ValueError("Mixture: no datasets")
+        w = np.asarray([float(p[1]) for p in parts])
+        if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+            raise ValueError(f"Mixture: weights must be finite, non-negative, not all zero: {w.tolist()}")
+        self.datasets, self.p, self.length, self.seed = [p[0] for p in parts], w / w.sum(), int(length), seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Sample:
+        rng = np.random.default_rng((self.seed, int(i)))
+        ds = self.datasets[int(rng.choice(len(self.datasets), p=self.p))]
+        return ds[int(rng.integers(len(ds)))]
