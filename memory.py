@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import model as M
+import posevit
 
 GIB = 2 ** 30
 
@@ -58,7 +59,7 @@ def llava_7b_config(llava_path: str = "", head_rank: int = 4) -> M.PoseLlavaConf
                                   image_size=336, patch_size=14, projection_dim=768)
         layer = -2
     return M.PoseLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-                             pose_token_id=32002, pose_vision_config=M.VIT_H, vision_feature_layer=layer,
+                             pose_token_id=32002, pose_vision_config=posevit.VIT_H, vision_feature_layer=layer,
                              vision_feature_select_strategy="default", pose_head_rank=head_rank,
                              compute_dtype="bfloat16")
 

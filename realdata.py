@@ -4,7 +4,7 @@ them for the 7B preset (README, "Real runs on GPUs").
 
 Each dataset yields data.py's `Sample`s, so templates, tokenizer and `collate` serve them unchanged.
 Images become one square person crop at the CLIP tower's size (`image_size`, 336 for LLaVA-1.5);
-the pose ViT takes its own 3:4 centre crop of it (model.crop_to_aspect), which is HMR2.0's input
+the pose ViT takes its own 3:4 centre crop of it (posevit.crop_to_aspect), which is HMR2.0's input
 window. Every format problem raises `DataFormatError`, naming the dataset, the file, the record
 and the schema; a missing file names where to get it.
 

@@ -68,6 +68,7 @@ import body
 import data
 import model as M
 import posebench
+import posevit
 import realdata
 from evaluate import evaluate_policy, setup_distributed
 from metrics import mpjpe_mm
@@ -129,7 +130,7 @@ class Args:
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
     llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
-    hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {M.HMR2_SOURCE}"})
+    hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file for the real targets' joints (https://smpl.is.tue.mpg.de; '' : procedural)"})
     posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
@@ -170,7 +171,7 @@ def check_real_assets(args, script: str) -> None:
 
     if script == "sft":
         need("llava_path", args.llava_path, M.LLAVA_SOURCE, inside="config.json")
-        need("hmr2_ckpt", args.hmr2_ckpt, M.HMR2_SOURCE)
+        need("hmr2_ckpt", args.hmr2_ckpt, posevit.HMR2_SOURCE)
     pairs = [("posescript_dir", "amass_dir", realdata.POSESCRIPT_SOURCE, realdata.AMASS_SOURCE),
              ("bedlam_script_dir", "bedlam_img_dir", realdata.BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
              ("llava_instruct_json", "coco_dir", realdata.LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]

@@ -15,6 +15,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import data
 import model as M
+import posevit
 
 TOY_VIT = dict(image_size=(64, 48), patch_size=16, dim=32, depth=2, heads=2, mlp_ratio=4.0, patch_padding=2)
 CLIP_SIZE = 56  # the toy CLIP tower: 56 / 14 = 4 x 4 patches
@@ -85,36 +86,36 @@ def save_ckpt(path, sd):
 def test_hmr2_keys_map_onto_posevit_and_match_the_reference_forward(tmp_path):
     sd = hmr2_state_dict()
     save_ckpt(tmp_path / "hmr2.ckpt", sd)
-    vit = M.PoseViT(**TOY_VIT)
+    vit = posevit.PoseViT(**TOY_VIT)
     assert vit.grid == (4, 3)  # (64 + 4 - 16) // 16 + 1, (48 + 4 - 16) // 16 + 1, as HMR2.0's 256x192 -> 16x12
-    M.load_hmr2_backbone(vit, str(tmp_path / "hmr2.ckpt"))
+    posevit.load_hmr2_backbone(vit, str(tmp_path / "hmr2.ckpt"))
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         assert torch.allclose(vit(x), hmr2_vit_reference(sd, x), atol=1e-5)
     # Real ViT-H sizes give HMR2.0's 16 x 12 grid.
-    assert M.PoseViT(**{**M.VIT_H, "depth": 0}).grid == (16, 12)
+    assert posevit.PoseViT(**{**posevit.VIT_H, "depth": 0}).grid == (16, 12)
 
 
 def test_hmr2_mapping_errors_name_the_keys(tmp_path):
-    vit = M.PoseViT(**TOY_VIT)
+    vit = posevit.PoseViT(**TOY_VIT)
     sd = hmr2_state_dict()
     bad = dict(sd, **{"backbone.blocks.0.attn.rel_pos_h": torch.zeros(3)})
     with pytest.raises(KeyError, match=r"unknown \['backbone.blocks.0.attn.rel_pos_h'\]"):
-        M.map_hmr2_backbone(bad, vit)
+        posevit.map_hmr2_backbone(bad, vit)
     bad = {k: v for k, v in sd.items() if k != "backbone.last_norm.bias"}
     with pytest.raises(KeyError, match=r"missing \['backbone.last_norm.bias'\]"):
-        M.map_hmr2_backbone(bad, vit)
+        posevit.map_hmr2_backbone(bad, vit)
     with pytest.raises(KeyError, match="no 'backbone.\\*' keys .*smpl_head"):
-        M.map_hmr2_backbone({k: v for k, v in sd.items() if not k.startswith("backbone.")}, vit)
+        posevit.map_hmr2_backbone({k: v for k, v in sd.items() if not k.startswith("backbone.")}, vit)
     with pytest.raises(ValueError, match=r"backbone.pos_embed has shape \(1, 12, 16\) but this PoseViT expects"):
-        M.map_hmr2_backbone(hmr2_state_dict(dim=16), vit)  # a narrower ViT (ViT-B/L vs ViT-H, say)
+        posevit.map_hmr2_backbone(hmr2_state_dict(dim=16), vit)  # a narrower ViT (ViT-B/L vs ViT-H, say)
     with pytest.raises(ValueError, match="pos_embed has shape"):
-        M.map_hmr2_backbone(dict(sd, **{"backbone.pos_embed": torch.zeros(1, 12, 32)}), vit)
+        posevit.map_hmr2_backbone(dict(sd, **{"backbone.pos_embed": torch.zeros(1, 12, 32)}), vit)
     with pytest.raises(FileNotFoundError, match="--hmr2_ckpt .*4D-Humans"):
-        M.load_hmr2_backbone(vit, str(tmp_path / "absent.ckpt"))
+        posevit.load_hmr2_backbone(vit, str(tmp_path / "absent.ckpt"))
     torch.save({"model": {"w": torch.zeros(1)}, "note": "not lightning"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="expected a Lightning checkpoint"):
-        M.load_hmr2_backbone(vit, str(tmp_path / "other.pt"))
+        posevit.load_hmr2_backbone(vit, str(tmp_path / "other.pt"))
 
 
 def test_pose_crop_keeps_the_aspect_ratio_as_hmr2():
@@ -124,13 +125,13 @@ def test_pose_crop_keeps_the_aspect_ratio_as_hmr2():
     v, u = torch.meshgrid((torch.arange(S) + 0.5) / S, (torch.arange(S) + 0.5) / S, indexing="ij")
     f = lambda uu, vv: torch.stack([torch.sin(7 * uu) * vv, torch.cos(5 * vv), uu * uu])  # noqa: E731  smooth
     square = f(u, v)[None]  # (1, 3, S, S), pixel (i, j) at (v, u) in [0, 1]^2
-    ours = M.crop_to_aspect(square, (256, 192))
+    ours = posevit.crop_to_aspect(square, (256, 192))
     vv, uu = torch.meshgrid((torch.arange(256) + 0.5) / 256, 0.125 + 0.75 * (torch.arange(192) + 0.5) / 192,
                             indexing="ij")
     hmr2 = f(uu, vv)[None]  # the centre 192 of 256 columns of the same square crop
     squashed = F.interpolate(square, (256, 192), mode="bilinear", antialias=True)
     assert (ours - hmr2).abs().max() < 0.02 and (squashed - hmr2).abs().max() > 0.2
-    tall = M.crop_to_aspect(torch.arange(16.0).reshape(1, 1, 8, 2), (2, 2))  # a tall input keeps its centre rows
+    tall = posevit.crop_to_aspect(torch.arange(16.0).reshape(1, 1, 8, 2), (2, 2))  # a tall input keeps its centre rows
     assert torch.equal(tall, torch.tensor([[[[6.0, 7.0], [8.0, 9.0]]]]))
 
 
@@ -201,7 +202,7 @@ def test_build_llava_7b_loads_every_part(built):
     for m in (model.pose_head, model.model.pose_projector, model.model.multi_modal_projector):
         assert all(p.dtype == torch.float32 for p in m.parameters())
     cfg = model.config
-    assert cfg.compute_dtype == "bfloat16" and cfg.pose_pixel_mean == list(M.IMAGENET_MEAN)
+    assert cfg.compute_dtype == "bfloat16" and cfg.pose_pixel_mean == list(posevit.IMAGENET_MEAN)
     assert cfg.vision_pixel_mean == list(M.CLIP_MEAN)
     assert model.num_image_tokens == 16 + 12  # CLIP 4 x 4 patches (no CLS: 'default') + PoseViT 4 x 3
 

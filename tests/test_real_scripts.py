@@ -13,6 +13,7 @@ from transformers import HfArgumentParser
 
 import body
 import model as M
+import posevit
 import train_rft
 import train_sft
 from test_real_model import CLIP_SIZE, TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
@@ -122,7 +123,7 @@ def assets(tmp_path_factory):
 
 def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
     d, data_flags = assets
-    monkeypatch.setattr(M, "VIT_H", TOY_VIT)  # the toy-width pose ViT of the synthetic checkpoint
+    monkeypatch.setattr(posevit, "VIT_H", TOY_VIT)  # the toy-width pose ViT of the synthetic checkpoint
     train_sft.main(["--preset", "llava-1.5-7b", "--llava_path", str(d / "llava"), "--hmr2_ckpt", str(d / "hmr2.ckpt"),
                     "--out_dir", str(d / "sft"), "--steps", "2", "--batch_size", "3", "--warmup_steps", "1",
                     "--log_every", "1", "--head_rank", "2", *data_flags])
