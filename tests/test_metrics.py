@@ -68,7 +68,7 @@ def ref_ranks_full(sim):
 
 
 def ref_recall_random(sim, ks, n_candidates, n_repeats, seed):
-    """Per-query, per-repeat loop re-drawing the candidates as documented in evaluate.py."""
+    """Per-query, per-repeat loop re-drawing the candidates as documented in metrics.py."""
     n = len(sim)
     g = torch.Generator().manual_seed(seed)
     hits = {k: 0 for k in ks}

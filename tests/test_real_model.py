@@ -1,4 +1,4 @@
-"""model.py, the llava-1.5-7b preset at toy width: HMR2.0's checkpoint key names mapped onto PoseViT
+"""model.py and posevit.py, the llava-1.5-7b preset at toy width: HMR2.0's checkpoint key names mapped onto PoseViT
 (against a reference forward written from 4D-Humans' ViT), the aspect-preserving pose crop, and
 `build_llava_7b` from a fake --llava_path (tiny LLaMA + tiny CLIP saved by save_pretrained) and a
 synthetic Lightning .ckpt, through forward/backward in bf16 autocast, LoRA and save/load."""
