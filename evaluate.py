@@ -612,7 +612,8 @@ def real_eval_inputs(args: Args, device) -> dict:
                          + "\n  ".join(problems))
     try:
         size = M.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
-        out = {"image_sets": {n: realdata.HMR2ImageDataset(n, npz, img, size) for n, npz, img in sets}, "text_set": None}
+        out = {"image_sets": {n: realdata.HMR2ImageDataset(n, npz, img, size, require_pose=False)
+                              for n, npz, img in sets}, "text_set": None}
         for ds in out["image_sets"].values():
             ds.gt_lsp14()  # its ground truth is there
         if args.eval_npz:

@@ -283,13 +283,19 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         body_keypoints_2d (N, 25, 3), extra_keypoints_2d (N, 19, 3)  optional
         body_keypoints_3d (N, 25, 4), extra_keypoints_3d (N, 19, 4)  optional, metres + confidence
     SPIN's files (pose (N, 72), shape (N, 10), has_smpl (N,), scale = box / 200) are read as the
-    same fields. Records without a pose (has_body_pose 0: 2D-only COCO/MPII annotations) are
-    skipped. Other keys are ignored.
+    same fields. Other keys are ignored.
+
+    Training (require_pose=True) needs body_pose and has_body_pose and serves only the records with a
+    pose (has_body_pose 0: 2D-only COCO/MPII annotations are skipped). Evaluation (require_pose=False,
+    as evaluate.py reads 3DPW / H36M) follows HMR2.0's protocol: every record is served, its target is
+    the 3D keypoints (`gt_lsp14`), and body_pose is optional (4D-Humans' loader treats it so too); a
+    record's pose6d / joints are filled only where it has a pose.
 
     Args:
         name: the dataset's name in messages ("3DPW", "H36M", ...). npz_path, img_dir: its files.
         image_size: side of the square crop (the CLIP tower's input, 336 for LLaVA-1.5).
         bodymodel: a body.BodyModel to fill `joints` from pose and betas (None: joints stay None).
+        require_pose: True to train on the poses, False to evaluate every record (see above).
     """
 
     SCHEMA = ("imgname (N,), center (N, 2), scale (N,) or (N, 2), body_pose (N, 72), has_body_pose (N,) "
@@ -300,7 +306,7 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
               "extra_keypoints_3d": (19, 4)}
 
     def __init__(self, name: str, npz_path: str, img_dir: str, image_size: int = 336, bodymodel=None,
-                 scale_in_200px: bool = False, seed: int = 0):
+                 scale_in_200px: bool = False, seed: int = 0, require_pose: bool = True):
         self.name, self.npz_path, self.image_size, self.bodymodel, self.seed = name, npz_path, image_size, bodymodel, seed
         _need(name, npz_path, "annotation file", HMR2_DATA_SOURCE)
         self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
@@ -310,10 +316,12 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
             alias = {"body_pose": "pose", "has_body_pose": "has_smpl", "betas": "shape", "has_betas": "has_smpl"} \
                 if spin else {}
             keys |= {k for k, v in alias.items() if v in keys}
-            missing = [k for k in ("imgname", "center", "scale", "body_pose", "has_body_pose") if k not in keys]
+            needed = ("imgname", "center", "scale") + (("body_pose", "has_body_pose") if require_pose else ())
+            missing = [k for k in needed if k not in keys]
             if missing:
+                why = " (training needs the SMPL poses; evaluate.py reads a file without them)" if require_pose else ""
                 raise DataFormatError(f"{_where(name, npz_path)}: missing {missing} (keys: {sorted(keys)}); "
-                                      f"expected {self.SCHEMA}")
+                                      f"expected {self.SCHEMA}{why}")
             arr = {k: z[alias.get(k, k)] for k in ["imgname", "scale", *self.SHAPES] if k in keys}
         scale_in_200px = scale_in_200px or spin
         N = len(arr["imgname"])
@@ -327,9 +335,12 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
                                   f"or ({N}, 2)")
         self.box_wh = np.broadcast_to(scale * (200.0 if scale_in_200px else 1.0), (N, 2)).astype(np.float64)
         self.arr = arr
-        self.rows = np.flatnonzero(arr["has_body_pose"] > 0)  # records with a pose target
+        self.has_pose = (arr["has_body_pose"] > 0) if "body_pose" in arr and "has_body_pose" in arr \
+            else np.zeros(N, dtype=bool)  # (N,) records with an SMPL pose
+        self.rows = np.flatnonzero(self.has_pose) if require_pose else np.arange(N)  # the records served
         if len(self.rows) == 0:
-            raise DataFormatError(f"{_where(name, npz_path)}: no record has has_body_pose > 0")
+            raise DataFormatError(f"{_where(name, npz_path)}: no record has has_body_pose > 0" if require_pose
+                                  else f"{_where(name, npz_path)}: no records")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -343,16 +354,20 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         a = self.arr
         rel = a["imgname"][r]
         rel = rel.decode() if isinstance(rel, bytes) else str(rel)
-        pose = a["body_pose"][r].astype(np.float64).reshape(1, body.NUM_JOINTS, 3)
-        if not np.isfinite(pose).all() or not np.isfinite(a["center"][r]).all() or not (self.box_wh[r] > 0).all():
+        pose = a["body_pose"][r].astype(np.float64).reshape(1, body.NUM_JOINTS, 3) if self.has_pose[r] else None
+        if (pose is not None and not np.isfinite(pose).all()) or not np.isfinite(a["center"][r]).all() \
+                or not (self.box_wh[r] > 0).all():
             raise DataFormatError(f"{_where(self.name, self.npz_path, r)} ({rel}): non-finite pose or center, or a "
                                   f"box size <= 0 ({self.box_wh[r]})")
         image = _load_rgb(self.name, os.path.join(self.img_dir, rel), f"record {r} of {self.npz_path}", HMR2_DATA_SOURCE)
         crop = crop_person(image, a["center"][r], self.box_wh[r], self.image_size)
-        betas = a["betas"][r:r + 1] if "betas" in a and a.get("has_betas", np.ones(r + 1))[r] > 0 else None
-        pose6d, joints = _targets(pose, self.bodymodel, betas)
+        pose6d = joints = None
+        if pose is not None:
+            betas = a["betas"][r:r + 1] if "betas" in a and a.get("has_betas", np.ones(r + 1))[r] > 0 else None
+            pose6d, joints = _targets(pose, self.bodymodel, betas)
+            pose6d, joints = pose6d[0], None if joints is None else joints[0]
         return Sample("image_to_pose", PROMPTS["image_to_pose"][paraphrase], POSE_ANSWER, image=crop,
-                      pose6d=pose6d[0], joints=None if joints is None else joints[0], index=i)
+                      pose6d=pose6d, joints=joints, index=i)
 
     def gt_lsp14(self) -> np.ndarray:
         """HMR2.0's evaluation target of every pose record: the 14 LSP joints of the npz's

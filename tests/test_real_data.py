@@ -234,6 +234,26 @@ def test_hmr2_npz_errors(hmr2, tmp_path):
     np.savez(npz, **{**arrays, "has_body_pose": np.zeros(3)})
     with pytest.raises(realdata.DataFormatError, match="no record has has_body_pose"):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
+    np.savez(npz, **{k: v for k, v in arrays.items() if k not in ("body_pose", "has_body_pose")})
+    with pytest.raises(realdata.DataFormatError, match=r"missing \['body_pose', 'has_body_pose'\].*training needs"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
+
+
+def test_hmr2_npz_for_evaluation_serves_every_record(hmr2):
+    """HMR2.0's protocol (evaluate.py): every record, with or without an SMPL pose, and no body_pose needed."""
+    npz, imgs, arrays = hmr2
+    train = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=64)
+    ev = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=64, require_pose=False)
+    assert len(train) == 2 and len(ev) == 3  # record 1 (has_body_pose 0) is evaluated too
+    assert np.allclose(ev.gt_lsp14()[[0, 2]], train.gt_lsp14()) and ev.gt_lsp14().shape == (3, 14, 3)
+    assert np.array_equal(ev.sample(2).image, train.sample(1).image) and np.allclose(ev.sample(2).pose6d,
+                                                                                       train.sample(1).pose6d)
+    np.savez(npz, **{k: v for k, v in arrays.items() if k not in ("body_pose", "has_body_pose")})
+    ev = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=64, require_pose=False)
+    s = ev.sample(2)
+    assert len(ev) == 3 and s.pose6d is None and s.joints is None and np.array_equal(s.image, train.sample(1).image)
+    b = data.collate([s], TOK, 4)
+    assert not b.pose_valid.any() and b.pose_token_pos.item() >= 0  # the <POSE> state is still read
 
 
 # ---- BEDLAM-Script ------------------------------------------------------------------------------

@@ -23,14 +23,15 @@ from test_real_model import TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
 N_TEXT = 34  # >= 32: the random-sampling protocol is defined
 
 
-def hmr2_eval_npz(path, img_dir, n, rng):
-    """An eval npz in 4D-Humans' schema (record 1 without a pose: skipped) with its images."""
+def hmr2_eval_npz(path, img_dir, n, rng, with_pose=True):
+    """An eval npz in 4D-Humans' schema with its images: SMPL poses (record 1 without one) or, with
+    with_pose False, none at all. Every record is evaluated either way (HMR2.0's protocol)."""
     for i in range(n):
         save_png(os.path.join(img_dir, f"img_{i}.png"), coord_image() if i % 2 else 255 - coord_image())
     kp3d = np.concatenate([rng.normal(0, 0.3, (n, 19, 3)), np.ones((n, 19, 1))], -1)
+    pose = dict(body_pose=rng.normal(0, 0.2, (n, 72)), has_body_pose=np.array([float(i != 1) for i in range(n)]))
     np.savez(path, imgname=np.array([f"img_{i}.png" for i in range(n)]), center=np.tile([100.0, 80.0], (n, 1)),
-             scale=np.full(n, 120.0), body_pose=rng.normal(0, 0.2, (n, 72)),
-             has_body_pose=np.array([float(i != 1) for i in range(n)]), extra_keypoints_3d=kp3d)
+             scale=np.full(n, 120.0), extra_keypoints_3d=kp3d, **(pose if with_pose else {}))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def real(tmp_path_factory):
     (d / "run" / "LATEST").write_text("step-000001")
     rng = np.random.default_rng(0)
     hmr2_eval_npz(d / "3dpw_test.npz", d / "3DPW", 4, rng)
-    hmr2_eval_npz(d / "h36m_val_p2.npz", d / "H36M", 3, rng)
+    hmr2_eval_npz(d / "h36m_val_p2.npz", d / "H36M", 3, rng, with_pose=False)
     ps, amass = d / "posescript", d / "AMASS"
     os.makedirs(amass / "CMU")
     np.savez(amass / "CMU" / "a_poses.npz", poses=rng.normal(0, 0.3, (N_TEXT + 2, 156)))
@@ -80,7 +81,7 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     E.main(flags)
     out = d / "run" / "eval_real"
     rec = E.load_results(str(out / "results.json"), preset="llava-1.5-7b")
-    assert rec["datasets"] == {"image_to_pose/3DPW": 3, "image_to_pose/H36M": 2, "text_to_pose/PoseScript-H2": N_TEXT}
+    assert rec["datasets"] == {"image_to_pose/3DPW": 4, "image_to_pose/H36M": 3, "text_to_pose/PoseScript-H2": N_TEXT}
     assert rec["step"] == "step-000001" and rec["world_size"] == 1 and rec["pose"] == "mean"
     assert rec["files"]["3DPW"] == [str(d / "3dpw_test.npz"), str(d / "3DPW")] and rec["max_samples"] == 0
     m = rec["metrics"]
@@ -89,12 +90,12 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     assert all(0 < v < 5000 for k, v in m.items() if k.endswith("_mm"))
     assert all(0 <= v <= 100 for k, v in m.items() if "@" in k)
     md = (out / "results.md").read_text()
-    assert all(f"`{k}`" in md for k in m) and "3DPW (3 samples)" in md and "PoseScript-H2 (34 samples)" in md
+    assert all(f"`{k}`" in md for k in m) and "3DPW (4 samples)" in md and "PoseScript-H2 (34 samples)" in md
     assert "`image_to_pose/3DPW/mpjpe_mm` (mm)" in capsys.readouterr().out
     # the metric is HMR2.0's protocol on the written predictions: SMPL mesh -> 14 LSP joints vs the npz's
     p = np.load(out / "predictions.npz")
-    assert p["image_to_pose/H36M/pose6d"].shape == (2, 144) and p["text_to_pose/PoseScript-H2/index"].shape == (N_TEXT,)
-    ds = realdata.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"))
+    assert p["image_to_pose/H36M/pose6d"].shape == (3, 144) and p["text_to_pose/PoseScript-H2/index"].shape == (N_TEXT,)
+    ds = realdata.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"), require_pose=False)
     verts = body.BodyModel().forward_rot6d(torch.as_tensor(p["image_to_pose/3DPW/pose6d"])).vertices
     pred = body.lsp14_from_vertices(verts, np.load(d / "J_regressor_h36m.npy"))
     gt = torch.as_tensor(ds.gt_lsp14())
