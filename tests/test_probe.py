@@ -1,4 +1,4 @@
-"""probe.py: each objective against a direct computation by evaluate.py / rewards.py, gradients
+"""probe.py: each objective against a direct computation by metrics.py / rewards.py, gradients
 through every objective, and the root error on a hand-made rotation."""
 import math
 
