@@ -49,8 +49,8 @@ needs --smpl_path (the joint reward) and stops at once, naming each missing asse
 Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
     losses/{pg_discrete,pg_continuous,kl_token,kl_pose,total}, charts/{clipfrac_discrete,
-    clipfrac_continuous,frac_zero_std_groups,frac_valid_pose,pose_std_mean,ratio_pose_mean,lr},
-    time/{generate,rewards,reference,policy,optimizer,total}_s
+    clipfrac_continuous,frac_zero_std_groups,frac_valid_pose,pose_std_mean,ratio_pose_mean,lr,
+    gpu_peak_gib (CUDA only)}, time/{generate,rewards,reference,policy,optimizer,total}_s
 
 Run:
     python train_rft.py --sft_dir ckpt/sft                      # tiny preset, CPU
@@ -230,12 +230,13 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
     pose = ro.pose.float().cpu()
     if (valid & image).any():  # Eq. 7 on the image-to-pose samples in V
         idx = torch.nonzero(valid & image).flatten()
-        joints = bodymodel.forward_rot6d(pose[idx]).joints
-        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]))
-        r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float()
+        dev = bodymodel.smpl.v_template.device  # the body model's device (CUDA in training on GPUs)
+        joints = bodymodel.forward_rot6d(pose[idx].to(dev)).joints
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=dev)
+        r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
     if (valid & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
         idx = torch.nonzero(valid & text).flatten()
-        r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float()
+        r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
     if args.zero_reward:  # Table 5: one reward zero-masked
         r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
     r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
@@ -458,7 +459,7 @@ def main(argv=None):
         bad = 0
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
-            log({**rec, "charts/lr": opt.param_groups[0]["lr"]}, done)
+            log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if master and (done % args.save_every == 0 or done == args.steps or stop):
             train_sft.save_checkpoint(args.out_dir, done, policy, opt, args, names)

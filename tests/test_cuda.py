@@ -1,0 +1,131 @@
+"""On a CUDA GPU only (skipped elsewhere; CI has none): the compiled HyGRPO loss equals the eager one
+on CUDA tensors, the tiny policy computes on CUDA what it computes on CPU (forward, the head, the
+`<POSE>` state at rollout vs teacher forcing), and a bf16-autocast base stays close to float32 with
+float32 head outputs. The scripts themselves run on CUDA whenever it is present (test_train_*.py);
+tests/gpu_7b.py runs the 7B preset at full size."""
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+import data
+import hygrpo
+import model as M
+from test_hygrpo import make_inputs
+from test_model import CFG, ForcePose, batch_of, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.tiny_tokenizer(CFG)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return data.PoseBenchTasks("train", CFG, seed=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_compiled_loss_equals_eager_on_cuda(dtype, tol):
+    x = {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in make_inputs(11, dtype=dtype).items()}
+    compiled = hygrpo.make_loss(None)  # the default on CUDA
+    assert compiled is not hygrpo.hygrpo_loss
+    out = []
+    for fn in (hygrpo.hygrpo_loss, compiled):
+        token_logp = x["token_logp"].clone().requires_grad_(True)
+        pose_logp = x["pose_logp"].clone().requires_grad_(True)
+        loss, stats = fn(**{**x, "token_logp": token_logp, "pose_logp": pose_logp})
+        loss.backward()
+        out.append((loss.detach(), stats, token_logp.grad, pose_logp.grad))
+    (l0, s0, gt0, gp0), (l1, s1, gt1, gp1) = out
+    torch.testing.assert_close(l1, l0, atol=tol, rtol=tol)
+    for k in s0:
+        torch.testing.assert_close(s1[k].detach(), s0[k].detach(), atol=tol, rtol=tol, msg=k)
+    torch.testing.assert_close(gt1, gt0, atol=tol, rtol=tol)
+    torch.testing.assert_close(gp1, gp0, atol=tol, rtol=tol)
+
+
+def test_tiny_policy_on_cuda_equals_cpu(tok, samples):
+    m = tiny(tok, seed=6)
+    b = batch_of(samples, tok, 6)
+    with torch.no_grad():
+        logits, dist, state = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        m.to(CUDA)
+        bc = b.to(CUDA)
+        logits_c, dist_c, state_c = m.forward_hybrid(bc.input_ids, bc.attention_mask, bc.pixel_values, bc.pose_token_pos)
+    # float32 on both sides (TF32 is off by default); the summation order differs: about 2e-4 apart
+    torch.testing.assert_close(logits_c.cpu(), logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(state_c.cpu(), state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dist_c.mean.cpu(), dist.mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dist_c.stddev.cpu(), dist.stddev, atol=1e-4, rtol=1e-4)
+    pose = dist.sample()
+    torch.testing.assert_close(dist_c.log_prob(pose.to(CUDA)).cpu(), dist.log_prob(pose), atol=1e-3, rtol=1e-5)
+
+
+def test_pose_state_at_rollout_equals_teacher_forcing_on_cuda(tok, samples):
+    m = tiny(tok, seed=1).to(CUDA)
+    group = [samples[i] for i in range(4)]
+    p = data.collate(group, tok, 32, add_answer=False, pad_side="left").to(CUDA)
+    T = p.input_ids.shape[1]
+    gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                     max_new_tokens=6, do_sample=True, pad_token_id=tok.pad_token_id,
+                     logits_processor=LogitsProcessorList([ForcePose(T, 3, m.config.pose_token_id)]),
+                     output_hidden_states=True, return_dict_in_generate=True)
+    states, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
+    assert valid.all() and (pos == T + 3).all() and states.device.type == "cuda"
+    mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long,
+                                                   device=CUDA)], 1)
+    with torch.no_grad():
+        _, dist, tf_state = m.forward_hybrid(gen.sequences, mask, p.pixel_values, pos)
+    torch.testing.assert_close(states, tf_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.pose_head.distribution(states).mean, dist.mean, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cuda_is_close_to_float32(tok, samples):
+    m = tiny(tok, seed=7).to(CUDA)
+    b = batch_of(samples, tok, 6).to(CUDA)
+    with torch.no_grad():
+        logits, dist, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        m.config.compute_dtype = "bfloat16"  # what the 7B preset sets: forward under bf16 autocast
+        logits_h, dist_h, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+    assert dist_h.mean.dtype == torch.float32 and dist_h.stddev.dtype == torch.float32  # the head runs in float32
+    scale = logits.abs().max()
+    assert (logits_h.float() - logits).abs().max() < 0.05 * scale  # bf16 keeps 8 bits of mantissa
+    assert (dist_h.mean - dist.mean).abs().max() < 0.05 * dist.mean.abs().max()
+    assert not torch.equal(logits_h.float(), logits)  # autocast did run in bf16
+
+
+def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
+    """train_rft.score with the body model, the reward retriever and the sentence encoder on the GPU
+    (as train_rft.py places them) returns the CPU rewards, on CPU. Two bugs the first GPU run found:
+    CPU poses into a CUDA body model, and CUDA semantic rewards written into a CPU tensor."""
+    import numpy as np
+
+    import body
+    import posebench
+    import retrieval
+    import rewards as R
+    import train_rft
+
+    tasks = data.PoseBenchTasks("train", posebench.BenchConfig(n_train=48, n_val=16, n_test=40), seed=0)
+    samples = [tasks[i] for i in range(40) if tasks[i].task in ("image_to_pose", "text_to_pose")][:6]
+    assert {s.task for s in samples} == {"image_to_pose", "text_to_pose"}
+    g = torch.Generator().manual_seed(0)
+    pose = torch.as_tensor(np.stack([s.pose6d.reshape(-1) for s in samples])) + 0.1 * torch.randn(6, 144, generator=g)
+    ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
+                           pose_pos=torch.full((6,), 40), has_pose=torch.ones(6, dtype=torch.bool), pose=pose,
+                           texts=[data.POSE_ANSWER] * 6)
+    torch.manual_seed(0)
+    retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)).eval()
+    (r0, rd0, rc0, v0, _), (r1, rd1, rc1, v1, _) = [
+        train_rft.score(ro, samples, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
+                        train_rft.Args()) for dev in ("cpu", "cuda")]
+    assert v1.all() and torch.equal(v0, v1)
+    for k in r0:
+        assert r1[k].device.type == "cpu", k
+        torch.testing.assert_close(r1[k], r0[k], atol=1e-4, rtol=1e-4, msg=k)
+    assert (r1["joint"] > 0).any() and (r1["semantic"] != 0).any()
+    torch.testing.assert_close(rd1, rd0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rc1, rc0, atol=1e-4, rtol=1e-4)
