@@ -77,6 +77,10 @@ def setup_distributed():
     if ddp:
         import torch.distributed as dist
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if backend == "nccl" and local_rank >= gpus:
+            raise SystemExit(f"torchrun started local rank {local_rank} but this node has {gpus} GPU(s): pass "
+                             f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on CPU (gloo)")
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if backend == "nccl" else torch.device("cpu")

@@ -167,12 +167,19 @@ def test_evaluate_ckpt_produces_every_field(results):
 
 def test_torchrun_sharded_evaluation_equals_one_process(results, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # 2 processes under gloo on CPU, also where a GPU is
+    flags = ["evaluate.py", "--ckpt", str(results / "ckpt" / "rft_s0"), *BENCH, *EVAL, *retriever_flags(results),
+             "--threads", "1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
-                        "evaluate.py", "--ckpt", str(results / "ckpt" / "rft_s0"), "--out_dir", str(tmp_path / "two"),
-                        *BENCH, *EVAL, *retriever_flags(results), "--threads", "1"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+                        *flags, "--out_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    one = json.loads((results / "eval" / "rft_s0" / "results.json").read_text())
+    one_dir = results / "eval" / "rft_s0"
+    if torch.cuda.is_available():  # the report evaluated on the GPU: compare with one process on CPU
+        one_dir = tmp_path / "one"
+        r = subprocess.run([sys.executable, *flags, "--out_dir", str(one_dir)], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one = json.loads((one_dir / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["metrics"].keys() == two["metrics"].keys()
@@ -280,3 +287,14 @@ def test_results_file_from_another_preset_is_named(results, tmp_path):
             report.main(REPORT + ["--out_dir", str(results)])
     finally:
         path.write_text(good)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node larger than the node's GPUs stops before NCCL starts, saying what to pass."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"local rank 1 but this node has 1 GPU\(s\): pass --nproc_per_node=1"):
+        E.setup_distributed()

@@ -122,6 +122,7 @@ def test_ddp_gradients_equal_one_process(tmp_path, tok):
     (tmp_path / "run" / "LATEST").write_text("step-000000")
     worker = os.path.join(ROOT, "tests", "ddp_grad_worker.py")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # both runs on CPU (2 processes under gloo), also where a GPU is
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     r = subprocess.run([sys.executable, worker, str(tmp_path / "run"), str(one)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
