@@ -283,6 +283,13 @@ def make_logger(out_dir: str, master: bool):
     return log
 
 
+def gpu_peak(device: torch.device) -> dict:
+    """The peak GPU memory this process has allocated so far, as a metric (nothing on CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"charts/gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+
+
 def restore_train_state(opt, state) -> int:
     """Load the optimizer and the RNG states of a checkpoint (save_checkpoint); return its step."""
     opt.load_state_dict(state["optimizer"])
@@ -612,7 +619,7 @@ def main(argv=None):
                 stats["charts/pose_std_mean"] = dist.stddev.mean().item()
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
-                 "charts/steps_per_s": (done - start) / (time.time() - t_loop)}, done)
+                 "charts/steps_per_s": (done - start) / (time.time() - t_loop), **gpu_peak(device)}, done)
         if master and done == args.steps and args.head_fit_steps and not real:  # rank 0's model is the one saved
             fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
         stop = args.stop_after and done >= args.stop_after

@@ -141,9 +141,10 @@ WORDS = ("USER", "ASSISTANT", ":", ".", "?", "\n", "The", "SMPL", "pose", "of", 
          "the", "in", "image", "Yes", ",", "arm", "straight", "Is", "left")
 
 
-def fake_llava_dir(path, vocab_pad=0):
+def fake_llava_dir(path, vocab_pad=0, text=None, vision=None, device="cpu"):
     """A tiny LLaMA + tiny CLIP in transformers' LLaVA format, with a word-level tokenizer holding
-    <image> but not <POSE> (as LLaVA's)."""
+    <image> but not <POSE> (as LLaVA's). `text` / `vision` override the configs' sizes (tests/gpu_7b.py
+    writes LLaVA-1.5-7B's, built on `device` in bf16)."""
     specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
     vocab = {t: i for i, t in enumerate(specials + [w for w in WORDS if w != "\n"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -152,15 +153,20 @@ def fake_llava_dir(path, vocab_pad=0):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
     fast.save_pretrained(path)
-    text = LlamaConfig(vocab_size=len(vocab) + vocab_pad, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                       pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    vis = CLIPVisionConfig(image_size=CLIP_SIZE, patch_size=14, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=3, num_attention_heads=4, projection_dim=32)
+    text = LlamaConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, max_position_embeddings=128, vocab_size=len(vocab) + vocab_pad),
+                          **(text or {})}, pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+    vis = CLIPVisionConfig(**{**dict(image_size=CLIP_SIZE, patch_size=14, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=3, num_attention_heads=4, projection_dim=32), **(vision or {})})
+    n_img = (vis.image_size // vis.patch_size) ** 2
     cfg = LlavaConfig(text_config=text.to_dict(), vision_config=vis.to_dict(), image_token_id=vocab["<image>"],
-                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=n_img)
     torch.manual_seed(0)
-    llava = LlavaForConditionalGeneration(cfg)
+    with torch.device(device):
+        llava = LlavaForConditionalGeneration(cfg)
+    if device != "cpu":
+        llava.to(torch.bfloat16)
     llava.save_pretrained(path)
     return llava
 

@@ -80,13 +80,14 @@ def test_table4_defaults_only_where_not_given():
 
 # ---- end to end on the toy-width architecture ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def write_real_assets(d, llava=None, hmr2=None):
+    """Fake --llava_path and HMR2.0 checkpoint (toy sizes, or those of `llava` / `hmr2`: keyword
+    arguments of fake_llava_dir / hmr2_state_dict), fixture data in each dataset's real schema and an
+    untrained reward retriever, in directory d. Returns the data flags of both scripts."""
     from PIL import Image
 
-    d = tmp_path_factory.mktemp("real_assets")
-    fake_llava_dir(str(d / "llava"))
-    save_ckpt(d / "hmr2.ckpt", hmr2_state_dict())
+    fake_llava_dir(str(d / "llava"), **(llava or {}))
+    save_ckpt(d / "hmr2.ckpt", hmr2_state_dict(**(hmr2 or {})))
     rng = np.random.default_rng(0)
     # PoseScript + AMASS
     ps, amass = d / "posescript", d / "amass"
@@ -118,7 +119,13 @@ def assets(tmp_path_factory):
                   "--image_npz", f"H36M={d / 'h36m_train.npz'}={d / 'h36m'}",
                   "--llava_instruct_json", str(d / "llava_instruct_150k.json"), "--coco_dir", str(d / "coco"),
                   "--threads", "1", "--lora_rank", "4"]
-    return d, data_flags
+    return data_flags
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real_assets")
+    return d, write_real_assets(d)
 
 
 def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
