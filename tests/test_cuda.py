@@ -1,30 +1,19 @@
 """On a CUDA GPU only (skipped elsewhere; CI has none): the compiled HyGRPO loss equals the eager one
-on CUDA tensors, the tiny policy computes on CUDA what it computes on CPU (forward, the head, the
-`<POSE>` state at rollout vs teacher forcing), and a bf16-autocast base stays close to float32 with
-float32 head outputs. The scripts themselves run on CUDA whenever it is present (test_train_*.py);
-tests/gpu_7b.py runs the 7B preset at full size."""
+on CUDA tensors; the tiny policy computes on CUDA what it computes on CPU (forward, the head); the
+rewards with the reward models on CUDA equal the CPU ones; a bf16-autocast base stays close to
+float32 with float32 head outputs. test_model.py checks the `<POSE>` state at rollout on CUDA too,
+the scripts run on CUDA whenever it is present (test_train_*.py), and tests/gpu_7b.py runs the 7B
+preset at full size."""
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 import data
 import hygrpo
-import model as M
 from test_hygrpo import make_inputs
-from test_model import CFG, ForcePose, batch_of, tiny
+from test_model import batch_of, samples, tiny, tok  # noqa: F401  (samples, tok: fixtures)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return data.tiny_tokenizer(CFG)
-
-
-@pytest.fixture(scope="module")
-def samples():
-    return data.PoseBenchTasks("train", CFG, seed=0)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -62,25 +51,6 @@ def test_tiny_policy_on_cuda_equals_cpu(tok, samples):
     torch.testing.assert_close(dist_c.stddev.cpu(), dist.stddev, atol=1e-4, rtol=1e-4)
     pose = dist.sample()
     torch.testing.assert_close(dist_c.log_prob(pose.to(CUDA)).cpu(), dist.log_prob(pose), atol=1e-3, rtol=1e-5)
-
-
-def test_pose_state_at_rollout_equals_teacher_forcing_on_cuda(tok, samples):
-    m = tiny(tok, seed=1).to(CUDA)
-    group = [samples[i] for i in range(4)]
-    p = data.collate(group, tok, 32, add_answer=False, pad_side="left").to(CUDA)
-    T = p.input_ids.shape[1]
-    gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
-                     max_new_tokens=6, do_sample=True, pad_token_id=tok.pad_token_id,
-                     logits_processor=LogitsProcessorList([ForcePose(T, 3, m.config.pose_token_id)]),
-                     output_hidden_states=True, return_dict_in_generate=True)
-    states, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
-    assert valid.all() and (pos == T + 3).all() and states.device.type == "cuda"
-    mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long,
-                                                   device=CUDA)], 1)
-    with torch.no_grad():
-        _, dist, tf_state = m.forward_hybrid(gen.sequences, mask, p.pixel_values, pos)
-    torch.testing.assert_close(states, tf_state, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(m.pose_head.distribution(states).mean, dist.mean, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_autocast_on_cuda_is_close_to_float32(tok, samples):

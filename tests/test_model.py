@@ -60,24 +60,28 @@ class ForcePose(LogitsProcessor):
         return scores
 
 
-def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples):
-    m = tiny(tok, seed=1)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples, device):
+    m = tiny(tok, seed=1).to(device)
+    tol = 1e-5 if device == "cpu" else 1e-4  # on CUDA, generate's cached attention sums in another order
     # Prompts of different lengths (left padding), with and without images.
     chosen = [samples[i] for i in range(12)]
     chosen = [s for s in chosen if s.task == "text_to_pose"][:2] + [s for s in chosen if s.task != "text_to_pose"][:2]
     for group in (chosen[:2], chosen[2:]):
-        p = data.collate(group, tok, 32, add_answer=False, pad_side="left")
+        p = data.collate(group, tok, 32, add_answer=False, pad_side="left").to(device)
         T = p.input_ids.shape[1]
         gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
                          max_new_tokens=6, do_sample=True, pad_token_id=tok.pad_token_id,
                          logits_processor=LogitsProcessorList([ForcePose(T, 3, m.config.pose_token_id)]),
                          output_hidden_states=True, return_dict_in_generate=True)
         states, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
-        assert valid.all() and (pos == T + 3).all()
-        mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long)], 1)
+        assert valid.all() and (pos == T + 3).all() and states.device.type == device
+        mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long,
+                                                       device=device)], 1)
         _, dist, tf_state = m.forward_hybrid(gen.sequences, mask, p.pixel_values, pos)
-        assert torch.allclose(states, tf_state, atol=1e-5)
-        assert torch.allclose(m.pose_head.distribution(states).mean, dist.mean, atol=1e-5)
+        assert torch.allclose(states, tf_state, atol=tol, rtol=tol)
+        assert torch.allclose(m.pose_head.distribution(states).mean, dist.mean, atol=tol, rtol=tol)
 
 
 def test_pose_at_the_very_end_is_invalid(tok, samples):
