@@ -12,7 +12,7 @@ What it measures is the code path, the speed and the memory; the losses and rewa
 weights mean nothing. The fixture's texts are short (a word-level tokenizer), so a sample has about
 the 768 visual tokens and fewer text tokens than memory.py's 48.
 
-Run (on a GPU; about 35 GB of disk, 5 minutes on one H200):
+Run (on a GPU; about 35 GB of disk; 164 s on one H200, 2026-12-01):
     python tests/gpu_7b.py --dir /tmp/gpu_7b
     python tests/gpu_7b.py --dir /tmp/gpu_7b_toy --toy    # toy sizes, any device: checks this script
 """
