@@ -39,7 +39,7 @@ import contextlib
 import io
 import os
 import pickle
-import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -456,18 +456,30 @@ def cache_dir() -> str:
     return os.environ.get("POSE_RFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pose_rft")
 
 
-def atomic_pickle(obj, path: str) -> None:
-    """Write a pickle so that a reader sees the old file or the whole new one, never a part."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+def atomic_write(path: str, write, binary: bool = False) -> None:
+    """Write a file so that a reader sees the old file or the whole new one, never a part.
+
+    `write(fh)` fills an open temporary file in path's folder (named for this process and thread,
+    made with the usual mode under the umask), which then replaces path by `os.replace`. On any
+    error the temporary file is removed and path is left as it was. The project's caches, results,
+    markers and LATEST files are all written through this.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=4)
+        with open(tmp, "wb" if binary else "w") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_pickle(obj, path: str) -> None:
+    """Write a pickle atomically (atomic_write)."""
+    atomic_write(path, lambda fh: pickle.dump(obj, fh, protocol=4), binary=True)
 
 
 def procedural_smpl_path(rebuild: bool = False) -> str:

@@ -54,7 +54,6 @@ import collections
 import dataclasses
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -314,16 +313,7 @@ def tiny_tokenizer(cfg: posebench.BenchConfig | None = None) -> PreTrainedTokeni
         if tok.unk_token_id not in sum(tok(_template_texts(), add_special_tokens=False)["input_ids"], []):
             return tok
     tok = build_tokenizer(benchmark_texts(cfg))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(tok.backend_tokenizer.to_str())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    body.atomic_write(path, lambda fh: fh.write(tok.backend_tokenizer.to_str()))
     return tok
 
 

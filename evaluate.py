@@ -451,12 +451,6 @@ def results_markdown(record: dict) -> str:
     return head + tail + metrics_table(column)
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str, record: dict, predictions: dict | None = None) -> str:
     """Writes out_dir/results.json (the record), results.md and predictions.npz (the predictions that
     `evaluate_policy` / `evaluate_real` return: {set: {"index", "pose6d"}} and posebench's "answers").
@@ -465,14 +459,10 @@ def write_results(out_dir: str, record: dict, predictions: dict | None = None) -
     if predictions is not None:
         arrays = {f"{t}/{k}": v.numpy() for t, d in predictions.items() if t != "answers" for k, v in d.items()}
         arrays.update({f"answers/{t}": np.array(a, dtype=str) for t, a in predictions.get("answers", {}).items()})
-
-        def save_npz(p):
-            with open(p, "wb") as fh:
-                np.savez(fh, **arrays)
-        _atomic_write(os.path.join(out_dir, "predictions.npz"), save_npz)
-    _atomic_write(os.path.join(out_dir, "results.md"), lambda p: open(p, "w").write(results_markdown(record)))
+        body.atomic_write(os.path.join(out_dir, "predictions.npz"), lambda fh: np.savez(fh, **arrays), binary=True)
+    body.atomic_write(os.path.join(out_dir, "results.md"), lambda fh: fh.write(results_markdown(record)))
     path = os.path.join(out_dir, "results.json")
-    _atomic_write(path, lambda p: open(p, "w").write(json.dumps(record, indent=1)))  # last: marks completion
+    body.atomic_write(path, lambda fh: json.dump(record, fh, indent=1))  # last: marks completion
     return path
 
 

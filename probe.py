@@ -182,11 +182,7 @@ def main(argv=None):
         print(f"{name:16s} {end['mpjpe_mm'] - start['mpjpe_mm']:+8.2f} {end['pa_mpjpe_mm'] - start['pa_mpjpe_mm']:+9.2f}")
     print(f"({time.time() - t0:.0f} s)")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(tmp, args.out)
+        body.atomic_write(args.out, lambda fh: json.dump(results, fh, indent=1))
     return results
 
 

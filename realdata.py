@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import pickle
+from typing import Sequence
 
 import numpy as np
 import torch

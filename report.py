@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import body
 import evaluate as E
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -220,10 +221,7 @@ class Runner:
             raise StageFailed(f"stage {stage.name} failed (exit code {rc}); its log is {log}. Last lines:\n{tail}")
         marker = {"cmd": stage.cmd, "seconds": round(finished - started, 1), "started_at": started,
                   "finished_at": finished, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "log": log}
-        tmp = self.marker_path(stage.name) + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(marker, fh, indent=1)
-        os.replace(tmp, self.marker_path(stage.name))
+        body.atomic_write(self.marker_path(stage.name), lambda fh: json.dump(marker, fh, indent=1))
         self.say(f"  {stage.name}: done in {marker['seconds']:.0f} s")
         return {**marker, "status": "ran"}
 
@@ -555,9 +553,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                  + f"Machine: {m['cpu']}, {m['cores']} cores; GPU: {m['gpu']}; torch {m['torch']}, Python "
                    f"{m['python']}, {m['os']}.\n")
     path = os.path.join(out, "REPORT.md")
-    with open(path + ".tmp", "w") as fh:
-        fh.write("\n".join(parts))
-    os.replace(path + ".tmp", path)
+    body.atomic_write(path, lambda fh: fh.write("\n".join(parts)))
     return path
 
 

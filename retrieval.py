@@ -229,17 +229,7 @@ def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions
     emb = encode_sentences(unique, text_encoder, bf16, batch_size, progress=progress).numpy()  # (U, E)
     print(f"  encoded {len(unique)} distinct {split.name} captions ({len(caps) * K} in all) "
           f"in {time.time() - t0:.1f} s")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, emb=emb, index=index)
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    body.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
     return torch.from_numpy(emb), torch.from_numpy(index)
 
 

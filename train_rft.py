@@ -79,7 +79,7 @@ import retrieval
 import rewards as R
 import train_sft
 from evaluate import clean_answer, evaluate_policy, setup_distributed
-from train_sft import all_reduce_sum, cosine_lr, sync_gradients
+from train_sft import cosine_lr, sync_gradients
 
 
 @dataclass

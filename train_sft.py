@@ -199,7 +199,7 @@ def check_real_assets(args, script: str) -> None:
              "...`", inside=os.path.join("base", "preset.json"))
         need("reward_retriever", args.reward_retriever, "train it with `python retrieval.py`", is_dir=True)
     if problems:
-        raise SystemExit(f"--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
+        raise SystemExit("--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
 
 
 def real_tasks(args, image_size: int, bodymodel, seed: int) -> realdata.Mixture:
@@ -497,9 +497,7 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, extra=None):
                 **(extra or {})}, os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    with open(os.path.join(out_dir, ".LATEST.tmp"), "w") as fh:
-        fh.write(os.path.basename(final))
-    os.replace(os.path.join(out_dir, ".LATEST.tmp"), os.path.join(out_dir, "LATEST"))
+    body.atomic_write(os.path.join(out_dir, "LATEST"), lambda fh: fh.write(os.path.basename(final)))
     return final
 
 

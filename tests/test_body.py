@@ -213,3 +213,22 @@ def test_cli_convert_and_info(tmp_path):
     r = subprocess.run([sys.executable, "body.py", "info", str(dst)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0 and "J_regressor" in r.stdout, r.stderr
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "a.json"
+    body.atomic_write(str(path), lambda fh: fh.write("old"))
+    assert path.read_text() == "old"
+
+    def broken(fh):
+        fh.write("half of the new")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        body.atomic_write(str(path), broken)
+    assert path.read_text() == "old" and os.listdir(path.parent) == ["a.json"]  # no temporary file left
+    umask = os.umask(0o022)
+    try:
+        body.atomic_write(str(path), lambda fh: fh.write(b"new"), binary=True)
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"new" and (path.stat().st_mode & 0o777) == 0o644  # the usual mode, not 0600

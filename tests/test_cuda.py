@@ -79,17 +79,17 @@ def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
     import train_rft
 
     tasks = data.PoseBenchTasks("train", posebench.BenchConfig(n_train=48, n_val=16, n_test=40), seed=0)
-    samples = [tasks[i] for i in range(40) if tasks[i].task in ("image_to_pose", "text_to_pose")][:6]
-    assert {s.task for s in samples} == {"image_to_pose", "text_to_pose"}
+    chosen = [tasks[i] for i in range(40) if tasks[i].task in ("image_to_pose", "text_to_pose")][:6]
+    assert {s.task for s in chosen} == {"image_to_pose", "text_to_pose"}
     g = torch.Generator().manual_seed(0)
-    pose = torch.as_tensor(np.stack([s.pose6d.reshape(-1) for s in samples])) + 0.1 * torch.randn(6, 144, generator=g)
+    pose = torch.as_tensor(np.stack([s.pose6d.reshape(-1) for s in chosen])) + 0.1 * torch.randn(6, 144, generator=g)
     ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
                            pose_pos=torch.full((6,), 40), has_pose=torch.ones(6, dtype=torch.bool), pose=pose,
                            texts=[data.POSE_ANSWER] * 6)
     torch.manual_seed(0)
     retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)).eval()
     (r0, rd0, rc0, v0, _), (r1, rd1, rc1, v1, _) = [
-        train_rft.score(ro, samples, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
+        train_rft.score(ro, chosen, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
                         train_rft.Args()) for dev in ("cpu", "cuda")]
     assert v1.all() and torch.equal(v0, v1)
     for k in r0:

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import body
 import posebench
 import retrieval as R
 
