@@ -535,6 +535,11 @@ class BodyModel(torch.nn.Module):
     def num_vertices(self) -> int:
         return int(self.smpl.v_template.shape[0])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are: its inputs must be there too."""
+        return self.smpl.v_template.device
+
     def forward(self, global_orient, body_pose, betas=None) -> BodyOutput:
         """Pose the body.
 

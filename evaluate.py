@@ -83,7 +83,7 @@ def setup_distributed():
                              f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on CPU (gloo)")
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if backend == "nccl" else torch.device("cpu")
+        device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return True, rank, world, device

@@ -230,9 +230,8 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
     pose = ro.pose.float().cpu()
     if (valid & image).any():  # Eq. 7 on the image-to-pose samples in V
         idx = torch.nonzero(valid & image).flatten()
-        dev = bodymodel.smpl.v_template.device  # the body model's device (CUDA in training on GPUs)
-        joints = bodymodel.forward_rot6d(pose[idx].to(dev)).joints
-        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=dev)
+        joints = bodymodel.forward_rot6d(pose[idx].to(bodymodel.device)).joints  # on the GPU when training there
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=bodymodel.device)
         r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
     if (valid & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
         idx = torch.nonzero(valid & text).flatten()

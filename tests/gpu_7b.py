@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,7 +61,6 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     shutil.rmtree(a.dir, ignore_errors=True)
     os.makedirs(a.dir)
-    from pathlib import Path
     d = Path(a.dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
