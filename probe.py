@@ -19,12 +19,16 @@ Objectives (all on pelvis-centred joints; losses in metres, rewards in 1/metres)
     eq7_true_root  eq7 with the ground-truth root substituted: what the body alone is asked for
 
 It also prints the SFT head's root (global orientation) error on val, the quantity that makes
-Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5).
+Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5), and where the root is lost: the root
+error of a linear (ridge) probe fitted on the same training prompts to the `<POSE>` states, and to
+the pose-aware encoder's tokens f_b(x) of the same images (before W_b and the language model).
 
 Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU):
     python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
 At RFT's own budget of image prompts (600 steps of about 3 states, 8 samples each; 45 s):
     python probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
+The root errors alone (the head's and the two linear probes'; 25 s):
+    python probe.py --sft_dir results/ckpt/sft_s0 --objectives 6d --steps 1
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ import rewards as R
 import train_sft
 
 OBJECTIVES = ("6d", "eq7", "reward", "pa", "eq7+pa", "eq7_true_root")
+RIDGE_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
 def parse_args(argv=None):
@@ -79,10 +84,60 @@ def parse_args(argv=None):
 
 def cache_states(policy, tokenizer, split: str, cfg: posebench.BenchConfig, n: int | None = None) -> dict:
     """Teacher-forced `<POSE>` states (n, D) of the first n image-to-pose prompts of a split (None:
-    all), with their targets: 6D pose (n, 144) and view-frame joints (n, 24, 3)."""
+    all), the pose-aware encoder's flattened tokens f_b(x) of their images (n, L_b * C_b), and the
+    targets: 6D pose (n, 144) and view-frame joints (n, 24, 3)."""
     samples = data.PoseBenchTasks(split, cfg).eval_samples("image_to_pose")[:n]
     h, pose6d = train_sft.pose_states(policy, tokenizer, samples, "cpu")
-    return {"h": h, "pose6d": pose6d, "joints": torch.as_tensor(np.stack([s.joints for s in samples])).float()}
+    return {"h": h, "f": pose_encoder_tokens(policy, samples), "pose6d": pose6d,
+            "joints": torch.as_tensor(np.stack([s.joints for s in samples])).float()}
+
+
+@torch.no_grad()
+def pose_encoder_tokens(policy, samples, batch_size: int = 256) -> torch.Tensor:
+    """(n, L_b * C_b) float32: f_b(x) of the samples' images, flattened, as PoseLlava computes it."""
+    base = policy.get_base_model()
+    cfg, tower = base.config, base.model.pose_tower
+    out = []
+    for i in range(0, len(samples), batch_size):
+        pixels = data.images_to_pixels(np.stack([s.image for s in samples[i:i + batch_size]]))
+        pixels = M.renormalise(pixels, cfg.pose_pixel_mean, cfg.pose_pixel_std)
+        out.append(tower(pixels.to(next(tower.parameters()).dtype)).flatten(1).float())
+    return torch.cat(out)
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float):
+    """Ridge regression y ~ x on standardised features with an unpenalised bias, in float64:
+    returns predict(x_new) -> y_new."""
+    mu, sd = x.double().mean(0), x.double().std(0)
+    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))  # a constant feature stays as it is
+    z = torch.cat([(x.double() - mu) / sd, x.new_ones(len(x), 1, dtype=torch.float64)], 1)
+    penalty = lam * torch.eye(z.shape[1], dtype=torch.float64)
+    penalty[-1, -1] = 0.0
+    w = torch.linalg.solve(z.T @ z + penalty, z.T @ y.double())
+    return lambda x_new: (torch.cat([(x_new.double() - mu) / sd, x_new.new_ones(len(x_new), 1, dtype=torch.float64)],
+                                    1) @ w).float()
+
+
+def linear_root_probe(x_train, pose6d_train, x_val, pose6d_val, holdout: float = 0.2) -> dict:
+    """How well the root (global orientation) can be read linearly from features: a ridge
+    regression to the root's 6D, its lambda chosen on the last `holdout` of the training rows
+    (never on val), refitted on all of them; root error on val in degrees."""
+    cut = int(len(x_train) * (1 - holdout))
+    root_train, root_val = pose6d_train[:, :M.ROOT_DIMS], pose6d_val[:, :M.ROOT_DIMS]
+    held = {lam: root_angle_deg(ridge_fit(x_train[:cut], root_train[:cut], lam)(x_train[cut:]), root_train[cut:])
+            .mean().item() for lam in RIDGE_LAMBDAS}
+    lam = min(held, key=held.get)
+    return {"lambda": lam, **angle_stats(root_angle_deg(ridge_fit(x_train, root_train, lam)(x_val), root_val))}
+
+
+def angle_stats(err: torch.Tensor) -> dict:
+    return {"median_deg": err.median().item(), "mean_deg": err.mean().item(),
+            "frac_over_30_deg": (err > 30).float().mean().item(), "frac_over_90_deg": (err > 90).float().mean().item()}
+
+
+def describe(stats: dict) -> str:
+    return (f"median {stats['median_deg']:.1f} deg, mean {stats['mean_deg']:.1f}, "
+            f"> 30 deg {100 * stats['frac_over_30_deg']:.1f} %, > 90 deg {100 * stats['frac_over_90_deg']:.1f} %")
 
 
 def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperature: float = 0.3,
@@ -117,8 +172,12 @@ def val_metrics(head, val: dict, bodymodel) -> dict:
 @torch.no_grad()
 def root_error_deg(head, val: dict) -> torch.Tensor:
     """(n,) geodesic angle in degrees between the head's mean root rotation and the true one."""
-    r_pred = body.rot6d_to_matrix(head.distribution(val["h"]).mean[:, :M.ROOT_DIMS].double())
-    r_true = body.rot6d_to_matrix(val["pose6d"][:, :M.ROOT_DIMS].double())
+    return root_angle_deg(head.distribution(val["h"]).mean[:, :M.ROOT_DIMS], val["pose6d"][:, :M.ROOT_DIMS])
+
+
+def root_angle_deg(pred6d: torch.Tensor, true6d: torch.Tensor) -> torch.Tensor:
+    """(n,) geodesic angle in degrees between two (n, 6) rotations (6D, Gram-Schmidt'ed)."""
+    r_pred, r_true = body.rot6d_to_matrix(pred6d.double()), body.rot6d_to_matrix(true6d.double())
     cos = ((r_pred.transpose(-1, -2) @ r_true).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 
@@ -164,13 +223,14 @@ def main(argv=None):
     val = cache_states(policy, tokenizer, "val", cfg)
     del policy
     bodymodel = body.BodyModel()
-    err = root_error_deg(sft_head, val)
-    root = {"median_deg": err.median().item(), "mean_deg": err.mean().item(),
-            "frac_over_30_deg": (err > 30).float().mean().item(), "frac_over_90_deg": (err > 90).float().mean().item()}
+    root = angle_stats(root_error_deg(sft_head, val))
+    probes = {where: linear_root_probe(train[k], train["pose6d"], val[k], val["pose6d"])
+              for where, k in (("pose_states", "h"), ("pose_encoder", "f"))}
     print(f"{step_dir}: {len(train['h'])} train / {len(val['h'])} val states cached in {time.time() - t0:.0f} s; "
-          f"root error on val: median {root['median_deg']:.1f} deg, mean {root['mean_deg']:.1f}, "
-          f"> 30 deg {100 * root['frac_over_30_deg']:.1f} %, > 90 deg {100 * root['frac_over_90_deg']:.1f} %", flush=True)
-    results = {"sft_dir": args.sft_dir, "args": vars(args), "root_error": root, "curves": {}}
+          f"root error on val:\n  {'the SFT head mean:':52s}{describe(root)}", flush=True)
+    for where, what in (("pose_states", "<POSE> states"), ("pose_encoder", "the pose encoder's tokens f_b(x)")):
+        print(f"  {'a linear probe of ' + what + ':':52s}{describe(probes[where])} (ridge lambda {probes[where]['lambda']:g})")
+    results = {"sft_dir": args.sft_dir, "args": vars(args), "root_error": root, "root_probes": probes, "curves": {}}
     for name in args.objectives:
         results["curves"][name] = follow(name, sft_head, train, val, bodymodel, args)
     start = results["curves"][args.objectives[0]][0][1]

@@ -1,5 +1,6 @@
 """probe.py: each objective against a direct computation by metrics.py / rewards.py, gradients
-through every objective, and the root error on a hand-made rotation."""
+through every objective, the root error on a hand-made rotation, and the linear root probe against
+the least-squares solution and on features that do / do not hold the root."""
 import math
 
 import pytest
@@ -73,3 +74,37 @@ def test_root_error_deg_by_hand():
     pose6d[1, :6] = body.matrix_to_rot6d(rot)
     err = probe.root_error_deg(head, {"h": torch.zeros(2, 4), "pose6d": pose6d})
     assert err.tolist() == pytest.approx([0.0, 40.0], abs=1e-3)
+
+
+def test_ridge_fit_is_least_squares_at_a_small_lambda():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0]) + 2.0
+    y = x @ torch.randn(5, 3, generator=g) + 0.5 + 0.1 * torch.randn(200, 3, generator=g)
+    x1 = torch.cat([x, torch.ones(200, 1)], 1).double()
+    w = torch.linalg.lstsq(x1, y.double()).solution  # ordinary least squares with a bias
+    x_new = torch.randn(7, 5, generator=g)
+    got = probe.ridge_fit(x, y, 1e-9)(x_new)
+    want = torch.cat([x_new, torch.ones(7, 1)], 1).double() @ w
+    assert torch.allclose(got.double(), want, atol=1e-4)
+    const = torch.cat([x, torch.full((200, 1), 4.0)], 1)  # a constant feature is harmless
+    assert torch.isfinite(probe.ridge_fit(const, y, 1.0)(torch.randn(3, 6, generator=g))).all()
+
+
+def random_roots(n: int, g: torch.Generator) -> torch.Tensor:
+    axis = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
+    angle = (torch.rand(n, 1, generator=g) - 0.5) * 2 * math.radians(60)
+    return body.matrix_to_rot6d(body.axis_angle_to_matrix(axis * angle))
+
+
+def test_linear_root_probe_reads_the_root_only_where_it_is():
+    g = torch.Generator().manual_seed(1)
+    roots_train, roots_val = random_roots(400, g), random_roots(100, g)
+    pose_train = torch.cat([roots_train, torch.zeros(400, 138)], 1)
+    pose_val = torch.cat([roots_val, torch.zeros(100, 138)], 1)
+    mix = torch.randn(6, 12, generator=g)
+    holds = probe.linear_root_probe(roots_train @ mix, pose_train, roots_val @ mix, pose_val)
+    assert holds["median_deg"] < 0.1 and holds["frac_over_30_deg"] == 0.0
+    assert holds["lambda"] in probe.RIDGE_LAMBDAS
+    noise = probe.linear_root_probe(torch.randn(400, 12, generator=g), pose_train, torch.randn(100, 12, generator=g),
+                                    pose_val)
+    assert noise["median_deg"] > 20.0  # the roots span +-60 deg about random axes; noise predicts about their mean

@@ -141,6 +141,8 @@ def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
                               "--batch_size", "4", "--samples", "2", "--threads", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert set(saved["curves"]) == set(probe.OBJECTIVES) and saved["root_error"] == res["root_error"]
+    assert set(saved["root_probes"]) == {"pose_states", "pose_encoder"}
+    assert all(0 <= p["median_deg"] <= 180 for p in saved["root_probes"].values())
     for curve in saved["curves"].values():
         assert [step for step, _ in curve] == [0, 1, 2]
         assert all(np.isfinite([m["mpjpe_mm"], m["pa_mpjpe_mm"]]).all() for _, m in curve)
