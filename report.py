@@ -15,7 +15,7 @@ to results/logs/<stage>.log:
 and writes results/REPORT.md: the headline table (SFT vs Pose-RFT on every metric of evaluate.py),
 Table 3 in miniature, Figure 4 (results/figure4_reward_curves.png), Figures 5/6
 (results/figure5_text_to_pose.png, results/figure6_image_to_pose.png: ground truth, SFT and
-Pose-RFT rendered by posebench's renderer), the time of every stage and the machine.
+Pose-RFT rendered by the benchmark's renderer, render.py), the time of every stage and the machine.
 `--full` adds Table 3's extra row (rft_det_s<seed>: `train_rft.py --deterministic_head` from sft_det,
 HyGRPO sampling the deterministic head's fixed spread; not in the paper), Table 5 (each reward
 zero-masked: `--zero_reward NAME`), Table 6 (RFT rewarded by the evaluator retriever instead, each run
@@ -344,18 +344,19 @@ def plot_figure4(curves: dict, png: str) -> None:
 
 
 def render_actions(bodymodel, pose6d, rot=None, distance_m: float = 4.0, size: int = 128):
-    """Renders actions (N, P) with posebench's renderer: body posed, pelvis at the origin, rotated by
+    """Renders actions (N, P) with the benchmark's renderer: body posed, pelvis at the origin, rotated by
     `rot` (3, 3) world -> view (None: the action's own frame is the view frame). Returns (N, size, size, 3) uint8."""
-    import posebench
     import torch
+
+    import render
 
     with torch.no_grad():
         out = bodymodel.forward_rot6d(torch.as_tensor(np.asarray(pose6d), dtype=torch.float32).reshape(len(pose6d), -1))
         verts = out.vertices - out.joints[:, :1]  # (N, V, 3)
         if rot is not None:
             verts = verts @ torch.as_tensor(rot, dtype=torch.float32).T
-        return posebench.render(verts, torch.full((len(verts),), distance_m), bodymodel.faces,
-                                posebench.face_colours(bodymodel), size, 2).numpy()
+        return render.render(verts, torch.full((len(verts),), distance_m), bodymodel.faces,
+                             render.face_colours(bodymodel), size, 2).numpy()
 
 
 def plot_poses(task: str, inputs: list, rows: dict, png: str, title: str) -> None:
@@ -397,13 +398,14 @@ def pose_figures(args: Args, seed: int) -> dict:
     import body
     import data
     import posebench
+    import render
 
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     tasks = data.PoseBenchTasks("test", cfg)
     bm = body.BodyModel(cfg.smpl_path)
     preds = {label: np.load(os.path.join(args.out_dir, "eval", f"{kind}_s{seed}", "predictions.npz"))
              for label, kind in (("SFT", "sft"), ("Pose-RFT", "rft"))}
-    oblique = posebench.view_rotation(torch.tensor([math.radians(30.0)]), torch.tensor([math.radians(15.0)]))[0]
+    oblique = render.view_rotation(torch.tensor([math.radians(30.0)]), torch.tensor([math.radians(15.0)]))[0]
     out = {}
     for task, fig_no, what in (("text_to_pose", 5, "captions"), ("image_to_pose", 6, "test images")):
         samples = tasks.eval_samples(task)
@@ -517,7 +519,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     parts.append("## Figures 5 and 6: rendered poses\n\n"
                  f"![Figure 5]({os.path.basename(pngs['text_to_pose'])})\n\n"
                  f"![Figure 6]({os.path.basename(pngs['image_to_pose'])})\n\n"
-                 "Rendered by posebench's renderer (left limbs blue, right limbs orange), each pose cropped to its "
+                 "Rendered by the benchmark's renderer (left limbs blue, right limbs orange), each pose cropped to its "
                  "box. Text-to-pose: canonical orientation seen from 30° left, 15° up; the ground truth is the pose "
                  "the caption was written from, one of many that fit it. Image-to-pose: the camera's view frame.\n")
 

@@ -1,5 +1,5 @@
 """posebench.py: determinism, splits, captions and VQA against a slow per-pose reference, the
-renderer against a slow per-pixel reference, the cache, and bad input."""
+stored frames and images, the cache, and bad input (the renderer: tests/test_render.py)."""
 import dataclasses
 import math
 import os
@@ -12,6 +12,7 @@ import torch
 
 import body
 import posebench as pb
+import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
@@ -137,7 +138,7 @@ def test_stored_frames_are_consistent(splits):
     assert np.abs((out.joints - out.joints[:, :1]).numpy() - s.joints).max() < 1e-5
     view = model(torch.as_tensor(s.global_orient_view), pose[:, 1:])
     assert np.abs((view.joints - view.joints[:, :1]).numpy() - s.joints_view).max() < 1e-5
-    R = pb.view_rotation(torch.as_tensor(s.camera[:, 0]), torch.as_tensor(s.camera[:, 1]))
+    R = render.view_rotation(torch.as_tensor(s.camera[:, 0]), torch.as_tensor(s.camera[:, 1]))
     assert np.abs(s.joints @ R.numpy().transpose(0, 2, 1) - s.joints_view).max() < 1e-5
 
 
@@ -154,7 +155,7 @@ def test_splits_are_deterministic_disjoint_and_independent_of_train_size(splits)
 def test_images_show_a_centred_person_with_left_and_right_colours(splits):
     imgs = splits["test"].images.astype(np.int32)
     assert imgs.shape == (40, 32, 32, 3)
-    bg = np.round(np.array(pb.BACKGROUND) * 255).astype(np.int32)
+    bg = np.round(np.array(render.BACKGROUND) * 255).astype(np.int32)
     fg = (np.abs(imgs - bg).sum(-1) > 10)
     assert (fg.mean((1, 2)) > 0.05).all()
     blue = (imgs[..., 2] > imgs[..., 0] + 40) & fg
@@ -162,54 +163,6 @@ def test_images_show_a_centred_person_with_left_and_right_colours(splits):
     assert (blue.any((1, 2)) | orange.any((1, 2))).all() and (blue.any((1, 2)) & orange.any((1, 2))).mean() > 0.7
     ys, xs = np.nonzero(fg.any(0))
     assert ys.min() <= 4 and ys.max() >= 27 or xs.min() <= 4 and xs.max() >= 27  # the crop fills the frame
-
-
-def slow_render(verts_view, dist, faces, face_rgb, size, margin=0.08):
-    """Per-pixel, per-face reference of pb.render for one image (float64, loops)."""
-    V = verts_view.astype(np.float64)
-    depth = dist - V[:, 2]
-    u, v = V[:, 0] / depth, V[:, 1] / depth
-    span = max(u.max() - u.min(), v.max() - v.min())
-    scale = (1 - 2 * margin) * size / span
-    px = (u - (u.max() + u.min()) / 2) * scale + size / 2
-    py = size / 2 - (v - (v.max() + v.min()) / 2) * scale
-    light = pb.LIGHT.double().numpy()
-    img = np.tile(np.array(pb.BACKGROUND), (size, size, 1))
-    best = np.full((size, size), -1.0)
-    for f, (a, b, c) in enumerate(faces):
-        n = np.cross(V[b] - V[a], V[c] - V[a])
-        if n @ (np.array([0, 0, dist]) - (V[a] + V[b] + V[c]) / 3) <= 0:
-            continue  # back face
-        shade = 0.35 + 0.65 * max(0.0, n / np.linalg.norm(n) @ light)
-        A = np.array([[px[a], px[b], px[c]], [py[a], py[b], py[c]], [1, 1, 1]])
-        for y in range(size):
-            for x in range(size):
-                try:
-                    w = np.linalg.solve(A, [x + 0.5, y + 0.5, 1])  # barycentric weights
-                except np.linalg.LinAlgError:
-                    continue
-                if (w >= 0).all():
-                    z = w @ (1 / depth[[a, b, c]])
-                    if z > best[y, x]:
-                        best[y, x], img[y, x] = z, face_rgb[f] * shade
-    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def test_renderer_matches_slow_reference():
-    g = torch.Generator().manual_seed(0)
-    # Two overlapping boxes at different depths: occlusion, culling and shading all matter.
-    cube = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float32)
-    quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
-    tris = [(q[0], q[1], q[2]) for q in quads] + [(q[0], q[2], q[3]) for q in quads]
-    verts = torch.cat([cube * torch.tensor([0.3, 0.5, 0.2]), cube * 0.25 + torch.tensor([0.2, 0.1, -0.4])])  # the later faces lie behind
-    faces = torch.tensor(tris + [(a + 8, b + 8, c + 8) for a, b, c in tris])
-    rgb = torch.rand(len(faces), 3, generator=g)
-    R = pb.view_rotation(torch.tensor([0.5]), torch.tensor([0.3]))
-    vv = verts[None] @ R.transpose(1, 2)
-    fast = pb.render(vv, torch.tensor([3.0]), faces, rgb, size=24)[0].numpy()
-    slow = slow_render(vv[0].numpy(), 3.0, faces.numpy(), rgb.double().numpy(), 24)
-    differ = np.abs(fast.astype(int) - slow.astype(int)).max(-1) > 1
-    assert differ.mean() < 0.01  # only pixels exactly on a shared edge may fall either way
 
 
 def test_cache_is_reused_and_a_broken_cache_is_reported(splits, tmp_path):
