@@ -77,6 +77,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.steps, args.batch_size, args.samples, args.n_states, args.eval_every) < 1:
         p.error("--steps, --batch_size, --samples, --n_states and --eval_every must be >= 1")
+    if args.n_states < 10:
+        p.error(f"--n_states {args.n_states}: the linear root probes need at least 10 training states (they choose "
+                f"their lambda on a fifth of them)")
     if not os.path.isdir(args.sft_dir):
         p.error(f"--sft_dir {args.sft_dir} does not exist; train one with `python train_sft.py --out_dir {args.sft_dir}`")
     return args

@@ -149,3 +149,5 @@ def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
     assert len({json.dumps(c[0][1]) for c in saved["curves"].values()}) == 1  # every objective starts at SFT's head
     with pytest.raises(SystemExit):
         probe.main(["--sft_dir", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):
+        probe.main(["--sft_dir", str(assets / "sft"), "--n_states", "4"])
