@@ -163,6 +163,40 @@ def marginal(dist: torch.distributions.Distribution, start: int) -> torch.distri
     return rebuilt(dist, dist.mean, start=start)
 
 
+def rotation_basis(pose6d: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """(N, J * 6) 6D poses -> (N, J * 6, 3 * (J - start)) orthonormal columns spanning, for each
+    joint j >= start, the three directions at its 6D (a1, a2) in which its rotation changes.
+
+    Gram-Schmidt (body.rot6d_to_matrix) makes R = [b1 b2 b3] from (a1, a2), and R stays the same
+    when a1 is scaled, a2 is scaled or a2 moves along a1: along (b1, 0), (0, b1) and (0, b2), half
+    of the 6D. The orthogonal complement, (b2, 0), (b3, 0), (0, b3), is what a rotation depends on.
+    """
+    N, P = pose6d.shape
+    J = P // 6
+    R = body.rot6d_to_matrix(pose6d.reshape(N, J, 6))  # (N, J, 3, 3), columns b1 b2 b3
+    b2, b3 = R[..., 1], R[..., 2]
+    zero = torch.zeros_like(b2)
+    dirs = torch.stack([torch.cat([b2, zero], -1), torch.cat([b3, zero], -1), torch.cat([zero, b3], -1)], -1)
+    basis = pose6d.new_zeros(J, N, 6, J, 3)
+    j = torch.arange(J)
+    basis[j, :, :, j, :] = dirs.transpose(0, 1)  # block diagonal: joint j's 6 rows, its 3 columns
+    return basis.permute(1, 0, 2, 3, 4).reshape(N, P, J * 3)[..., 3 * start:]
+
+
+def projected(dist: torch.distributions.Distribution, basis: torch.Tensor) -> torch.distributions.Distribution:
+    """The Gaussian of U^T p for p ~ dist, U = basis (N, P, K) with orthonormal columns:
+    N(U^T mu, U^T Sigma U), a K-dimensional marginal of the head's Gaussian (low-rank or diagonal)."""
+    with torch.autocast(basis.device.type, enabled=False):
+        ut = basis.transpose(-1, -2)  # (N, K, P)
+        loc = (ut @ dist.mean[..., None])[..., 0]
+        if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
+            f = ut @ dist.cov_factor  # (N, K, R)
+            cov = f @ f.transpose(-1, -2) + (ut * dist.cov_diag[..., None, :]) @ basis
+        else:
+            cov = (ut * dist.base_dist.scale[..., None, :] ** 2) @ basis
+        return torch.distributions.MultivariateNormal(loc, covariance_matrix=cov)
+
+
 def detach_mean(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
     """The same Gaussian with its mean cut from the graph; the covariance keeps its gradient."""
     return rebuilt(dist, dist.mean.detach())

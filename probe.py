@@ -22,12 +22,18 @@ It also prints the SFT head's root (global orientation) error on val, the quanti
 Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5), and where the root is lost: the root
 error of a linear (ridge) probe fitted on the same training prompts to the `<POSE>` states, and to
 the pose-aware encoder's tokens f_b(x) of the same images (before W_b and the language model).
+And how noisy RFT's pose gradient is (finding 6): at the first --score_states val states, the
+share of the score's expected squared norm (the Fisher trace tr Sigma^-1) in the 72 directions of
+the 6D no rotation depends on, and the cosine between the group policy-gradient estimate of the
+mean's gradient (G samples, Eq. 16 advantages, the joint reward) and that gradient itself
+(reparameterised, 512 samples), with the score of the 144-d Gaussian (`--pose_space params`, the
+paper's) and of its marginal on the rotations (`--pose_space rotations`).
 
 Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU):
     python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
 At RFT's own budget of image prompts (600 steps of about 3 states, 8 samples each; 45 s):
     python probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
-The root errors alone (the head's and the two linear probes'; 25 s):
+The root errors and the score diagnostics alone (1 min):
     python probe.py --sft_dir results/ckpt/sft_s0 --objectives 6d --steps 1
 """
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 
 import body
 import data
+import hygrpo
 import metrics
 import model as M
 import posebench
@@ -67,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="samples per state for `reward` (default: %(default)s)")
     p.add_argument("--n_states", type=int, default=6000,
                    help="training states cached, the split's first (default: %(default)s; every val pose is used)")
+    p.add_argument("--score_states", type=int, default=250,
+                   help="val states of the score diagnostics (default: %(default)s)")
     p.add_argument("--n_train", type=int, default=20000, help="posebench training poses, as SFT's (default: %(default)s)")
     p.add_argument("--n_val", type=int, default=1000, help="posebench val poses (default: %(default)s)")
     p.add_argument("--n_test", type=int, default=1000, help="posebench test poses (default: %(default)s)")
@@ -141,6 +150,46 @@ def angle_stats(err: torch.Tensor) -> dict:
 def describe(stats: dict) -> str:
     return (f"median {stats['median_deg']:.1f} deg, mean {stats['mean_deg']:.1f}, "
             f"> 30 deg {100 * stats['frac_over_30_deg']:.1f} %, > 90 deg {100 * stats['frac_over_90_deg']:.1f} %")
+
+
+def score_diagnostics(head, val: dict, bodymodel, pose_temperature: float, n: int, group: int = 8,
+                      trials: int = 20, true_samples: int = 512, seed: int = 0) -> dict:
+    """How much of the pose score is noise the rewards cannot see, and how well the group policy
+    gradient of the mean points along the true gradient of the expected joint reward (module
+    docstring), at the tempered head of the first n val states."""
+    torch.manual_seed(seed)
+    h, joints = val["h"][:n], val["joints"][:n]
+    with torch.no_grad():
+        dist = M.tempered(head.distribution(h), pose_temperature)
+    mu = dist.mean.detach().clone().requires_grad_(True)
+    dist = M.rebuilt(dist, mu)
+    true = torch.zeros_like(mu)
+    for _ in range(true_samples // 64):  # the true gradient of E[R_joint] by reparameterisation
+        p = dist.rsample((64,))
+        r = R.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(64, 1, 1))
+        true += torch.autograd.grad(r.reshape(64, -1).mean(0).sum(), mu)[0]
+    with torch.no_grad():
+        cov = (dist.covariance_matrix if isinstance(dist, torch.distributions.LowRankMultivariateNormal)
+               else torch.diag_embed(dist.variance)).double()
+        fisher = torch.linalg.inv(cov)  # E[score score^T] of N(mu, Sigma)
+        basis = M.rotation_basis(mu.double())
+        seen = basis @ basis.transpose(-1, -2)
+        unseen_share = 1 - (seen * fisher).sum((-2, -1)) / fisher.diagonal(dim1=-2, dim2=-1).sum(-1)
+        marginal = M.projected(M.rebuilt(dist, mu.detach()), basis.float())
+        marg_prec = torch.linalg.inv(marginal.covariance_matrix.double())
+        cosines = {"params": [], "rotations": []}
+        for _ in range(trials):
+            p = dist.sample((group,))  # (G, n, P)
+            r = R.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(group, 1, 1))
+            adv = hygrpo.group_advantages(r.reshape(group, -1).T.double())  # (n, G)
+            dev = (p.double() - mu.double()).transpose(0, 1)  # (n, G, P)
+            scores = {"params": dev @ fisher,  # grad_mu log N(p; mu, Sigma) = Sigma^-1 (p - mu)
+                      "rotations": dev @ basis @ marg_prec @ basis.transpose(-1, -2)}  # U (U^T Sigma U)^-1 U^T (p - mu)
+            for k, sc in scores.items():
+                estimate = (adv[..., None] * sc).mean(1)
+                cosines[k].append(torch.nn.functional.cosine_similarity(estimate, true.double(), dim=-1))
+    return {"fisher_share_unseen": unseen_share.mean().item(), "states": n, "group": group,
+            **{f"cosine_{k}": torch.stack(v).mean().item() for k, v in cosines.items()}}
 
 
 def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperature: float = 0.3,
@@ -233,7 +282,14 @@ def main(argv=None):
           f"root error on val:\n  {'the SFT head mean:':52s}{describe(root)}", flush=True)
     for where, what in (("pose_states", "<POSE> states"), ("pose_encoder", "the pose encoder's tokens f_b(x)")):
         print(f"  {'a linear probe of ' + what + ':':52s}{describe(probes[where])} (ridge lambda {probes[where]['lambda']:g})")
-    results = {"sft_dir": args.sft_dir, "args": vars(args), "root_error": root, "root_probes": probes, "curves": {}}
+    score = score_diagnostics(sft_head, val, bodymodel, args.pose_temperature, args.score_states)
+    print(f"pose score at tau = {args.pose_temperature:g}, {score['states']} val states: "
+          f"{100 * score['fisher_share_unseen']:.1f} % of its expected squared norm lies in the 72 directions no "
+          f"rotation depends on; cosine of the group policy gradient (G = {score['group']}) of the mean with the true "
+          f"gradient: {score['cosine_params']:.3f} (--pose_space params), {score['cosine_rotations']:.3f} "
+          f"(--pose_space rotations)", flush=True)
+    results = {"sft_dir": args.sft_dir, "args": vars(args), "root_error": root, "root_probes": probes,
+               "score": score, "curves": {}}
     for name in args.objectives:
         results["curves"][name] = follow(name, sft_head, train, val, bodymodel, args)
     start = results["curves"][args.objectives[0]][0][1]

@@ -23,6 +23,9 @@ Ablations, defaults = the paper:
 Probes of why image-to-pose does not improve here (README, "Results", finding 4), not the paper's:
     --joint_reward_align procrustes   the joint reward after a similarity alignment
     --explore_root false              the global orientation is not sampled (the head's mean)
+Ours, a variance reduction (README, "Results", finding 6):
+    --pose_space rotations            the pose ratio and KL on the Gaussian's marginal over the 72
+                                      directions that change a rotation (model.rotation_basis)
 
 Departures from the paper: see hygrpo.py (ratio against pi_old; per-token r_d; the V average) and
 rewards.py (eps in Eq. 7; MiniLM for Eq. 10, BGE-M3 by --text_encoder).
@@ -42,7 +45,20 @@ down keeps the samples local, and their rewards then say which way is better. In
 cached `<POSE>` states, the semantic reward at tau = 0.3 raised the evaluator's R@10 as much with beta
 divided by 11 (the KL grows by 1 / tau^2): the gain comes from the local samples, not from a stronger
 KL. The cosine between the policy gradient of the mean (G = 8) and the true gradient of the expected
-joint reward was 0.01-0.02 at both temperatures: the estimate is noisy either way. The 7B preset starts from a `train_sft.py --preset
+joint reward was 0.01-0.02 at both temperatures: the estimate is noisy either way.
+
+The pose space (ours, `--pose_space rotations`; the default `params` is Eq. 2 as written). The rewards
+see a pose only through its rotations, and Gram-Schmidt makes each joint's rotation blind to half of
+its 6D (either column's length, the second column's component along the first). That is where the SFT
+head is most certain (sigma at its floor), so the score Sigma^-1 (p - mu) of a sample, which the
+advantage multiplies, is mostly noise no reward can see: 97 % of its expected squared norm on the
+tiny preset's val states, and the cosine quoted above. `rotations` takes the pose ratio and KL of the
+Gaussian's marginal on the 72 directions that change a rotation (model.rotation_basis, at the
+sampling mean): to first order the score's expectation given the rotations, the same gradient in
+expectation without that noise (cosine 0.11). probe.py measures both; README finding 6 has what it
+does to RFT.
+
+The 7B preset starts from a `train_sft.py --preset
 llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
 needs --smpl_path (the joint reward) and stops at once, naming each missing asset and its source.
 
@@ -126,6 +142,11 @@ class Args:
     explore_root: bool = field(default=True, metadata={
         "help": "false (an ablation, not the paper's): the global orientation's 6D is not sampled but set to the "
                 "head's mean, and the pose ratio uses the marginal Gaussian of the 23 body joints"})
+    pose_space: str = field(default="params", metadata={
+        "help": "params (Eq. 2 as written): the pose ratio and KL of the head's Gaussian over the 144 6D parameters; "
+                "rotations (ours): of its marginal over the 72 directions, at the sampling mean, in which a joint's "
+                "rotation changes (the rewards cannot see the other 72, where the head's spread is tiny and the "
+                "score of a sample is mostly noise)"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
@@ -134,7 +155,9 @@ class Args:
     save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
     eval_samples: int | None = field(default=None, metadata={
         "help": "posebench poses of eval_split for the final evaluation; default by preset: 1000, llava-1.5-7b 0"})
-    eval_split: str = field(default="test", metadata={"help": "split of the final evaluation: test, or val for tuning"})
+    eval_split: str = field(default="test", metadata={
+        "help": "split of the final evaluation: test, or val for tuning (its metrics are then val/*, val_init/* and "
+                "val_metrics.json)"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
@@ -163,6 +186,7 @@ class Args:
 SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperature=0.3)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
+POSE_SPACES = ("params", "rotations")  # --pose_space
 
 
 # ---- ALGO: Algorithm 1, line 6 (sampling) ---------------------------------------------------
@@ -179,6 +203,7 @@ class Rollout:
     has_pose: torch.Tensor        # (N,) bool: a <POSE> state exists (the set V before task checks)
     pose: torch.Tensor            # (N, P) the sampled action p_i (zeros where there is none)
     texts: list                   # N decoded answers
+    pose_mean: torch.Tensor | None = None  # (N, P) the mean of the Gaussian p_i was drawn from
 
 
 def suppressed_tokens(policy, tokenizer) -> list:
@@ -213,7 +238,7 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
     texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
-                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts)
+                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean)
 
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
@@ -260,13 +285,32 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     return token_logp, M.tempered(dist, pose_temperature)
 
 
-def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True) -> torch.Tensor:
+def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True, basis: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(p_i) of the sampled poses (N,); with the root not explored, the log-density of the
     body's 138 dimensions under their marginal (the root is then a deterministic function of the
-    state, not part of the sampled action)."""
+    state, not part of the sampled action). With a rotation basis U (--pose_space rotations), the
+    log-density of U^T p_i under the marginal N(U^T mu, U^T Sigma U)."""
+    if basis is not None:
+        return M.projected(dist, basis).log_prob((basis.transpose(-1, -2) @ pose[..., None])[..., 0])
     if explore_root:
         return dist.log_prob(pose)
     return M.marginal(dist, M.ROOT_DIMS).log_prob(pose[:, M.ROOT_DIMS:])
+
+
+def pose_kl(dist, ref_dist, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) closed-form KL(pi_theta || pi_ref) of the pose Gaussians, or of their marginals on U."""
+    if basis is None:
+        return torch.distributions.kl_divergence(dist, ref_dist)
+    return torch.distributions.kl_divergence(M.projected(dist, basis), M.projected(ref_dist, basis))
+
+
+def rotation_basis(ro: Rollout, args) -> torch.Tensor | None:
+    """--pose_space rotations: U (N, P, K) at the sampling mean (fixed for the step, so pi_old, pi_theta
+    and pi_ref are compared on the same directions); the root's three are left out when it is not
+    explored. None for --pose_space params."""
+    if args.pose_space != "rotations":
+        return None
+    return M.rotation_basis(ro.pose_mean.float(), start=0 if args.explore_root else 1)
 
 
 @dataclass
@@ -306,16 +350,17 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     t3 = time.time()
     old_token_logp = old_pose_logp = None
     t_opt = 0.0
+    basis = rotation_basis(ro, args)  # None: the paper's ratio and KL over all 144 parameters
     for _ in range(args.num_iterations):  # line 9
         token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature)
-        pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root)  # (N,)
-        pose_kl = torch.distributions.kl_divergence(dist, ref_dist)  # closed form, (N,)
+        pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, basis)  # (N,)
+        kl_c = pose_kl(dist, ref_dist, basis)  # closed form, (N,)
         if old_token_logp is None:  # pi_old: the sampling policy = this first forward, detached
             old_token_logp, old_pose_logp = token_logp.detach(), pose_logp.detach()
         shape3 = (B, G, -1)
         loss, stats = ctx.loss_fn(token_logp.view(shape3), old_token_logp.view(shape3),
                                   ref_token_logp.view(shape3), ro.completion_mask.view(shape3),
-                                  pose_logp.view(B, G), old_pose_logp.view(B, G), pose_kl.view(B, G), pose_valid,
+                                  pose_logp.view(B, G), old_pose_logp.view(B, G), kl_c.view(B, G), pose_valid,
                                   adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
         if not torch.isfinite(loss):
             return None
@@ -382,6 +427,8 @@ def main(argv=None):
     if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
         raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
                          f"{', '.join(R.JOINT_ALIGNMENTS)}")
+    if args.pose_space not in POSE_SPACES:
+        raise SystemExit(f"--pose_space {args.pose_space}: expected one of {', '.join(POSE_SPACES)}")
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
     real = args.preset == "llava-1.5-7b"
@@ -484,10 +531,12 @@ def main(argv=None):
         res = evaluate()
         with policy.disable_adapter():  # pi_init = the SFT model, by the same evaluation
             init = evaluate()
-        log({**{f"test/{k}": v for k, v in res.items()}, **{f"test_init/{k}": v for k, v in init.items()}}, args.steps)
+        split = args.eval_split  # test/*, or val/* when tuning: never a val number under a test name
+        log({**{f"{split}/{k}": v for k, v in res.items()}, **{f"{split}_init/{k}": v for k, v in init.items()}},
+            args.steps)
         if master:
-            with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
-                json.dump({"rft": res, "sft": init}, fh, indent=1)
+            body.atomic_write(os.path.join(args.out_dir, f"{split}_metrics.json"),
+                              lambda fh: json.dump({"rft": res, "sft": init}, fh, indent=1))
             print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
             num = lambda v: "       -" if v is None else f"{v:8.2f}"  # noqa: E731
             for k in res:

@@ -637,8 +637,7 @@ def main(argv=None):
                               n_generate=args.eval_generate)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
         if master:
-            with open(os.path.join(args.out_dir, "test_metrics.json"), "w") as fh:
-                json.dump(res, fh, indent=1)
+            body.atomic_write(os.path.join(args.out_dir, "test_metrics.json"), lambda fh: json.dump(res, fh, indent=1))
             pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
             print(f"\nSFT done in {time.time() - t_start:.0f} s. Test split ({args.eval_samples} poses):")
             for task in ("image_to_pose", "text_to_pose"):

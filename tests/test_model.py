@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+import body
 import data
 import model as M
 import posebench
@@ -161,6 +162,39 @@ def test_marginal_is_the_sub_block_gaussian(rank):
     p = mean[:, 6:] + 0.05 * torch.randn(4, M.POSE_DIM - 6, dtype=torch.float64)
     assert dist.event_shape == (M.POSE_DIM - 6,)
     assert torch.allclose(dist.log_prob(p), ref.log_prob(p), rtol=1e-9, atol=1e-6)
+
+
+def test_rotation_basis_spans_the_directions_a_rotation_depends_on():
+    """--pose_space rotations: U's columns are orthonormal, the Jacobian of Gram-Schmidt (by autograd)
+    vanishes on their complement and has full rank on them; start=1 leaves the root out."""
+    pose = torch.randn(3, M.POSE_DIM, dtype=torch.float64)
+    basis = M.rotation_basis(pose)
+    assert basis.shape == (3, M.POSE_DIM, 72)
+    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(72, dtype=torch.float64).expand(3, 72, 72), atol=1e-12)
+    for n in range(3):
+        jac = torch.autograd.functional.jacobian(
+            lambda v: body.rot6d_to_matrix(v.reshape(-1, 6)).reshape(-1), pose[n])  # (24 * 9, 144)
+        unseen = torch.eye(M.POSE_DIM, dtype=torch.float64) - basis[n] @ basis[n].T
+        assert (jac @ unseen).abs().max() < 1e-10
+        assert torch.linalg.matrix_rank(jac @ basis[n]) == 72
+    body_only = M.rotation_basis(pose, start=1)
+    assert body_only.shape == (3, M.POSE_DIM, 69) and torch.equal(body_only, basis[..., 3:])
+    assert body_only[:, :M.ROOT_DIMS].abs().max() == 0
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_projected_is_the_gaussian_of_the_projection(rank):
+    """N(U^T mu, U^T Sigma U) against the dense covariance written out, low-rank and diagonal heads."""
+    head, h = spread_head(rank, seed=3)
+    mean, log_std, factor = (x.double() for x in head(h))
+    cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std))
+    basis = M.rotation_basis(mean)
+    ut = basis.transpose(1, 2)
+    ref = torch.distributions.MultivariateNormal((ut @ mean[..., None])[..., 0], covariance_matrix=ut @ cov @ basis)
+    dist = M.projected(M.gaussian(mean, log_std, factor), basis)
+    y = (ut @ (mean + 0.05 * torch.randn_like(mean))[..., None])[..., 0]
+    assert dist.event_shape == (72,)
+    assert torch.allclose(dist.log_prob(y), ref.log_prob(y), rtol=1e-9, atol=1e-6)
 
 
 def test_mean_and_covariance_networks_share_no_parameter():

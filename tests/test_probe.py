@@ -108,3 +108,28 @@ def test_linear_root_probe_reads_the_root_only_where_it_is():
     noise = probe.linear_root_probe(torch.randn(400, 12, generator=g), pose_train, torch.randn(100, 12, generator=g),
                                     pose_val)
     assert noise["median_deg"] > 20.0  # the roots span +-60 deg about random axes; noise predicts about their mean
+
+
+class FixedHead:
+    """A head whose Gaussian is the same at every state: mean `mean6d`, diagonal std `std`."""
+    def __init__(self, mean6d, std):
+        self.mean6d, self.std = mean6d, std
+
+    def distribution(self, h):
+        n = len(h)
+        return model.gaussian(self.mean6d.expand(n, -1), self.std.log().expand(n, -1), torch.zeros(n, 144, 0))
+
+
+def test_score_diagnostics_share_by_hand(setup):
+    """At identity rotations (a1 = e_x, a2 = e_y) the directions no rotation depends on are the 6D
+    coordinates 0, 3 and 4 of each joint; with a diagonal covariance the Fisher trace's share there
+    is sum_unseen 1/v / sum 1/v."""
+    bm = setup[0]
+    mean6d = model.IDENTITY_6D.repeat(24)
+    std = torch.rand(144, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.01
+    unseen = torch.tensor([k % 6 in (0, 3, 4) for k in range(144)])
+    want = (1 / std[unseen] ** 2).sum() / (1 / std ** 2).sum()
+    val = {"h": torch.zeros(6, 4), "joints": bm.forward_rot6d(torch.randn(6, 144) * 0.2 + mean6d).joints}
+    got = probe.score_diagnostics(FixedHead(mean6d, std), val, bm, 1.0, n=6, trials=2, true_samples=64)
+    assert got["fisher_share_unseen"] == pytest.approx(want.item(), rel=1e-6)
+    assert -1 <= got["cosine_params"] <= 1 and -1 <= got["cosine_rotations"] <= 1

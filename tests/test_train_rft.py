@@ -2,6 +2,7 @@
 a completion without <POSE>, NaN rewards, and bad arguments."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,19 @@ def test_plain_grpo_and_zero_masked_reward(assets, tmp_path):
     run(["train_rft.py"], rft_args(assets, tmp_path / "abl", "--explore_root", "false", "--joint_reward_align",
                                    "procrustes", "--steps", "2", "--eval_samples", "0"))
     assert (tmp_path / "abl" / "LATEST").read_text() == "step-000002"
+    # README finding 6: the pose ratio and KL on the rotations' marginal (with the root not explored too)
+    # (the first run also evaluates on val: its metrics are named val/*, never test/*)
+    for extra in (["--eval_split", "val", "--eval_samples", "8"], ["--explore_root", "false", "--eval_samples", "0"]):
+        run(["train_rft.py"], rft_args(assets, tmp_path / "rot", "--pose_space", "rotations", "--steps", "2", *extra))
+        rows = [json.loads(x) for x in (tmp_path / "rot" / "metrics.jsonl").read_text().splitlines()]
+        train = [x for x in rows if "losses/kl_pose" in x]
+        assert train[0]["losses/kl_pose"] == pytest.approx(0.0, abs=1e-5)  # pi_theta = pi_ref at the first step
+        assert all(np.isfinite(x["losses/total"]) and x["charts/ratio_pose_mean"] == pytest.approx(1.0) for x in train)
+        if "val" in extra:
+            assert "val/image_to_pose/mpjpe_mm" in rows[-1] and "val_init/image_to_pose/mpjpe_mm" in rows[-1]
+            assert not any(k.startswith("test") for x in rows for k in x)
+            assert (tmp_path / "rot" / "val_metrics.json").exists() and not (tmp_path / "rot" / "test_metrics.json").exists()
+        shutil.rmtree(tmp_path / "rot")
 
 
 def test_exact_resume(assets, tmp_path):
@@ -131,6 +145,8 @@ def test_bad_arguments(assets, tmp_path):
     assert r.returncode != 0 and "--zero_reward style" in r.stderr
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "a", "--joint_reward_align", "root"), check=False)
     assert r.returncode != 0 and "--joint_reward_align root" in r.stderr
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "s", "--pose_space", "angles"), check=False)
+    assert r.returncode != 0 and "--pose_space angles" in r.stderr
 
 
 def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
