@@ -29,7 +29,8 @@ mean's gradient (G samples, Eq. 16 advantages, the joint reward) and that gradie
 (reparameterised, 512 samples), with the score of the 144-d Gaussian (`--pose_space params`, the
 paper's) and of its marginal on the rotations (`--pose_space rotations`).
 
-Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU):
+Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU, measured before the
+score diagnostics were added; they take about 45 s more with two threads):
     python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
 At RFT's own budget of image prompts (600 steps of about 3 states, 8 samples each; 45 s):
     python probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
