@@ -245,6 +245,11 @@ class PoseLlavaModel(LlavaModel):
         self.pose_tower = posevit.PoseViT(**(config.pose_vision_config or {}))
         self.pose_projector = nn.Linear(self.pose_tower.dim, config.text_config.hidden_size)  # W_b
 
+    def pose_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """f_b(x): the pose-aware encoder's tokens (B, L_b, C_b) of images in [-1, 1], before W_b."""
+        cfg = self.config
+        return self.pose_tower(renormalise(pixel_values, cfg.pose_pixel_mean, cfg.pose_pixel_std))
+
     def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
                            **kwargs):
         want = self.config.vision_config.image_size
@@ -253,12 +258,11 @@ class PoseLlavaModel(LlavaModel):
                              f"of this model takes {want}x{want}; resize them (pixel_values {tuple(pixel_values.shape)})")
         cfg = self.config
         clip_pixels = renormalise(pixel_values, cfg.vision_pixel_mean, cfg.vision_pixel_std)
-        pose_pixels = renormalise(pixel_values, cfg.pose_pixel_mean, cfg.pose_pixel_std)
         out = super().get_image_features(clip_pixels, vision_feature_layer=vision_feature_layer,
                                          vision_feature_select_strategy=vision_feature_select_strategy,
                                          **{"return_dict": True, **kwargs})
         # Eq. 11: v'_a = W_a f_a(x) (LLaVA's projector, computed by the parent), v'_b = W_b f_b(x)
-        pose_tokens = self.pose_projector(self.pose_tower(pose_pixels).to(self.pose_projector.weight.dtype))
+        pose_tokens = self.pose_projector(self.pose_features(pixel_values).to(self.pose_projector.weight.dtype))
         out.pooler_output = [torch.cat([a, b.to(a.dtype)], dim=0) for a, b in zip(out.pooler_output, pose_tokens)]
         return out  # per image: (L_a + L_b, D)
 

@@ -108,14 +108,10 @@ def cache_states(policy, tokenizer, split: str, cfg: posebench.BenchConfig, n: i
 @torch.no_grad()
 def pose_encoder_tokens(policy, samples, batch_size: int = 256) -> torch.Tensor:
     """(n, L_b * C_b) float32: f_b(x) of the samples' images, flattened, as PoseLlava computes it."""
-    base = policy.get_base_model()
-    cfg, tower = base.config, base.model.pose_tower
-    out = []
-    for i in range(0, len(samples), batch_size):
-        pixels = data.images_to_pixels(np.stack([s.image for s in samples[i:i + batch_size]]))
-        pixels = M.renormalise(pixels, cfg.pose_pixel_mean, cfg.pose_pixel_std)
-        out.append(tower(pixels.to(next(tower.parameters()).dtype)).flatten(1).float())
-    return torch.cat(out)
+    inner = policy.get_base_model().model
+    dtype = next(inner.pose_tower.parameters()).dtype
+    return torch.cat([inner.pose_features(data.images_to_pixels(np.stack([s.image for s in samples[i:i + batch_size]]))
+                                          .to(dtype)).flatten(1).float() for i in range(0, len(samples), batch_size)])
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float):
@@ -123,12 +119,15 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float):
     returns predict(x_new) -> y_new."""
     mu, sd = x.double().mean(0), x.double().std(0)
     sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))  # a constant feature stays as it is
-    z = torch.cat([(x.double() - mu) / sd, x.new_ones(len(x), 1, dtype=torch.float64)], 1)
+
+    def design(rows):  # standardised features and a column of ones
+        return torch.cat([(rows.double() - mu) / sd, rows.new_ones(len(rows), 1, dtype=torch.float64)], 1)
+
+    z = design(x)
     penalty = lam * torch.eye(z.shape[1], dtype=torch.float64)
     penalty[-1, -1] = 0.0
     w = torch.linalg.solve(z.T @ z + penalty, z.T @ y.double())
-    return lambda x_new: (torch.cat([(x_new.double() - mu) / sd, x_new.new_ones(len(x_new), 1, dtype=torch.float64)],
-                                    1) @ w).float()
+    return lambda x_new: (design(x_new) @ w).float()
 
 
 def linear_root_probe(x_train, pose6d_train, x_val, pose6d_val, holdout: float = 0.2) -> dict:
@@ -176,7 +175,7 @@ def score_diagnostics(head, val: dict, bodymodel, pose_temperature: float, n: in
         basis = M.rotation_basis(mu.double())
         seen = basis @ basis.transpose(-1, -2)
         unseen_share = 1 - (seen * fisher).sum((-2, -1)) / fisher.diagonal(dim1=-2, dim2=-1).sum(-1)
-        marginal = M.projected(M.rebuilt(dist, mu.detach()), basis.float())
+        marginal = M.projected(dist, basis.float())
         marg_prec = torch.linalg.inv(marginal.covariance_matrix.double())
         cosines = {"params": [], "rotations": []}
         for _ in range(trials):

@@ -304,7 +304,7 @@ def pose_kl(dist, ref_dist, basis: torch.Tensor | None = None) -> torch.Tensor:
     return torch.distributions.kl_divergence(M.projected(dist, basis), M.projected(ref_dist, basis))
 
 
-def rotation_basis(ro: Rollout, args) -> torch.Tensor | None:
+def pose_basis(ro: Rollout, args) -> torch.Tensor | None:
     """--pose_space rotations: U (N, P, K) at the sampling mean (fixed for the step, so pi_old, pi_theta
     and pi_ref are compared on the same directions); the root's three are left out when it is not
     explored. None for --pose_space params."""
@@ -350,7 +350,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     t3 = time.time()
     old_token_logp = old_pose_logp = None
     t_opt = 0.0
-    basis = rotation_basis(ro, args)  # None: the paper's ratio and KL over all 144 parameters
+    basis = pose_basis(ro, args)  # None: the paper's ratio and KL over all 144 parameters
     for _ in range(args.num_iterations):  # line 9
         token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature)
         pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, basis)  # (N,)
