@@ -95,7 +95,7 @@ import retrieval
 import rewards as R
 import train_sft
 from evaluate import clean_answer, evaluate_policy, setup_distributed
-from train_sft import cosine_lr, sync_gradients
+from train_sft import all_reduce_sum, cosine_lr, sync_gradients
 
 
 @dataclass
@@ -328,10 +328,19 @@ class StepContext:
     ddp: bool = False
 
 
+def on_every_rank(ok: bool, ddp: bool, device) -> bool:
+    """Whether ok holds on every rank (itself without DDP). A step is skipped by all ranks or by none:
+    a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
+    if not ddp:
+        return ok
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device), ddp).item() == 0
+
+
 def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     """One step of Algorithm 1 (lines 6-9) on B prompts x G samples. Returns the logged metrics
-    with the time of each part, {"skipped": "reward"} for NaN/inf rewards, or None for a NaN/inf
-    loss (no update is applied then)."""
+    with the time of each part, {"skipped": "reward"} for NaN/inf rewards on any rank, or None for a
+    NaN/inf loss on any rank (that update is not applied; with num_iterations > 1 the step's earlier
+    updates stay)."""
     policy, device = ctx.policy, next(ctx.policy.parameters()).device
     t0 = time.time()
     policy.eval()
@@ -340,7 +349,8 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     t1 = time.time()
     r, r_d, r_c, valid, where = score(ro, samples, ctx.similarity, ctx.retriever, ctx.bodymodel, args)  # line 7
     t2 = time.time()
-    if not (torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all()):
+    finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
+    if not on_every_rank(finite, ctx.ddp, device):
         return {"skipped": "reward"}
     adv_d = hygrpo.group_advantages(r_d.view(B, G)).to(device)                          # line 8: F_i
     adv_c = hygrpo.group_advantages(r_c.view(B, G), valid=valid.view(B, G)).to(device)  # Delta_i
@@ -362,7 +372,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
                                   ref_token_logp.view(shape3), ro.completion_mask.view(shape3),
                                   pose_logp.view(B, G), old_pose_logp.view(B, G), kl_c.view(B, G), pose_valid,
                                   adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
-        if not torch.isfinite(loss):
+        if not on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
             return None
         ctx.opt.zero_grad(set_to_none=True)
         loss.backward()

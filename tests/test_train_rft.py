@@ -136,6 +136,38 @@ def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
     assert [x["skipped/nonfinite_reward"] for x in rows] == [1, 2]
 
 
+def test_nan_rewards_on_one_rank_skip_the_step_on_every_rank(assets, tmp_path):
+    """Under torchrun a rank that skipped a step alone would leave the other waiting in the gradient
+    all-reduce: rank 1's NaN rewards must make rank 0 (which logs) skip too, then both abort."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(f"import os, sys, torch\nsys.path.insert(0, {ROOT!r})\nimport rewards, train_rft\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    rewards.format_reward = lambda c, t: torch.full((len(c),), float('nan'))\n"
+                      "train_rft.main(sys.argv[1:])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521", str(script),
+           *rft_args(assets, tmp_path / "nan", "--max_bad_steps", "2", "--eval_samples", "0")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode != 0 and "2 consecutive steps with NaN/inf rewards" in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("skipped/nonfinite_reward") for x in rows] == [1, 2]  # rank 0's own rewards were finite
+
+
+def test_num_iterations_reuses_the_batch(assets, tmp_path):
+    """--num_iterations 2: the second update's ratio is against the sampling policy (pi_old), so it
+    moves off 1 and the clip can act; with the pose space's basis too, which stays the sampling one."""
+    for space in ("params", "rotations"):
+        out = tmp_path / space
+        run(["train_rft.py"], rft_args(assets, out, "--num_iterations", "2", "--pose_space", space, "--steps", "2",
+                                       "--eval_samples", "0"))
+        train = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "losses/total" in x]
+        assert len(train) == 2 and all(np.isfinite(x["losses/total"]) for x in train)
+        moved = [x for x in train if x["charts/frac_valid_pose"] > 0]  # a batch of VQA prompts has no pose
+        assert moved and all(abs(x["charts/ratio_pose_mean"] - 1) > 1e-3 and x["charts/clipfrac_continuous"] > 0
+                             for x in moved), [(x["charts/ratio_pose_mean"], x["charts/clipfrac_continuous"]) for x in train]
+
+
 def test_bad_arguments(assets, tmp_path):
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "g1", "--group_size", "1"), check=False)
     assert r.returncode != 0 and "needs G >= 2" in r.stderr
