@@ -238,6 +238,14 @@ def all_reduce_sum(t: torch.Tensor, ddp: bool) -> torch.Tensor:
     return t
 
 
+def broadcast_from_master(tensors, ddp: bool) -> None:
+    """Copies rank 0's values of these tensors (e.g. a module's parameters) to every rank, in place."""
+    if ddp:
+        import torch.distributed as dist
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def sync_gradients(params, ddp: bool, average: bool = False):
     """Sum (or average) gradients over ranks. SFT sums: its losses are normalised by global counts,
     so the sum is the gradient of the global-batch loss, exactly as in one process. RFT averages:
@@ -618,8 +626,11 @@ def main(argv=None):
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
                  "charts/steps_per_s": (done - start) / (time.time() - t_loop), **gpu_peak(device)}, done)
-        if master and done == args.steps and args.head_fit_steps and not real:  # rank 0's model is the one saved
-            fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
+        if done == args.steps and args.head_fit_steps and not real:
+            if master:  # rank 0's model is the one saved
+                fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
+            # every rank evaluates its shard of the test split below with the fitted head
+            broadcast_from_master(policy.get_base_model().pose_head.parameters(), ddp)
         stop = args.stop_after and done >= args.stop_after
         if master and (done % args.save_every == 0 or done == args.steps or stop):
             save_checkpoint(args.out_dir, done, policy, opt, args, names)
