@@ -298,12 +298,24 @@ def gpu_peak(device: torch.device) -> dict:
     return {"charts/gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
 
 
-def restore_train_state(opt, state) -> int:
-    """Load the optimizer and the RNG states of a checkpoint (save_checkpoint); return its step."""
+def restore_train_state(opt, state, rank: int = 0, world: int = 1) -> int:
+    """Load the optimizer and this rank's RNG states of a checkpoint (save_checkpoint); return its step.
+    A checkpoint saved by another number of processes keeps the fresh seeds (said once, by rank 0):
+    the run goes on, but not as the uninterrupted one would have."""
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one process's
+    if len(rngs) != world:
+        if rank == 0:
+            print(f"resume: the checkpoint holds the random states of {len(rngs)} process(es) and this run has "
+                  f"{world}; each process keeps its fresh seed, so the rest of the run is not the one an "
+                  "uninterrupted run would give")
+        return state["step"]
+    rng = rngs[rank]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
 
 
@@ -493,15 +505,35 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
-def save_checkpoint(out_dir, step, policy, opt, args, param_names, extra=None):
-    """Adapter (LoRA, projectors, pose head, new token rows) + optimizer + RNG states + step, in a
-    temporary directory renamed into place; LATEST is rewritten atomically afterwards."""
+def rng_state() -> dict:
+    """This process's random states: torch's (and CUDA's, once in use), numpy's and python's."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rank_rng_states(ddp: bool) -> list:
+    """Every rank's rng_state(), in rank order: each rank samples with its own stream, and a resumed
+    run must give each its own back. Under DDP a collective: every rank calls it."""
+    if not ddp:
+        return [rng_state()]
+    import torch.distributed as dist
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(out_dir, step, policy, opt, args, param_names, rng: list, extra=None):
+    """Adapter (LoRA, projectors, pose head, new token rows) + optimizer + every rank's RNG states
+    (rank_rng_states) + step, in a temporary directory renamed into place; LATEST is rewritten
+    atomically afterwards."""
     final = os.path.join(out_dir, f"step-{step:06d}")
     tmp = os.path.join(out_dir, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(os.path.join(tmp, "adapter"))
     torch.save({"step": step, "optimizer": opt.state_dict(), "param_names": param_names, "args": dataclasses.asdict(args),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": rng,
                 **(extra or {})}, os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -586,7 +618,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start = 0
     if state is not None:
-        start = restore_train_state(opt, state)
+        start = restore_train_state(opt, state, rank, world)
         log({"resumed_from": step_dir}, start)
     if real:
         tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
@@ -632,8 +664,10 @@ def main(argv=None):
             # every rank evaluates its shard of the test split below with the fitted head
             broadcast_from_master(policy.get_base_model().pose_head.parameters(), ddp)
         stop = args.stop_after and done >= args.stop_after
-        if master and (done % args.save_every == 0 or done == args.steps or stop):
-            save_checkpoint(args.out_dir, done, policy, opt, args, names)
+        if done % args.save_every == 0 or done == args.steps or stop:
+            rng = rank_rng_states(ddp)  # every rank takes part
+            if master:
+                save_checkpoint(args.out_dir, done, policy, opt, args, names, rng)
         barrier()
         if stop:
             break

@@ -99,11 +99,22 @@ def test_exact_resume(assets, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
 
-def test_torchrun_keeps_whole_groups_per_rank(assets, tmp_path):
-    r = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "train_rft.py"],
-            rft_args(assets, tmp_path / "ddp", "--steps", "2", "--eval_samples", "0"),
-            env_extra={"CUDA_VISIBLE_DEVICES": ""})  # 2 processes under gloo on CPU, also where a GPU is
-    assert (tmp_path / "ddp" / "LATEST").read_text() == "step-000002", r.stderr[-2000:]
+def test_torchrun_keeps_whole_groups_per_rank_and_resumes_exactly(assets, tmp_path):
+    """2 processes under gloo on CPU (also where a GPU is); a resumed run gives each rank its own
+    random stream back, so it ends where the uninterrupted one does."""
+    def torchrun(out, *extra):
+        return run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "train_rft.py"],
+                   rft_args(assets, out, "--steps", "3", "--eval_samples", "0", *extra),
+                   env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = torchrun(a)
+    assert (a / "LATEST").read_text() == "step-000003", r.stderr[-2000:]
+    torchrun(b, "--stop_after", "1")
+    torchrun(b, "--resume")
+    wa = load_file(str(a / "step-000003" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "step-000003" / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
 
 def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
