@@ -460,6 +460,7 @@ def main(argv=None):
     # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
     base_dir = os.path.join(args.out_dir, "base")
     if args.resume:
+        train_sft.check_resume(args.out_dir)
         policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
         state = torch.load(os.path.join(step_dir, "train_state.pt"), weights_only=False)
     else:
@@ -491,6 +492,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
     start = train_sft.restore_train_state(opt, state, rank, world) if state is not None else 0
+    if state is not None:
+        train_sft.say_changed_flags(state["args"], args, master)
     bad = 0
     B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
     suppressed = suppressed_tokens(policy, tokenizer)

@@ -298,6 +298,26 @@ def gpu_peak(device: torch.device) -> dict:
     return {"charts/gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
 
 
+def check_resume(out_dir: str) -> None:
+    """--resume needs a checkpoint in out_dir: a clear exit otherwise."""
+    if not os.path.exists(os.path.join(out_dir, "LATEST")):
+        raise SystemExit(f"--resume: {out_dir} has no checkpoint to resume from (no LATEST file); drop --resume "
+                         "to start a new run there, or pass the --out_dir of the run to continue")
+
+
+def changed_flags(saved: dict, args) -> list:
+    """['--name value (was saved)'] for each flag whose value differs from the checkpoint's run
+    (--resume and --stop_after excepted): a resumed run with other values is not the one it continues."""
+    return [f"--{k} {v} (was {saved[k]})" for k, v in dataclasses.asdict(args).items()
+            if k in saved and saved[k] != v and k not in ("resume", "stop_after")]
+
+
+def say_changed_flags(saved: dict, args, master: bool) -> None:
+    changed = changed_flags(saved, args)
+    if master and changed:
+        print("resume: flags that differ from the run being continued: " + ", ".join(changed))
+
+
 def restore_train_state(opt, state, rank: int = 0, world: int = 1) -> int:
     """Load the optimizer and this rank's RNG states of a checkpoint (save_checkpoint); return its step.
     A checkpoint saved by another number of processes keeps the fresh seeds (said once, by rank 0):
@@ -580,8 +600,8 @@ def main(argv=None):
     barrier()
     train, val = (None, None) if real else (posebench.load_split("train", cfg), posebench.load_split("val", cfg))
     base_dir = os.path.join(args.out_dir, "base")
-    if args.resume and not os.path.exists(os.path.join(args.out_dir, "LATEST")):
-        raise SystemExit(f"--resume: {args.out_dir} has no checkpoint to resume from (no LATEST file)")
+    if args.resume:
+        check_resume(args.out_dir)
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
             if real:  # pretrained parts: no stage 0
@@ -619,6 +639,7 @@ def main(argv=None):
     start = 0
     if state is not None:
         start = restore_train_state(opt, state, rank, world)
+        say_changed_flags(state["args"], args, master)
         log({"resumed_from": step_dir}, start)
     if real:
         tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)

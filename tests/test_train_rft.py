@@ -92,7 +92,10 @@ def test_exact_resume(assets, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run(["train_rft.py"], rft_args(assets, a, "--eval_samples", "0"))
     run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--stop_after", "2"))
-    run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--resume"))
+    r = run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--resume"))
+    assert "flags that differ" not in r.stdout
+    r = run(["train_rft.py"], rft_args(assets, b, "--eval_samples", "0", "--resume", "--lr", "0.001"))  # nothing left to run
+    assert "resume: flags that differ from the run being continued: --lr 0.001 (was 0.0001)" in r.stdout
     wa = load_file(str(a / "step-000004" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(b / "step-000004" / "adapter" / "adapter_model.safetensors"))
     for k in wa:
@@ -180,6 +183,8 @@ def test_num_iterations_reuses_the_batch(assets, tmp_path):
 
 
 def test_bad_arguments(assets, tmp_path):
+    r = run(["train_rft.py"], rft_args(assets, tmp_path / "none", "--resume"), check=False)
+    assert r.returncode != 0 and "has no checkpoint to resume from" in r.stderr
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "g1", "--group_size", "1"), check=False)
     assert r.returncode != 0 and "needs G >= 2" in r.stderr
     r = run(["train_rft.py"], rft_args(assets, tmp_path / "p", "--preset", "smol"), check=False)
