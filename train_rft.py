@@ -509,17 +509,17 @@ def main(argv=None):
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         rec = hygrpo_step(ctx, samples, B, G, args)  # lines 6-9
-        if rec is None or "skipped" in rec:
+        done = step + 1
+        if rec is None or "skipped" in rec:  # no update; the step still counts (and saves when due)
             bad += 1
             what = rec["skipped"] if rec else "loss"
-            log({f"skipped/nonfinite_{what}": bad}, step + 1)
+            log({f"skipped/nonfinite_{what}": bad}, done)
             if bad >= args.max_bad_steps:
-                raise SystemExit(f"aborting: {bad} consecutive steps with NaN/inf {what}s (step {step + 1})")
-            continue
-        bad = 0
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
+                raise SystemExit(f"aborting: {bad} consecutive steps with NaN/inf {what}s (step {done})")
+        else:
+            bad = 0
+            if done % args.log_every == 0 or done == args.steps:
+                log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:
             rng = train_sft.rank_rng_states(ddp)  # every rank takes part

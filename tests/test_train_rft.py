@@ -148,6 +148,19 @@ def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
         train_rft.main(rft_args(assets, tmp_path / "nan", "--max_bad_steps", "2"))
     rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped/nonfinite_reward"] for x in rows] == [1, 2]
+    # a skipped last step still ends the run with its checkpoint (the weights of the step before)
+    monkeypatch.undo()
+    format_reward, calls = rewards.format_reward, []
+
+    def nan_at_the_last_step(c, t):
+        calls.append(1)
+        r = format_reward(c, t)
+        return torch.full_like(r, float("nan")) if len(calls) == 4 else r
+    monkeypatch.setattr(rewards, "format_reward", nan_at_the_last_step)
+    train_rft.main(rft_args(assets, tmp_path / "last", "--eval_samples", "0"))
+    rows = [json.loads(x) for x in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["skipped/nonfinite_reward"] == 1
+    assert (tmp_path / "last" / "LATEST").read_text() == "step-000004"
 
 
 def test_nan_rewards_on_one_rank_skip_the_step_on_every_rank(assets, tmp_path):
