@@ -452,7 +452,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    os.makedirs(args.out_dir, exist_ok=True)
+    train_sft.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
     log = train_sft.make_logger(args.out_dir, master)
@@ -460,7 +460,6 @@ def main(argv=None):
     # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
     base_dir = os.path.join(args.out_dir, "base")
     if args.resume:
-        train_sft.check_resume(args.out_dir)
         policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
         state = torch.load(os.path.join(step_dir, "train_state.pt"), weights_only=False)
     else:

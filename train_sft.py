@@ -298,11 +298,28 @@ def gpu_peak(device: torch.device) -> dict:
     return {"charts/gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
 
 
-def check_resume(out_dir: str) -> None:
-    """--resume needs a checkpoint in out_dir: a clear exit otherwise."""
-    if not os.path.exists(os.path.join(out_dir, "LATEST")):
-        raise SystemExit(f"--resume: {out_dir} has no checkpoint to resume from (no LATEST file); drop --resume "
-                         "to start a new run there, or pass the --out_dir of the run to continue")
+def prepare_out_dir(out_dir: str, resume: bool, master: bool) -> None:
+    """--resume needs a checkpoint in out_dir. A new run refuses a directory that holds one (the two
+    runs' checkpoints and metrics would mix), creates it, and moves aside the metrics.jsonl of an
+    earlier run that saved no checkpoint (to metrics.jsonl.1, .2, ...) instead of appending to it."""
+    latest = os.path.join(out_dir, "LATEST")
+    if resume:
+        if not os.path.exists(latest):
+            raise SystemExit(f"--resume: {out_dir} has no checkpoint to resume from (no LATEST file); drop --resume "
+                             "to start a new run there, or pass the --out_dir of the run to continue")
+        return
+    if os.path.exists(latest):
+        with open(latest) as fh:
+            raise SystemExit(f"{out_dir} holds a run (checkpoint {fh.read().strip()}): pass --resume to continue it, "
+                             "or another --out_dir (or delete this one) for a new run")
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if master and os.path.exists(metrics):
+        n = 1
+        while os.path.exists(f"{metrics}.{n}"):
+            n += 1
+        os.replace(metrics, f"{metrics}.{n}")
+        print(f"{metrics} was the log of an earlier run that saved no checkpoint: moved to {metrics}.{n}")
 
 
 def changed_flags(saved: dict, args) -> list:
@@ -583,7 +600,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
-    os.makedirs(args.out_dir, exist_ok=True)
+    prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
     def barrier():
@@ -600,8 +617,6 @@ def main(argv=None):
     barrier()
     train, val = (None, None) if real else (posebench.load_split("train", cfg), posebench.load_split("val", cfg))
     base_dir = os.path.join(args.out_dir, "base")
-    if args.resume:
-        check_resume(args.out_dir)
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
             if real:  # pretrained parts: no stage 0

@@ -102,8 +102,13 @@ def test_smoke_run_and_exact_resume(tmp_path):
     metrics = (a / "metrics.jsonl").read_text()
     assert "stage0/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_6d" in metrics
     shutil.copytree(a / "base", b / "base")  # same initial model; stage 0 is skipped
+    (b / "metrics.jsonl").write_text('{"step": 1, "from": "a run that saved nothing"}\n')
     run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
     assert (b / "LATEST").read_text() == "step-000002"
+    assert "saved nothing" in (b / "metrics.jsonl.1").read_text() and "saved nothing" not in (b / "metrics.jsonl").read_text()
+    r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--out_dir", str(b)], cwd=ROOT, capture_output=True,
+                       text=True)  # a new run where one is held: refused, nothing lost
+    assert r.returncode != 0 and "holds a run (checkpoint step-000002): pass --resume" in r.stderr
     run(TINY_RUN + ["--out_dir", str(b), "--resume"])
     wa = load_file(str(a / "step-000004" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(b / "step-000004" / "adapter" / "adapter_model.safetensors"))
