@@ -36,7 +36,7 @@ are gathered (gloo on CPU, nccl on CUDA) and every rank computes the same metric
 
 Run:
     python evaluate.py --ckpt ckpt/sft                     # -> ckpt/sft/eval/{results.json,results.md,predictions.npz}
-    python evaluate.py --ckpt ckpt/rft --out_dir /tmp/e --sample_pose   # the pose sampled from the head
+    python evaluate.py --ckpt ckpt/rft --out_dir /tmp/e --sample_pose   # the pose sampled from RFT's policy (its tau)
     torchrun --nproc_per_node=2 evaluate.py --ckpt ckpt/rft  # the test split sharded over 2 processes
     torchrun --nproc_per_node=8 evaluate.py --ckpt ckpt/rft_7b --eval_npz 3DPW=3dpw_test.npz=/data/3DPW \
         --joint_regressor J_regressor_h36m.npy --smpl_path SMPL_NEUTRAL.pkl \
@@ -189,9 +189,10 @@ def _noise_seed(seed: int, task: str, index: int) -> int:
 
 @torch.no_grad()
 def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, sample_pose: bool = False,
-                  seed: int = 0) -> torch.Tensor:
+                  seed: int = 0, pose_temperature: float = 1.0) -> torch.Tensor:
     """The pose action of each sample at its teacher-forced `<POSE>` state: the head's mean, or a
-    sample (`sample_actions`, seeded per sample). Returns (N, P) on the CPU."""
+    sample (`sample_actions`, seeded per sample) of the head at `pose_temperature` (model.tempered:
+    the policy RFT samples from). Returns (N, P) on the CPU."""
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     out = [torch.zeros(0, M.POSE_DIM)]
     for i in range(0, len(samples), batch_size):
@@ -199,7 +200,8 @@ def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, samp
         b = data.collate(chunk, tokenizer, inner.num_image_tokens).to(device)
         _, pose_dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
         if sample_pose:
-            pose = sample_actions(pose_dist, [_noise_seed(seed, s.task, s.index) for s in chunk])
+            pose = sample_actions(M.tempered(pose_dist, pose_temperature),
+                                  [_noise_seed(seed, s.task, s.index) for s in chunk])
         else:
             pose = pose_dist.mean
         out.append(pose.float().cpu())
@@ -273,7 +275,8 @@ def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, f
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, bodymodel, device, n: int,
                     batch_size: int = 64, n_generate: int = 200, retrievers: dict | None = None, similarity=None,
-                    sample_pose: bool = False, seed: int = 0, return_predictions: bool = False):
+                    sample_pose: bool = False, seed: int = 0, return_predictions: bool = False,
+                    pose_temperature: float = 1.0):
     """Runs a policy on a split and returns its metrics (names: the module docstring).
 
     Pose metrics use the first `n` poses of the split per pose task (teacher-forced `<POSE>`
@@ -288,6 +291,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         retrievers: {name: TextPoseRetriever} for text-to-pose Recall@K (none: no recall fields).
         similarity: rewards.TextSimilarity for Eq. 10 (None: the packaged MiniLM is loaded).
         sample_pose, seed: sample the pose from the head, with noise seeded by (seed, task, pose index).
+        pose_temperature: the sampled head's temperature tau (its covariance scaled by tau^2; RFT's policy).
         return_predictions: also return {task: {"index": (N,), "pose6d": (N, P)}, "answers": {task: [str]}}.
     Returns:
         metrics {name: float or None}, or (metrics, predictions).
@@ -305,7 +309,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
             raise ValueError(f"evaluate_policy: no {task} samples to evaluate (n = {n}, {len(split_tasks.data)} poses "
                              f"in the {split_tasks.data.name} split); pass n >= 1 and a non-empty split")
         pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
-                                             sample_pose, seed), world)  # (N, P)
+                                             sample_pose, seed, pose_temperature), world)  # (N, P)
         res.update(pose_metrics(task, pose6d, samples, frame, bodymodel, device))
         if task == "text_to_pose" and retrievers:
             text_emb = embed_captions(retrievers, [s.text for s in samples], device)
@@ -329,7 +333,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
 @torch.no_grad()
 def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=None, regressor=None, device="cpu",
                   retrievers: dict | None = None, max_samples: int = 0, batch_size: int = 64,
-                  sample_pose: bool = False, seed: int = 0):
+                  sample_pose: bool = False, seed: int = 0, pose_temperature: float = 1.0):
     """Runs a policy on real test sets (metric names: the module docstring), sharded and gathered as
     `evaluate_policy`; the pose is the head's mean (or a seeded sample) at the teacher-forced `<POSE>`.
 
@@ -340,8 +344,8 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         bodymodel: body.BodyModel on `device` (SMPL, posed with the mean shape). regressor: (17 or 19, V)
             `body.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
         retrievers: {name: TextPoseRetriever} for the text set's Recall@K (none: no recall fields).
-        max_samples: the first N samples of each set (<= 0: all). batch_size, sample_pose, seed: as
-            `evaluate_policy`.
+        max_samples: the first N samples of each set (<= 0: all). batch_size, sample_pose, seed,
+            pose_temperature: as `evaluate_policy`.
     Returns:
         (metrics {name: float, None for the random protocol when N < 32}, predictions
         {"image_to_pose/NAME" or "text_to_pose/PoseScript-H2": {"index": (N,), "pose6d": (N, P)}}).
@@ -353,7 +357,7 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
     def predict(ds) -> torch.Tensor:  # (N, P), this rank's samples read one batch at a time, then gathered
         local = list(range(len(ds) if max_samples <= 0 else min(max_samples, len(ds))))[rank::world]
         out = [predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device, batch_size,
-                             sample_pose, seed) for j in range(0, len(local), batch_size)]
+                             sample_pose, seed, pose_temperature) for j in range(0, len(local), batch_size)]
         return gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
 
     res, preds = {}, {}
@@ -521,6 +525,9 @@ class Args:
     batch_size: int = field(default=64, metadata={"help": "samples per forward / generate call, per process"})
     sample_pose: bool = field(default=False, metadata={"help": "sample the pose from the head (default: its mean)"})
     seed: int = field(default=0, metadata={"help": "seed of the pose samples (--sample_pose)"})
+    pose_temperature: float = field(default=-1.0, metadata={
+        "help": "--sample_pose: the head's temperature tau (covariance scaled by tau^2, as train_rft.py samples); "
+                "-1: the checkpoint's train_rft.py --pose_temperature, 1 for an SFT checkpoint"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
     # real test sets (README, "Real runs on GPUs"): any of these, or a llava-1.5-7b checkpoint, selects evaluate_real
     eval_npz: list[str] = field(default_factory=list, metadata={
@@ -556,12 +563,17 @@ def check_run_dir(path: str) -> Tuple[str, str]:
         return step_dir, json.load(fh)["preset"]
 
 
+def trained_args(step_dir: str) -> dict:
+    """The training script's arguments saved with a checkpoint ({} when there are none)."""
+    state = os.path.join(step_dir, "train_state.pt")
+    if not os.path.isfile(state):
+        return {}
+    return torch.load(state, map_location="cpu", weights_only=False).get("args", {})
+
+
 def bench_config(args: Args, step_dir: str) -> posebench.BenchConfig:
     """The benchmark of the evaluation: the flags, else the checkpoint's training arguments, else the default."""
-    trained = {}
-    state = os.path.join(step_dir, "train_state.pt")
-    if os.path.isfile(state):
-        trained = torch.load(state, map_location="cpu", weights_only=False).get("args", {})
+    trained = trained_args(step_dir)
     default = posebench.BenchConfig()
     sizes = {k: getattr(args, k) if getattr(args, k) >= 0 else trained.get(k, getattr(default, k))
              for k in ("n_train", "n_val", "n_test")}
@@ -669,9 +681,13 @@ def main(argv=None):
         torch.distributed.barrier()
     policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
     policy.to(device)
+    tau = args.pose_temperature  # --sample_pose's; by default the RFT run's own (an SFT run has none: 1)
+    if tau <= 0:
+        tau = trained_args(step_dir).get("pose_temperature") or 1.0
     if real:
         metrics, preds = evaluate_real(policy, tokenizer, device=device, max_samples=args.max_samples, seed=args.seed,
-                                       batch_size=args.batch_size, sample_pose=args.sample_pose, **inputs)
+                                       batch_size=args.batch_size, sample_pose=args.sample_pose,
+                                       pose_temperature=tau, **inputs)
         absp = lambda p: os.path.abspath(p) if p else None  # noqa: E731
         files = {e.split("=")[0]: [absp(p) for p in e.split("=")[1:]] for e in args.eval_npz}
         if args.posescript_dir:
@@ -685,7 +701,7 @@ def main(argv=None):
             policy, tokenizer, data.PoseBenchTasks(args.split, cfg), posebench.load_split("train", cfg),
             body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples, args.batch_size, args.eval_generate,
             retrievers, R.TextSimilarity(args.text_encoder, str(device)), args.sample_pose, args.seed,
-            return_predictions=True)
+            return_predictions=True, pose_temperature=tau)
         info = {"bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
                 "bench_key": posebench.config_key(cfg), "eval_samples": len(preds["image_to_pose"]["index"]),
                 "eval_generate": len(preds["answers"]["vqa"]),
@@ -693,7 +709,8 @@ def main(argv=None):
     if master:
         record = {"kind": RESULTS_KIND, "version": RESULTS_VERSION, "preset": preset,
                   "ckpt": os.path.abspath(args.ckpt), "step": os.path.basename(step_dir), "split": args.split, **info,
-                  "pose": "sample" if args.sample_pose else "mean", "seed": args.seed, "world_size": world,
+                  "pose": f"sample at tau {tau:g}" if args.sample_pose else "mean", "seed": args.seed,
+                  "world_size": world,
                   "time_s": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "metrics": metrics}
         path = write_results(out_dir, record, preds)
         print(results_markdown(record))

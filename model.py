@@ -39,8 +39,9 @@ Departures from the paper:
      vector p; rotations come from p by Gram-Schmidt (body.rot6d_to_matrix).
   2. Log-std is bounded to [log_std_min, log_std_max] by a sigmoid and the low-rank factor by a
      tanh, so the policy can neither collapse nor explode (DESIGN.md, known risks).
-  3. The state fed to the head is the hidden state whose *input* is `<POSE>` (the LISA/ChatPose
-     convention), in teacher forcing and in `generate` alike.
+  3. The state fed to the head is the hidden state whose *input* is `<POSE>`, in teacher forcing and
+     in `generate` alike (where it is the step after `<POSE>` is sampled). LISA's code reads the state
+     one position earlier, the one whose output predicts its [SEG] token; ours sees `<POSE>` itself.
   4. 7B preset: logits come out of the bf16 autocast (log-probs of pi, pi_old and pi_ref alike); the
      pose head and its Gaussian always run in float32.
 

@@ -272,13 +272,14 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
 
 # ---- ALGO: the log-probabilities HyGRPO needs -----------------------------------------------
 
-def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.0):
-    """Teacher-forced token log-probs of the completion (N, T) and the pose policy (N, P), the
+def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.0, temperature: float = 1.0):
+    """Teacher-forced token log-probs of the completion (N, T) under the text policy that sampled it
+    (softmax of logits / `temperature`, the suppressed tokens masked), and the pose policy (N, P), the
     head's Gaussian at `pose_temperature` (model.tempered)."""
     logits, dist, _ = policy.forward_hybrid(ro.sequences, ro.attention_mask, ro.pixel_values,
                                             ro.pose_pos.clamp_min(0))
     T_p = ro.prompt_len
-    logits = logits[:, T_p - 1:-1].float()  # (N, T, V): position t predicts token t + 1
+    logits = logits[:, T_p - 1:-1].float() / temperature  # (N, T, V): position t predicts token t + 1
     logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
     logp = torch.log_softmax(logits, -1)
     token_logp = logp.gather(-1, ro.sequences[:, T_p:, None]).squeeze(-1)  # (N, T)
@@ -356,13 +357,13 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
     adv_c = hygrpo.group_advantages(r_c.view(B, G), valid=valid.view(B, G)).to(device)  # Delta_i
     pose_valid = (valid.to(device) & args.hybrid).view(B, G)  # --hybrid false: no continuous term
     with torch.no_grad(), policy.disable_adapter():  # pi_ref = pi_init, the same weights
-        ref_token_logp, ref_dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature)
+        ref_token_logp, ref_dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
     t3 = time.time()
     old_token_logp = old_pose_logp = None
     t_opt = 0.0
     basis = pose_basis(ro, args)  # None: the paper's ratio and KL over all 144 parameters
     for _ in range(args.num_iterations):  # line 9
-        token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature)
+        token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
         pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, basis)  # (N,)
         kl_c = pose_kl(dist, ref_dist, basis)  # closed form, (N,)
         if old_token_logp is None:  # pi_old: the sampling policy = this first forward, detached
@@ -393,7 +394,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
                 "charts/ratio_pose_mean": stats["ratio_pose_mean"].item(),
                 "charts/frac_zero_std_groups": hygrpo.frac_zero_std_groups(r_d.view(B, G)),
                 "charts/frac_valid_pose": v.mean().item(),
-                "charts/pose_std_mean": dist.stddev.mean().item(),
+                "charts/pose_std_mean": dist.stddev[valid.to(device)].mean().item() if valid.any() else None,
                 "time/generate_s": t1 - t0, "time/rewards_s": t2 - t1, "time/reference_s": t3 - t2,
                 "time/policy_s": t4 - t3 - t_opt, "time/optimizer_s": t_opt, "time/total_s": time.time() - t0})
     return rec
