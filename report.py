@@ -44,6 +44,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,7 @@ class Runner:
     def __init__(self, out_dir: str, jobs: int, force: bool):
         self.out_dir, self.jobs, self.force = out_dir, jobs, force
         self.procs, self.lock, self.stopping = set(), threading.Lock(), False
+        self.commit = code_version()  # recorded in each stage's marker
         for d in ("logs", "stages"):
             os.makedirs(os.path.join(out_dir, d), exist_ok=True)
 
@@ -194,23 +196,27 @@ class Runner:
         return {**marker, "status": "earlier run"}
 
     def run(self, stage: Stage) -> dict:
-        """Runs one stage; its output streams to logs/<name>.log. Raises StageFailed on a non-zero exit."""
-        for d in stage.clear:
-            shutil.rmtree(d, ignore_errors=True)
+        """Runs one stage; its output streams to logs/<name>.log. Raises StageFailed on a non-zero exit.
+        The stage's marker is removed before its outputs are cleared, so a stage that fails or is
+        interrupted is never taken for complete by a later run (its partial outputs stay unmarked)."""
         log = os.path.join(self.out_dir, "logs", f"{stage.name}.log")
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONUNBUFFERED"] = "1"
-        started = time.time()
-        self.say(f"  {stage.name}: python {shlex.join(stage.cmd)}  (log: {log})")
-        with open(log, "w") as fh:
+        with self.lock:
+            if self.stopping:
+                raise StageFailed(f"stage {stage.name} not started: another stage failed")
+            if os.path.exists(self.marker_path(stage.name)):
+                os.remove(self.marker_path(stage.name))
+            for d in stage.clear:
+                shutil.rmtree(d, ignore_errors=True)
+            started = time.time()
+            self.say(f"  {stage.name}: python {shlex.join(stage.cmd)}  (log: {log})")
+            fh = open(log, "w")
             fh.write(f"$ python {shlex.join(stage.cmd)}\n")
             fh.flush()
-            with self.lock:
-                if self.stopping:
-                    raise StageFailed(f"stage {stage.name} not started: another stage failed")
-                p = subprocess.Popen([sys.executable, *stage.cmd], cwd=ROOT, env=env, stdout=fh,
-                                     stderr=subprocess.STDOUT)
-                self.procs.add(p)
+            p = subprocess.Popen([sys.executable, *stage.cmd], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            self.procs.add(p)
+        with fh:
             rc = p.wait()
             with self.lock:
                 self.procs.discard(p)
@@ -220,7 +226,8 @@ class Runner:
                 tail = "".join(fh.readlines()[-25:])
             raise StageFailed(f"stage {stage.name} failed (exit code {rc}); its log is {log}. Last lines:\n{tail}")
         marker = {"cmd": stage.cmd, "seconds": round(finished - started, 1), "started_at": started,
-                  "finished_at": finished, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "log": log}
+                  "finished_at": finished, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "log": log,
+                  "commit": self.commit}
         body.atomic_write(self.marker_path(stage.name), lambda fh: json.dump(marker, fh, indent=1))
         self.say(f"  {stage.name}: done in {marker['seconds']:.0f} s")
         return {**marker, "status": "ran"}
@@ -262,12 +269,18 @@ class Runner:
 # ---- Reading results ------------------------------------------------------------------------
 
 def load_runs(args: Args) -> dict:
-    """{kind: [metrics of each seed]} from results/eval/<kind>_s<seed>/results.json."""
+    """{kind: [metrics of each seed]} from results/eval/<kind>_s<seed>/results.json (test split only)."""
     bench = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
     runs = {}
     for kind in run_kinds(args):
-        runs[kind] = [E.load_results(os.path.join(args.out_dir, "eval", f"{kind}_s{s}", "results.json"),
-                                     args.preset, bench)["metrics"] for s in seeds_of(args)]
+        runs[kind] = []
+        for s in seeds_of(args):
+            path = os.path.join(args.out_dir, "eval", f"{kind}_s{s}", "results.json")
+            record = E.load_results(path, args.preset, bench)
+            if record.get("split") != "test":
+                raise ValueError(f"{path} was measured on the {record.get('split')} split; the report is of the test "
+                                 "split: drop --split from --eval_args and rerun report.py")
+            runs[kind].append(record["metrics"])
     return runs
 
 
@@ -435,17 +448,21 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "os": platform.platform(), "gpu": gpu, "commit": code_version()}
+
+
+def code_version() -> str:
+    """The code's git commit, "(with uncommitted changes)" when tracked files differ from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
-        commit = (commit + (" (with uncommitted changes)" if dirty else "")) or "unknown"
+        return (commit + (" (with uncommitted changes)" if dirty else "")) or "unknown"
     except OSError:
-        commit = "unknown"
-    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "os": platform.platform(), "gpu": gpu, "commit": commit}
+        return "unknown"
 
 
 # ---- REPORT.md ------------------------------------------------------------------------------
@@ -458,9 +475,12 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     n_seeds = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std" if len(seeds) > 1 else f"seed {seeds[0]}"
     record = E.load_results(os.path.join(out, "eval", f"sft_s{seeds[0]}", "results.json"))
     m = machine()
+    older = [n for n, d in done.items() if d.get("commit") != m["commit"]]
+    code = f"code {m['commit']}" + (f"; {len(older)} of the {len(done)} stages ran with other code, named in the time "
+                                    "table" if older else "")
     parts = [f"# Pose-RFT in miniature: the report\n\n"
              f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python report.py {shlex.join(argv)}` "
-             f"(code {m['commit']}). Preset `{args.preset}`; posebench with {args.n_train} training, "
+             f"({code}). Preset `{args.preset}`; posebench with {args.n_train} training, "
              f"{args.n_test} test poses; {n_seeds}. Every number is measured on the test split by "
              f"`evaluate.py --ckpt` ({record['eval_samples']} poses per pose task, the head's mean; "
              f"{record['eval_generate']} greedy answers per task). Recall@K in %; `eval` = the evaluator "
@@ -543,9 +563,10 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                        "(PoseEmbroider); here each RFT run is measured by both of ours.\n")
 
     # Stage times and the machine.
-    st = [[f"`{s.name}`", s.what, f"{done[s.name]['seconds']:.0f}",
-           "this run" if done[s.name]["status"] == "ran" else f"earlier run ({done[s.name]['date']})"]
-          for s in stages]
+    def measured_in(d: dict) -> str:
+        when = "this run" if d["status"] == "ran" else f"earlier run ({d['date']})"
+        return when if d.get("commit") == m["commit"] else f"{when}, code {d.get('commit', 'not recorded')}"
+    st = [[f"`{s.name}`", s.what, f"{done[s.name]['seconds']:.0f}", measured_in(done[s.name])] for s in stages]
     stage_sum = sum(d["seconds"] for d in done.values())
     parts.append("## Time and machine\n\n"
                  + E.markdown_table(["stage", "what", "seconds", "measured in"], st)
@@ -559,6 +580,15 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     return path
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop report.py as Ctrl-C does: Runner.run_all then terminates the stages it
+    started (by default they would kill report.py alone and leave its stages writing)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv=None):
     from transformers import HfArgumentParser
 
@@ -569,6 +599,7 @@ def main(argv=None):
     args.out_dir = os.path.abspath(args.out_dir)
     stages = plan(args)
     print(f"report: {len(stages)} stages -> {args.out_dir}", flush=True)
+    stop_on_signals()
     try:
         done = Runner(args.out_dir, args.jobs, args.force).run_all(stages)
         path = write_report(args, done, stages, t0, sys.argv[1:] if argv is None else argv)

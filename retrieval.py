@@ -538,6 +538,8 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit(f"retrieval.py: --epochs {args.epochs} and --batch_size {args.batch_size} must be >= 1")
     torch.set_num_threads(args.num_threads)
     t_start = time.time()
     bench = posebench.BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(posebench.BenchConfig)})
@@ -565,6 +567,9 @@ def main(argv=None):
                                     ("eval", args.eval_seed, args.eval_pose_features, args.eval_poses)):
         t0 = time.time()
         lo, hi = _pose_range(which, len(train))
+        if hi - lo < 2:  # the feature standardisation needs a std
+            raise SystemExit(f"retrieval.py: retriever_{role} trains on poses train[{lo}:{hi}], fewer than 2; "
+                             f"raise --n_train (now {len(train)})")
         torch.manual_seed(seed)
         cfg = RetrieverConfig(pose_features=kind, text_dim=train_sent.shape[1], embed_dim=args.embed_dim,
                               hidden_dim=args.hidden_dim, dropout=args.dropout, logit_scale_init=args.logit_scale_init,
@@ -574,6 +579,9 @@ def main(argv=None):
         model = TextPoseRetriever(cfg)
         losses = train_retriever(model, features[kind](slice(lo, hi)), train_sent, train_index[lo:hi], args.epochs,
                                  args.batch_size, args.lr, args.weight_decay, seed, desc=f"retriever_{role}")
+        if not (np.isfinite(losses).all() and all(torch.isfinite(t).all() for t in model.state_dict().values())):
+            raise SystemExit(f"retrieval.py: retriever_{role} diverged (a NaN/inf loss or weight); nothing saved for "
+                             f"it. Try a lower --lr (now {args.lr})")
         path = save_retriever(model, os.path.join(args.out_dir, f"retriever_{role}"))
         models[role], timings[role] = model, time.time() - t0
         print(f"  {role}: {kind} features, poses train[{lo}:{hi}], seed {seed}: loss {losses[0]:.3f} -> "

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def test_report_end_to_end(results):
         assert "mean_pose" in key or f"`{key}`" in text, key
     for row in ("Baseline (deterministic head", "Baseline + Dist. (Gaussian", "Baseline + Dist. + RFT"):
         assert row in text
-    assert " nan " not in text.lower() and "Table 5" not in text
+    assert " nan " not in text.lower() and "Table 5" not in text and "ran with other code" not in text
     for png in ("figure4_reward_curves.png", "figure5_text_to_pose.png", "figure6_image_to_pose.png",
                 "posebench_preview.png"):
         head = (results / png).read_bytes()[:8]
@@ -113,6 +114,11 @@ def test_full_report_tables_and_seeds(results, tmp_path):
     sft = json.loads((results / "eval" / "sft_s0" / "results.json").read_text())["metrics"]["image_to_pose/mpjpe_mm"]
     assert f"| `image_to_pose/mpjpe_mm` (mm) ↓ | {sft + 5:.1f} ± 7.1 |" in text
     assert "2 seeds (0, 1), mean ± std" in text and "Sum of the stages: 84 s" in text
+    assert "42 of the 42 stages ran with other code" in text and "this run, code not recorded" in text  # markers without commit
+    val = tmp_path / "full" / "eval" / "sft_s1" / "results.json"
+    val.write_text(json.dumps({**json.loads(val.read_text()), "split": "val"}))  # e.g. --eval_args "--split val"
+    with pytest.raises(ValueError, match="sft_s1/results.json was measured on the val split; the report is of the test"):
+        report.write_report(args, done, stages, 0.0, ["--full"])
 
 
 def test_runner_reruns_changed_and_stale_stages(tmp_path):
@@ -135,6 +141,43 @@ def test_runner_reruns_changed_and_stale_stages(tmp_path):
     with pytest.raises(report.StageFailed, match=r"(?s)stage c failed \(exit code 3\); its log is .*c\.log.*boom"):
         runner.run_all([slow, C])
     assert time.time() - t0 < 30 and not (tmp_path / "res" / "stages" / "slow.json").exists()
+    marker = json.loads((tmp_path / "res" / "stages" / "a.json").read_text())
+    assert marker["commit"] == report.code_version()
+
+
+def test_runner_never_takes_a_failed_rerun_for_complete(tmp_path):
+    """A stage reruns (its output was deleted), writes its output, then fails: the next run must run it
+    again, not skip it on the first run's marker."""
+    out, flag = tmp_path / "out.txt", tmp_path / "fail"
+    D = report.Stage("d", ["-c", f"import os, sys; open({str(out)!r}, 'w').write('partial'); "
+                                 f"sys.exit(1 if os.path.exists({str(flag)!r}) else 0)"], [str(out)])
+    runner = lambda: report.Runner(str(tmp_path / "res"), jobs=1, force=False)  # noqa: E731
+    assert runner().run_all([D])["d"]["status"] == "ran"
+    out.unlink()
+    flag.touch()
+    with pytest.raises(report.StageFailed, match="stage d failed"):
+        runner().run_all([D])
+    flag.unlink()
+    assert runner().run_all([D])["d"]["status"] == "ran"
+
+
+def test_sigterm_stops_the_stages_too(tmp_path):
+    """kill <report.py's pid> must not leave its stages running (they would go on writing checkpoints)."""
+    pid_file, stage, parent_py = tmp_path / "stage.pid", tmp_path / "stage.py", tmp_path / "parent.py"
+    stage.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    parent_py.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport report\nreport.stop_on_signals()\n"
+                         f"slow = report.Stage('slow', [{str(stage)!r}], [])\n"
+                         f"report.Runner({str(tmp_path / 'res')!r}, 1, False).run_all([slow])\n")
+    parent = subprocess.Popen([sys.executable, str(parent_py)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() - t0 < 60:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) != 0
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # terminated and reaped by report.py
+        os.kill(child, 0)
 
 
 # ---- evaluate.py ------------------------------------------------------------------------------
@@ -217,7 +260,18 @@ def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
               for r in range(3)]
     torch.testing.assert_close(E.interleave(shards), full, atol=1e-5, rtol=0)
     assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu", sample_pose=True, seed=4))
-    assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu"))
+    mean = E.predict_poses(policy, tok, samples, "cpu")
+    assert not torch.allclose(full, mean)
+    # at temperature tau the same noise moves the pose tau times as far (covariance scaled by tau^2)
+    cool = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3, pose_temperature=0.3)
+    torch.testing.assert_close(cool - mean, 0.3 * (full - mean), atol=1e-5, rtol=1e-4)
+
+
+def test_sampled_poses_default_to_the_rft_runs_temperature(results, tmp_path):
+    """evaluate.py --sample_pose samples the policy RFT trained: the head at the run's --pose_temperature."""
+    E.main(["--ckpt", str(results / "ckpt" / "rft_s0"), "--out_dir", str(tmp_path), *BENCH, *retriever_flags(results),
+            "--eval_samples", "8", "--eval_generate", "1", "--sample_pose", "--threads", "1"])
+    assert json.loads((tmp_path / "results.json").read_text())["pose"] == "sample at tau 0.3"
 
 
 def test_markdown_writer_on_fixed_numbers():

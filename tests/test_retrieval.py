@@ -248,3 +248,16 @@ def test_script_smoke(tmp_path):
     assert (reward.cfg.pose_features, reward.cfg.seed, reward.cfg.train_poses) == ("joints", 0, "train[0:32]")
     assert (evaluator.cfg.pose_features, evaluator.cfg.seed, evaluator.cfg.train_poses) == ("rot6d", 1, "train[32:64]")
     assert reward.cfg.bench_key == evaluator.cfg.bench_key == posebench.config_key(TINY)
+
+
+def test_script_bad_arguments_save_nothing(tmp_path):
+    """--epochs 0, too few poses, and a run that diverges each stop with the reason, before saving."""
+    small = ["--n_val", "16", "--n_test", "40", "--batch_size", "16", "--hidden_dim", "32", "--embed_dim", "16",
+             "--num_threads", "1", "--out_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--epochs 0 and --batch_size 16 must be >= 1"):
+        R.main(["--n_train", "64", "--epochs", "0", *small])
+    with pytest.raises(SystemExit, match=r"retriever_reward trains on poses train\[0:1\], fewer than 2"):
+        R.main(["--n_train", "3", "--epochs", "1", *small])
+    with pytest.raises(SystemExit, match="retriever_reward diverged"):
+        R.main(["--n_train", "64", "--epochs", "1", "--lr", "1e30", *small])
+    assert not os.path.exists(tmp_path / "retriever_reward")
