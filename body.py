@@ -580,6 +580,8 @@ class BodyModel(torch.nn.Module):
 # regressor files are common: SPIN's J_regressor_h36m.npy (17 H36M joints, pelvis = 0) and
 # 4D-Humans' SMPL_to_J19.pkl (19 extra joints, pelvis = 14; HMR2.0's eval keypoints 25..37 and 43
 # minus keypoint 39). Both map the official SMPL mesh (6890 vertices), not the procedural one.
+# Against 4D-Humans' eval npz (its extra_keypoints_3d are J19 joints) only the second is the
+# protocol; evaluate.py refuses the first there.
 
 H36M_TO_LSP14 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10)  # SPIN's H36M_TO_J14
 J19_TO_LSP14 = tuple(range(13)) + (18,)

@@ -23,7 +23,7 @@ report, the README and metrics.jsonl's `test/*` use them):
 Real test sets (`evaluate_real`; the llava-1.5-7b preset, or any checkpoint given the flags):
 
     image_to_pose/{NAME}/mpjpe_mm, .../pa_mpjpe_mm   NAME = each --eval_npz set (3DPW, H36M, ...): HMR2.0's
-                                                 protocol, the 14 LSP joints regressed (--joint_regressor)
+                                                 protocol, the 14 LSP joints regressed (--joint_regressor, J19)
                                                  from the SMPL mesh (--smpl_path, mean shape) of the head's
                                                  mean pose, minus the regressor's pelvis, against the npz's
                                                  extra_keypoints_3d (realdata.HMR2ImageDataset.gt_lsp14)
@@ -39,7 +39,7 @@ Run:
     python evaluate.py --ckpt ckpt/rft --out_dir /tmp/e --sample_pose   # the pose sampled from RFT's policy (its tau)
     torchrun --nproc_per_node=2 evaluate.py --ckpt ckpt/rft  # the test split sharded over 2 processes
     torchrun --nproc_per_node=8 evaluate.py --ckpt ckpt/rft_7b --eval_npz 3DPW=3dpw_test.npz=/data/3DPW \
-        --joint_regressor J_regressor_h36m.npy --smpl_path SMPL_NEUTRAL.pkl \
+        --joint_regressor SMPL_to_J19.pkl --smpl_path SMPL_NEUTRAL.pkl \
         --posescript_dir /data/posescript_release --amass_dir /data/AMASS   # -> ckpt/rft_7b/eval_real/
 The whole pipeline (benchmark, retrievers, SFT, RFT, evaluation, REPORT.md): `python report.py`.
 
@@ -503,8 +503,7 @@ def load_results(path: str, preset: str | None = None, bench: dict | None = None
 # BOILERPLATE: python evaluate.py --ckpt DIR
 # --------------------------------------------------------------------------------------
 SMPL_SOURCE = "https://smpl.is.tue.mpg.de (SMPL for Python; `python body.py convert` makes a chumpy-free copy)"
-REGRESSOR_SOURCE = ("J_regressor_h36m.npy from SPIN's fetch_data.sh (github.com/nkolot/SPIN) or SMPL_to_J19.pkl from "
-                    "4D-Humans' hmr2_data")
+REGRESSOR_SOURCE = "SMPL_to_J19.pkl from 4D-Humans' hmr2_data (the J19 joints of HMR2.0's evaluation)"
 
 
 @dataclass
@@ -625,6 +624,12 @@ def real_eval_inputs(args: Args, device) -> dict:
         if args.eval_npz:
             out["bodymodel"] = body.BodyModel(args.smpl_path).to(device)
             out["regressor"] = body.load_joint_regressor(args.joint_regressor)  # (K, V)
+            if out["regressor"].shape[0] != 19:  # the npz's extra_keypoints_3d are J19 joints (HMR2.0's protocol)
+                raise ValueError(f"--joint_regressor {args.joint_regressor} regresses {out['regressor'].shape[0]} joints; "
+                                 "the ground truth of 4D-Humans' eval npz (extra_keypoints_3d) are J19 joints, which "
+                                 "HMR2.0 compares with SMPL_to_J19.pkl's (19 rows); another regressor (such as SPIN's "
+                                 "17-joint J_regressor_h36m.npy) places hips, neck, head and pelvis elsewhere. Pass "
+                                 "SMPL_to_J19.pkl from 4D-Humans' hmr2_data")
             if out["regressor"].shape[1] != out["bodymodel"].num_vertices:
                 raise ValueError(f"--joint_regressor {args.joint_regressor} reads {out['regressor'].shape[1]} vertices "
                                  f"but --smpl_path {args.smpl_path} has {out['bodymodel'].num_vertices}; pass the "

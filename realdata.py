@@ -16,9 +16,11 @@ single-turn samples.
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import pickle
+import re
 from typing import Sequence
 
 import numpy as np
@@ -32,9 +34,9 @@ POSESCRIPT_SOURCE = ("the PoseScript V2 release, https://download.europe.naverla
                      "posescript_release_v2.zip (see github.com/naver/posescript)")
 AMASS_SOURCE = "AMASS in the SMPL+H G format, https://amass.is.tue.mpg.de (PoseScript uses its 19 sub-datasets)"
 HMR2_DATA_SOURCE = ("4D-Humans' hmr2_evaluation_data.tar.gz (its README, 'Evaluation': 3dpw_test.npz, h36m_val_p2.npz, "
-                    "...), or training npz files in that schema or SPIN's (github.com/nkolot/SPIN, datasets/preprocess; "
-                    "4D-Humans ships its training sets as webdataset tars, which are not read here), with each "
-                    "dataset's own images")
+                    "...), or training npz files with SMPL poses in that schema or SPIN's (github.com/nkolot/SPIN, "
+                    "datasets/preprocess: only its mpi_inf_3dhp_train.npz has poses; 4D-Humans ships its training "
+                    "sets as webdataset tars, which are not read here), with each dataset's own images")
 BEDLAM_SCRIPT_SOURCE = ("PoseEmbroider's BEDLAM processing (github.com/naver/poseembroider, datasets/process_bedlam/"
                         "do.sh) run on BEDLAM (https://bedlam.is.tue.mpg.de)")
 LLAVA_INSTRUCT_SOURCE = ("llava_instruct_150k.json from the Hugging Face dataset liuhaotian/LLaVA-Instruct-150K, "
@@ -313,17 +315,25 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
         with np.load(npz_path, allow_pickle=False) as z:
             keys = set(z.files)
-            spin = "body_pose" not in keys and {"pose", "has_smpl"} <= keys  # SPIN's names for the same fields
+            spin = "body_pose" not in keys and "pose" in keys  # SPIN's names for the same fields
             alias = {"body_pose": "pose", "has_body_pose": "has_smpl", "betas": "shape", "has_betas": "has_smpl"} \
                 if spin else {}
             keys |= {k for k, v in alias.items() if v in keys}
+            if spin and "has_smpl" not in z.files:  # SPIN's loader: a file without has_smpl has a pose in every record
+                keys |= {"has_body_pose"}
             needed = ("imgname", "center", "scale") + (("body_pose", "has_body_pose") if require_pose else ())
             missing = [k for k in needed if k not in keys]
             if missing:
                 why = " (training needs the SMPL poses; evaluate.py reads a file without them)" if require_pose else ""
+                if require_pose and "body_pose" in missing and "part" in keys:
+                    why += (". SPIN's COCO, MPII and Human3.6M npz carry no SMPL pose (SPIN keeps its fits apart, in "
+                            "data/static_fits, which is not read here); of its training files only "
+                            "mpi_inf_3dhp_train.npz has them")
                 raise DataFormatError(f"{_where(name, npz_path)}: missing {missing} (keys: {sorted(keys)}); "
                                       f"expected {self.SCHEMA}{why}")
-            arr = {k: z[alias.get(k, k)] for k in ["imgname", "scale", *self.SHAPES] if k in keys}
+            arr = {k: z[alias.get(k, k)] for k in ["imgname", "scale", *self.SHAPES] if alias.get(k, k) in z.files}
+            if spin and "has_smpl" not in z.files:
+                arr["has_body_pose"] = np.ones(len(arr["imgname"]))
         scale_in_200px = scale_in_200px or spin
         N = len(arr["imgname"])
         for k, tail in self.SHAPES.items():
@@ -385,21 +395,62 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
 class BEDLAMScript(torch.utils.data.Dataset):
     """Image-text samples of BEDLAM-Script (PoseEmbroider, Delmas et al. 2024; §4.1 (3)).
 
-    Files, as PoseEmbroider's processing writes them and its datasets/bedlam.py reads them
-    (the full set, not a farther-sampled subset), split = "training" or "validation":
+    Files, as PoseEmbroider's processing (do.sh) writes them and its datasets/bedlam_script.py reads
+    them, split = "training" or "validation":
         processed_dir/bedlam_{split}_try.pkl    {image path: [per human: {"smplx_root_cam" (3,),
-            "smplx_global_orient" (3,), "smplx_body_pose" (63,), "smplx_tight_bbox" (4,) x1 y1 x2 y2, ...}]}
+            "smplx_global_orient" (1, 3), "smplx_body_pose" (21, 3), "smplx_tight_bbox" (4,) x1 y1 x2 y2,
+            ...}]} (step 2; any shape of 3, 63 and 4 values is read)
         processed_dir/imgpaths_bedlam_to_selected_human_index_{split}_try.pkl
                                                  {"criteria": {"scale_factor": s, ...}, image path: [human index]}
-        processed_dir/bedlam_{split}_3caps_try.pkl   {data id: [3 captions]}
+        processed_dir/farther_sample_{split}_{M}_try.pt   [references, selected data ids, distances] (step 4)
+        processed_dir/bedlam_{split}_3caps_fs{N}_try.pkl  {i: [3 captions]} (step 5, --farther_sample N):
+                                                 caption i describes the i-th, in data id order, of the first
+                                                 N ids of the farther sampling; or bedlam_{split}_3caps_try.pkl
+                                                 (step 5 without --farther_sample): every selected human
         img_dir/{split}/<image path>             (`closeup` images are stored turned 90 deg: turned back)
-    Data ids count the selected humans over the sorted image paths. task "describe" gives vqa-kind
-    samples (image -> the caption, no pose); task "image_to_pose" gives the camera-frame pose
-    (SMPL-X's 21 body joints as SMPL's, hands at identity).
+    Data ids count the selected humans over the sorted image paths; only the captioned ones are
+    samples. task "describe" gives vqa-kind samples (image -> the caption, no pose); task
+    "image_to_pose" gives the camera-frame pose (SMPL-X's 21 body joints as SMPL's, hands at identity).
     """
 
     NAME = "BEDLAM-Script"
-    HUMAN_KEYS = ("smplx_root_cam", "smplx_body_pose", "smplx_tight_bbox")
+    HUMAN_SIZES = {"smplx_root_cam": 3, "smplx_body_pose": 63, "smplx_tight_bbox": 4}
+
+    @classmethod
+    def captioned_ids(cls, processed_dir: str, split: str):
+        """(the caption file, the data ids it describes, in order: None for every selected human)."""
+        fs = sorted(glob.glob(os.path.join(glob.escape(processed_dir), f"bedlam_{split}_3caps_fs*_try.pkl")))
+        if not fs:
+            return os.path.join(processed_dir, f"bedlam_{split}_3caps_try.pkl"), None
+        if len(fs) > 1:
+            raise DataFormatError(f"{cls.NAME}: {processed_dir} holds {len(fs)} caption files for {split} "
+                                  f"({', '.join(map(os.path.basename, fs))}); keep the one to train on")
+        n = int(re.search(r"_fs(\d+)_try\.pkl$", fs[0]).group(1))
+        pts = glob.glob(os.path.join(glob.escape(processed_dir), f"farther_sample_{split}_*_try.pt"))
+        sizes = {int(m.group(1)): p for p in pts if (m := re.search(r"_(\d+)_try\.pt$", p))}
+        if not sizes:
+            raise FileNotFoundError(f"{cls.NAME}: {fs[0]} describes a farther-sampled subset, but no "
+                                    f"farther_sample_{split}_<M>_try.pt is in {processed_dir}; it comes from "
+                                    f"{BEDLAM_SCRIPT_SOURCE} (step 4)")
+        pt = sizes[max(sizes)]
+        try:  # numpy scalars in the file's references, pickled by numpy 2 or 1
+            from numpy._core.multiarray import scalar
+        except ImportError:
+            from numpy.core.multiarray import scalar
+        numpy_types = [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+                       *{type(np.dtype(t)) for t in (np.int32, np.int64, np.float32, np.float64)}]
+        try:
+            with torch.serialization.safe_globals(numpy_types):
+                selected = torch.load(pt, map_location="cpu", weights_only=True)[1]
+            selected = [int(i) for i in selected]
+        except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same message
+            raise DataFormatError(f"{_where(cls.NAME, pt)}: expected [references, selected data ids, distances] as "
+                                  f"PoseEmbroider's process_bedlam_step4.py saves it ({type(err).__name__}: {err})") \
+                from None
+        if len(selected) < n:
+            raise DataFormatError(f"{_where(cls.NAME, pt)}: selects {len(selected)} humans, fewer than the {n} that "
+                                  f"{os.path.basename(fs[0])} describes")
+        return fs[0], set(selected[:n])
 
     def __init__(self, processed_dir: str, img_dir: str, split: str = "training", task: str = "describe",
                  image_size: int = 336, bodymodel=None, seed: int = 0):
@@ -411,7 +462,7 @@ class BEDLAMScript(torch.utils.data.Dataset):
         self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split)
         ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
         sel_path = os.path.join(processed_dir, f"imgpaths_bedlam_to_selected_human_index_{split}_try.pkl")
-        cap_path = os.path.join(processed_dir, f"bedlam_{split}_3caps_try.pkl")
+        cap_path, captioned = self.captioned_ids(processed_dir, split)
         ann = _read_pickle(self.NAME, ann_path, BEDLAM_SCRIPT_SOURCE)
         sel = dict(_read_pickle(self.NAME, sel_path, BEDLAM_SCRIPT_SOURCE))
         caps = _read_pickle(self.NAME, cap_path, BEDLAM_SCRIPT_SOURCE)
@@ -427,21 +478,28 @@ class BEDLAMScript(torch.utils.data.Dataset):
                 if not isinstance(h, (int, np.integer)) or not 0 <= h < len(humans):
                     raise DataFormatError(f"{_where(self.NAME, sel_path, img)}: human index {h!r} out of range for "
                                           f"{len(humans)} humans in {ann_path}")
+                if captioned is not None and data_id not in captioned:
+                    data_id += 1
+                    continue
                 human = humans[h]
-                missing = [k for k in self.HUMAN_KEYS if k not in human]
-                shapes = {k: np.shape(human[k]) for k in self.HUMAN_KEYS if k in human}
-                if missing or shapes != {"smplx_root_cam": (3,), "smplx_body_pose": (63,), "smplx_tight_bbox": (4,)}:
+                missing = [k for k in self.HUMAN_SIZES if k not in human]
+                sizes = {k: np.size(human[k]) for k in self.HUMAN_SIZES if k in human}
+                if missing or sizes != self.HUMAN_SIZES:
                     raise DataFormatError(f"{_where(self.NAME, ann_path, f'{img} human {h}')}: missing {missing}, "
-                                          f"shapes {shapes}; expected smplx_root_cam (3,), smplx_body_pose (63,), "
-                                          "smplx_tight_bbox (4,)")
-                texts = caps.get(data_id) if isinstance(caps, dict) else None
+                                          f"sizes {sizes}; expected {self.HUMAN_SIZES} values")
+                key = len(self.items)  # caption i: the i-th captioned human
+                texts = caps.get(key) if isinstance(caps, dict) else None
                 if not texts or not all(isinstance(t, str) for t in texts):
-                    raise DataFormatError(f"{_where(self.NAME, cap_path, data_id)}: expected a list of captions for "
+                    raise DataFormatError(f"{_where(self.NAME, cap_path, key)}: expected a list of captions for "
                                           f"data id {data_id} ({img}, human {h})")
                 self.items.append((img, human, list(texts)))
                 data_id += 1
         if not self.items:
-            raise DataFormatError(f"{self.NAME}: {sel_path} selects no human")
+            raise DataFormatError(f"{self.NAME}: {sel_path} selects no human" + (
+                "" if captioned is None else f" among the {len(captioned)} data ids {os.path.basename(cap_path)} describes"))
+        if isinstance(caps, dict) and len(caps) != len(self.items):
+            raise DataFormatError(f"{_where(self.NAME, cap_path)}: {len(caps)} captioned humans, but the selection "
+                                  f"and farther sampling give {len(self.items)}; the files come from different runs")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -465,7 +523,7 @@ class BEDLAMScript(torch.utils.data.Dataset):
         if self.task == "describe":
             return Sample("vqa", DESCRIBE_PROMPT, text, image=crop, index=i, text=DESCRIBE_PROMPT.split("\n", 1)[1])
         aa = np.zeros((1, body.NUM_JOINTS, 3))
-        aa[0, 0] = np.asarray(human["smplx_root_cam"], dtype=np.float64)
+        aa[0, 0] = np.asarray(human["smplx_root_cam"], dtype=np.float64).reshape(3)
         aa[0, 1:22] = np.asarray(human["smplx_body_pose"], dtype=np.float64).reshape(21, 3)
         pose6d, joints = _targets(aa, self.bodymodel)
         return Sample("image_to_pose", PROMPTS["image_to_pose"][paraphrase], POSE_ANSWER, image=crop,

@@ -204,6 +204,14 @@ def test_hmr2_npz_samples_and_gt_joints(hmr2):
              pose=arrays["body_pose"], shape=arrays["betas"], has_smpl=arrays["has_body_pose"], part=np.zeros((3, 24, 3)))
     spin = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
     assert np.array_equal(spin.image, big.image) and np.allclose(spin.pose6d, big.pose6d)
+    # without has_smpl every record has its pose (SPIN's base_dataset); without pose, SPIN's COCO/MPII/H36M
+    np.savez(npz, imgname=arrays["imgname"], center=arrays["center"], scale=arrays["scale"] / 200,
+             pose=arrays["body_pose"], shape=arrays["betas"], part=np.zeros((3, 24, 3)))
+    assert len(realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160)) == 3
+    np.savez(npz, imgname=arrays["imgname"], center=arrays["center"], scale=arrays["scale"] / 200,
+             part=np.zeros((3, 24, 3)))
+    with pytest.raises(realdata.DataFormatError, match="SPIN's COCO, MPII and Human3.6M npz carry no SMPL pose"):
+        realdata.HMR2ImageDataset("COCO", npz, imgs)
     b = data.collate([s, ds[0]], TOK, 4)  # real samples collate like posebench ones
     assert b.pixel_values.shape == (2, 3, 64, 64) and b.pose_valid.all()
 
@@ -270,19 +278,25 @@ def bedlam(tmp_path):
     save_png(imgs / "training/seq_000002_closeup/png/seq_000002_0000.png", closeup)
     rng = np.random.default_rng(0)
 
-    def human(x1, y1, x2, y2):
-        return {"smplx_root_cam": rng.normal(0, 0.3, 3), "smplx_global_orient": rng.normal(0, 0.3, 3),
-                "smplx_body_pose": rng.normal(0, 0.2, 63), "smplx_left_hand_pose": np.zeros(45),
-                "smplx_right_hand_pose": np.zeros(45), "smplx_shape": np.zeros(11),
-                "smplx_tight_bbox": np.array([x1, y1, x2, y2], dtype=np.float64), "smplx_transl": np.zeros(3)}
+    def human(x1, y1, x2, y2):  # the shapes of PoseEmbroider's process_bedlam_step2.py (pose_to_dict)
+        return {"smplx_root_cam": rng.normal(0, 0.3, 3).astype(np.float32),
+                "smplx_global_orient": rng.normal(0, 0.3, (1, 3)).astype(np.float32),
+                "smplx_body_pose": rng.normal(0, 0.2, (21, 3)).astype(np.float32),
+                "smplx_left_hand_pose": np.zeros((15, 3), np.float32), "smplx_right_hand_pose": np.zeros((15, 3), np.float32),
+                "smplx_shape": np.zeros(11, np.float32), "smplx_transl": np.zeros(3, np.float32),
+                "smplx_tight_bbox": np.array([x1, y1, x2, y2], dtype=np.float32)}
 
     a = "seq_000001/png/seq_000001_0000.png"
     c = "seq_000002_closeup/png/seq_000002_0000.png"
     ann = {c: [human(10, 10, 60, 100)], a: [human(80, 20, 120, 100), human(0, 0, 30, 30)]}
-    sel = {"criteria": {"scale_factor": 1.1, "overlap": 30}, a: [0], c: [0]}
+    sel = {"criteria": {"scale_factor": 1.1, "overlap": 30}, a: [0, 1], c: [0]}  # data ids: a 0 -> 0, a 1 -> 1, c 0 -> 2
+    # do.sh: farther sampling orders the ids (step 4); step 5 captions the first N = 2 of them, {0, 2},
+    # caption i for the i-th of them in data id order
+    references = {0: [a, np.int64(0)], 1: [a, np.int64(1)], 2: [c, np.int64(0)]}
+    torch.save([references, [2, 0, 1], torch.zeros(3)], proc / "farther_sample_training_3_try.pt")
     caps = {0: ["A0", "A0b", "A0c"], 1: ["C0", "C0b", "C0c"]}
     for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl", sel),
-                      ("bedlam_training_3caps_try.pkl", caps)):
+                      ("bedlam_training_3caps_fs2_try.pkl", caps)):
         with open(proc / name, "wb") as fh:
             pickle.dump(obj, fh)
     return str(proc), str(imgs), ann, a, c
@@ -305,6 +319,12 @@ def test_bedlam_script_describe_and_pose(bedlam):
     # the crop centre is the tight box's centre: (100, 60) in R = x, G = y
     big = realdata.BEDLAMScript(proc, imgs, "training", image_size=176).sample(0).image
     assert abs(int(big[88, 88, 0]) - 100) <= 1 and abs(int(big[88, 88, 1]) - 60) <= 1
+    # step 5 run on the whole selection (no --farther_sample): every selected human, caption i for data id i
+    os.remove(os.path.join(proc, "bedlam_training_3caps_fs2_try.pkl"))
+    with open(os.path.join(proc, "bedlam_training_3caps_try.pkl"), "wb") as fh:
+        pickle.dump({0: ["A0"], 1: ["A1"], 2: ["C0"]}, fh)
+    ds = realdata.BEDLAMScript(proc, imgs, "training", image_size=64)
+    assert [(it[0], it[2][0]) for it in ds.items] == [(a, "A0"), (a, "A1"), (c, "C0")]
 
 
 def test_bedlam_script_errors(bedlam, tmp_path):
@@ -328,8 +348,22 @@ def test_bedlam_script_errors(bedlam, tmp_path):
     with pytest.raises(realdata.DataFormatError, match="holds a datetime.date object"):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump(ann, open(ann_path, "wb"))
-    pickle.dump({0: ["A0"]}, open(os.path.join(proc, "bedlam_training_3caps_try.pkl"), "wb"))
-    with pytest.raises(realdata.DataFormatError, match="3caps_try.pkl, record 1: expected a list of captions"):
+    caps_path = os.path.join(proc, "bedlam_training_3caps_fs2_try.pkl")
+    pickle.dump({0: ["A0"]}, open(caps_path, "wb"))
+    with pytest.raises(realdata.DataFormatError, match=r"3caps_fs2_try.pkl, record 1: expected a list of captions for "
+                                                       r"data id 2"):
+        realdata.BEDLAMScript(proc, imgs)
+    pickle.dump({0: ["A0"], 1: ["C0"], 2: ["X"]}, open(caps_path, "wb"))
+    with pytest.raises(realdata.DataFormatError, match="3 captioned humans, but the selection and farther sampling give 2"):
+        realdata.BEDLAMScript(proc, imgs)
+    pickle.dump({0: ["A0"]}, open(os.path.join(proc, "bedlam_training_3caps_fs5_try.pkl"), "wb"))
+    with pytest.raises(realdata.DataFormatError, match="holds 2 caption files for training"):
+        realdata.BEDLAMScript(proc, imgs)
+    os.remove(caps_path)
+    with pytest.raises(realdata.DataFormatError, match="selects 3 humans, fewer than the 5 that bedlam_training_3caps_fs5"):
+        realdata.BEDLAMScript(proc, imgs)
+    os.remove(os.path.join(proc, "farther_sample_training_3_try.pt"))
+    with pytest.raises(FileNotFoundError, match="no farther_sample_training_<M>_try.pt"):
         realdata.BEDLAMScript(proc, imgs)
     with pytest.raises(FileNotFoundError, match="BEDLAM-Script: file .*bedlam_validation_try.pkl not found.*poseembroider"):
         realdata.BEDLAMScript(proc, imgs, "val")

@@ -1,7 +1,7 @@
 """evaluate.py's real test sets (`evaluate_real`, `--eval_npz` / `--posescript_dir`) on CPU: a toy-width
 llava-1.5-7b checkpoint (fake --llava_path, synthetic HMR2.0 .ckpt, an untrained LoRA adapter) on fixture
 files in the real schemas (HMR2.0 eval npz + images, PoseScript + AMASS), the procedural SMPL body and a
-random 17-row regressor. Checks the metrics, results files, the sharding and the errors for bad flags."""
+random 19-row (J19) regressor. Checks the metrics, results files, the sharding and the errors for bad flags."""
 import json
 import math
 import os
@@ -58,13 +58,13 @@ def real(tmp_path_factory):
     states = ["bent", "straight", "raised", "lowered", "turned", "forward"]
     (ps / "posescript_human_6293.json").write_text(
         json.dumps({str(i): f"The {parts[i % 6]} is {states[i // 6]}." for i in range(N_TEXT)}))
-    reg = rng.random((17, body.BodyModel().num_vertices))
-    np.save(d / "J_regressor_h36m.npy", reg / reg.sum(1, keepdims=True))
+    reg = rng.random((19, body.BodyModel().num_vertices))  # as SMPL_to_J19.pkl, for the procedural mesh
+    np.save(d / "SMPL_to_J19.npy", reg / reg.sum(1, keepdims=True))
     retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),
                              str(d / "retriever"))
     flags = ["--preset", "llava-1.5-7b", "--ckpt", str(d / "run"), "--threads", "1", "--batch_size", "8",
              "--eval_npz", f"3DPW={d / '3dpw_test.npz'}={d / '3DPW'}", f"H36M={d / 'h36m_val_p2.npz'}={d / 'H36M'}",
-             "--joint_regressor", str(d / "J_regressor_h36m.npy"), "--smpl_path", body.procedural_smpl_path(),
+             "--joint_regressor", str(d / "SMPL_to_J19.npy"), "--smpl_path", body.procedural_smpl_path(),
              "--posescript_dir", str(ps), "--amass_dir", str(amass),
              "--eval_retriever", str(d / "retriever"), "--reward_retriever", str(d / "retriever")]
     return d, flags
@@ -97,7 +97,7 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     assert p["image_to_pose/H36M/pose6d"].shape == (3, 144) and p["text_to_pose/PoseScript-H2/index"].shape == (N_TEXT,)
     ds = realdata.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"), require_pose=False)
     verts = body.BodyModel().forward_rot6d(torch.as_tensor(p["image_to_pose/3DPW/pose6d"])).vertices
-    pred = body.lsp14_from_vertices(verts, np.load(d / "J_regressor_h36m.npy"))
+    pred = body.lsp14_from_vertices(verts, np.load(d / "SMPL_to_J19.npy"))
     gt = torch.as_tensor(ds.gt_lsp14())
     assert m["image_to_pose/3DPW/mpjpe_mm"] == pytest.approx(body.lsp14_mpjpe_mm(pred, gt).mean().item(), rel=1e-5)
     assert m["image_to_pose/3DPW/pa_mpjpe_mm"] == pytest.approx(metrics.pa_mpjpe_mm(pred, gt).mean().item(), rel=1e-5)
@@ -133,7 +133,7 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
     msg = str(e.value.code)
     for text in (f"--eval_npz '{tmp_path / 'none.npz'}': not found; 4D-Humans' hmr2_evaluation_data.tar.gz",
                  "--eval_npz 'H36M=h36m.npz': expected NAME=NPZ=IMAGE_DIR",
-                 "--joint_regressor '': not given; J_regressor_h36m.npy from SPIN's fetch_data.sh",
+                 "--joint_regressor '': not given; SMPL_to_J19.pkl from 4D-Humans' hmr2_data",
                  "--smpl_path '': not given; the regressor reads the licensed SMPL model's mesh, https://smpl.is.tue.mpg.de",
                  "--amass_dir '': not given; AMASS in the SMPL+H G format",
                  f"--eval_retriever '{tmp_path / 'retriever_eval'}': not found; train it with `python retrieval.py`",
@@ -146,8 +146,12 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
     ok = flags[flags.index("--joint_regressor"):flags.index("--posescript_dir")]
     with pytest.raises(SystemExit, match=r"3DPW: .*no_gt.npz: no extra_keypoints_3d"):
         E.main([*run, "--eval_npz", f"3DPW={tmp_path / 'no_gt.npz'}={d / '3DPW'}", *ok])
-    np.save(tmp_path / "reg.npy", np.ones((17, 6890)) / 6890)
+    np.save(tmp_path / "reg.npy", np.ones((19, 6890)) / 6890)
     with pytest.raises(SystemExit, match=r"--joint_regressor .*reg.npy reads 6890 vertices but --smpl_path .* has 1456"):
         E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
                 "--joint_regressor", str(tmp_path / "reg.npy"), "--smpl_path", body.procedural_smpl_path()])
+    np.save(tmp_path / "h36m.npy", np.ones((17, 1456)) / 1456)  # SPIN's H36M regressor: not the J19 ground truth's joints
+    with pytest.raises(SystemExit, match=r"--joint_regressor .*h36m.npy regresses 17 joints; .* Pass SMPL_to_J19.pkl"):
+        E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
+                "--joint_regressor", str(tmp_path / "h36m.npy"), "--smpl_path", body.procedural_smpl_path()])
     assert not (tmp_path / "out").exists()
