@@ -324,6 +324,15 @@ def smooth(values: np.ndarray, k: int) -> np.ndarray:
     return np.array([nanmean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))])
 
 
+def seed_curves(seeds: list, name: str):
+    """(steps (n,), values (seeds, n)) of one reward, at the steps every seed logged (a step skipped
+    for NaN rewards in one seed is left out of all); NaN where the reward was not measured."""
+    by_step = [{r["step"]: r for r in rows} for rows in seeds]
+    steps = sorted(set.intersection(*(set(b) for b in by_step)))
+    vals = [[np.nan if b[t].get(f"rewards/{name}") is None else b[t][f"rewards/{name}"] for t in steps] for b in by_step]
+    return np.array(steps), np.array(vals, dtype=float).reshape(len(seeds), len(steps))
+
+
 def plot_figure4(curves: dict, png: str) -> None:
     """Figure 4: reward curves of GRPO vs HyGRPO. curves {label: [rows of each seed]} -> PNG, one panel
     per reward: the moving average over a tenth of the run, mean over seeds with a ± std band."""
@@ -334,11 +343,8 @@ def plot_figure4(curves: dict, png: str) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for ax, name in zip(axes, REWARD_NAMES):
         for label, seeds in curves.items():
-            n = min(len(r) for r in seeds)
-            steps = np.array([r["step"] for r in seeds[0][:n]])
-            vals = np.array([[np.nan if r.get(f"rewards/{name}") is None else r[f"rewards/{name}"] for r in rows[:n]]
-                             for rows in seeds])  # (seeds, n)
-            k = max(1, n // 10)
+            steps, vals = seed_curves(seeds, name)
+            k = max(1, len(steps) // 10)
             sm = np.stack([smooth(v, k) for v in vals])
             mean = nanmean(sm, 0)
             line, = ax.plot(steps, mean, label=f"{label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
