@@ -264,7 +264,7 @@ def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, f
         res["vqa/yes_no_accuracy"] = None
     if not answers:
         return res
-    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers)).mean().item()
+    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers), [s.answer for s in samples]).mean().item()
     res[f"{task}/answer_similarity"] = R.text_reward(answers, [s.answer for s in samples], similarity).mean().item()
     if task == "vqa":
         res["vqa/yes_no_accuracy"] = float(np.mean([a.strip().split(",")[0] == s.answer.split(",")[0]

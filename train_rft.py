@@ -249,7 +249,7 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
     image = torch.tensor([t == "image_to_pose" for t in tasks])
     text = torch.tensor([t == "text_to_pose" for t in tasks])
     valid = ro.has_pose.cpu() & (image | text)  # V: a pose task whose answer produced a <POSE> state
-    r = {"format": R.format_reward(ro.texts, tasks),                                      # Eq. 9
+    r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": R.text_reward(ro.texts, [s.answer for s in samples], similarity),       # Eq. 10
          "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
     pose = ro.pose.float().cpu()

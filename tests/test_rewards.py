@@ -51,6 +51,11 @@ def test_format_reward_by_hand():
                    "The SMPL pose of this person is <POSE> . <POSE>"]
     tasks = ["image_to_pose", "text_to_pose", "image_to_pose", "text_to_pose", "vqa", "vqa", "vqa", "image_to_pose"]
     assert rewards.format_reward(completions, tasks).tolist() == [1, 1, 0, 0, 1, 0, 1, 0]
+    assert rewards.format_reward(["Yes, <POSE>.", "No, .", "Yes, <unk> <unk>."], ["vqa"] * 3).tolist() == [0, 0, 0]
+    # a free-form reference (real VQA data): any non-empty answer without special tokens, long or truncated
+    refs = ["Yes, the man is wearing a hat.", "The man wears a red hat. It is sunny.", "The man wears a red hat."]
+    answers = ["Yes, the man is wearing a hat. It is red.", "A red hat, on a sunny day", "<POSE>"]
+    assert rewards.format_reward(answers, ["vqa"] * 3, refs).tolist() == [0, 1, 0]
     with pytest.raises(ValueError, match="unknown task"):
         rewards.format_reward(["x"], ["dance"])
     with pytest.raises(ValueError, match="2 completions but 1 tasks"):
@@ -90,3 +95,13 @@ def test_semantic_reward_is_the_retriever_cosine():
     r = rewards.semantic_reward(["a", "b"], torch.zeros(2, 144), Stub())
     assert r.tolist() == pytest.approx([1.0, 2 ** -0.5])
     assert body.NUM_JOINTS * 6 == 144
+
+
+def test_text_similarity_cache_overflow_starts_again(similarity):
+    """When the cache is full it restarts with the call's texts, cached ones included (they were
+    looked up after the clear, a KeyError)."""
+    small = rewards.TextSimilarity.__new__(rewards.TextSimilarity)
+    small.encoder, small.cache, small.cache_size = similarity.encoder, {}, 4
+    small.embed(["a", "b", "c"])
+    e = small.embed(["a", "d", "e"])
+    assert torch.allclose(e, similarity.embed(["a", "d", "e"]), atol=1e-5) and set(small.cache) == {"a", "d", "e"}

@@ -170,7 +170,7 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
 
 def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
     import rewards
-    monkeypatch.setattr(rewards, "format_reward", lambda c, t: torch.full((len(c),), float("nan")))
+    monkeypatch.setattr(rewards, "format_reward", lambda c, *a: torch.full((len(c),), float("nan")))
     with pytest.raises(SystemExit, match="consecutive steps with NaN/inf rewards"):
         train_rft.main(rft_args(assets, tmp_path / "nan", "--max_bad_steps", "2"))
     rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
@@ -179,9 +179,9 @@ def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
     monkeypatch.undo()
     format_reward, calls = rewards.format_reward, []
 
-    def nan_at_the_last_step(c, t):
+    def nan_at_the_last_step(c, *a):
         calls.append(1)
-        r = format_reward(c, t)
+        r = format_reward(c, *a)
         return torch.full_like(r, float("nan")) if len(calls) == 4 else r
     monkeypatch.setattr(rewards, "format_reward", nan_at_the_last_step)
     train_rft.main(rft_args(assets, tmp_path / "last", "--eval_samples", "0"))
@@ -196,7 +196,7 @@ def test_nan_rewards_on_one_rank_skip_the_step_on_every_rank(assets, tmp_path):
     script = tmp_path / "nan_on_rank1.py"
     script.write_text(f"import os, sys, torch\nsys.path.insert(0, {ROOT!r})\nimport rewards, train_rft\n"
                       "if os.environ['RANK'] == '1':\n"
-                      "    rewards.format_reward = lambda c, t: torch.full((len(c),), float('nan'))\n"
+                      "    rewards.format_reward = lambda c, *a: torch.full((len(c),), float('nan'))\n"
                       "train_rft.main(sys.argv[1:])\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521", str(script),
            *rft_args(assets, tmp_path / "nan", "--max_bad_steps", "2", "--eval_samples", "0")]
