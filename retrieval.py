@@ -194,11 +194,13 @@ def encode_sentences(texts: Sequence[str], text_encoder: str = "", bf16: bool = 
 
 
 def encoder_identity(text_encoder: str = "", bf16: bool = True) -> str:
-    """Short hash naming what produced a sentence embedding: the encoder's files (name, size) and precision."""
-    root = resolve_text_encoder(text_encoder)
-    files = sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
-                   for d, _, fs in os.walk(root) for f in fs)
-    blob = json.dumps({"files": files, "bf16": bf16, "name": os.path.basename(root.rstrip("/"))})
+    """Short hash naming what produced a sentence embedding: the encoder's directory, its files (name,
+    size, modification time: another checkpoint of the same shapes, or one retrained in place, is
+    another encoder) and the precision."""
+    root = os.path.abspath(resolve_text_encoder(text_encoder))
+    files = sorted((os.path.relpath(p, root), os.path.getsize(p), os.stat(p).st_mtime_ns)
+                   for p in (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs))
+    blob = json.dumps({"files": files, "bf16": bf16, "root": root})
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

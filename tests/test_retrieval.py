@@ -261,3 +261,16 @@ def test_script_bad_arguments_save_nothing(tmp_path):
     with pytest.raises(SystemExit, match="retriever_reward diverged"):
         R.main(["--n_train", "64", "--epochs", "1", "--lr", "1e30", *small])
     assert not os.path.exists(tmp_path / "retriever_reward")
+
+
+def test_encoder_identity_tells_checkpoints_apart(tmp_path):
+    """The caption-embedding cache is keyed by the encoder: two checkpoints of the same file sizes in
+    folders of the same name, or one retrained in place, must not share embeddings."""
+    a, b = tmp_path / "runA" / "final", tmp_path / "runB" / "final"
+    for d, w in ((a, b"\x00" * 4), (b, b"\x01" * 4)):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(w)
+    ida = R.encoder_identity(str(a))
+    assert ida != R.encoder_identity(str(b)) and ida == R.encoder_identity(str(a))
+    os.utime(a / "model.safetensors", ns=(1, 1))  # rewritten in place
+    assert R.encoder_identity(str(a)) != ida
