@@ -13,7 +13,9 @@ backward per iteration: the old log-probs are the first iteration's, detached (w
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
 same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
 adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
-the SFT model, pi_init = pi_ref (Algorithm 1, line 3).
+the merged SFT model, pi_init = pi_ref (Algorithm 1, line 3). On the small presets (float32) the
+merged model is the SFT policy to ~1e-6; on llava-1.5-7b the merge rounds the SFT update into the
+bf16 weights (README, "Real runs on GPUs", known gaps).
 
 Ablations, defaults = the paper:
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
