@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 import body
+import checkpoint
 import data
 import hygrpo
 import model as M
@@ -455,7 +456,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    train_sft.prepare_out_dir(args.out_dir, args.resume, master)
+    checkpoint.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
     log = train_sft.make_logger(args.out_dir, master)
@@ -490,12 +491,12 @@ def main(argv=None):
                                      args.seed + 1)
     else:
         tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1)  # other prompts than SFT's order
-    names, params = train_sft.trainable_params(policy, state)
+    names, params = checkpoint.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
-    start = train_sft.restore_train_state(opt, state, rank, world) if state is not None else 0
+    start = checkpoint.restore_train_state(opt, state, rank, world) if state is not None else 0
     if state is not None:
-        train_sft.say_changed_flags(state["args"], args, master)
+        checkpoint.say_changed_flags(state["args"], args, master)
     bad = 0
     B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
     suppressed = suppressed_tokens(policy, tokenizer)
@@ -524,9 +525,9 @@ def main(argv=None):
                 log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:
-            rng = train_sft.rank_rng_states(ddp)  # every rank takes part
+            rng = checkpoint.rank_rng_states(ddp)  # every rank takes part
             if master:
-                train_sft.save_checkpoint(args.out_dir, done, policy, opt, args, names, rng)
+                checkpoint.save_checkpoint(args.out_dir, done, policy, opt, args, names, rng)
         if stop:
             break
 
