@@ -169,7 +169,10 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         tasks: which of TASKS to draw from.
         mix: one non-negative weight per entry of `tasks` (normalised to sum 1).
         seed: seed of the mixture (not of the benchmark, which `cfg.seed` fixes).
-        length: number of samples (default: the number of poses N in the split).
+        length: number of samples (default: the number of poses N in the split). Sample i is one fixed
+            draw, so indices drawn from range(N) form a fixed pool that reaches about 1 - exp(-w) of
+            the poses for a task of weight w (a third at 0.4; README, "Data coverage"); a larger
+            length gives more distinct draws.
     """
 
     def __init__(self, split: str, cfg: posebench.BenchConfig | None = None, tasks: Sequence[str] = TASKS,

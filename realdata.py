@@ -234,7 +234,10 @@ class PoseScript(torch.utils.data.Dataset):
         return aa
 
     def __getitem__(self, i: int) -> Sample:
-        rng = np.random.default_rng((self.seed, int(i)))
+        return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
+
+    def draw(self, i: int, rng: np.random.Generator) -> Sample:
+        """Pose i with a caption and a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
         return self.sample(int(i), int(rng.integers(len(self.captions[i]))), int(rng.integers(len(PROMPTS["text_to_pose"]))))
 
     def sample(self, i: int, caption: int = 0, paraphrase: int = 0) -> Sample:
@@ -357,8 +360,11 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> Sample:
-        paraphrase = int(np.random.default_rng((self.seed, int(i))).integers(len(PROMPTS["image_to_pose"])))
-        return self.sample(int(i), paraphrase)
+        return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
+
+    def draw(self, i: int, rng: np.random.Generator) -> Sample:
+        """Record i in a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
+        return self.sample(int(i), int(rng.integers(len(PROMPTS["image_to_pose"]))))
 
     def sample(self, i: int, paraphrase: int = 0) -> Sample:
         r = int(self.rows[i])
@@ -505,7 +511,10 @@ class BEDLAMScript(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Sample:
-        rng = np.random.default_rng((self.seed, int(i)))
+        return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
+
+    def draw(self, i: int, rng: np.random.Generator) -> Sample:
+        """Human i with a caption and a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
         caption = int(rng.integers(len(self.items[i][2])))
         return self.sample(int(i), caption, int(rng.integers(len(PROMPTS["image_to_pose"]))))
 
@@ -582,6 +591,10 @@ class LLaVAInstruct(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.turns)
 
+    def draw(self, i: int, rng: np.random.Generator) -> Sample:
+        """Turn i (nothing to draw: `Mixture`'s interface)."""
+        return self[i]
+
     def __getitem__(self, i: int) -> Sample:
         k, image_file, question, answer = self.turns[i]
         if image_file is None:
@@ -593,12 +606,18 @@ class LLaVAInstruct(torch.utils.data.Dataset):
 
 
 class Mixture(torch.utils.data.Dataset):
-    """A deterministic weighted mixture of datasets: sample i draws a dataset (by weight), then a
-    uniform index into it, from np.random.default_rng((seed, i)).
+    """A deterministic weighted mixture of datasets: sample i draws a dataset (by weight), a uniform
+    index j into it, and that item's caption and prompt paraphrase (`ds.draw(j, rng)`), all from
+    np.random.default_rng((seed, i)). Each index is an independent draw, so a training loop that
+    samples indices from a large `length` (`DRAWS`) reaches every item with every caption; a length
+    equal to the data size would fix a pool of that many (item, caption) pairs, about 1 - 1/e of the
+    items, for the whole run.
 
     Args:
         parts: (dataset, weight) pairs, weights non-negative, not all zero. length: samples.
     """
+
+    DRAWS = 2 ** 31  # the training scripts' length: independent draws, never a fixed pool
 
     def __init__(self, parts, length: int, seed: int = 0):
         if not parts:
@@ -614,4 +633,4 @@ class Mixture(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         rng = np.random.default_rng((self.seed, int(i)))
         ds = self.datasets[int(rng.choice(len(self.datasets), p=self.p))]
-        return ds[int(rng.integers(len(ds)))]
+        return ds.draw(int(rng.integers(len(ds))), rng)

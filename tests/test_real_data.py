@@ -423,6 +423,14 @@ def test_mixture_is_deterministic_and_weighted(llava_instruct, posescript):
     tasks = [mix[i].task for i in range(200)]
     assert 120 < tasks.count("text_to_pose") < 180 and tasks.count("vqa") > 20
     assert mix[7].prompt == realdata.Mixture(parts, length=5, seed=3)[7].prompt
+    # independent draws: over many indices every pose comes with several of its captions and paraphrases
+    # (one draw per item, as a pool the size of the data gives, would fix one caption per pose)
+    fresh = realdata.Mixture([(parts[1][0], 1.0)], length=realdata.Mixture.DRAWS, seed=3)
+    seen = {}
+    for i in range(40 * len(parts[1][0])):
+        smp = fresh[i]
+        seen.setdefault(smp.index, set()).add(smp.prompt)
+    assert len(seen) == len(parts[1][0]) and min(len(v) for v in seen.values()) > 1
     with pytest.raises(ValueError, match="weights"):
         realdata.Mixture([(parts[0][0], 0.0)], length=3)
 
