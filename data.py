@@ -155,6 +155,9 @@ def fill_template(template: str, **fields: str) -> str:
 
 # ---- PoseBench: the built-in benchmark's three tasks ----------------------------------------
 
+FRESH_DRAWS = 2 ** 31  # a dataset length whose indices a training run practically never draws twice
+
+
 class PoseBenchTasks(torch.utils.data.Dataset):
     """A deterministic mixture of image-to-pose, text-to-pose and VQA samples over one split.
 

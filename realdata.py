@@ -609,7 +609,7 @@ class Mixture(torch.utils.data.Dataset):
     """A deterministic weighted mixture of datasets: sample i draws a dataset (by weight), a uniform
     index j into it, and that item's caption and prompt paraphrase (`ds.draw(j, rng)`), all from
     np.random.default_rng((seed, i)). Each index is an independent draw, so a training loop that
-    samples indices from a large `length` (`DRAWS`) reaches every item with every caption; a length
+    samples indices from a large `length` (data.FRESH_DRAWS) reaches every item with every caption; a length
     equal to the data size would fix a pool of that many (item, caption) pairs, about 1 - 1/e of the
     items, for the whole run.
 
@@ -617,7 +617,6 @@ class Mixture(torch.utils.data.Dataset):
         parts: (dataset, weight) pairs, weights non-negative, not all zero. length: samples.
     """
 
-    DRAWS = 2 ** 31  # the training scripts' length: independent draws, never a fixed pool
 
     def __init__(self, parts, length: int, seed: int = 0):
         if not parts:

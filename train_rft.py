@@ -152,6 +152,9 @@ class Args:
                 "score of a sample is mostly noise)"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
+    fresh_samples: bool = field(default=False, metadata={
+        "help": "posebench: false (the README's runs) draws training samples from a fixed pool of n_train (task, pose) "
+                "draws, a third of the poses per pose task; true draws every sample afresh (README, 'Data coverage')"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
     max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
@@ -490,7 +493,8 @@ def main(argv=None):
         tasks = train_sft.real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path),
                                      args.seed + 1)
     else:
-        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1)  # other prompts than SFT's order
+        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1,  # other prompts than SFT's order
+                                    length=data.FRESH_DRAWS if args.fresh_samples else None)
     names, params = checkpoint.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])

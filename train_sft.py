@@ -123,6 +123,9 @@ class Args:
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture weights: image_to_pose, text_to_pose, vqa"})
+    fresh_samples: bool = field(default=False, metadata={
+        "help": "posebench: false (the README's runs) draws training samples from a fixed pool of n_train (task, pose) "
+                "draws, a third of the poses per pose task; true draws every sample afresh (README, 'Data coverage')"})
     log_every: int = field(default=50, metadata={"help": "log metrics every n steps"})
     save_every: int = field(default=400, metadata={"help": "checkpoint every n steps"})
     eval_samples: int | None = field(default=None, metadata={
@@ -223,7 +226,7 @@ def real_tasks(args, image_size: int, bodymodel, seed: int) -> realdata.Mixture:
     if len(args.real_mix) != len(kinds):
         raise SystemExit(f"--real_mix needs {len(kinds)} weights ({', '.join(kinds)}), got {args.real_mix}")
     parts = [(d, w * len(d) / sum(len(x) for x in ds)) for w, ds in zip(args.real_mix, kinds.values()) for d in ds]
-    return realdata.Mixture(parts, length=realdata.Mixture.DRAWS, seed=seed)  # every step draws afresh
+    return realdata.Mixture(parts, length=data.FRESH_DRAWS, seed=seed)  # every step draws afresh
 
 
 def use_gradient_checkpointing(args) -> bool:
@@ -553,7 +556,8 @@ def main(argv=None):
     if real:
         tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
     else:
-        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed)
+        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed,
+                                    length=data.FRESH_DRAWS if args.fresh_samples else None)
     n_img = inner.num_image_tokens
     if master:
         n_train = sum(p.numel() for p in params)

@@ -66,6 +66,18 @@ def test_mixture_follows_mix(ds):
     assert len(indices) > 0.9 * TINY.n_train  # poses drawn over the whole split
 
 
+def test_fixed_pool_and_fresh_draws():
+    """README 'Data coverage': indices drawn from range(N) (the default length) can reach only about
+    1 - 1/e of the poses of a task; the training scripts' --fresh_samples length reaches them all."""
+    N = TINY.n_train
+    pool = data.PoseBenchTasks("train", TINY, mix=(0, 1, 0))
+    reach = len({pool[i].index for i in range(N)}) / N
+    assert 0.5 < reach < 0.75  # 1 - 1/e = 0.63
+    fresh = data.PoseBenchTasks("train", TINY, mix=(0, 1, 0), length=data.FRESH_DRAWS)
+    rng = np.random.default_rng(0)
+    assert len({fresh[int(i)].index for i in rng.integers(data.FRESH_DRAWS, size=20 * N)}) == N
+
+
 def test_targets_are_in_the_task_frame(ds):
     d = pb.load_split("train", TINY)
     seen = set()

@@ -425,7 +425,7 @@ def test_mixture_is_deterministic_and_weighted(llava_instruct, posescript):
     assert mix[7].prompt == realdata.Mixture(parts, length=5, seed=3)[7].prompt
     # independent draws: over many indices every pose comes with several of its captions and paraphrases
     # (one draw per item, as a pool the size of the data gives, would fix one caption per pose)
-    fresh = realdata.Mixture([(parts[1][0], 1.0)], length=realdata.Mixture.DRAWS, seed=3)
+    fresh = realdata.Mixture([(parts[1][0], 1.0)], length=data.FRESH_DRAWS, seed=3)
     seen = {}
     for i in range(40 * len(parts[1][0])):
         smp = fresh[i]

@@ -71,7 +71,7 @@ def test_plain_grpo_and_zero_masked_reward(assets, tmp_path):
     assert all(x["rewards/joint"] in (0.0, None) for x in rows if "rewards/format" in x)
     # the probes of README finding 4: the root not explored, the joint reward after alignment
     run(["train_rft.py"], rft_args(assets, tmp_path / "abl", "--explore_root", "false", "--joint_reward_align",
-                                   "procrustes", "--steps", "2", "--eval_samples", "0"))
+                                   "procrustes", "--steps", "2", "--eval_samples", "0", "--fresh_samples", "true"))
     assert (tmp_path / "abl" / "LATEST").read_text() == "step-000002"
     # README finding 6: the pose ratio and KL on the rotations' marginal (with the root not explored too)
     # (the first run also evaluates on val: its metrics are named val/*, never test/*)
