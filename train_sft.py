@@ -365,7 +365,9 @@ def stage0_clip(model, train, tokenizer, args, device, log):
 
 def stage0_lm(model, tokenizer, cfg, args, device, log):
     """Pretrain the tiny LM (and LM head) on the benchmark's text: prompts and answers in the chat
-    format, image placeholders dropped. Stands in for a pretrained LLM."""
+    format, image placeholders dropped. Stands in for a pretrained LLM. Known problem, kept until the
+    report is rerun: benchmark_texts holds every split's texts, test captions included (README,
+    "Data coverage")."""
     texts = [t for t in data.benchmark_texts(cfg) if data.IMAGE_TOKEN not in t]
     lm = model.model.language_model
     params = list(lm.parameters()) + list(model.lm_head.parameters())
