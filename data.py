@@ -352,13 +352,15 @@ def images_to_pixels(images: np.ndarray, device="cpu") -> torch.Tensor:
 
 
 def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image_tokens: int,
-            add_answer: bool = True, pad_side: str = "right") -> Batch:
+            add_answer: bool = True, pad_side: str = "right", max_length: int | None = None) -> Batch:
     """Encode samples as bos + chat_text(prompt, answer) + eos and pad them into a `Batch`.
 
     IMAGE_TOKEN in a prompt becomes `num_image_tokens` image ids (LLaVA: one placeholder per
     visual token). The prompt and the answer are encoded separately and concatenated, so the
     prompt-only encoding (add_answer=False, used by generation with pad_side="left") is a
-    prefix of the full one. Only the answer ids and the eos are supervised.
+    prefix of the full one. Only the answer ids and the eos are supervised. With `max_length`
+    (LLaVA-1.5 trains at 2048), a longer sample's answer is cut at that length, as LLaVA cuts it
+    (real free-form answers run to hundreds of tokens; posebench's are far shorter).
 
     Raises:
         ValueError: an image sample whose prompt does not hold IMAGE_TOKEN exactly once, a
@@ -403,6 +405,16 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
                       tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]]
     else:
         answer_ids = [[] for _ in samples]
+    if max_length is not None:
+        for k, (s, p) in enumerate(zip(samples, prompt_ids)):
+            room = max_length - len(bos) - len(p)
+            if room < (1 if add_answer else 0):
+                raise ValueError(f"collate: sample {k} ({s.task}, {s.index}): its prompt takes {len(bos) + len(p)} "
+                                 f"tokens, leaving no room for an answer within max_length {max_length}")
+            if add_answer and s.task in POSE_TASKS and pose_id not in answer_ids[k][:room]:
+                raise ValueError(f"collate: sample {k} ({s.task}, {s.index}): max_length {max_length} cuts its "
+                                 f"answer before {POSE_TOKEN}")
+            answer_ids[k] = answer_ids[k][:room]
     for k, (s, p, a) in enumerate(zip(samples, prompt_ids, answer_ids)):
         want = num_image_tokens if s.image is not None else 0
         if p.count(image_id) != want or (add_answer and s.task in POSE_TASKS and a.count(pose_id) != 1):

@@ -102,6 +102,9 @@ class Args:
         "help": "global batch; default by preset: 32, llava-1.5-7b 80 (Table 4)"})
     lr: float | None = field(default=None, metadata={
         "help": "peak learning rate; default by preset: 1e-3, llava-1.5-7b 3e-4 (Table 4)"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "tokens per training sample, longer answers cut (data.collate); default by preset: 0 (no cut: "
+                "posebench's are short), llava-1.5-7b 2048 (LLaVA-1.5's model_max_length)"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up before the cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
@@ -156,9 +159,9 @@ class Args:
                 setattr(self, k, v)
 
 
-SMALL = dict(steps=1200, batch_size=32, lr=1e-3, eval_samples=1000)
+SMALL = dict(steps=1200, batch_size=32, lr=1e-3, eval_samples=1000, max_length=0)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
-                   "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0)}  # Table 4
+                   "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0, max_length=2048)}  # Table 4
 
 
 # ---- real runs: assets and data (--preset llava-1.5-7b) -------------------------------------
@@ -574,7 +577,7 @@ def main(argv=None):
         # The global batch of this step depends on the step alone: resuming replays it exactly.
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()
-        b = data.collate([tasks[i] for i in idx], tokenizer, n_img).to(device)
+        b = data.collate([tasks[i] for i in idx], tokenizer, n_img, max_length=args.max_length or None).to(device)
         counts = torch.tensor([(b.labels[:, 1:] != -100).sum().item(), b.pose_valid.sum().item()],
                               dtype=torch.float64, device=device)
         n_tokens, n_poses = all_reduce_sum(counts, ddp).clamp_min(1).tolist()

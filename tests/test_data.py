@@ -1,6 +1,7 @@
 """data.py: the task mixture and its targets, the templates, the word-level tokenizer (round
 trip on every benchmark text), collate (image-token expansion, labels, <POSE> position,
 left-padded prompts) and bad input."""
+import dataclasses
 import os
 
 import numpy as np
@@ -263,6 +264,24 @@ def test_collate_prompt_only_left_padded_is_a_prefix(mixed, tok):
 
 
 # ---- Bad input --------------------------------------------------------------------------------
+
+def test_collate_max_length_cuts_long_answers(mixed, tok):
+    """max_length cuts an answer (its eos too, as LLaVA does) and never the prompt; a cut that would
+    drop <POSE>, or a prompt with no room left, is an error."""
+    vqa = next(s for s in mixed if s.task == "vqa")
+    long = dataclasses.replace(vqa, answer=vqa.answer + " and" * 300)
+    full = data.collate([long, vqa], tok, 4)
+    L = int(full.attention_mask[1].sum()) + 5  # the short sample fits, the long one is cut
+    cut = data.collate([long, vqa], tok, 4, max_length=L)
+    assert cut.input_ids.shape[1] == L and torch.equal(cut.input_ids[0], full.input_ids[0, :L])
+    assert torch.equal(cut.input_ids[1, :L - 5], full.input_ids[1, :L - 5])
+    pose = next(s for s in mixed if s.task == "text_to_pose")
+    n_prompt = int((data.collate([pose], tok, 4).labels[0] == -100).sum())
+    with pytest.raises(ValueError, match="cuts its answer before <POSE>"):
+        data.collate([pose], tok, 4, max_length=n_prompt + 1)
+    with pytest.raises(ValueError, match="leaving no room for an answer"):
+        data.collate([pose], tok, 4, max_length=5)
+
 
 def test_bad_input(mixed, tok):
     img = next(s for s in mixed if s.task == "image_to_pose")
