@@ -63,17 +63,15 @@ def changed_flags(saved: dict, args) -> list:
             if k in saved and saved[k] != v and k not in ("resume", "stop_after")]
 
 
-def say_changed_flags(saved: dict, args, master: bool) -> None:
-    changed = changed_flags(saved, args)
-    if master and changed:
-        print("resume: flags that differ from the run being continued: " + ", ".join(changed))
-
-
-def restore_train_state(opt, state, rank: int = 0, world: int = 1) -> int:
+def restore_train_state(opt, state, args, rank: int = 0, world: int = 1) -> int:
     """Load the optimizer and this rank's RNG states of a checkpoint (save_checkpoint); return its step.
-    A checkpoint saved by another number of processes keeps the fresh seeds (said once, by rank 0):
-    the run goes on, but not as the uninterrupted one would have."""
+    Rank 0 says which flags differ from the run being continued (changed_flags). A checkpoint saved by
+    another number of processes keeps the fresh seeds (said by rank 0 too): the run goes on, but not as
+    the uninterrupted one would have."""
     opt.load_state_dict(state["optimizer"])
+    changed = changed_flags(state["args"], args)
+    if rank == 0 and changed:
+        print("resume: flags that differ from the run being continued: " + ", ".join(changed))
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: one process's
     if len(rngs) != world:
         if rank == 0:
@@ -109,17 +107,19 @@ def rank_rng_states(ddp: bool) -> list:
     return states
 
 
-def save_checkpoint(out_dir, step, policy, opt, args, param_names, rng: list, extra=None):
-    """Adapter (LoRA, projectors, pose head, new token rows) + optimizer + every rank's RNG states
-    (rank_rng_states) + step, in a temporary directory renamed into place; LATEST is rewritten
-    atomically afterwards."""
+def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = False, master: bool = True):
+    """Adapter (LoRA, projectors, pose head, new token rows) + optimizer + every rank's RNG states +
+    step, in a temporary directory renamed into place; LATEST is rewritten atomically afterwards.
+    Under DDP a collective (every rank calls it: the RNG states are gathered); rank 0 writes."""
+    rng = rank_rng_states(ddp)
+    if not master:
+        return None
     final = os.path.join(out_dir, f"step-{step:06d}")
     tmp = os.path.join(out_dir, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(os.path.join(tmp, "adapter"))
     torch.save({"step": step, "optimizer": opt.state_dict(), "param_names": param_names, "args": dataclasses.asdict(args),
-                "rng": rng,
-                **(extra or {})}, os.path.join(tmp, "train_state.pt"))
+                "rng": rng}, os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     body.atomic_write(os.path.join(out_dir, "LATEST"), lambda fh: fh.write(os.path.basename(final)))

@@ -570,9 +570,9 @@ def trained_args(step_dir: str) -> dict:
     return torch.load(state, map_location="cpu", weights_only=False).get("args", {})
 
 
-def bench_config(args: Args, step_dir: str) -> posebench.BenchConfig:
-    """The benchmark of the evaluation: the flags, else the checkpoint's training arguments, else the default."""
-    trained = trained_args(step_dir)
+def bench_config(args: Args, trained: dict) -> posebench.BenchConfig:
+    """The benchmark of the evaluation: the flags, else the checkpoint's training arguments (`trained_args`),
+    else the default."""
     default = posebench.BenchConfig()
     sizes = {k: getattr(args, k) if getattr(args, k) >= 0 else trained.get(k, getattr(default, k))
              for k in ("n_train", "n_val", "n_test")}
@@ -660,8 +660,9 @@ def main(argv=None):
         raise SystemExit(f"evaluate.py: {args.ckpt} holds a '{preset}' checkpoint, but --preset {args.preset} was "
                          f"asked for; pass --preset {preset} or point --ckpt at a {args.preset} checkpoint")
     real = preset == "llava-1.5-7b" or bool(args.eval_npz or args.posescript_dir or args.amass_dir)
+    trained = trained_args(step_dir) if not real or args.sample_pose else {}  # read once, and only when needed
     if not real:
-        cfg = bench_config(args, step_dir)
+        cfg = bench_config(args, trained)
         n_split = getattr(cfg, f"n_{args.split}")
         if args.eval_samples < 1 or n_split < 1:
             raise SystemExit(f"evaluate.py: the {args.split} split to evaluate is empty (--eval_samples "
@@ -686,9 +687,8 @@ def main(argv=None):
         torch.distributed.barrier()
     policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
     policy.to(device)
-    tau = args.pose_temperature  # --sample_pose's; by default the RFT run's own (an SFT run has none: 1)
-    if tau <= 0:
-        tau = trained_args(step_dir).get("pose_temperature") or 1.0
+    # --sample_pose's temperature; by default the RFT run's own (an SFT run has none: 1)
+    tau = args.pose_temperature if args.pose_temperature > 0 else (trained.get("pose_temperature") or 1.0)
     if real:
         metrics, preds = evaluate_real(policy, tokenizer, device=device, max_samples=args.max_samples, seed=args.seed,
                                        batch_size=args.batch_size, sample_pose=args.sample_pose,

@@ -498,9 +498,7 @@ def main(argv=None):
     names, params = checkpoint.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])
-    start = checkpoint.restore_train_state(opt, state, rank, world) if state is not None else 0
-    if state is not None:
-        checkpoint.say_changed_flags(state["args"], args, master)
+    start = checkpoint.restore_train_state(opt, state, args, rank, world) if state is not None else 0
     bad = 0
     B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
     suppressed = suppressed_tokens(policy, tokenizer)
@@ -528,10 +526,8 @@ def main(argv=None):
             if done % args.log_every == 0 or done == args.steps:
                 log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
-        if done % args.save_every == 0 or done == args.steps or stop:
-            rng = checkpoint.rank_rng_states(ddp)  # every rank takes part
-            if master:
-                checkpoint.save_checkpoint(args.out_dir, done, policy, opt, args, names, rng)
+        if done % args.save_every == 0 or done == args.steps or stop:  # every rank takes part
+            checkpoint.save_checkpoint(args.out_dir, done, policy, opt, args, names, ddp, master)
         if stop:
             break
 

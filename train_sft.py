@@ -66,8 +66,7 @@ import torch.nn.functional as F
 
 import body
 import data
-from checkpoint import (prepare_out_dir, rank_rng_states, restore_train_state, save_checkpoint, say_changed_flags,
-                        trainable_params)
+from checkpoint import prepare_out_dir, restore_train_state, save_checkpoint, trainable_params
 import model as M
 import posebench
 import posevit
@@ -555,8 +554,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start = 0
     if state is not None:
-        start = restore_train_state(opt, state, rank, world)
-        say_changed_flags(state["args"], args, master)
+        start = restore_train_state(opt, state, args, rank, world)
         log({"resumed_from": step_dir}, start)
     if real:
         tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
@@ -604,9 +602,7 @@ def main(argv=None):
             broadcast_from_master(policy.get_base_model().pose_head.parameters(), ddp)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:
-            rng = rank_rng_states(ddp)  # every rank takes part
-            if master:
-                save_checkpoint(args.out_dir, done, policy, opt, args, names, rng)
+            save_checkpoint(args.out_dir, done, policy, opt, args, names, ddp, master)  # every rank takes part
         barrier()
         if stop:
             break
