@@ -288,12 +288,16 @@ def _template_texts() -> list[str]:
     return fixed + [POSE_ANSWER, chat_text("", None)]
 
 
-def benchmark_texts(cfg: posebench.BenchConfig | None = None) -> list[str]:
-    """Every text the tiny model must read or write on the benchmark `cfg`: the templates, every
-    prompt of every split with each of its captions or questions filled in, every answer.
-    Returns the distinct texts, sorted."""
+def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
+    """The texts of the benchmark `cfg`: the templates, every prompt of the given splits with each
+    of its captions or questions filled in, every answer. The tokenizer's vocabulary reads every
+    split (a word-level vocabulary must cover the test words); stage 0's LM pretraining reads the
+    training split only. Returns the distinct texts, sorted."""
+    unknown = [s for s in splits if s not in posebench.SPLITS]
+    if unknown:
+        raise ValueError(f"benchmark_texts: unknown split {unknown[0]!r}; expected some of {posebench.SPLITS}")
     texts = set(_template_texts())
-    for split in posebench.SPLITS:
+    for split in splits:
         d = posebench.load_split(split, cfg)
         texts.update(PROMPTS["image_to_pose"])
         for captions in d.captions:

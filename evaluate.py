@@ -8,6 +8,11 @@ report, the README and metrics.jsonl's `test/*` use them):
     {task}/mpjpe_mm, {task}/pa_mpjpe_mm          task = image_to_pose | text_to_pose; the pose
                                                  is the head's mean at the teacher-forced <POSE>
                                                  state (or a sample of the head: sample_pose)
+    {task}/root_error_deg                        median angle (degrees) between the predicted and true
+                                                 root orientation (image-to-pose: in the camera's frame)
+    {task}/gross_state_correct                   of the poses that are upright or lying (the benchmark's
+                                                 posecodes), the fraction predicted with that posecode too
+                                                 (metrics.gross_state_correct), judged with the camera undone
     {task}/mean_pose_mpjpe_mm, .../mean_pose_pa_mpjpe_mm
                                                  reference: always the mean training pose
     text_to_pose/{r}_retriever/{protocol}/R{dir}@{K}
@@ -63,7 +68,8 @@ import posebench
 import realdata
 import retrieval
 import rewards as R
-from metrics import mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random
+from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random, root_error_deg
+from render import view_rotation
 
 __all__ = ["evaluate_policy", "evaluate_real", "metric_keys", "markdown_table", "load_results"]
 
@@ -133,7 +139,7 @@ def metric_keys(retrievers: Iterable[str] = ("eval", "reward")) -> list:
     """Every metric name `evaluate_policy` returns, in the order tables list them (module docstring)."""
     keys = []
     for task in data.POSE_TASKS:
-        keys += [f"{task}/mpjpe_mm", f"{task}/pa_mpjpe_mm"]
+        keys += [f"{task}/mpjpe_mm", f"{task}/pa_mpjpe_mm", f"{task}/root_error_deg", f"{task}/gross_state_correct"]
     for r in retrievers:
         keys += [f"text_to_pose/{r}_retriever/{p}/R{d}@{k}" for p in PROTOCOLS for d in DIRECTIONS for k in RETRIEVAL_KS]
     keys += [f"{t}/format_valid" for t in data.TASKS] + [f"{t}/answer_similarity" for t in data.TASKS]
@@ -209,9 +215,14 @@ def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, samp
 
 
 def pose_metrics(task: str, pose6d: torch.Tensor, samples, mean_frame: np.ndarray, bodymodel,
-                 device) -> Dict[str, float]:
+                 device, view_rot: torch.Tensor | None = None) -> Dict[str, float]:
     """MPJPE / PA-MPJPE (mm) of predicted actions (N, P) against the samples' joints, beside the
-    mean training pose (`mean_frame`: the training joints (N_train, J, 3) in the task's frame)."""
+    mean training pose (`mean_frame`: the training joints (N_train, J, 3) in the task's frame); the
+    median root-orientation error (degrees); and the share of upright or lying poses predicted so
+    (metrics.gross_state_correct), judged in the benchmark's canonical y-up frame.
+    `view_rot` (N, 3, 3): each image's world -> view rotation (render.view_rotation), which takes
+    image-to-pose joints back to that frame (row vectors: world = view @ R); None: the task's frame
+    is the canonical one (text-to-pose)."""
     joints = []
     for i in range(0, len(pose6d), 256):
         j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()  # (n, J, 3) m
@@ -219,10 +230,15 @@ def pose_metrics(task: str, pose6d: torch.Tensor, samples, mean_frame: np.ndarra
     pred = torch.cat(joints)
     gt = torch.as_tensor(np.stack([s.joints for s in samples]))  # (N, J, 3)
     mean_pose = torch.as_tensor(mean_frame).mean(0, keepdim=True).expand_as(gt)
+    pred_root = body.rot6d_to_matrix(pose6d.reshape(len(pose6d), -1, 6)[:, 0].float())  # (N, 3, 3)
+    gt_root = body.rot6d_to_matrix(torch.as_tensor(np.stack([s.pose6d[0] for s in samples])).float())
+    to_world = (lambda x: x) if view_rot is None else (lambda x: x.double() @ view_rot.double())  # noqa: E731
     return {f"{task}/mpjpe_mm": mpjpe_mm(pred, gt).mean().item(),
             f"{task}/pa_mpjpe_mm": pa_mpjpe_mm(pred, gt).mean().item(),
             f"{task}/mean_pose_mpjpe_mm": mpjpe_mm(mean_pose, gt).mean().item(),
-            f"{task}/mean_pose_pa_mpjpe_mm": pa_mpjpe_mm(mean_pose, gt).mean().item()}
+            f"{task}/mean_pose_pa_mpjpe_mm": pa_mpjpe_mm(mean_pose, gt).mean().item(),
+            f"{task}/root_error_deg": root_error_deg(pred_root, gt_root).median().item(),
+            f"{task}/gross_state_correct": gross_state_correct(to_world(pred), to_world(gt))}
 
 
 @torch.no_grad()
@@ -310,7 +326,11 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
                              f"in the {split_tasks.data.name} split); pass n >= 1 and a non-empty split")
         pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
                                              sample_pose, seed, pose_temperature), world)  # (N, P)
-        res.update(pose_metrics(task, pose6d, samples, frame, bodymodel, device))
+        view_rot = None
+        if task == "image_to_pose":  # each image's camera, to judge the gross state upright in the world
+            cam = torch.as_tensor(split_tasks.data.camera[[s.index for s in samples]])  # (N, 3) yaw, elevation, m
+            view_rot = view_rotation(cam[:, 0], cam[:, 1])
+        res.update(pose_metrics(task, pose6d, samples, frame, bodymodel, device, view_rot))
         if task == "text_to_pose" and retrievers:
             text_emb = embed_captions(retrievers, [s.text for s in samples], device)
             for name, retriever in retrievers.items():
@@ -394,8 +414,10 @@ def metric_format(key: str) -> Tuple[str, float, int]:
     cosines with 3 decimals; the arrow says which way is better."""
     if key.endswith("_mm"):
         unit, scale, decimals, better = "mm", 1.0, 1, "↓"
-    elif key.endswith(("format_valid", "yes_no_accuracy")):
+    elif key.endswith(("format_valid", "yes_no_accuracy", "gross_state_correct")):
         unit, scale, decimals, better = "%", 100.0, 1, "↑"
+    elif key.endswith("_deg"):
+        unit, scale, decimals, better = "deg", 1.0, 1, "↓"
     elif key.endswith("answer_similarity"):
         unit, scale, decimals, better = "cos", 1.0, 3, "↑"
     else:  # Recall@K, already in percent

@@ -229,6 +229,66 @@ def pa_mpjpe_mm(pred: ArrayLike, gt: ArrayLike) -> torch.Tensor:
     return torch.linalg.vector_norm(aligned - g, dim=-1).mean(dim=1) * M_TO_MM  # (N,) mm
 
 
+def root_error_deg(pred_rot: ArrayLike, gt_rot: ArrayLike) -> torch.Tensor:
+    """Geodesic angle between predicted and true root (global) orientations.
+
+    angle = arccos((tr(R_pred^T R_gt) - 1) / 2), the rotation that takes one to the other.
+
+    Args:
+        pred_rot: Predicted rotation matrices, (N, 3, 3).
+        gt_rot: Ground-truth rotation matrices, (N, 3, 3).
+
+    Returns:
+        Per-sample angle, (N,) degrees in [0, 180], float64 tensor.
+
+    Raises:
+        ValueError: On bad shapes or non-finite values.
+    """
+    p = _to_tensor("root_error_deg", "pred_rot", pred_rot)
+    g = _to_tensor("root_error_deg", "gt_rot", gt_rot)
+    if p.dim() != 3 or p.shape[1:] != (3, 3) or p.shape != g.shape:
+        raise ValueError(f"root_error_deg: pred_rot and gt_rot must both be (N, 3, 3), got {_shape(p)} and {_shape(g)}")
+    _check_finite("root_error_deg", "pred_rot", p, "finite rotation matrices")
+    _check_finite("root_error_deg", "gt_rot", g, "finite rotation matrices")
+    cos = ((p.double().transpose(1, 2) @ g.double()).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2  # (N,)
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def gross_state(joints: ArrayLike) -> np.ndarray:
+    """The body's gross state by the benchmark's posecodes (posebench.posecodes): 0 upright (spine
+    within 20 degrees of vertical), 2 lying (beyond 65), 1 in between (leaning, bending).
+
+    Args:
+        joints: (N, J, 3) metres, pelvis-centred, in a frame whose +y is up (the benchmark's
+            canonical frame; an image's view-frame pose rotated back by its camera).
+
+    Returns:
+        (N,) int array.
+    """
+    import posebench
+
+    j = _to_tensor("gross_state", "joints", joints)
+    if j.dim() != 3 or j.shape[1:] != (body.NUM_JOINTS, 3):
+        raise ValueError(f"gross_state: joints must be (N, {body.NUM_JOINTS}, 3), got {_shape(j)}")
+    codes = posebench.posecodes(j.double().cpu().numpy())
+    upright, lying = (codes[:, posebench.CODE_NAMES.index(c)] for c in ("upright", "lying"))
+    return np.where(upright, 0, np.where(lying, 2, 1))
+
+
+def gross_state_correct(pred_joints: ArrayLike, gt_joints: ArrayLike) -> float | None:
+    """Share of the bodies whose ground truth is upright or lying (`gross_state` 0 or 2) whose
+    prediction has that same posecode: a lying body answered upright, leaning or on its feet is
+    wrong. Leaning ground truths (neither posecode) have no gross state to get right and are left
+    out; None when none is left.
+
+    Args:
+        pred_joints, gt_joints: (N, J, 3) metres in a y-up frame (see `gross_state`).
+    """
+    gt = gross_state(gt_joints)
+    keep = gt != 1
+    return float(np.mean(gross_state(pred_joints)[keep] == gt[keep])) if keep.any() else None
+
+
 # --------------------------------------------------------------------------------------
 # Text-to-pose: Recall@K
 # --------------------------------------------------------------------------------------

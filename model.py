@@ -357,7 +357,7 @@ def pose_states_from_generate(gen_out, prompt_len: int, pose_token_id: int):
 TINY = dict(
     image_size=64,
     clip=dict(patch_size=16, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4),
-    pose_vit=dict(patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=3.0),
+    pose_vit=dict(patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=3.0, conv_stem=(32, 64, 128)),
     lm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256),
 )

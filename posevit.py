@@ -67,18 +67,32 @@ class PoseViT(nn.Module):
     parameter names are that backbone's, so `load_hmr2_backbone` only strips their prefix.
 
     Args (from `config.pose_vision_config`): image_size (H, W), patch_size, dim, depth, heads,
-    mlp_ratio, patch_padding (HMR2.0: 2, so 256 x 192 gives a 16 x 12 token grid).
+    mlp_ratio, patch_padding (HMR2.0: 2, so 256 x 192 gives a 16 x 12 token grid), conv_stem (channels
+    of an optional convolutional stem; HMR2.0: none).
     Input: (B, 3, H', W') normalised images of any size (`crop_to_aspect` fits them); output:
     (B, L, dim) patch tokens, L = grid[0] * grid[1], row-major.
     """
 
     def __init__(self, image_size=(64, 64), patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=4.0,
-                 patch_padding=0):
+                 patch_padding=0, conv_stem=()):
         super().__init__()
         self.image_size = tuple(image_size)
         self.grid = tuple((s + 2 * patch_padding - patch_size) // patch_size + 1 for s in self.image_size)
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size, padding=patch_padding)
+        # Optional convolutional stem (ours, the small presets; Xiao et al. 2021, "Early convolutions
+        # help transformers see better"): each entry a 3x3 stride-2 conv + GroupNorm + GELU, then the
+        # patch projection covers the remaining patch_size / 2^len(conv_stem) pixels. Same token grid.
+        k = patch_size // 2 ** len(conv_stem)
+        if conv_stem and (k * 2 ** len(conv_stem) != patch_size or patch_padding):
+            raise ValueError(f"PoseViT: conv_stem {tuple(conv_stem)} needs patch_size divisible by "
+                             f"{2 ** len(conv_stem)} and no patch_padding (got {patch_size}, {patch_padding})")
+        layers, c = [], 3
+        for ch in conv_stem:
+            layers += [nn.Conv2d(c, ch, 3, 2, 1), nn.GroupNorm(8, ch), nn.GELU()]
+            c = ch
+        if layers:
+            self.patch_embed.stem = nn.Sequential(*layers)
+        self.patch_embed.proj = nn.Conv2d(c, dim, k, k, padding=patch_padding)
         self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
         self.blocks = nn.ModuleList(PoseViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.last_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -86,6 +100,8 @@ class PoseViT(nn.Module):
 
     def forward(self, pixel_values):  # (B, 3, H', W') -> (B, L, dim)
         x = crop_to_aspect(pixel_values, self.image_size).to(self.pos_embed.dtype)  # (B, 3, H, W)
+        if hasattr(self.patch_embed, "stem"):
+            x = self.patch_embed.stem(x)  # (B, C', H / 2^s, W / 2^s)
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, L, dim)
         for blk in self.blocks:
             x = blk(x)

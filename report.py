@@ -5,6 +5,8 @@ Tables 1-3, 5, 6, Figures 4-6).
 to results/logs/<stage>.log:
 
     posebench           python posebench.py                           the benchmark (cached by configuration)
+    stage0_s<seed>      python train_sft.py --stage0_only true        stage 0 (the pose encoder, CLIP tower, tiny
+                                                                      LM), cached by configuration and seed
     retrieval           python retrieval.py                           the reward and evaluator retrievers
     sft_s<seed>         python train_sft.py                           SFT, Gaussian head (the paper's)
     sft_det_s<seed>     python train_sft.py --deterministic_head      Table 3's baseline: mean-only head, L2
@@ -138,13 +140,19 @@ def plan(args: Args) -> list:
     ]
     evals = []
     for seed in seeds_of(args):
+        enc = os.path.join(ck, f"stage0_s{seed}")
+        stages.append(Stage(f"stage0_s{seed}", ["train_sft.py", *bench, "--preset", args.preset, "--seed", str(seed),
+                                                "--stage0_only", "true", "--out_dir", enc, "--threads", th,
+                                                *shlex.split(args.sft_args)],
+                            [os.path.join(enc, "stage0.json")], ["posebench"], [enc],
+                            "`train_sft.py --stage0_only true`: the encoders and LM both SFT runs share"))
         for kind, (script, flags, sft) in run_kinds(args).items():
             name = f"{kind}_s{seed}"
             common = [*bench, "--preset", args.preset, "--seed", str(seed), "--out_dir", os.path.join(ck, name),
                       "--eval_samples", "0", "--threads", th]
             what = f"`{shlex.join([script, *flags])}`"
             if script == "train_sft.py":
-                cmd, deps = [script, *common, *flags, *shlex.split(args.sft_args)], ["posebench"]
+                cmd, deps = [script, *common, *flags, *shlex.split(args.sft_args)], [f"stage0_s{seed}"]
             else:
                 reward = retr["eval"] if kind == "rft_xret" else retr["reward"]
                 cmd = [script, *common, "--sft_dir", os.path.join(ck, f"{sft}_s{seed}"), "--reward_retriever",
@@ -499,6 +507,50 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     parts.append("## Headline: SFT vs Pose-RFT, every metric\n\n" + E.metrics_table(
         [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]), ("GRPO (`--hybrid false`)", runs["rft_grpo"]),
          ("always the mean training pose", mean_pose)], keys))
+
+    # Does the policy see? Image-to-pose at <POSE> beside the stage-0 encoder alone (the miniature's HMR2.0).
+    enc = []
+    for s in seeds:
+        with open(os.path.join(out, "ckpt", f"stage0_s{s}", "stage0.json")) as fh:
+            enc.append(json.load(fh))
+    get = lambda key: (lambda m: m.get(key))  # noqa: E731
+    see_cols = [(get("image_to_pose/mpjpe_mm"), 1), (get("image_to_pose/pa_mpjpe_mm"), 1),
+                (get("image_to_pose/root_error_deg"), 1),
+                (lambda m: None if m.get("image_to_pose/gross_state_correct") is None
+                 else 100 * m["image_to_pose/gross_state_correct"], 1)]
+    enc_rows = [{"image_to_pose/mpjpe_mm": e["stage0/test/pose_vit_mpjpe_mm"],
+                 "image_to_pose/pa_mpjpe_mm": e["stage0/test/pose_vit_pa_mpjpe_mm"],
+                 "image_to_pose/gross_state_correct": e.get("stage0/test/pose_vit_gross_state_correct")} for e in enc]
+    mean_rows = [{"image_to_pose/mpjpe_mm": m["image_to_pose/mean_pose_mpjpe_mm"],
+                  "image_to_pose/pa_mpjpe_mm": m["image_to_pose/mean_pose_pa_mpjpe_mm"]} for m in runs["sft"]]
+    parts.append("## Does the policy see? Image-to-pose against its encoder\n\n" + E.markdown_table(
+        ["read from", "MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "median root error (deg) ↓", "gross state right (%) ↑"],
+        [row("the pose encoder alone (stage 0's linear readout of f_b's tokens)", enc_rows, see_cols),
+         row("SFT, at `<POSE>`", runs["sft"], see_cols),
+         row("Pose-RFT (HyGRPO), at `<POSE>`", runs["rft"], see_cols),
+         row("always the mean training pose", mean_rows, see_cols)])
+        + "\nThe encoder's readout regresses joints: it has no root angle. Gross state right: of the test bodies "
+          "that are upright or lying (the benchmark's posecodes), the share predicted so, judged with the camera "
+          "undone (leaning bodies have neither posecode).\n")
+
+    # The paper's question: does HyGRPO improve on its SFT start? Per seed, then mean ± std.
+    delta_keys = [("image_to_pose/mpjpe_mm", "image-to-pose MPJPE (mm)"),
+                  ("image_to_pose/pa_mpjpe_mm", "image-to-pose PA-MPJPE (mm)"),
+                  ("image_to_pose/root_error_deg", "image-to-pose median root error (deg)"),
+                  ("text_to_pose/eval_retriever/full/Rt2p@10", "text-to-pose R@10 T2P, evaluator (%)"),
+                  ("text_to_pose/eval_retriever/full/Rp2t@10", "text-to-pose R@10 P2T, evaluator (%)"),
+                  ("text_to_pose/mpjpe_mm", "text-to-pose MPJPE (mm)")]
+    dl = []
+    for key, label in delta_keys:
+        cells = [label]
+        for kind in ("rft", "rft_grpo"):
+            d = [None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
+                 for a, b in zip(runs[kind], runs["sft"])]
+            cells.append(E.format_cell(d, 1.0, 1))
+        dl.append(cells)
+    parts.append("## HyGRPO minus its SFT start\n\n" + E.markdown_table(
+        ["metric (RFT − SFT, per seed, then mean ± std)", "Pose-RFT (HyGRPO)", "GRPO (`--hybrid false`)"], dl)
+        + "\nNegative is better for errors, positive for recall.\n")
 
     # Table 3 in miniature.
     cols = pose_columns()

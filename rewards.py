@@ -5,8 +5,9 @@ Each scores one part of a hybrid output (text a, pose p):
     R_semantic (Eq. 8)  text-to-pose pose:   cos(phi_t(q), phi_p(p)) from the REWARD retriever
     R_format   (Eq. 9)  text:                1 if the answer matches its task's template, else 0
     R_text     (Eq. 10) text:                cos(E(a_pred), E(a_gt)), sentence embeddings
-HyGRPO (hygrpo.py) uses R_d = R_format + R_text for the text and R_c = R_joint (image tasks) or
-R_semantic (text tasks) for the pose, each normalised within its group (Eq. 16).
+HyGRPO (hygrpo.py) uses R_d = R_format + R_text for the text (R_text on the vision-language QA
+prompts only, where §3.3 applies it; a pose task's answer is a fixed template) and R_c = R_joint
+(image tasks) or R_semantic (text tasks) for the pose, each normalised within its group (Eq. 16).
 
 Departures from the paper:
 1. Eq. 7 divides by the bare distance; we add eps (1 cm by default) so that a perfect pose

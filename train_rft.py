@@ -3,7 +3,7 @@
     for each step:                                             (Algorithm 1, lines 4-10)
         sample B prompts; G hybrid outputs each (text a_i at temperature 1, pose p_i from the
             Gaussian head at the `<POSE>` state of generate's own hidden states)        line 6
-        rewards: R_d = R_format + R_text scores a_i; R_c = R_joint (image) or R_semantic
+        rewards: R_d = R_format (+ R_text on QA prompts) scores a_i; R_c = R_joint (image) or R_semantic
             (text) scores p_i (rewards.py)                                              line 7
         advantages F_i, Delta_i normalised within each group (Eq. 16, hygrpo.py)        line 8
         num_iterations updates of the HyGRPO objective (Eq. 6/21)                       line 9
@@ -152,9 +152,9 @@ class Args:
                 "score of a sample is mostly noise)"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
                              metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
-    fresh_samples: bool = field(default=False, metadata={
-        "help": "posebench: false (the README's runs) draws training samples from a fixed pool of n_train (task, pose) "
-                "draws, a third of the poses per pose task; true draws every sample afresh (README, 'Data coverage')"})
+    fresh_samples: bool = field(default=True, metadata={
+        "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
+                "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
     max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
@@ -255,9 +255,12 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
     image = torch.tensor([t == "image_to_pose" for t in tasks])
     text = torch.tensor([t == "text_to_pose" for t in tasks])
     valid = ro.has_pose.cpu() & (image | text)  # V: a pose task whose answer produced a <POSE> state
+    qa = ~(image | text)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose task's answer is a template
     r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
-         "text": R.text_reward(ro.texts, [s.answer for s in samples], similarity),       # Eq. 10
-         "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
+         "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
+    if qa.any():  # Eq. 10 on the QA samples
+        idx = torch.nonzero(qa).flatten().tolist()
+        r["text"][idx] = R.text_reward([ro.texts[i] for i in idx], [samples[i].answer for i in idx], similarity)
     pose = ro.pose.float().cpu()
     if (valid & image).any():  # Eq. 7 on the image-to-pose samples in V
         idx = torch.nonzero(valid & image).flatten()
@@ -271,7 +274,7 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
         r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
     r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
     r_c = torch.where(image, r["joint"], r["semantic"])           # R_c scores the pose p_i
-    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": torch.ones(len(samples), dtype=torch.bool),
+    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
              "joint": valid & image, "semantic": valid & text}   # the rows each reward is defined on
     return r, r_d, r_c, valid, where
 

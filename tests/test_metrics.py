@@ -9,6 +9,9 @@ from metrics import (
     procrustes_align,
     recall_at_k,
     recall_at_k_random,
+    gross_state,
+    gross_state_correct,
+    root_error_deg,
 )
 
 J = 24  # SMPL body joints
@@ -277,3 +280,50 @@ def test_bad_sim_inputs_raise_value_error():
         recall_at_k(np.eye(4), ks=(0, 5))
     with pytest.raises(ValueError, match=r"recall_at_k_random: n_repeats"):
         recall_at_k_random(np.eye(40), n_repeats=0)
+
+
+def _rot(axis, deg):
+    """Rotation matrix about a unit axis by deg degrees (Rodrigues), (3, 3)."""
+    a = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = np.deg2rad(deg)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def test_root_error_is_the_angle_of_a_known_rotation():
+    rng = np.random.default_rng(0)
+    gt = np.stack([random_rotation(rng) for _ in range(5)])
+    angles = [0.0, 15.0, 30.0, 90.0, 170.0]
+    axes = rng.normal(size=(5, 3))
+    pred = np.stack([g @ _rot(ax, d) for g, ax, d in zip(gt, axes, angles)])
+    np.testing.assert_allclose(root_error_deg(pred, gt).numpy(), angles, atol=1e-5)
+    np.testing.assert_allclose(root_error_deg(gt, pred).numpy(), angles, atol=1e-5)  # symmetric
+    with pytest.raises(ValueError, match="root_error_deg"):
+        root_error_deg(pred[:, :2], gt)
+
+
+def test_gross_state_of_hand_made_bodies():
+    """An upright rest body, the same body tipped 90 degrees (lying) and 40 degrees (leaning)."""
+    import body
+
+    joints = body.BodyModel()(torch.zeros(1, 3), torch.zeros(1, 23, 3)).joints.double()  # (1, J, 3), y up
+    joints = joints - joints[:, :1]
+    tipped = lambda deg: joints @ torch.as_tensor(_rot([1, 0, 0], deg)).T  # noqa: E731  about the x axis
+    states = gross_state(torch.cat([joints, tipped(90), tipped(-90), tipped(40)]))
+    assert states.tolist() == [0, 2, 2, 1]  # upright, lying (on the back, on the front), leaning
+    with pytest.raises(ValueError, match="gross_state"):
+        gross_state(torch.zeros(2, 5, 3))
+
+
+def test_gross_state_correct_leaves_leaning_bodies_out():
+    import body
+
+    joints = body.BodyModel()(torch.zeros(1, 3), torch.zeros(1, 23, 3)).joints.double()
+    joints = joints - joints[:, :1]
+    tipped = lambda deg: joints @ torch.as_tensor(_rot([1, 0, 0], deg)).T  # noqa: E731
+    upright, lying, leaning = joints, tipped(90), tipped(40)
+    gt = torch.cat([upright, lying, leaning, upright])
+    pred = torch.cat([upright, upright, upright, leaning])  # right, a lying body answered upright, -, wrong
+    assert gross_state_correct(pred, gt) == pytest.approx(1 / 3)
+    assert gross_state_correct(gt, gt) == 1.0
+    assert gross_state_correct(upright, leaning) is None  # no upright or lying ground truth

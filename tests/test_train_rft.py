@@ -151,21 +151,24 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
     cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
     tasks = data.PoseBenchTasks("train", cfg, seed=0)
     s = next(tasks[i] for i in range(40) if tasks[i].task == "image_to_pose")
-    samples = [s, s]
+    q = next(tasks[i] for i in range(40) if tasks[i].task == "vqa")
+    samples = [s, s, q]
     ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
-                           pose_pos=torch.tensor([40, -1]), has_pose=torch.tensor([True, False]),
-                           pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1), np.zeros(144, np.float32)])),
-                           texts=[data.POSE_ANSWER, "The SMPL pose of this person is"])
+                           pose_pos=torch.tensor([40, -1, -1]), has_pose=torch.tensor([True, False, False]),
+                           pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1)] + [np.zeros(144, np.float32)] * 2)),
+                           texts=[data.POSE_ANSWER, "The SMPL pose of this person is", q.answer])
 
     class Similarity:
         def __call__(self, a, b):
-            return torch.ones(len(a))
+            return torch.full((len(a),), 0.5)
 
     import body
     r, r_d, r_c, valid, where = train_rft.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args())
-    assert valid.tolist() == [True, False] and r["format"].tolist() == [1.0, 0.0]
+    assert valid.tolist() == [True, False, False] and r["format"].tolist() == [1.0, 0.0, 1.0]
     assert r["joint"][0] > 50 and r["joint"][1] == 0  # the exact pose: 1 / (0 + 1 cm)
-    assert r_d.tolist() == [2.0, 1.0]
+    # Eq. 10 on the QA prompt only (§3.3: "in vision-language QA tasks"); a pose answer is a template
+    assert r["text"].tolist() == [0.0, 0.0, 0.5] and where["text"].tolist() == [False, False, True]
+    assert r_d.tolist() == [1.0, 0.0, 1.5]
 
 
 def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):

@@ -100,7 +100,7 @@ def test_smoke_run_and_exact_resume(tmp_path):
     assert "SFT done" in out and "answer format valid" in out and "mean training pose" in out
     assert (a / "LATEST").read_text() == "step-000004" and (a / "test_metrics.json").exists()
     metrics = (a / "metrics.jsonl").read_text()
-    assert "stage0/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_6d" in metrics
+    assert "stage0/val/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_6d" in metrics
     shutil.copytree(a / "base", b / "base")  # same initial model; stage 0 is skipped
     (b / "metrics.jsonl").write_text('{"step": 1, "from": "a run that saved nothing"}\n')
     run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
@@ -172,3 +172,55 @@ def test_bad_arguments_are_named(tmp_path):
     r = subprocess.run([sys.executable, "train_sft.py", "--l2_6d_weight", "0", "--out_dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "leaves the pose head's mean untrained" in r.stderr
+
+
+# ---- stage 0: the pose encoder's pretraining, its cache, the LM's texts ---------------------------
+
+STAGE0 = dict(stage0_pose_epochs=10, stage0_clip_epochs=1, stage0_lm_steps=2, stage0_batch=16)
+
+
+def test_stage0_pose_vit_loss_falls(tok):
+    torch.manual_seed(0)
+    base = M.build_tiny(tok)
+    args = train_sft.Args(**STAGE0)
+    train, val = posebench.load_split("train", CFG), posebench.load_split("val", CFG)
+    res, losses = train_sft.stage0_pose_vit(base, train, {"val": val}, args, "cpu", lambda m: None)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    assert res["stage0/val/pose_vit_mpjpe_mm"] > 0 and "stage0/val/mean_pose_pa_mpjpe_mm" in res
+
+
+def test_stage0_is_cached_and_invalidated(tok, capsys):
+    """One training per key: a second call reads the cache (same weights); another benchmark or
+    another encoder configuration trains anew."""
+    def call(cfg, **kw):
+        tokenizer = data.tiny_tokenizer(cfg)
+        base = M.build_tiny(tokenizer, deterministic=kw.pop("deterministic", False))
+        args = train_sft.Args(**{**STAGE0, **kw})
+        train_sft.stage0(base, lambda: M.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)
+        return capsys.readouterr().out, base.model.pose_tower.state_dict()
+
+    out, w1 = call(CFG)
+    assert "stage 0: trained" in out
+    out, w2 = call(CFG, deterministic=True)  # the SFT baseline's base shares its seed's stage 0
+    assert "found in the cache" in out and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert "stage 0: trained" in call(posebench.BenchConfig(n_train=40, n_val=16, n_test=40))[0]  # another benchmark
+    assert "stage 0: trained" in call(CFG, stage0_readout="flatten")[0]  # another encoder recipe
+    assert "stage 0: trained" in call(CFG, seed=1)[0]
+    old = M.TINY["pose_vit"]
+    try:  # another encoder architecture
+        M.TINY["pose_vit"] = {**old, "conv_stem": (16, 32, 64)}
+        assert "stage 0: trained" in call(CFG)[0]
+    finally:
+        M.TINY["pose_vit"] = old
+
+
+def test_stage0_lm_reads_no_val_or_test_caption():
+    texts = set(train_sft.stage0_lm_texts(CFG))
+    prompts = lambda captions: {data.fill_template(p, caption=c) for p in data.PROMPTS["text_to_pose"]  # noqa: E731
+                                for c in captions}
+    train = {c for cs in posebench.load_split("train", CFG).captions for c in cs}
+    assert prompts(train) <= texts  # every training caption, in every prompt
+    for split in ("val", "test"):
+        held_out = {c for cs in posebench.load_split(split, CFG).captions for c in cs} - train
+        assert held_out and not prompts(held_out) & texts, split
