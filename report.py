@@ -525,7 +525,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                   "image_to_pose/pa_mpjpe_mm": m["image_to_pose/mean_pose_pa_mpjpe_mm"]} for m in runs["sft"]]
     parts.append("## Does the policy see? Image-to-pose against its encoder\n\n" + E.markdown_table(
         ["read from", "MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "median root error (deg) ↓", "gross state right (%) ↑"],
-        [row("the pose encoder alone (stage 0's linear readout of f_b's tokens)", enc_rows, see_cols),
+        [row("the pose encoder alone (stage 0's readout of f_b's mean token)", enc_rows, see_cols),
          row("SFT, at `<POSE>`", runs["sft"], see_cols),
          row("Pose-RFT (HyGRPO), at `<POSE>`", runs["rft"], see_cols),
          row("always the mean training pose", mean_rows, see_cols)])
