@@ -15,6 +15,7 @@ over a damaged latest step goes on from the previous intact one, saying so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -64,8 +65,13 @@ def check_flags(args, script: str, at_least: dict, positive=()) -> None:
 
 
 def check_writable(path: str, flag: str = "--out_dir") -> None:
-    """Stop at once unless the directory `path` can be created and written (a probe file, removed again):
-    an unwritable output must fail before the work whose results it would hold."""
+    """Stop at once unless the directory `path` can be created and written: an unwritable output must fail
+    before the work whose results it would hold. Leaves the file system as it was (the probe file and the
+    directories made for it are removed again)."""
+    made, d = [], os.path.abspath(path)
+    while not os.path.exists(d) and d != os.path.dirname(d):
+        made.append(d)
+        d = os.path.dirname(d)
     probe = os.path.join(path, f".write-test.{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -75,6 +81,10 @@ def check_writable(path: str, flag: str = "--out_dir") -> None:
     except OSError as e:
         raise SystemExit(f"{flag} {path}: cannot write there ({e.strerror or e}); pass a writable directory "
                          "(nothing was done)") from None
+    finally:
+        for d in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def json_problems(path: str) -> list:
@@ -145,6 +155,9 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
     """The step directory of a run to load, its files checked first (base/, LATEST and its step: adapter, and
     train_state.pt for --resume). Stops naming each damaged file and the fix. Resuming over a damaged
     latest step (or a LATEST that names none) goes on from the newest intact step before it, saying so."""
+    if not os.path.isdir(os.path.join(run_dir, "base")):
+        raise SystemExit(f"{flag} {run_dir}: " + ("no such directory" if not os.path.isdir(run_dir) else "no base/ in it")
+                         + "; point it at a run of train_sft.py or train_rft.py (its --out_dir)")
     base = base_problems(os.path.join(run_dir, "base"))
     if base:
         raise SystemExit(f"{flag} {run_dir}: its base model is damaged: {'; '.join(base)}. Restore base/ from a copy, "
@@ -237,6 +250,7 @@ def prepare_out_dir(out_dir: str, resume: bool, master: bool) -> None:
             raise SystemExit(f"{out_dir} holds a run (checkpoint {fh.read().strip()[:40]}): pass --resume to continue "
                              "it, or another --out_dir (or delete this one) for a new run")
     check_writable(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if master and os.path.exists(metrics):
         n = 1

@@ -690,6 +690,11 @@ def main(argv=None):
         torch.distributed.barrier()
     policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
     policy.to(device)
+    if real and inputs.get("text_set") is not None:  # its prompts must fit the positions: longer captions are cut
+        template = max(data.PROMPTS["text_to_pose"], key=len)
+        overhead = len(tokenizer(data.chat_text(data.fill_template(template, caption=""), data.POSE_ANSWER))["input_ids"])
+        realdata.fit_captions(inputs["text_set"], tokenizer,
+                              policy.get_base_model().config.text_config.max_position_embeddings - overhead - 2)
     # --sample_pose's temperature; by default the RFT run's own (an SFT run has none: 1)
     tau = args.pose_temperature if args.pose_temperature > 0 else (trained.get("pose_temperature") or 1.0)
     if real:
@@ -728,4 +733,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except realdata.DataFormatError as e:  # a dataset file that does not follow its schema: named, no traceback
+        raise SystemExit(f"evaluate.py: {e}") from None

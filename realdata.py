@@ -58,11 +58,14 @@ def _load_npz(dataset: str, path: str, what: str, source: str):
     import zipfile
 
     _need(dataset, path, what, source)
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataFormatError(f"{_where(dataset, path)}: not a readable npz ({type(err).__name__}: {err}); the file is "
-                              f"truncated or corrupt: download it again ({source})") from None
+    problem = "not a zip archive"
+    if zipfile.is_zipfile(path):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            problem = f"{type(err).__name__}: {err}"
+    raise DataFormatError(f"{_where(dataset, path)}: not a readable npz ({problem}); the file is truncated, corrupt or "
+                          f"of another format: download it again ({source})")
 
 
 def _checked_captions(dataset: str, path: str, key, vals: list, cut: list) -> list:
@@ -72,6 +75,22 @@ def _checked_captions(dataset: str, path: str, key, vals: list, cut: list) -> li
         raise DataFormatError(f"{_where(dataset, path, key)}: an empty caption; give the record text or remove it")
     cut += [len(v) for v in vals if len(v) > MAX_CAPTION_CHARS]
     return [v[:MAX_CAPTION_CHARS] for v in vals]
+
+
+def fit_captions(dataset, tokenizer, max_tokens: int) -> None:
+    """Cut every caption of `dataset` (its `captions`, a list of lists: PoseScript, as evaluate.py reads it) to
+    at most `max_tokens` tokens of `tokenizer`, in place, warning how many were cut and the longest: a prompt
+    past the language model's positions would run on with no word."""
+    cut = []
+    for caps in dataset.captions:
+        for k, text in enumerate(caps):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc["input_ids"]) > max_tokens:
+                cut.append(len(enc["input_ids"]))
+                caps[k] = text[:enc["offset_mapping"][max_tokens - 1][1]]
+    if cut:
+        print(f"warning: {getattr(dataset, 'NAME', 'dataset')}: {len(cut)} caption(s) longer than {max_tokens} tokens "
+              f"(the longest {max(cut)}) cut to {max_tokens}, so that the prompts fit the language model's positions")
 
 
 def _warn_cut(dataset: str, path: str, cut: list) -> None:

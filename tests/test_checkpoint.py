@@ -94,6 +94,8 @@ def test_a_full_disk_is_named_and_leaves_the_last_checkpoint(run, tmp_path, monk
 def test_damaged_runs_are_named_and_resume_uses_the_newest_intact_step(run, tmp_path, capsys):
     out, *_ = run
     assert checkpoint.run_step(str(out), "--ckpt") == str(out / "step-000004")
+    with pytest.raises(SystemExit, match=r"--sft_dir .*nowhere: no such directory; point it at a run of train_sft.py"):
+        checkpoint.run_step(str(tmp_path / "nowhere"), "--sft_dir")
     d = copy_run(out, tmp_path / "adapter")  # a truncated adapter of the latest step
     truncate(d / "step-000004" / "adapter" / "adapter_model.safetensors")
     with pytest.raises(SystemExit, match=r"--ckpt .*adapter: its latest checkpoint step-000004 is damaged: .*"
@@ -150,4 +152,4 @@ def test_flags_and_out_dirs_are_checked_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=r"--out_dir /proc/x: cannot write there \(.*\); pass a writable directory"):
         checkpoint.check_writable("/proc/x")
     checkpoint.check_writable(str(tmp_path / "new" / "dir"))
-    assert os.listdir(tmp_path / "new" / "dir") == []  # the probe is removed
+    assert os.listdir(tmp_path) == []  # the probe and the directories made for it are removed

@@ -251,8 +251,9 @@ def test_damaged_npz_and_nan_ground_truth_are_named(hmr2, tmp_path):
     npz, imgs, arrays = hmr2
     with open(npz, "r+b") as fh:  # truncated
         fh.truncate(200)
-    with pytest.raises(realdata.DataFormatError, match=r"3DPW: .*3dpw_test.npz: not a readable npz .*truncated or "
-                                                       r"corrupt: download it again"):
+    with pytest.raises(realdata.DataFormatError, match=r"3DPW: .*3dpw_test.npz: not a readable npz \(not a zip "
+                                                       r"archive\); the file is truncated, corrupt or of another "
+                                                       r"format: download it again"):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
     open(npz, "w").write("not a zip")
     with pytest.raises(realdata.DataFormatError, match=r"3dpw_test.npz: not a readable npz"):
@@ -285,6 +286,9 @@ def test_posescript_captions_that_are_a_list_empty_or_far_too_long(posescript, c
     out = capsys.readouterr().out
     assert (f"warning: PoseScript: {human}: 2 caption(s) longer than {realdata.MAX_CAPTION_CHARS} characters cut to "
             f"{realdata.MAX_CAPTION_CHARS} (the longest had {len(long)}") in out
+    realdata.fit_captions(ds, TOK, 50)  # to the positions of a model (evaluate.py), by its tokenizer
+    assert len(TOK(ds.captions[0][0], add_special_tokens=False)["input_ids"]) == 50
+    assert long.startswith(ds.captions[0][0]) and "caption(s) longer than 50 tokens" in capsys.readouterr().out
 
 
 def test_hmr2_npz_for_evaluation_serves_every_record(hmr2):
