@@ -136,7 +136,13 @@ def _read_pickle(dataset: str, path: str, source: str):
             return target
 
     with open(_need(dataset, path, "file", source), "rb") as fh:
-        return Restricted(fh, encoding="latin1").load()
+        try:
+            return Restricted(fh, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, IndexError, TypeError, AttributeError) as err:
+            if isinstance(err, DataFormatError):
+                raise
+            raise DataFormatError(f"{_where(dataset, path)}: not a readable pickle ({type(err).__name__}: {err}); the "
+                                  f"file is truncated or corrupt: make or download it again ({source})") from None
 
 
 def _rotz(angle_rad: np.ndarray) -> np.ndarray:

@@ -381,6 +381,10 @@ def test_bedlam_script_errors(bedlam, tmp_path):
     pickle.dump({k: v for k, v in sel.items() if k != "criteria"}, open(sel_path, "wb"))
     with pytest.raises(realdata.DataFormatError, match="record 'criteria'.*scale_factor"):
         realdata.BEDLAMScript(proc, imgs)
+    open(sel_path, "wb").write(pickle.dumps(sel)[:40])  # truncated
+    with pytest.raises(realdata.DataFormatError, match=r"selected_human_index_training_try.pkl: not a readable pickle "
+                                                       r"\(.*\); the file is truncated or corrupt"):
+        realdata.BEDLAMScript(proc, imgs)
     pickle.dump(sel, open(sel_path, "wb"))
     ann_path = os.path.join(proc, "bedlam_training_try.pkl")
     broken = {**ann, a: [{k: v for k, v in ann[a][0].items() if k != "smplx_tight_bbox"}]}
