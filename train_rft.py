@@ -338,7 +338,7 @@ class StepContext:
     ddp: bool = False
 
 
-def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
+def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict:
     """One step of Algorithm 1 (lines 6-9) on B prompts x G samples. Returns the logged metrics
     with the time of each part, or {"skipped": what} for NaN/inf rewards ("reward"), a NaN/inf loss or
     gradient norm ("loss", "gradient": that update is not applied; with num_iterations > 1 the step's

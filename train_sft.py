@@ -308,7 +308,7 @@ def count_bad_step(bad: int, what: str | None, done: int, args, log) -> int:
     if what == "weight" or bad >= args.max_bad_steps:
         why = ("its update left NaN/inf weights, which cannot be undone" if what == "weight" else
                f"{bad} consecutive steps with NaN/inf {what}s")
-        raise SystemExit(f"aborting: {why} (step {done}); nothing of them was saved, "
+        raise SystemExit(f"aborting: {why} (step {done}); no checkpoint holds them, "
                          f"{checkpoint.last_good(args.out_dir)}. A diverging run: lower --lr (now {args.lr})")
     return bad
 
@@ -612,9 +612,9 @@ def main(argv=None):
         policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
         state = checkpoint.load_train_state(step_dir)
     else:
-        if checkpoint.base_problems(base_dir):
-            raise SystemExit(f"{base_dir} is damaged: {'; '.join(checkpoint.base_problems(base_dir))}; delete it to "
-                             "build it again")
+        damaged = checkpoint.base_problems(base_dir)
+        if damaged:
+            raise SystemExit(f"{base_dir} is damaged: {'; '.join(damaged)}; delete it to build it again")
         base, tokenizer, _ = M.load_base(base_dir, args.preset)
         torch.manual_seed(args.seed)  # the adapter's init must not depend on whether stage 0 ran in this process
         policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
