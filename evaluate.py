@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 import body
+import checkpoint
 import data
 import model as M
 import posebench
@@ -571,25 +572,25 @@ def check_run_dir(path: str) -> Tuple[str, str]:
         raise FileNotFoundError(f"--ckpt {path}: no such directory; {fix}")
     need = [os.path.join(path, "base", "preset.json"), os.path.join(path, "base", "model", "model.safetensors"),
             os.path.join(path, "base", "tokenizer", "tokenizer.json"), os.path.join(path, "LATEST")]
-    step_dir = None
     if os.path.isfile(need[-1]):
-        with open(need[-1]) as fh:
-            step_dir = os.path.join(path, fh.read().strip())
-        need += [os.path.join(step_dir, "adapter", "adapter_config.json"),
-                 os.path.join(step_dir, "adapter", "adapter_model.safetensors")]
+        with open(need[-1], errors="replace") as fh:
+            name = fh.read().strip()
+        if checkpoint.STEP_NAME.fullmatch(name):  # else run_step below names what LATEST holds
+            need += [os.path.join(path, name, "adapter", "adapter_config.json"),
+                     os.path.join(path, name, "adapter", "adapter_model.safetensors")]
     missing = [p for p in need if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"--ckpt {path} holds no complete model weights (missing: {', '.join(missing)}); {fix}")
+    step_dir = checkpoint.run_step(path, "--ckpt")  # SystemExit naming a damaged file (and an intact step)
     with open(need[0]) as fh:
         return step_dir, json.load(fh)["preset"]
 
 
 def trained_args(step_dir: str) -> dict:
     """The training script's arguments saved with a checkpoint ({} when there are none)."""
-    state = os.path.join(step_dir, "train_state.pt")
-    if not os.path.isfile(state):
+    if not os.path.isfile(os.path.join(step_dir, "train_state.pt")):
         return {}
-    return torch.load(state, map_location="cpu", weights_only=False).get("args", {})
+    return checkpoint.load_train_state(step_dir, map_location="cpu").get("args", {})
 
 
 def bench_config(args: Args, trained: dict) -> posebench.BenchConfig:
@@ -674,6 +675,7 @@ def main(argv=None):
                          "the whole pipeline with its report is `python report.py`")
     if args.split not in ("test", "val"):
         raise SystemExit(f"evaluate.py: --split {args.split}: expected test or val")
+    checkpoint.check_flags(args, "evaluate.py", dict(batch_size=1, threads=1, eval_generate=0, max_samples=0, seed=0))
     try:
         step_dir, preset = check_run_dir(args.ckpt)
     except FileNotFoundError as e:
@@ -691,6 +693,7 @@ def main(argv=None):
                              f"{args.eval_samples}, --n_{args.split} {n_split}): nothing to measure; pass "
                              f"--eval_samples >= 1 and a benchmark with {args.split} poses (--n_{args.split} >= 1)")
     out_dir = args.out_dir or os.path.join(args.ckpt, "eval_real" if real else "eval")
+    checkpoint.check_writable(out_dir)  # before the evaluation whose results it will hold
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     torch.set_num_threads(args.threads)
@@ -709,6 +712,11 @@ def main(argv=None):
         torch.distributed.barrier()
     policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
     policy.to(device)
+    if real and inputs.get("text_set") is not None:  # its prompts must fit the positions: longer captions are cut
+        template = max(data.PROMPTS["text_to_pose"], key=len)
+        overhead = len(tokenizer(data.chat_text(data.fill_template(template, caption=""), data.POSE_ANSWER))["input_ids"])
+        realdata.fit_captions(inputs["text_set"], tokenizer,
+                              policy.get_base_model().config.text_config.max_position_embeddings - overhead - 2)
     # --sample_pose's temperature; by default the RFT run's own (an SFT run has none: 1)
     tau = args.pose_temperature if args.pose_temperature > 0 else (trained.get("pose_temperature") or 1.0)
     if real:
@@ -747,4 +755,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except realdata.DataFormatError as e:  # a dataset file that does not follow its schema: named, no traceback
+        raise SystemExit(f"evaluate.py: {e}") from None

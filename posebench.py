@@ -44,6 +44,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -496,28 +497,33 @@ def build(cfg: BenchConfig, force: bool = False) -> str:
     return out
 
 
-def load_split(split: str, cfg: BenchConfig | None = None) -> PoseBenchSplit:
+def load_split(split: str, cfg: BenchConfig | None = None, rebuild: bool = True) -> PoseBenchSplit:
     """Load one split of the benchmark for `cfg` (default configuration if None), building it
-    first if it is not cached."""
+    first if it is not cached. A cache that does not read (truncated, corrupt) is built again,
+    saying so (`rebuild`; else ValueError naming it)."""
     if split not in SPLITS:
         raise ValueError(f"load_split: unknown split {split!r}; expected one of {SPLITS}")
     cfg = cfg or BenchConfig()
     root = build(cfg)
     try:
-        arrays = np.load(os.path.join(root, f"{split}.npz"))
+        with np.load(os.path.join(root, f"{split}.npz")) as z:
+            arrays = {k: z[k] for k in z.files}
         images = np.load(os.path.join(root, f"{split}_images.npy"), mmap_mode="r")
         with open(os.path.join(root, f"{split}_text.json")) as fh:
             text = json.load(fh)
         with open(os.path.join(root, "meta.json")) as fh:
             meta = json.load(fh)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"posebench cache {root} is unreadable ({e}); delete that directory to rebuild it") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if not rebuild:
+            raise ValueError(f"posebench cache {root} is unreadable ({e}); delete that directory to rebuild it") from e
+        print(f"posebench cache {root} is unreadable ({type(e).__name__}: {e}); building it again")
+        build(cfg, force=True)
+        return load_split(split, cfg, rebuild=False)
     if meta["code_names"] != list(CODE_NAMES) or meta["archetype_names"] != list(ARCHETYPE_NAMES):
         raise ValueError(f"posebench cache {root} was written by another version of posebench.py; "
                          "delete that directory to rebuild it")
     return PoseBenchSplit(name=split, images=images, captions=text["captions"],
-                          caption_codes=text["caption_codes"], vqa=text["vqa"],
-                          **{k: arrays[k] for k in arrays.files})
+                          caption_codes=text["caption_codes"], vqa=text["vqa"], **arrays)
 
 
 # ---- Statistics and the preview -------------------------------------------------------------

@@ -44,8 +44,59 @@ LLAVA_INSTRUCT_SOURCE = ("llava_instruct_150k.json from the Hugging Face dataset
 DESCRIBE_PROMPT = "<image>\nDescribe the body pose of the person in this image."
 
 
+# A longer caption is cut to this many characters, with a warning (PoseScript's run to a few hundred): a prompt
+# past the language model's positions (4096 for LLaVA-1.5) would otherwise run on with no word.
+MAX_CAPTION_CHARS = 2000
+
+
 class DataFormatError(ValueError):
     """A dataset file that does not follow its schema."""
+
+
+def _load_npz(dataset: str, path: str, what: str, source: str):
+    """np.load of an npz (no pickles), DataFormatError naming the file if it is not one (truncated, corrupt)."""
+    import zipfile
+
+    _need(dataset, path, what, source)
+    problem = "not a zip archive"
+    if zipfile.is_zipfile(path):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            problem = f"{type(err).__name__}: {err}"
+    raise DataFormatError(f"{_where(dataset, path)}: not a readable npz ({problem}); the file is truncated, corrupt or "
+                          f"of another format: download it again ({source})")
+
+
+def _checked_captions(dataset: str, path: str, key, vals: list, cut: list) -> list:
+    """A record's captions: DataFormatError for an empty one; one longer than MAX_CAPTION_CHARS is cut to it
+    and its length appended to `cut` (the caller warns once per file)."""
+    if not all(v.strip() for v in vals):
+        raise DataFormatError(f"{_where(dataset, path, key)}: an empty caption; give the record text or remove it")
+    cut += [len(v) for v in vals if len(v) > MAX_CAPTION_CHARS]
+    return [v[:MAX_CAPTION_CHARS] for v in vals]
+
+
+def fit_captions(dataset, tokenizer, max_tokens: int) -> None:
+    """Cut every caption of `dataset` (its `captions`, a list of lists: PoseScript, as evaluate.py reads it) to
+    at most `max_tokens` tokens of `tokenizer`, in place, warning how many were cut and the longest: a prompt
+    past the language model's positions would run on with no word."""
+    cut = []
+    for caps in dataset.captions:
+        for k, text in enumerate(caps):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc["input_ids"]) > max_tokens:
+                cut.append(len(enc["input_ids"]))
+                caps[k] = text[:enc["offset_mapping"][max_tokens - 1][1]]
+    if cut:
+        print(f"warning: {getattr(dataset, 'NAME', 'dataset')}: {len(cut)} caption(s) longer than {max_tokens} tokens "
+              f"(the longest {max(cut)}) cut to {max_tokens}, so that the prompts fit the language model's positions")
+
+
+def _warn_cut(dataset: str, path: str, cut: list) -> None:
+    if cut:
+        print(f"warning: {dataset}: {path}: {len(cut)} caption(s) longer than {MAX_CAPTION_CHARS} characters cut to "
+              f"{MAX_CAPTION_CHARS} (the longest had {max(cut)}; realdata.MAX_CAPTION_CHARS)")
 
 
 def _where(dataset: str, path, record=None) -> str:
@@ -85,7 +136,13 @@ def _read_pickle(dataset: str, path: str, source: str):
             return target
 
     with open(_need(dataset, path, "file", source), "rb") as fh:
-        return Restricted(fh, encoding="latin1").load()
+        try:
+            return Restricted(fh, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, IndexError, TypeError, AttributeError) as err:
+            if isinstance(err, DataFormatError):
+                raise
+            raise DataFormatError(f"{_where(dataset, path)}: not a readable pickle ({type(err).__name__}: {err}); the "
+                                  f"file is truncated or corrupt: make or download it again ({source})") from None
 
 
 def _rotz(angle_rad: np.ndarray) -> np.ndarray:
@@ -174,12 +231,17 @@ class PoseScript(torch.utils.data.Dataset):
         texts: dict[int, list[str]] = {}
         for c in captions:
             path = os.path.join(root, self.CAPTION_FILES[c])
-            for key, val in _read_json(self.NAME, path, POSESCRIPT_SOURCE, '{"<pose id>": caption or [captions]}').items():
+            schema = '{"<pose id>": caption or [captions]}'
+            found, cut = _read_json(self.NAME, path, POSESCRIPT_SOURCE, schema), []
+            if not isinstance(found, dict):
+                raise DataFormatError(f"{_where(self.NAME, path)}: holds a {type(found).__name__}; expected {schema}")
+            for key, val in found.items():
                 vals = val if isinstance(val, list) else [val]
                 if not key.lstrip("-").isdigit() or not all(isinstance(v, str) for v in vals):
                     raise DataFormatError(f"{_where(self.NAME, path, key)}: expected an integer pose id mapped to "
                                           f"a caption or a list of captions, got {type(val).__name__}")
-                texts.setdefault(int(key), []).extend(vals)
+                texts.setdefault(int(key), []).extend(_checked_captions(self.NAME, path, key, vals, cut))
+            _warn_cut(self.NAME, path, cut)
         self.ids, self.captions, self.refs = [], [], []
         for pid in split_ids:
             if not isinstance(pid, int):
@@ -211,8 +273,7 @@ class PoseScript(torch.utils.data.Dataset):
         path = os.path.join(self.amass_root, rel)
         poses = self._sequences.get(path)
         if poses is None:
-            _need(self.NAME, path, f"AMASS sequence of pose {self.ids[i]}", AMASS_SOURCE)
-            with np.load(path) as z:
+            with _load_npz(self.NAME, path, f"AMASS sequence of pose {self.ids[i]}", AMASS_SOURCE) as z:
                 if "poses" not in z.files:
                     raise DataFormatError(f"{_where(self.NAME, path)}: no 'poses' array (keys {z.files}); expected "
                                           "an AMASS SMPL+H G npz with 'poses' (T, 156)")
@@ -316,7 +377,7 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         self.name, self.npz_path, self.image_size, self.bodymodel, self.seed = name, npz_path, image_size, bodymodel, seed
         _need(name, npz_path, "annotation file", HMR2_DATA_SOURCE)
         self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
-        with np.load(npz_path, allow_pickle=False) as z:
+        with _load_npz(name, npz_path, "annotation file", HMR2_DATA_SOURCE) as z:
             keys = set(z.files)
             spin = "body_pose" not in keys and "pose" in keys  # SPIN's names for the same fields
             alias = {"body_pose": "pose", "has_body_pose": "has_smpl", "betas": "shape", "has_betas": "has_smpl"} \
@@ -339,6 +400,8 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
                 arr["has_body_pose"] = np.ones(len(arr["imgname"]))
         scale_in_200px = scale_in_200px or spin
         N = len(arr["imgname"])
+        if N == 0:
+            raise DataFormatError(f"{_where(name, npz_path)}: no records (imgname is empty); expected {self.SCHEMA}")
         for k, tail in self.SHAPES.items():
             if k in arr and arr[k].shape != (N, *tail):
                 raise DataFormatError(f"{_where(name, npz_path)}: {k} has shape {arr[k].shape}; expected "
@@ -394,6 +457,11 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
             raise DataFormatError(f"{_where(self.name, self.npz_path)}: no extra_keypoints_3d (N, 19, 4); HMR2.0's "
                                   "protocol reads its 3D ground truth there (else use body.lsp14_from_vertices)")
         kp = self.arr["extra_keypoints_3d"][self.rows, :, :3].astype(np.float64)  # (N, 19, 3) m
+        bad = self.rows[~np.isfinite(kp).all(axis=(1, 2))]
+        if len(bad):
+            raise DataFormatError(f"{_where(self.name, self.npz_path, int(bad[0]))}: NaN/inf ground-truth keypoints "
+                                  f"(extra_keypoints_3d) in {len(bad)} record(s), first {bad[:5].tolist()}; remove "
+                                  "those records from the npz or use the original file")
         _, lsp14, pelvis = body.REGRESSOR_LAYOUTS[19]
         return kp[:, list(lsp14)] - kp[:, pelvis:pelvis + 1]
 
@@ -476,7 +544,7 @@ class BEDLAMScript(torch.utils.data.Dataset):
         if not isinstance(criteria, dict) or "scale_factor" not in criteria:
             raise DataFormatError(f"{_where(self.NAME, sel_path, 'criteria')}: expected a dict with 'scale_factor'")
         self.scale_factor = float(criteria["scale_factor"])
-        self.items = []  # (image path, human dict, captions)
+        self.items, cut = [], []  # (image path, human dict, captions); lengths of the captions cut
         data_id = 0
         for img in sorted(ann):
             for h in sel.get(img, []):
@@ -498,7 +566,7 @@ class BEDLAMScript(torch.utils.data.Dataset):
                 if not texts or not all(isinstance(t, str) for t in texts):
                     raise DataFormatError(f"{_where(self.NAME, cap_path, key)}: expected a list of captions for "
                                           f"data id {data_id} ({img}, human {h})")
-                self.items.append((img, human, list(texts)))
+                self.items.append((img, human, _checked_captions(self.NAME, cap_path, key, list(texts), cut)))
                 data_id += 1
         if not self.items:
             raise DataFormatError(f"{self.NAME}: {sel_path} selects no human" + (
@@ -506,6 +574,7 @@ class BEDLAMScript(torch.utils.data.Dataset):
         if isinstance(caps, dict) and len(caps) != len(self.items):
             raise DataFormatError(f"{_where(self.NAME, cap_path)}: {len(caps)} captioned humans, but the selection "
                                   f"and farther sampling give {len(self.items)}; the files come from different runs")
+        _warn_cut(self.NAME, cap_path, cut)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -75,6 +75,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -84,6 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import body
+import checkpoint
 import metrics
 import posebench
 
@@ -221,8 +223,11 @@ def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions
     path = os.path.join(body.cache_dir(), "retrieval",
                         f"{bench_key}-{split.name}-k{K}-{encoder_identity(text_encoder, bf16)}.npz")
     if os.path.exists(path):
-        with np.load(path) as z:
-            return torch.from_numpy(z["emb"]), torch.from_numpy(z["index"]).long()
+        try:
+            with np.load(path) as z:
+                return torch.from_numpy(z["emb"]), torch.from_numpy(z["index"]).long()
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cache: made again
+            print(f"  caption cache {path} is unreadable ({type(e).__name__}: truncated or corrupt); encoding again")
     caps = [c[:K] for c in split.captions]
     unique = sorted({t for c in caps for t in c})
     row = {t: i for i, t in enumerate(unique)}
@@ -421,21 +426,32 @@ def save_retriever(model: TextPoseRetriever, path: str) -> str:
     return path
 
 
-def load_retriever(path: str, device: str | torch.device = "cpu") -> TextPoseRetriever:
-    """Rebuild a saved retriever exactly, in eval mode and frozen (a reward / an evaluator is fixed)."""
-    from safetensors.torch import load_file
-
+def check_retriever(path: str) -> dict:
+    """The config of a saved retriever, its files checked first: FileNotFoundError for a missing
+    directory or file, ValueError for a truncated or corrupt one or another version's, each naming
+    the file and the fix."""
     hint = "train the retrievers with `python retrieval.py` (writes ckpt/retriever_reward and ckpt/retriever_eval)"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"retriever checkpoint {path!r} does not exist; {hint}")
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, n))]
     if missing:
         raise FileNotFoundError(f"retriever checkpoint {path!r} is incomplete (no {', '.join(missing)}); {hint}")
+    damaged = checkpoint.json_problems(os.path.join(path, CONFIG_NAME))
+    damaged += checkpoint.safetensors_problems(os.path.join(path, WEIGHTS_NAME))
+    if damaged:
+        raise ValueError(f"retriever checkpoint {path!r} is damaged: {'; '.join(damaged)}; {hint}")
     with open(os.path.join(path, CONFIG_NAME)) as fh:
         d = json.load(fh)
-    if d.pop("version", None) != CHECKPOINT_VERSION:
+    if not isinstance(d, dict) or d.pop("version", None) != CHECKPOINT_VERSION:
         raise ValueError(f"retriever checkpoint {path!r} was written by another version of retrieval.py; {hint}")
-    model = TextPoseRetriever(RetrieverConfig(**d))
+    return d
+
+
+def load_retriever(path: str, device: str | torch.device = "cpu") -> TextPoseRetriever:
+    """Rebuild a saved retriever exactly, in eval mode and frozen (a reward / an evaluator is fixed)."""
+    from safetensors.torch import load_file
+
+    model = TextPoseRetriever(RetrieverConfig(**check_retriever(path)))
     model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
     return model.to(device).eval().requires_grad_(False)
 
@@ -540,8 +556,11 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit(f"retrieval.py: --epochs {args.epochs} and --batch_size {args.batch_size} must be >= 1")
+    checkpoint.check_flags(args, "retrieval.py", dict(epochs=1, batch_size=1, num_threads=1, embed_dim=1, hidden_dim=1,
+                                                      encode_batch_size=1, captions_per_pose_train=1, n_train=1,
+                                                      n_test=1, n_val=1, random_protocol_repeats=0, weight_decay=0.0,
+                                                      dropout=0.0), positive=("lr", "logit_scale_init", "logit_scale_max"))
+    checkpoint.check_writable(args.out_dir)
     torch.set_num_threads(args.num_threads)
     t_start = time.time()
     bench = posebench.BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(posebench.BenchConfig)})

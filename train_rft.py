@@ -97,8 +97,8 @@ import realdata
 import retrieval
 import rewards as R
 import train_sft
-from evaluate import clean_answer, evaluate_policy, setup_distributed
-from train_sft import all_reduce_sum, cosine_lr, sync_gradients
+from evaluate import clean_answer, evaluate_policy, setup_distributed, trained_args
+from train_sft import cosine_lr, on_every_rank
 
 
 @dataclass
@@ -156,7 +156,8 @@ class Args:
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
-    max_bad_steps: int = field(default=5, metadata={"help": "abort after this many consecutive non-finite steps"})
+    max_bad_steps: int = field(default=5, metadata={
+        "help": "abort after this many consecutive steps skipped for NaN/inf rewards, loss or gradients"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
     eval_samples: int | None = field(default=None, metadata={
@@ -193,6 +194,8 @@ SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperatu
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
 POSE_SPACES = ("params", "rotations")  # --pose_space
+RFT_AT_LEAST = dict(train_sft.AT_LEAST, group_size=2, num_iterations=1, max_new_tokens=1, lora_rank=1, beta=0.0,
+                    eps_clip=0.0)
 
 
 # ---- ALGO: Algorithm 1, line 6 (sampling) ---------------------------------------------------
@@ -338,19 +341,12 @@ class StepContext:
     ddp: bool = False
 
 
-def on_every_rank(ok: bool, ddp: bool, device) -> bool:
-    """Whether ok holds on every rank (itself without DDP). A step is skipped by all ranks or by none:
-    a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
-    if not ddp:
-        return ok
-    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device), ddp).item() == 0
-
-
-def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
+def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict:
     """One step of Algorithm 1 (lines 6-9) on B prompts x G samples. Returns the logged metrics
-    with the time of each part, {"skipped": "reward"} for NaN/inf rewards on any rank, or None for a
-    NaN/inf loss on any rank (that update is not applied; with num_iterations > 1 the step's earlier
-    updates stay)."""
+    with the time of each part, or {"skipped": what} for NaN/inf rewards ("reward"), a NaN/inf loss or
+    gradient norm ("loss", "gradient": that update is not applied; with num_iterations > 1 the step's
+    earlier updates stay) on any rank, or NaN/inf weights after an update ("weight", which the caller
+    stops on: train_sft.apply_gradients)."""
     policy, device = ctx.policy, next(ctx.policy.parameters()).device
     t0 = time.time()
     policy.eval()
@@ -383,14 +379,14 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict | None:
                                   pose_logp.view(B, G), old_pose_logp.view(B, G), kl_c.view(B, G), pose_valid,
                                   adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
         if not on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
-            return None
+            return {"skipped": "loss"}
         ctx.opt.zero_grad(set_to_none=True)
         loss.backward()
         t_a = time.time()
-        sync_gradients(ctx.params, ctx.ddp, average=True)
-        torch.nn.utils.clip_grad_norm_(ctx.params, args.grad_clip)
-        ctx.opt.step()
+        bad, _ = train_sft.apply_gradients(ctx.opt, ctx.params, args.grad_clip, ctx.ddp, device, average=True)
         t_opt += time.time() - t_a
+        if bad:
+            return {"skipped": bad}
     t4 = time.time()
     v = valid.float()
     rec = {f"rewards/{k}": (x[where[k]].mean().item() if where[k].any() else None) for k, x in r.items()}
@@ -442,6 +438,7 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
+    train_sft.check_args(args, "train_rft.py", RFT_AT_LEAST, train_sft.POSITIVE + ("temperature", "pose_temperature"))
     if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
         raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
     if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
@@ -462,6 +459,18 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
+    evaluating = not real and args.eval_samples > 0
+    for flag in ("reward_retriever",) + (("eval_retriever",) if evaluating else ()):
+        try:  # before any work: the files only (the models load where they did, for the same random streams)
+            retrieval.check_retriever(getattr(args, flag))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--{flag}: {e}") from None
+    sft_step = None if args.resume else checkpoint.run_step(args.sft_dir, "--sft_dir")
+    sft_bench = {} if real or sft_step is None else trained_args(sft_step)
+    if sft_bench.get("n_train", args.n_train) != args.n_train:
+        raise SystemExit(f"--n_train {args.n_train}: the SFT run {args.sft_dir} was trained on the benchmark of "
+                         f"--n_train {sft_bench['n_train']}, whose poses and prompts RFT must use too; pass --n_train "
+                         f"{sft_bench['n_train']} (or an SFT run of that benchmark)")
     checkpoint.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
@@ -470,10 +479,11 @@ def main(argv=None):
     # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
     base_dir = os.path.join(args.out_dir, "base")
     if args.resume:
-        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
-        state = torch.load(os.path.join(step_dir, "train_state.pt"), weights_only=False)
+        step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
+        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
+        state = checkpoint.load_train_state(step_dir)
     else:
-        sft, tokenizer, _ = M.load_policy(args.sft_dir, args.preset)
+        sft, tokenizer, _ = M.load_policy(args.sft_dir, args.preset, step_dir=sft_step)
         base = sft.merge_and_unload()  # pi_init: the SFT weights, no adapter
         if master:
             M.save_base(base, tokenizer, base_dir, args.preset)
@@ -518,16 +528,10 @@ def main(argv=None):
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         rec = hygrpo_step(ctx, samples, B, G, args)  # lines 6-9
         done = step + 1
-        if rec is None or "skipped" in rec:  # no update; the step still counts (and saves when due)
-            bad += 1
-            what = rec["skipped"] if rec else "loss"
-            log({f"skipped/nonfinite_{what}": bad}, done)
-            if bad >= args.max_bad_steps:
-                raise SystemExit(f"aborting: {bad} consecutive steps with NaN/inf {what}s (step {done})")
-        else:
-            bad = 0
-            if done % args.log_every == 0 or done == args.steps:
-                log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
+        # a skipped step: no update; the step still counts (and saves when due)
+        bad = train_sft.count_bad_step(bad, rec.get("skipped"), done, args, log)
+        if "skipped" not in rec and (done % args.log_every == 0 or done == args.steps):
+            log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:  # every rank takes part
             checkpoint.save_checkpoint(args.out_dir, done, policy, opt, args, names, ddp, master)
@@ -568,4 +572,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except realdata.DataFormatError as e:  # a dataset file that does not follow its schema: named, no traceback
+        raise SystemExit(f"{os.path.basename(__file__)}: {e}") from None

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 import body
+import checkpoint
 import data
 from checkpoint import prepare_out_dir, restore_train_state, save_checkpoint, trainable_params
 import model as M
@@ -152,6 +153,8 @@ class Args:
         "help": "posebench test poses of the final evaluation; default by preset: 1000, llava-1.5-7b 0 (none)"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
+    max_bad_steps: int = field(default=5, metadata={
+        "help": "abort after this many consecutive steps skipped for a NaN/inf loss or gradient"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
     llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
@@ -179,6 +182,32 @@ class Args:
 SMALL = dict(steps=1200, batch_size=32, lr=1e-3, eval_samples=1000, max_length=0)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
                    "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0, max_length=2048)}  # Table 4
+
+
+# flags every training script needs >= a minimum or > 0 (checkpoint.check_flags; a script adds its own)
+AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
+                n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
+                stop_after=0, max_length=0, weight_decay=0.0)
+POSITIVE = ("lr", "grad_clip")
+SFT_AT_LEAST = dict(AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0, stage0_lm_batch=1,
+                    stage0_batch=1, head_rank=0, head_fit_steps=0, head_fit_samples=2, head_fit_batch=1,
+                    pose_nll_weight=0.0, l2_6d_weight=0.0, l2_joints_weight=0.0)
+
+
+def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
+    """Stop before any work or write, naming every flag that cannot run (checkpoint.check_flags) and the
+    inputs read only later: --mix, --real_mix, --smpl_path."""
+    checkpoint.check_flags(args, script, at_least, positive)
+    w = np.asarray(args.mix, dtype=np.float64)
+    if len(w) != len(data.TASKS) or (w < 0).any() or w.sum() <= 0:
+        raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
+                         f"weights, not all zero ({', '.join(data.TASKS)})")
+    if len(args.real_mix) != 4 or min(args.real_mix) < 0:
+        raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
+                         "(text-to-pose, image-to-pose, image-text, VQA)")
+    if args.smpl_path and not os.path.isfile(args.smpl_path):
+        raise SystemExit(f"{script}: --smpl_path {args.smpl_path}: not found; the licensed SMPL model file comes from "
+                         "https://smpl.is.tue.mpg.de (SMPL for Python), or leave it out for the procedural body")
 
 
 # ---- real runs: assets and data (--preset llava-1.5-7b) -------------------------------------
@@ -261,6 +290,45 @@ def all_reduce_sum(t: torch.Tensor, ddp: bool) -> torch.Tensor:
         import torch.distributed as dist
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def on_every_rank(ok: bool, ddp: bool, device) -> bool:
+    """Whether ok holds on every rank (itself without DDP). A step is skipped by all ranks or by none:
+    a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
+    if not ddp:
+        return ok
+    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device), ddp).item() == 0
+
+
+def apply_gradients(opt, params, grad_clip: float, ddp: bool, device, average: bool = False):
+    """Sync (sync_gradients), clip and apply the gradients of one backward: returns (what was not finite,
+    None if nothing, and the gradient norm). A NaN/inf gradient norm on any rank skips the step on every
+    rank ("gradient": weights and optimizer state unchanged). "weight": the step left a NaN/inf weight,
+    which cannot be undone; the caller stops the run (count_bad_step) before anything saves it."""
+    sync_gradients(params, ddp, average)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not on_every_rank(bool(torch.isfinite(gnorm)), ddp, device):
+        opt.zero_grad(set_to_none=True)
+        return "gradient", gnorm
+    opt.step()
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    return (None if on_every_rank(finite, ddp, device) else "weight"), gnorm
+
+
+def count_bad_step(bad: int, what: str | None, done: int, args, log) -> int:
+    """The count of consecutive skipped steps after step `done` (0 after a good one; `what` was not finite:
+    loss, gradient, reward or weight), logged as skipped/nonfinite_{what}. Stops the run after
+    --max_bad_steps of them, or at once for a weight, naming the last good checkpoint."""
+    if what is None:
+        return 0
+    bad += 1
+    log({f"skipped/nonfinite_{what}": bad}, done)
+    if what == "weight" or bad >= args.max_bad_steps:
+        why = ("its update left NaN/inf weights, which cannot be undone" if what == "weight" else
+               f"{bad} consecutive steps with NaN/inf {what}s")
+        raise SystemExit(f"aborting: {why} (step {done}); no checkpoint holds them, "
+                         f"{checkpoint.last_good(args.out_dir)}. A diverging run: lower --lr (now {args.lr})")
+    return bad
 
 
 def broadcast_from_master(tensors, ddp: bool) -> None:
@@ -623,6 +691,7 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
+    check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr",))
     real = args.preset == "llava-1.5-7b"
     if real:
         check_real_assets(args, "sft")
@@ -681,9 +750,13 @@ def main(argv=None):
             del base
         barrier()
     if args.resume:
-        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True)
-        state = torch.load(os.path.join(step_dir, "train_state.pt"), weights_only=False)
+        step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
+        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
+        state = checkpoint.load_train_state(step_dir)
     else:
+        damaged = checkpoint.base_problems(base_dir)
+        if damaged:
+            raise SystemExit(f"{base_dir} is damaged: {'; '.join(damaged)}; delete it to build it again")
         base, tokenizer, _ = M.load_base(base_dir, args.preset)
         torch.manual_seed(args.seed)  # the adapter's init must not depend on whether stage 0 ran in this process
         policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
@@ -694,7 +767,7 @@ def main(argv=None):
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     names, params = trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
+    start = bad = 0
     if state is not None:
         start = restore_train_state(opt, state, args, rank, world)
         log({"resumed_from": step_dir}, start)
@@ -725,13 +798,14 @@ def main(argv=None):
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
         loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_gradients(params, ddp)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        what = "loss"  # a NaN/inf loss, gradient or weight skips the step (count_bad_step)
+        if on_every_rank(bool(torch.isfinite(loss)), ddp, device):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            what, gnorm = apply_gradients(opt, params, args.grad_clip, ddp, device)
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        bad = count_bad_step(bad, what, done, args, log)
+        if what is None and (done % args.log_every == 0 or done == args.steps):
             if not args.deterministic_head:
                 stats["charts/pose_std_mean"] = dist.stddev.mean().item()
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
@@ -773,4 +847,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except realdata.DataFormatError as e:  # a dataset file that does not follow its schema: named, no traceback
+        raise SystemExit(f"{os.path.basename(__file__)}: {e}") from None

@@ -360,3 +360,47 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"local rank 1 but this node has 1 GPU\(s\): pass --nproc_per_node=1"):
         E.setup_distributed()
+
+
+# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """An untrained tiny run directory (base, one adapter step) and untrained retrievers."""
+    import retrieval
+    tok = data.tiny_tokenizer(CFG)
+    torch.manual_seed(0)
+    base = M.build_tiny(tok)
+    M.save_base(base, tok, str(tmp_path / "run" / "base"), "tiny")
+    M.apply_lora(base).save_pretrained(str(tmp_path / "run" / "step-000001" / "adapter"))
+    (tmp_path / "run" / "LATEST").write_text("step-000001")
+    for role in ("eval", "reward"):
+        retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),
+                                 str(tmp_path / f"retriever_{role}"))
+    return tmp_path, ["--ckpt", str(tmp_path / "run"), *BENCH, "--threads", "1", "--eval_samples", "4",
+                      "--eval_generate", "2", "--eval_retriever", str(tmp_path / "retriever_eval"),
+                      "--reward_retriever", str(tmp_path / "retriever_reward")]
+
+
+def test_unwritable_out_dir_bad_flags_and_damaged_files_fail_before_evaluating(tiny_run, monkeypatch):
+    d, flags = tiny_run
+    monkeypatch.setattr(E, "evaluate_policy", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(SystemExit, match=r"--out_dir /proc/x: cannot write there"):
+        E.main([*flags, "--out_dir", "/proc/x"])
+    for bad, message in ((["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+                         (["--threads", "0"], "--threads 0: must be >= 1"),
+                         (["--pose_temperature", "nan"], "--pose_temperature nan: not a finite number")):
+        with pytest.raises(SystemExit, match=message):
+            E.main([*flags, *bad])
+    weights = d / "retriever_eval" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64])
+    with pytest.raises(SystemExit, match=r"evaluate.py: retriever checkpoint .*retriever_eval' is damaged: .*truncated"):
+        E.main(flags)
+    weights.write_bytes(good)
+    (d / "run" / "step-000001" / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match=r"step-000001/train_state.pt does not load"):
+        E.main(flags)
+    (d / "run" / "LATEST").write_bytes(b"\x00\xff" * 20)
+    with pytest.raises(SystemExit, match=r"LATEST holds .*not the name of a step directory.*the newest intact one is step-000001"):
+        E.main(flags)

@@ -165,17 +165,22 @@ def test_images_show_a_centred_person_with_left_and_right_colours(splits):
     assert ys.min() <= 4 and ys.max() >= 27 or xs.min() <= 4 and xs.max() >= 27  # the crop fills the frame
 
 
-def test_cache_is_reused_and_a_broken_cache_is_reported(splits, tmp_path):
+def test_cache_is_reused_and_a_broken_cache_is_rebuilt_saying_so(splits, tmp_path, capsys):
     root = pb.bench_dir(TINY)
     mtime = os.path.getmtime(os.path.join(root, "meta.json"))
     pb.load_split("val", TINY)
     assert os.path.getmtime(os.path.join(root, "meta.json")) == mtime  # not rebuilt
     cfg = dataclasses.replace(TINY, seed=7, n_train=8, n_val=4, n_test=4)
     broken = pb.build(cfg)
+    good = pb.load_split("val", cfg)
     with open(os.path.join(broken, "val.npz"), "wb") as fh:
         fh.write(b"truncated")
     with pytest.raises(ValueError, match="delete that directory"):
-        pb.load_split("val", cfg)
+        pb.load_split("val", cfg, rebuild=False)
+    again = pb.load_split("val", cfg)
+    out = capsys.readouterr().out
+    assert f"posebench cache {broken} is unreadable" in out and "building it again" in out
+    assert np.array_equal(again.pose_aa, good.pose_aa)
 
 
 def test_bad_configuration_is_named():

@@ -247,6 +247,50 @@ def test_hmr2_npz_errors(hmr2, tmp_path):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
 
 
+def test_damaged_npz_and_nan_ground_truth_are_named(hmr2, tmp_path):
+    npz, imgs, arrays = hmr2
+    with open(npz, "r+b") as fh:  # truncated
+        fh.truncate(200)
+    with pytest.raises(realdata.DataFormatError, match=r"3DPW: .*3dpw_test.npz: not a readable npz \(not a zip "
+                                                       r"archive\); the file is truncated, corrupt or of another "
+                                                       r"format: download it again"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs)
+    open(npz, "w").write("not a zip")
+    with pytest.raises(realdata.DataFormatError, match=r"3dpw_test.npz: not a readable npz"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs, require_pose=False)
+    np.savez(npz, **{k: v[:0] for k, v in arrays.items()})
+    with pytest.raises(realdata.DataFormatError, match=r"3dpw_test.npz: no records \(imgname is empty\)"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs, require_pose=False)
+    kp = arrays["extra_keypoints_3d"].copy()
+    kp[2, 4, 1] = np.nan
+    np.savez(npz, **{**arrays, "extra_keypoints_3d": kp})
+    with pytest.raises(realdata.DataFormatError, match=r"3dpw_test.npz, record 2: NaN/inf ground-truth keypoints "
+                                                       r"\(extra_keypoints_3d\) in 1 record\(s\), first \[2\]"):
+        realdata.HMR2ImageDataset("3DPW", npz, imgs, require_pose=False).gt_lsp14()
+
+
+def test_posescript_captions_that_are_a_list_empty_or_far_too_long(posescript, capsys):
+    root, amass, _ = posescript
+    human = os.path.join(root, "posescript_human_6293.json")
+    json.dump(["The person walks.", "Arms up."], open(human, "w"))
+    with pytest.raises(realdata.DataFormatError, match=r"posescript_human_6293.json: holds a list; expected "
+                                                       r'\{"<pose id>": caption or \[captions\]\}'):
+        realdata.PoseScript(root, amass)
+    json.dump({"1": "The person walks.", "2": "  "}, open(human, "w"))
+    with pytest.raises(realdata.DataFormatError, match=r"posescript_human_6293.json, record '2': an empty caption"):
+        realdata.PoseScript(root, amass, "test", captions=("human",))
+    long = "The left knee is bent. " * 5000  # 115,000 characters: far past any model's positions
+    json.dump({"1": long, "2": long}, open(human, "w"))
+    ds = realdata.PoseScript(root, amass, "test", captions=("human",))
+    assert ds.captions == [[long[:realdata.MAX_CAPTION_CHARS]]]
+    out = capsys.readouterr().out
+    assert (f"warning: PoseScript: {human}: 2 caption(s) longer than {realdata.MAX_CAPTION_CHARS} characters cut to "
+            f"{realdata.MAX_CAPTION_CHARS} (the longest had {len(long)}") in out
+    realdata.fit_captions(ds, TOK, 50)  # to the positions of a model (evaluate.py), by its tokenizer
+    assert len(TOK(ds.captions[0][0], add_special_tokens=False)["input_ids"]) == 50
+    assert long.startswith(ds.captions[0][0]) and "caption(s) longer than 50 tokens" in capsys.readouterr().out
+
+
 def test_hmr2_npz_for_evaluation_serves_every_record(hmr2):
     """HMR2.0's protocol (evaluate.py): every record, with or without an SMPL pose, and no body_pose needed."""
     npz, imgs, arrays = hmr2
@@ -336,6 +380,10 @@ def test_bedlam_script_errors(bedlam, tmp_path):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump({k: v for k, v in sel.items() if k != "criteria"}, open(sel_path, "wb"))
     with pytest.raises(realdata.DataFormatError, match="record 'criteria'.*scale_factor"):
+        realdata.BEDLAMScript(proc, imgs)
+    open(sel_path, "wb").write(pickle.dumps(sel)[:40])  # truncated
+    with pytest.raises(realdata.DataFormatError, match=r"selected_human_index_training_try.pkl: not a readable pickle "
+                                                       r"\(.*\); the file is truncated or corrupt"):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump(sel, open(sel_path, "wb"))
     ann_path = os.path.join(proc, "bedlam_training_try.pkl")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import body
 import posebench
 import retrieval as R
 
@@ -164,6 +165,17 @@ def test_caption_embeddings_come_from_the_cache(bench, monkeypatch):
     assert len({captions[i][k] for i in range(len(captions)) for k in range(3)}) == sent.shape[0]
 
 
+def test_a_truncated_caption_cache_is_encoded_again_saying_so(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(body, "cache_dir", lambda: str(tmp_path))
+    R.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
+    (path,) = [os.path.join(tmp_path, "retrieval", f) for f in os.listdir(tmp_path / "retrieval")]
+    good = open(path, "rb").read()
+    open(path, "wb").write(good[:len(good) // 3])
+    sent, index = R.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
+    assert f"caption cache {path} is unreadable" in capsys.readouterr().out
+    assert open(path, "rb").read() == good and index.shape == (len(bench["train"].captions), 1)
+
+
 @pytest.mark.parametrize("kind", R.POSE_FEATURES)
 def test_save_load_gives_identical_embeddings(trained, bench, kind, tmp_path):
     m = trained[kind]
@@ -215,6 +227,11 @@ def test_missing_or_partial_checkpoint(trained, tmp_path):
         R.load_retriever(str(tmp_path / "nope"))
     path = str(tmp_path / "partial")
     R.save_retriever(trained["rot6d"], path)
+    weights = os.path.join(path, R.WEIGHTS_NAME)
+    good = open(weights, "rb").read()
+    open(weights, "wb").write(good[:len(good) // 2])
+    with pytest.raises(ValueError, match=r"is damaged: .*model.safetensors is truncated.*python retrieval\.py"):
+        R.load_retriever(path)
     os.remove(os.path.join(path, R.WEIGHTS_NAME))
     with pytest.raises(FileNotFoundError, match=r"incomplete \(no model\.safetensors\).*python retrieval\.py"):
         R.load_retriever(path)
@@ -254,8 +271,12 @@ def test_script_bad_arguments_save_nothing(tmp_path):
     """--epochs 0, too few poses, and a run that diverges each stop with the reason, before saving."""
     small = ["--n_val", "16", "--n_test", "40", "--batch_size", "16", "--hidden_dim", "32", "--embed_dim", "16",
              "--num_threads", "1", "--out_dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match="--epochs 0 and --batch_size 16 must be >= 1"):
+    with pytest.raises(SystemExit, match="--epochs 0: must be >= 1"):
         R.main(["--n_train", "64", "--epochs", "0", *small])
+    with pytest.raises(SystemExit, match="--lr nan: not a finite number"):
+        R.main(["--n_train", "64", "--lr", "nan", *small])
+    with pytest.raises(SystemExit, match="--out_dir /proc/x: cannot write there"):  # before training, not after
+        R.main(["--n_train", "64", "--epochs", "1", *small, "--out_dir", "/proc/x"])
     with pytest.raises(SystemExit, match=r"retriever_reward trains on poses train\[0:1\], fewer than 2"):
         R.main(["--n_train", "3", "--epochs", "1", *small])
     with pytest.raises(SystemExit, match="retriever_reward diverged"):

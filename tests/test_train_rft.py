@@ -258,3 +258,37 @@ def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
         probe.main(["--sft_dir", str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
         probe.main(["--sft_dir", str(assets / "sft"), "--n_states", "4"])
+
+
+# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+
+def test_a_diverging_run_stops_with_latest_on_finite_weights(assets, tmp_path):
+    """--lr 1e6: its loss stays finite but the gradients go NaN; those steps are skipped, the run stops
+    naming the last good checkpoint, and no checkpoint holds a NaN."""
+    out = tmp_path / "lr"
+    r = run(["train_rft.py"], rft_args(assets, out, "--lr", "1e6", "--save_every", "1", "--max_bad_steps", "2"),
+            check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "consecutive steps with NaN/inf gradients" in r.stderr and "the last good checkpoint is" in r.stderr
+    latest = out / (out / "LATEST").read_text()
+    assert all(torch.isfinite(t).all() for t in load_file(str(latest / "adapter" / "adapter_model.safetensors")).values())
+
+
+def test_inputs_are_checked_before_any_write(assets, tmp_path):
+    """Bad flags, an SFT run of another benchmark and a truncated retriever stop before out_dir is made."""
+    out = tmp_path / "rft"
+    for flags, message in ((["--steps", "-1"], "--steps -1: must be >= 1"),
+                           (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+                           (["--pose_temperature", "0"], "--pose_temperature 0.0: must be > 0"),
+                           (["--n_train", "40"], "--n_train 40: the SFT run .* was trained on the benchmark of "
+                                                 "--n_train 48, .*pass --n_train 48")):
+        with pytest.raises(SystemExit, match=message):
+            train_rft.main(rft_args(assets, out, *flags))
+    broken = tmp_path / "retriever_eval"
+    shutil.copytree(assets / "retriever_eval", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SystemExit, match=r"--eval_retriever: retriever checkpoint .*retriever_eval' is damaged: "
+                                         r".*model.safetensors is truncated"):
+        train_rft.main(rft_args(assets, out, "--eval_retriever", str(broken)))
+    assert not out.exists()

@@ -224,3 +224,56 @@ def test_stage0_lm_reads_no_val_or_test_caption():
     for split in ("val", "test"):
         held_out = {c for cs in posebench.load_split(split, CFG).captions for c in cs} - train
         assert held_out and not prompts(held_out) & texts, split
+
+
+# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+
+def adapter_is_finite(step_dir):
+    return all(torch.isfinite(t).all() for t in load_file(str(step_dir / "adapter" / "adapter_model.safetensors")).values())
+
+
+def test_a_diverging_run_stops_with_latest_on_finite_weights(tmp_path):
+    """--lr 1e6: the gradients go NaN at step 2; those steps are skipped (weights unchanged), the run stops
+    after --max_bad_steps of them naming the last good checkpoint, and LATEST holds finite weights."""
+    out = tmp_path / "lr"
+    r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--lr", "1e6", "--save_every", "1", "--max_bad_steps",
+                        "2", "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "aborting: 2 consecutive steps with NaN/inf gradients (step 3)" in r.stderr
+    assert f"the last good checkpoint is {out / 'step-000002'}" in r.stderr and "lower --lr (now 1000000.0)" in r.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["skipped/nonfinite_gradient"] for x in rows if "skipped/nonfinite_gradient" in x] == [1, 2]
+    assert (out / "LATEST").read_text() == "step-000002" and adapter_is_finite(out / "step-000002")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"), (["--lr", "nan"], "--lr nan: not a finite number"),
+    (["--threads", "0"], "--threads 0: must be >= 1"), (["--steps", "-1"], "--steps -1: must be >= 1"),
+    (["--mix", "1", "1"], "--mix 1.0 1.0: expected 3 non-negative weights"),
+    (["--smpl_path", "nowhere.pkl"], "--smpl_path nowhere.pkl: not found")])
+def test_flags_are_checked_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main([*TINY_RUN, "--out_dir", str(tmp_path / "run"), *flags])
+    assert message in str(e.value.code)
+    assert not (tmp_path / "run").exists()  # nothing written, no stage 0
+    with pytest.raises(SystemExit, match=r"--out_dir /proc/x: cannot write there"):
+        train_sft.main([*TINY_RUN, "--out_dir", "/proc/x"])
+
+
+def test_resume_over_a_damaged_latest_step_goes_on_from_the_intact_one(tmp_path):
+    """A truncated adapter of the latest step: --resume says so, goes on from the step before and ends
+    where the uninterrupted run does; --resume --steps below the checkpoint's step is refused."""
+    a = tmp_path / "a"
+    run(TINY_RUN + ["--out_dir", str(a), "--save_every", "2", "--eval_samples", "0"])
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    path = b / "step-000004" / "adapter" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    out = run(TINY_RUN + ["--out_dir", str(b), "--resume", "--eval_samples", "0"])
+    assert "its latest checkpoint step-000004 is damaged" in out and "resuming from step-000002" in out
+    wa, wb = (load_file(str(d / "step-000004" / "adapter" / "adapter_model.safetensors")) for d in (a, b))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--out_dir", str(b), "--resume", "--steps", "3"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "the checkpoint is at step 4, past --steps 3" in r.stderr and "Traceback" not in r.stderr
