@@ -191,7 +191,7 @@ AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max
 POSITIVE = ("lr", "grad_clip")
 SFT_AT_LEAST = dict(AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0, stage0_lm_batch=1,
                     stage0_batch=1, head_rank=0, head_fit_steps=0, head_fit_samples=2, head_fit_batch=1,
-                    pose_nll_weight=0.0, l2_6d_weight=0.0, l2_joints_weight=0.0)
+                    pose_nll_weight=0.0, l2_6d_weight=0.0, l2_joints_weight=0.0, stage0_rot6d_weight=0.0)
 
 
 def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
@@ -691,7 +691,7 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
-    check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr",))
+    check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
     if real:
         check_real_assets(args, "sft")
