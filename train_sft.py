@@ -535,6 +535,34 @@ def stage0_key(args, cfg: posebench.BenchConfig, model) -> tuple:
     return hashlib.sha256(blob.encode()).hexdigest()[:16], json.loads(blob)
 
 
+BASE_FLAGS = "built_by.json"  # in base/: the flags that shaped it
+
+
+def base_flags(args) -> dict:
+    """The flags that shape base/: the preset, the pose head, the benchmark, the seed and (built-in
+    presets) stage 0's flags; for llava-1.5-7b the asset paths."""
+    keys = ["preset", "head_rank", "deterministic_head", "n_train", "n_val", "n_test", "seed"]
+    keys += ["llava_path", "hmr2_ckpt"] if args.preset == "llava-1.5-7b" else \
+        sorted(k for k in vars(args) if k.startswith("stage0_") and k != "stage0_only")
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_base_flags(base_dir: str, built: dict) -> None:
+    """Stop when base/ was built with other shaping flags than this run's (a failed earlier run in the
+    same --out_dir leaves its base/, which would otherwise be trained silently)."""
+    path = os.path.join(base_dir, BASE_FLAGS)
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        raise SystemExit(f"{base_dir} holds a base model without a readable {BASE_FLAGS} (it was built by an older "
+                         f"version, or the file is damaged): delete {base_dir} to build it again with these flags")
+    changed = [f"--{k} {old.get(k)!r} -> {v!r}" for k, v in built.items() if old.get(k) != v]
+    if changed:
+        raise SystemExit(f"{base_dir} was built with other flags than this run's ({'; '.join(changed)}): delete "
+                         f"{base_dir} to build it again, or pass the flags it was built with")
+
+
 def build_base(args, cfg: posebench.BenchConfig):
     """The built-in presets' untrained base: (model with the run's pose head, `build()` that makes
     one with the Gaussian head for stage 0, tokenizer)."""
@@ -738,6 +766,9 @@ def main(argv=None):
     barrier()
     train = None if real else posebench.load_split("train", cfg)
     base_dir = os.path.join(args.out_dir, "base")
+    built = base_flags(args)
+    if os.path.exists(os.path.join(base_dir, "preset.json")) and not args.resume:
+        check_base_flags(base_dir, built)
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
             if real:  # pretrained parts: no stage 0
@@ -747,6 +778,7 @@ def main(argv=None):
                 base, build, tokenizer = build_base(args, cfg)
                 stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
                 M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
+            body.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base
         barrier()
     if args.resume:

@@ -277,3 +277,21 @@ def test_resume_over_a_damaged_latest_step_goes_on_from_the_intact_one(tmp_path)
     r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--out_dir", str(b), "--resume", "--steps", "3"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "the checkpoint is at step 4, past --steps 3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_base_built_with_other_flags_is_refused(tmp_path):
+    """A base/ left by an earlier run (say one that failed after stage 0) is used only by a run with
+    the same shaping flags; otherwise the run stops and names them."""
+    base = tmp_path / "base"
+    base.mkdir()
+    args = train_sft.Args()
+    built = train_sft.base_flags(args)
+    (base / train_sft.BASE_FLAGS).write_text(json.dumps(built))
+    train_sft.check_base_flags(str(base), train_sft.base_flags(train_sft.Args()))  # the same flags: used
+    with pytest.raises(SystemExit, match=r"--deterministic_head False -> True.*delete"):
+        train_sft.check_base_flags(str(base), train_sft.base_flags(train_sft.Args(deterministic_head=True)))
+    with pytest.raises(SystemExit, match="--stage0_pose_epochs 8.0 -> 2.0"):
+        train_sft.check_base_flags(str(base), train_sft.base_flags(train_sft.Args(stage0_pose_epochs=2.0)))
+    (base / train_sft.BASE_FLAGS).write_text("{not json")
+    with pytest.raises(SystemExit, match="without a readable built_by.json"):
+        train_sft.check_base_flags(str(base), built)
