@@ -51,7 +51,8 @@ def retriever_flags(results):
 
 def test_report_end_to_end(results):
     text = (results / "REPORT.md").read_text()
-    for section in ("## Headline: SFT vs Pose-RFT", "## Table 3 in miniature", "## Figure 4: GRPO vs HyGRPO",
+    for section in ("## Headline: SFT vs Pose-RFT", "## Does the policy see?", "the pose encoder alone",
+                    "## HyGRPO minus its SFT start", "## Table 3 in miniature", "## Figure 4: GRPO vs HyGRPO",
                     "## Figures 5 and 6", "## Time and machine", "Machine: ", "torch "):
         assert section in text, section
     for key in E.metric_keys():  # the headline lists every metric (the mean pose in its own column)
@@ -64,7 +65,8 @@ def test_report_end_to_end(results):
         head = (results / png).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n" and (results / png).stat().st_size > 10_000, png
     stages = [s.name for s in report.plan(report.Args(out_dir=str(results)))]
-    assert len(stages) == 10 and {"rft_grpo_s0", "eval_rft_grpo_s0", "sft_det_s0"} <= set(stages)
+    assert len(stages) == 11 and {"stage0_s0", "rft_grpo_s0", "eval_rft_grpo_s0", "sft_det_s0"} <= set(stages)
+    assert (results / "ckpt" / "stage0_s0" / "stage0.json").exists()  # one stage 0 for both SFT runs
     assert "rft_det_s0" not in stages  # --full only
     for name in stages:  # every stage logged and timed
         assert (results / "logs" / f"{name}.log").stat().st_size > 0
