@@ -78,7 +78,7 @@ def test_report_skips_complete_stages(results, capsys):
     before = (results / "stages" / "rft_s0.json").read_text()
     report.main(REPORT + ["--out_dir", str(results)])
     out = capsys.readouterr().out
-    assert out.count("skipped") == 10 and "done in" not in out and "total time" in out
+    assert out.count("skipped") == 11 and "done in" not in out and "total time" in out
     assert (results / "stages" / "rft_s0.json").read_text() == before
 
 
@@ -88,7 +88,7 @@ def test_full_report_tables_and_seeds(results, tmp_path):
     args = report.Args(out_dir=str(tmp_path / "full"), full=True, seeds=[0, 1], n_train=48, n_val=16, n_test=40,
                        n_figure=2)
     stages = report.plan(args)
-    assert len(stages) == 2 + 2 * 2 * 10  # posebench, retrieval; per seed 10 runs, each with its eval
+    assert len(stages) == 2 + 2 * (1 + 2 * 10)  # posebench, retrieval; per seed stage 0 and 10 runs, each with its eval
     order = {s.name: i for i, s in enumerate(stages)}  # dependencies first; every training before any eval
     assert all(order[d] < order[s.name] for s in stages for d in s.deps)
     assert max(i for n, i in order.items() if not n.startswith("eval_")) < min(
@@ -107,6 +107,9 @@ def test_full_report_tables_and_seeds(results, tmp_path):
             if kind.startswith("rft"):
                 (tmp_path / "full" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
                 shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "full" / "ckpt" / f"{kind}_s{seed}")
+    for seed in (0, 1):  # the encoder row of "Does the policy see?"
+        (tmp_path / "full" / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
+        shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "full" / "ckpt" / f"stage0_s{seed}")
     done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
     text = open(report.write_report(args, done, stages, 0.0, ["--full"])).read()
     assert "## Table 5: each reward zero-masked" in text and "## Table 6: cross-retriever evaluation" in text
@@ -115,8 +118,8 @@ def test_full_report_tables_and_seeds(results, tmp_path):
     assert "| RFT rewarded by the evaluator retriever | evaluator |" in text
     sft = json.loads((results / "eval" / "sft_s0" / "results.json").read_text())["metrics"]["image_to_pose/mpjpe_mm"]
     assert f"| `image_to_pose/mpjpe_mm` (mm) ↓ | {sft + 5:.1f} ± 7.1 |" in text
-    assert "2 seeds (0, 1), mean ± std" in text and "Sum of the stages: 84 s" in text
-    assert "42 of the 42 stages ran with other code" in text and "this run, code not recorded" in text  # markers without commit
+    assert "2 seeds (0, 1), mean ± std" in text and "Sum of the stages: 88 s" in text
+    assert "44 of the 44 stages ran with other code" in text and "this run, code not recorded" in text  # markers without commit
     val = tmp_path / "full" / "eval" / "sft_s1" / "results.json"
     val.write_text(json.dumps({**json.loads(val.read_text()), "split": "val"}))  # e.g. --eval_args "--split val"
     with pytest.raises(ValueError, match="sft_s1/results.json was measured on the val split; the report is of the test"):
@@ -209,6 +212,8 @@ def test_evaluate_ckpt_produces_every_field(results):
             assert 0 <= v <= 100, k
         elif k.endswith("answer_similarity"):
             assert -1 <= v <= 1, k
+        elif k.endswith("_deg"):
+            assert 0 <= v <= 180, k
         else:
             assert 0 <= v <= 1, k
     md = (ev / "results.md").read_text()
