@@ -18,7 +18,7 @@ mesh by a user-supplied regressor, pelvis-aligned, errors in millimetres (`lsp14
 Rotations (batched, torch): axis-angle <-> matrix, and the continuous 6D representation of
 Zhou et al., "On the Continuity of Rotation Representations in Neural Networks" (CVPR
 2019): the first two columns of the matrix, mapped back by Gram-Schmidt. The pose action
-of the model (DESIGN.md) is 24 joints x 6D = 144 values, global orientation first.
+of the model is 24 joints x 6D = 144 values, global orientation first.
 
 Departures from SMPL, all in the procedural file only:
 1. The mesh is a mannequin (about 1.5k vertices), not SMPL's 6890-vertex surface, so smplx's

@@ -29,7 +29,7 @@ A sample and its encoding (B samples, T tokens, M images in a batch, J = 24 join
     collate -> <s> USER : <image> x num_image_tokens What is ... ? ASSISTANT : The SMPL ... <POSE> . </s>
     labels     -100 for <s>, the prompt and "ASSISTANT :"   | the answer ids and </s> | -100 for pads
 
-The pose action p is 24 joints x 6D (Zhou et al. 2019), global orientation first (DESIGN.md).
+The pose action p is 24 joints x 6D (Zhou et al. 2019), global orientation first.
 The `<POSE>` token's last hidden state feeds the pose head; the answer template is the one the
 paper's format reward checks by regular expression (§3.3, Eq. 9): `POSE_ANSWER_PATTERN`.
 
@@ -41,7 +41,7 @@ Departures from the paper's data:
 3. The `tiny` preset speaks a word-level vocabulary built from every benchmark text (it
    cannot say a word the benchmark never uses); the paper uses LLaVA-1.5's Llama tokenizer.
 4. Image-to-pose targets the camera-frame global orientation (as HMR2.0 does);
-   text-to-pose targets the canonical one (PoseScript's convention; DESIGN.md).
+   text-to-pose targets the canonical one (PoseScript's convention).
 5. Real data: see realdata.py.
 
 Run:
@@ -146,6 +146,13 @@ def pose_aa_to_6d(pose_aa: np.ndarray) -> np.ndarray:
     return body.matrix_to_rot6d(body.axis_angle_to_matrix(aa)).numpy().astype(np.float32)
 
 
+def view_pose6d(split) -> np.ndarray:
+    """Image-to-pose targets of a posebench split: the pose with its root in the camera's view frame,
+    as 6D, (N, J, 6)."""
+    view = np.concatenate([split.global_orient_view[:, None], split.pose_aa[:, 1:]], 1)  # (N, J, 3)
+    return pose_aa_to_6d(view)
+
+
 def fill_template(template: str, **fields: str) -> str:
     """Fill {name} fields by plain replacement (a caption may hold any character)."""
     for k, v in fields.items():
@@ -199,8 +206,7 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         n = len(self.data)
         self.length = n if length is None else int(length)
         # Targets of the whole split, once. Image-to-pose: the root in the camera's view frame.
-        view = np.concatenate([self.data.global_orient_view[:, None], self.data.pose_aa[:, 1:]], 1)  # (N, J, 3)
-        self.pose6d_view = pose_aa_to_6d(view)                # (N, J, 6)
+        self.pose6d_view = view_pose6d(self.data)              # (N, J, 6)
         self.pose6d = pose_aa_to_6d(self.data.pose_aa)        # (N, J, 6) canonical
 
     def __len__(self) -> int:

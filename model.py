@@ -38,7 +38,7 @@ Departures from the paper:
      as 24 x 6D (Zhou et al. 2019) so that the Gaussian's log-probability is exact on the raw
      vector p; rotations come from p by Gram-Schmidt (body.rot6d_to_matrix).
   2. Log-std is bounded to [log_std_min, log_std_max] by a sigmoid and the low-rank factor by a
-     tanh, so the policy can neither collapse nor explode (DESIGN.md, known risks).
+     tanh, so the policy can neither collapse nor explode.
   3. The state fed to the head is the hidden state whose *input* is `<POSE>`, in teacher forcing and
      in `generate` alike (where it is the step after `<POSE>` is sampled). LISA's code reads the state
      one position earlier, the one whose output predicts its [SEG] token; ours sees `<POSE>` itself.
@@ -332,7 +332,7 @@ def pose_states_from_generate(gen_out, prompt_len: int, pose_token_id: int):
     """The `<POSE>` state of each generated row, read from `generate`'s own hidden states.
 
     With `output_hidden_states=True, return_dict_in_generate=True`, `hidden_states[t + 1][-1][:, -1]`
-    is the last-layer state whose input is generated token t (DESIGN.md). A row whose `<POSE>`
+    is the last-layer state whose input is generated token t. A row whose `<POSE>`
     is its very last token has no such state (its input was never fed): it counts as invalid.
 
     Returns:

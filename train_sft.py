@@ -16,7 +16,7 @@ Stage 0 (built-in presets only; the paper starts from pretrained parts instead):
   cached (`stage0`, like the benchmark): the report's two SFT runs of a seed share it.
 Stage 1, SFT on the benchmark mixture (image-to-pose, text-to-pose, VQA): cross-entropy on the
 answer tokens + a pose loss at `<POSE>`, all in parameter space (the paper's point is that SFT
-optimises a parameter-space target, DESIGN.md): the head's mean regresses the target action p by
+optimises a parameter-space target): the head's mean regresses the target action p by
 an L2 on 6D (ChatPose/PoseLLaVA-style), and the covariance is fitted by the Gaussian negative
 log-likelihood of p at the detached mean (beta-NLL with beta = 1, Seitzer et al. 2022); the
 deterministic head (Table 3's baseline) has the L2 alone. An L2 on joints is a flag, off by
@@ -408,8 +408,7 @@ def stage0_pose_vit(model, train, evals: dict, args, device, log):
     else:  # the mean token -> MLP: the pose must fit one D-vector, as it must at <POSE>
         head = torch.nn.Sequential(Mean1(), torch.nn.Linear(vit.dim, 4 * vit.dim), torch.nn.GELU(),
                                    torch.nn.Linear(4 * vit.dim, n_out)).to(device)
-    view = np.concatenate([train.global_orient_view[:, None], train.pose_aa[:, 1:]], 1)  # (N, J, 3)
-    rot6d = torch.as_tensor(data.pose_aa_to_6d(view), dtype=torch.float32).reshape(len(train), -1)  # (N, P)
+    rot6d = torch.as_tensor(data.view_pose6d(train), dtype=torch.float32).reshape(len(train), -1)  # (N, P)
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.stage0_pose_lr, betas=(0.9, 0.95))
     steps = max(1, int(args.stage0_pose_epochs * len(train) / args.stage0_batch))
