@@ -161,9 +161,9 @@ def clean_answer(text: str, tokenizer) -> str:
 def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=24):
     """Greedy answers (text after "ASSISTANT:") for a list of samples."""
     b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
-    out = policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, temperature=0).sequences
     texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
     return [clean_answer(t, tokenizer) for t in texts]
 

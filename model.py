@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -231,6 +232,16 @@ def renormalise(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
     return (pixel_values * 0.5 + 0.5 - m) / s
 
 
+def image_runs(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Lengths of the runs of identical consecutive images in (M, 3, H, W): (runs,), summing to M."""
+    if len(pixel_values) < 2:
+        return torch.ones(len(pixel_values), dtype=torch.long)
+    new = torch.cat([torch.ones(1, dtype=torch.bool, device=pixel_values.device),
+                     (pixel_values[1:] != pixel_values[:-1]).flatten(1).any(1)]).cpu()
+    starts = torch.nonzero(new).flatten()
+    return torch.diff(torch.cat([starts, torch.tensor([len(pixel_values)])]))
+
+
 def autocast_context(config, device: torch.device):
     """bf16 (or `config.compute_dtype`) autocast on `device`, or nothing when the config sets none."""
     if not getattr(config, "compute_dtype", None):
@@ -258,6 +269,13 @@ class PoseLlavaModel(LlavaModel):
             raise ValueError(f"PoseLlava: images are {'x'.join(map(str, pixel_values.shape[-2:]))} but the CLIP tower "
                              f"of this model takes {want}x{want}; resize them (pixel_values {tuple(pixel_values.shape)})")
         cfg = self.config
+        runs = image_runs(pixel_values)  # RFT holds each image G times in a row: encode each once
+        if len(runs) < len(pixel_values):
+            first = torch.cumsum(runs, 0) - runs
+            out = self.get_image_features(pixel_values[first], vision_feature_layer, vision_feature_select_strategy,
+                                          **kwargs)
+            out.pooler_output = [f for f, n in zip(out.pooler_output, runs.tolist()) for _ in range(n)]
+            return out  # the same tensors, repeated: gradients from every copy add up, as without the runs
         clip_pixels = renormalise(pixel_values, cfg.vision_pixel_mean, cfg.vision_pixel_std)
         out = super().get_image_features(clip_pixels, vision_feature_layer=vision_feature_layer,
                                          vision_feature_select_strategy=vision_feature_select_strategy,
@@ -328,28 +346,131 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return logits, self.pose_head.distribution(state), state  # the head runs in float32, outside autocast
 
 
-def pose_states_from_generate(gen_out, prompt_len: int, pose_token_id: int):
-    """The `<POSE>` state of each generated row, read from `generate`'s own hidden states.
+def forward_grouped_prompts(model, input_ids, attention_mask, pixel_values, group: int, cache):
+    """The prompt pass of `forward_grouped` and `sample`: (N, T_p) rows that are B prompts repeated G
+    times each -> the last prompt state of every row (N, D); `cache` then holds the prompts' keys and
+    values for all N rows (computed for B)."""
+    N, G = input_ids.shape[0], group
+    prompts = input_ids.reshape(N // G, G, -1) if N % G == 0 else None
+    if prompts is None or not (prompts == prompts[:, :1]).all():
+        raise ValueError(f"forward_grouped: the {N} rows are not {N // G} prompts repeated {G} times each")
+    first = torch.arange(0, N, G, device=input_ids.device)  # (B,) the first row of each group
+    if pixel_values is not None:  # the image of each group's first row (a group has an image on every row or none)
+        has_image = (input_ids == model.config.image_token_id).any(1)
+        row_image = has_image.long().cumsum(0) - 1
+        pixel_values = pixel_values[row_image[first][has_image[first]]]
+    pos = (attention_mask[first].long().cumsum(-1) - 1).clamp_min(0)
+    h = model.model(input_ids=input_ids[first], attention_mask=attention_mask[first], pixel_values=pixel_values,
+                    position_ids=pos, cache=cache, use_cache=True).last_hidden_state[:, -1]  # (B, D)
+    cache.batch_repeat_interleave(G)
+    return h.repeat_interleave(G, 0)
 
-    With `output_hidden_states=True, return_dict_in_generate=True`, `hidden_states[t + 1][-1][:, -1]`
-    is the last-layer state whose input is generated token t. A row whose `<POSE>`
-    is its very last token has no such state (its input was never fed): it counts as invalid.
 
+def forward_grouped(model, sequences, attention_mask, pixel_values, prompt_len: int, group: int, pose_token_pos):
+    """`forward_hybrid` of G answers to each of B prompts (rows b * G + i, the prompt repeated G times, as
+    in an RFT rollout), reading each prompt once: the prompt's KV cache is computed for B rows and
+    repeated G times (its gradient adds up over the copies), and only the answers run for N = B * G rows.
+    Equal to the full forward up to float rounding (a test); with gradient checkpointing while
+    training, which drops the cache, it is the full forward.
+
+    Args:
+        model: PoseLlavaForConditionalGeneration. sequences, attention_mask: (N, T_p + T), T_p = prompt_len.
+        pixel_values: (M, 3, H, W), the image rows' images. pose_token_pos: (N,) index of `<POSE>` (>= T_p;
+            another value reads answer position 0, unused).
     Returns:
-        states (B, D), valid (B,) bool, pose_pos (B,) position of `<POSE>` in `sequences` (-1 if none).
+        logits (N, T, V) where position t predicts answer token t, pose distribution (N, P), states (N, D).
     """
-    new = gen_out.sequences[:, prompt_len:]  # (B, T_new)
-    B, T_new = new.shape
-    is_pose = new == pose_token_id
-    has = is_pose.any(1)
-    first = torch.where(has, is_pose.float().argmax(1), torch.full_like(has, -1, dtype=torch.long))
-    valid = has & (first + 1 < len(gen_out.hidden_states))
-    D = gen_out.hidden_states[0][-1].shape[-1]
-    states = gen_out.hidden_states[0][-1].new_zeros(B, D)
-    for b in torch.nonzero(valid).flatten().tolist():
-        states[b] = gen_out.hidden_states[int(first[b]) + 1][-1][b, -1]
-    pose_pos = torch.where(has, first + prompt_len, first)
-    return states, valid, pose_pos
+    from transformers import DynamicCache
+
+    N, T_p, G = sequences.shape[0], prompt_len, group
+    if model.is_gradient_checkpointing and model.training and torch.is_grad_enabled():
+        logits, dist, state = model.forward_hybrid(sequences, attention_mask, pixel_values, pose_token_pos)
+        return logits[:, T_p - 1:-1], dist, state
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as forward_hybrid: real tokens only
+    cache = DynamicCache(config=model.config.text_config)
+    with autocast_context(model.config, sequences.device):
+        h_prompt = forward_grouped_prompts(model, sequences[:, :T_p], attention_mask[:, :T_p], pixel_values, G, cache)
+        h = model.model(input_ids=sequences[:, T_p:], attention_mask=attention_mask, position_ids=pos[:, T_p:],
+                        cache=cache, use_cache=True).last_hidden_state  # (N, T, D)
+        logits = model.lm_head(torch.cat([h_prompt[:, None], h[:, :-1]], 1))
+    at = (pose_token_pos - T_p).clamp(0, h.shape[1] - 1)
+    state = h[torch.arange(N, device=h.device), at]  # (N, D): the state whose input is <POSE>
+    return logits, model.pose_head.distribution(state), state
+
+
+@dataclass
+class Sampled:
+    """Answers of `sample`: N rows, T_p prompt tokens, T <= max_new_tokens new ones."""
+    sequences: torch.Tensor  # (N, T_p + T) prompt + answer (after the first eos: padding)
+    states: torch.Tensor     # (N, D) float32: the last-layer state whose input is the first <POSE> (zeros: none)
+    has_pose: torch.Tensor   # (N,) bool: the answer holds <POSE> before any eos
+    pose_pos: torch.Tensor   # (N,) position of that <POSE> in `sequences` (-1: none)
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, suppress=(), temperature: float = 1.0, group: int = 1, logits_processor=None) -> Sampled:
+    """Answer left-padded prompts token by token with a KV cache: sampled from softmax(logits /
+    temperature), or greedy at temperature 0, never emitting the image placeholder or `suppress`;
+    padding after a row's eos; stops when every row has ended. Also returns the `<POSE>` state
+    of each row, read on the way (a `<POSE>` that is the last new token gets one more forward).
+
+    The loop `generate` would run, without its per-token machinery (a step of train_rft.py spends
+    about a third of its time here). Positions count real tokens only, as in `forward_hybrid`, so
+    a state here equals the teacher-forced one. `logits_processor(t, logits)`, if given, may edit
+    the float32 logits of new token t (tests force tokens with it). `model`: the
+    PoseLlavaForConditionalGeneration (with a LoRA adapter injected, its state is the policy's).
+    `group` G > 1: the rows are prompts repeated G times each (an RFT rollout), read once each, as in
+    `forward_grouped`.
+    """
+    from transformers import DynamicCache
+
+    N, T_p = input_ids.shape
+    device = input_ids.device
+    pose_id, D = model.config.pose_token_id, model.config.text_config.hidden_size
+    suppress = sorted({model.config.image_token_id, *suppress})
+    cache = DynamicCache(config=model.config.text_config)
+    mask = attention_mask.long()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    states = torch.zeros(N, D, device=device)
+    has_pose = torch.zeros(N, dtype=torch.bool, device=device)
+    pose_pos = torch.full((N,), -1, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    new = []
+    with autocast_context(model.config, device):
+        for t in range(max_new_tokens + 1):
+            if t == max_new_tokens and not (new[-1] == pose_id).any():
+                break  # the one more forward is only for a <POSE> state
+            if t == 0 and group > 1:  # the prompts once, their cache repeated
+                h = forward_grouped_prompts(model, input_ids, mask, pixel_values, group, cache)
+            else:
+                ids = input_ids if t == 0 else new[-1][:, None]
+                h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values if t == 0 else None,
+                                position_ids=pos if t == 0 else pos[:, -1:] + t, cache=cache,
+                                use_cache=True).last_hidden_state[:, -1]  # (N, D): its input is new token t - 1
+            if t:  # the first <POSE> of a row: keep its state
+                first = (new[-1] == pose_id) & ~has_pose
+                states[first] = h[first].float()
+                pose_pos[first] = T_p + t - 1
+                has_pose = has_pose | first
+            if t == max_new_tokens:
+                break
+            logits = model.lm_head(h).float()
+            logits[:, suppress] = float("-inf")
+            if logits_processor is not None:
+                logits = logits_processor(t, logits)
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            new.append(token)
+            done = done | (token == eos_token_id)
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
+    sequences = torch.cat([input_ids, torch.stack(new, 1)], 1) if new else input_ids
+    return Sampled(sequences, states, has_pose, pose_pos)
 
 
 # ---- Presets --------------------------------------------------------------------------------

@@ -358,10 +358,15 @@ class TextPoseRetriever(nn.Module):
         return F.normalize(self.pose_mlp(x), dim=-1)
 
     def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """phi_t(q): captions -> (N, D) unit-norm embeddings (the encoder is frozen; the head keeps its graph)."""
+        """phi_t(q): captions -> (N, D) unit-norm embeddings (the encoder is frozen; the head keeps its graph).
+        Each distinct caption is encoded once (an RFT step scores G poses against each caption)."""
         texts = check_texts(texts, "embed_text")
-        sent = torch.cat([encode_sentences(texts[i:i + batch_size], self.cfg.text_encoder, self.cfg.encoder_bf16,
-                                           batch_size, self.device) for i in range(0, len(texts), batch_size)])
+        distinct = list(dict.fromkeys(texts))
+        sent = torch.cat([encode_sentences(distinct[i:i + batch_size], self.cfg.text_encoder, self.cfg.encoder_bf16,
+                                           batch_size, self.device) for i in range(0, len(distinct), batch_size)])
+        if len(distinct) < len(texts):
+            where = {t: i for i, t in enumerate(distinct)}
+            sent = sent[torch.tensor([where[t] for t in texts], device=sent.device)]
         return self.embed_sentence(sent)  # (N, D)
 
     def embed_pose(self, pose) -> torch.Tensor:

@@ -2,14 +2,15 @@
 
     for each step:                                             (Algorithm 1, lines 4-10)
         sample B prompts; G hybrid outputs each (text a_i at temperature 1, pose p_i from the
-            Gaussian head at the `<POSE>` state of generate's own hidden states)        line 6
+            Gaussian head at the `<POSE>` state read while sampling, model.sample)      line 6
         rewards: R_d = R_format (+ R_text on QA prompts) scores a_i; R_c = R_joint (image) or R_semantic
             (text) scores p_i (rewards.py)                                              line 7
         advantages F_i, Delta_i normalised within each group (Eq. 16, hygrpo.py)        line 8
         num_iterations updates of the HyGRPO objective (Eq. 6/21)                       line 9
 
-One step costs one `generate`, one reference forward without gradient, and one policy forward +
-backward per iteration: the old log-probs are the first iteration's, detached (with
+One step costs one sampling loop, one reference forward without gradient, and one policy forward +
+backward per iteration, each reading a prompt (its image and text) once for its G answers
+(model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
 same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
 adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
@@ -213,6 +214,7 @@ class Rollout:
     pose: torch.Tensor            # (N, P) the sampled action p_i (zeros where there is none)
     texts: list                   # N decoded answers
     pose_mean: torch.Tensor | None = None  # (N, P) the mean of the Gaussian p_i was drawn from
+    group: int = 1                # G (the rows are B prompts repeated G times each)
 
 
 def suppressed_tokens(policy, tokenizer) -> list:
@@ -229,12 +231,9 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     inner = policy.get_base_model()
     b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
     T_p = b.input_ids.shape[1]
-    gen = policy.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                          do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                          max_new_tokens=args.max_new_tokens, output_hidden_states=True, return_dict_in_generate=True,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          suppress_tokens=suppressed_tokens(policy, tokenizer))
-    states, has_pose, pose_pos = M.pose_states_from_generate(gen, T_p, inner.config.pose_token_id)
+    gen = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, args.max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer), args.temperature, args.group_size)
+    states, has_pose, pose_pos = gen.states, gen.has_pose, gen.pose_pos
     new = gen.sequences[:, T_p:]  # (N, T)
     is_eos = new == tokenizer.eos_token_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # tokens generated after the first eos
@@ -247,7 +246,7 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
     texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
-                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean)
+                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean, args.group_size)
 
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
@@ -288,10 +287,10 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     """Teacher-forced token log-probs of the completion (N, T) under the text policy that sampled it
     (softmax of logits / `temperature`, the suppressed tokens masked), and the pose policy (N, P), the
     head's Gaussian at `pose_temperature` (model.tempered)."""
-    logits, dist, _ = policy.forward_hybrid(ro.sequences, ro.attention_mask, ro.pixel_values,
-                                            ro.pose_pos.clamp_min(0))
     T_p = ro.prompt_len
-    logits = logits[:, T_p - 1:-1].float() / temperature  # (N, T, V): position t predicts token t + 1
+    logits, dist, _ = M.forward_grouped(policy.get_base_model(), ro.sequences, ro.attention_mask, ro.pixel_values,
+                                        T_p, ro.group, ro.pose_pos)  # each prompt read once for its G answers
+    logits = logits.float() / temperature  # (N, T, V): position t predicts answer token t
     logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
     logp = torch.log_softmax(logits, -1)
     token_logp = logp.gather(-1, ro.sequences[:, T_p:, None]).squeeze(-1)  # (N, T)

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 import body
 import data
@@ -48,53 +47,112 @@ def test_forward_backward_generate(tok, samples):
     assert out.shape == (3, p.input_ids.shape[1] + 5)
 
 
-class ForcePose(LogitsProcessor):
-    """Make generated token `at` the <POSE> token (a random model would rarely emit it)."""
+def force_pose(at: int, pose_id: int):
+    """A logits processor for M.sample making new token `at` <POSE> (a random model rarely emits it)."""
+    def process(t, logits):
+        if t == at:
+            logits = torch.full_like(logits, -1e9)
+            logits[:, pose_id] = 0
+        return logits
+    return process
 
-    def __init__(self, prompt_len, at, pose_id):
-        self.prompt_len, self.at, self.pose_id = prompt_len, at, pose_id
 
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] - self.prompt_len == self.at:
-            scores = torch.full_like(scores, -1e9)
-            scores[:, self.pose_id] = 0
-        return scores
+def mixed_prompts(samples, tok, device="cpu"):
+    """Two batches of prompts of different lengths (left padding): text-only, and with images."""
+    chosen = [samples[i] for i in range(12)]
+    chosen = [s for s in chosen if s.task == "text_to_pose"][:2] + [s for s in chosen if s.task != "text_to_pose"][:2]
+    return [data.collate(g, tok, 32, add_answer=False, pad_side="left").to(device) for g in (chosen[:2], chosen[2:])]
+
+
+def test_greedy_sample_equals_transformers_generate(tok, samples):
+    m = tiny(tok, seed=3)
+    for p in mixed_prompts(samples, tok):
+        ref = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                         max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 7, tok.eos_token_id, tok.pad_token_id,
+                       temperature=0)
+        assert torch.equal(out.sequences, ref)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples, device):
+@pytest.mark.parametrize("at", [3, 5])  # 5: <POSE> is the last new token, read by one more forward
+def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples, device, at):
     m = tiny(tok, seed=1).to(device)
-    tol = 1e-5 if device == "cpu" else 1e-4  # on CUDA, generate's cached attention sums in another order
-    # Prompts of different lengths (left padding), with and without images.
-    chosen = [samples[i] for i in range(12)]
-    chosen = [s for s in chosen if s.task == "text_to_pose"][:2] + [s for s in chosen if s.task != "text_to_pose"][:2]
-    for group in (chosen[:2], chosen[2:]):
-        p = data.collate(group, tok, 32, add_answer=False, pad_side="left").to(device)
+    tol = 1e-5 if device == "cpu" else 1e-4  # on CUDA, cached attention sums in another order
+    for p in mixed_prompts(samples, tok, device):
         T = p.input_ids.shape[1]
-        gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
-                         max_new_tokens=6, do_sample=True, pad_token_id=tok.pad_token_id,
-                         logits_processor=LogitsProcessorList([ForcePose(T, 3, m.config.pose_token_id)]),
-                         output_hidden_states=True, return_dict_in_generate=True)
-        states, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
-        assert valid.all() and (pos == T + 3).all() and states.device.type == device
-        mask = torch.cat([p.attention_mask, torch.ones(len(group), gen.sequences.shape[1] - T, dtype=torch.long,
+        out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       logits_processor=force_pose(at, m.config.pose_token_id))
+        assert out.has_pose.all() and (out.pose_pos == T + at).all() and out.states.device.type == device
+        mask = torch.cat([p.attention_mask, torch.ones(len(out.states), out.sequences.shape[1] - T, dtype=torch.long,
                                                        device=device)], 1)
-        _, dist, tf_state = m.forward_hybrid(gen.sequences, mask, p.pixel_values, pos)
-        assert torch.allclose(states, tf_state, atol=tol, rtol=tol)
-        assert torch.allclose(m.pose_head.distribution(states).mean, dist.mean, atol=tol, rtol=tol)
+        _, dist, tf_state = m.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos)
+        assert torch.allclose(out.states, tf_state, atol=tol, rtol=tol)
+        assert torch.allclose(m.pose_head.distribution(out.states).mean, dist.mean, atol=tol, rtol=tol)
 
 
-def test_pose_at_the_very_end_is_invalid(tok, samples):
-    m = tiny(tok, seed=2)
-    p = data.collate([samples[0]], tok, 32, add_answer=False, pad_side="left")
+def test_grouped_forward_and_sampling_equal_the_full_ones(tok, samples):
+    """B prompts x G answers: the prompt read once gives the full forward's answer logits, pose states and
+    gradients (float rounding apart), and greedy answers equal to ungrouped ones; mixed prompt lengths."""
+    m = M.apply_lora(tiny(tok, seed=5))
+    inner = m.get_base_model()
+    G = 3
+    chosen = [s for s in (samples[i] for i in range(12)) if s.task != "vqa"][:3]
+    p = data.collate([s for s in chosen for _ in range(G)], tok, 32, add_answer=False, pad_side="left")
     T = p.input_ids.shape[1]
-    gen = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
-                     max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id,
-                     logits_processor=LogitsProcessorList([ForcePose(T, 2, m.config.pose_token_id)]),
-                     output_hidden_states=True, return_dict_in_generate=True)
-    _, valid, pos = M.pose_states_from_generate(gen, T, m.config.pose_token_id)
-    assert not valid.any() and pos.item() == T + 2
+    torch.manual_seed(0)
+    out = M.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                   group=G, logits_processor=force_pose(2, inner.config.pose_token_id))
+    greedy = [M.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       temperature=0, group=g).sequences for g in (1, G)]
+    assert torch.equal(greedy[0], greedy[1])
+    mask = torch.cat([p.attention_mask, (out.sequences[:, T:] != tok.pad_token_id).long()], 1)
+    results = []
+    for grouped in (False, True):
+        m.zero_grad()
+        if grouped:
+            logits, dist, state = M.forward_grouped(inner, out.sequences, mask, p.pixel_values, T, G, out.pose_pos)
+        else:
+            logits, dist, state = inner.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos)
+            logits = logits[:, T - 1:-1]
+        (logits.logsumexp(-1)[mask[:, T:].bool()].sum() + dist.mean[out.has_pose].sum()).backward()
+        grads = {n: q.grad.clone() for n, q in m.named_parameters() if q.grad is not None}
+        results.append((logits, state, grads))
+    (l0, s0, g0), (l1, s1, g1) = results
+    valid = mask[:, T:].bool()
+    has = out.has_pose  # (a row that drew eos first has no <POSE>: its state is unused)
+    assert has.sum() >= 6 and torch.allclose(l0[valid], l1[valid], atol=1e-5)
+    assert torch.allclose(s0[has], s1[has], atol=1e-5) and torch.allclose(s1[has], out.states[has], atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-4, rtol=1e-4), n
+    with pytest.raises(ValueError, match="not 2 prompts repeated 3"):
+        mixed = torch.tensor([0, 3, 1, 4, 2, 5])
+        M.forward_grouped(inner, out.sequences[mixed], mask[mixed], None, T, G, out.pose_pos[mixed])
+
+
+def test_sample_draws_from_the_tempered_softmax_and_stops_at_eos(tok, samples):
+    """The first new token of one prompt repeated 4000 times: its frequencies are softmax(logits / 0.5)
+    with the image placeholder masked; rows that drew eos are padded afterwards."""
+    m = tiny(tok, seed=4)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10)  # peaked: at temperature 1 the frequencies would be 0.35 away (TV)
+    s = next(samples[i] for i in range(20) if samples[i].image is not None)  # 4000 copies, encoded once
+    p = data.collate([s] * 4000, tok, 32, add_answer=False, pad_side="left")
+    torch.manual_seed(0)
+    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 2, tok.eos_token_id, tok.pad_token_id,
+                   temperature=0.5)
+    with torch.no_grad():
+        logits = m.forward_hybrid(p.input_ids[:1], p.attention_mask[:1], p.pixel_values[:1])[0][0, -1].float()
+    logits[m.config.image_token_id] = float("-inf")
+    want = torch.softmax(logits / 0.5, -1)
+    first = out.sequences[:, p.input_ids.shape[1]]
+    freq = torch.bincount(first, minlength=len(want)).float() / len(first)
+    assert 0.3 < want.max() < 0.7 and (freq - want).abs().sum() / 2 < 0.05  # total variation
+    ended = first == tok.eos_token_id
+    if out.sequences.shape[1] > p.input_ids.shape[1] + 1:
+        assert (out.sequences[ended, -1] == tok.pad_token_id).all()
 
 
 @pytest.mark.parametrize("rank", [0, 3])

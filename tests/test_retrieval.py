@@ -139,6 +139,8 @@ def test_text_embedding_matches_the_training_cache(trained, bench):
     caps = [c[0] for c in bench["train"].captions[:8]]
     cached = m.embed_sentence(bench["sent"][bench["index"][:8, 0]])
     torch.testing.assert_close(m.embed_text(caps), cached, atol=2e-3, rtol=0)
+    repeated = [caps[i] for i in (3, 0, 3, 3, 5, 0)]  # each distinct caption encoded once, rows as asked
+    torch.testing.assert_close(m.embed_text(repeated), m.embed_text(caps)[[3, 0, 3, 3, 5, 0]], atol=1e-6, rtol=0)
 
 
 # ---- Training, caching, save / load ---------------------------------------------------------

@@ -121,28 +121,27 @@ def test_torchrun_keeps_whole_groups_per_rank_and_resumes_exactly(assets, tmp_pa
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_token_logprobs_are_those_of_the_sampling_policy(temperature):
-    """logprobs() scores each sampled token under the distribution generate drew it from: its
-    processed scores (logits / temperature, suppressed tokens masked)."""
+def test_token_logprobs_are_those_of_the_sampling_policy(temperature, monkeypatch):
+    """logprobs() scores each sampled token under the distribution the sampler drew it from:
+    softmax(logits / temperature), suppressed tokens masked."""
     import model as M
     cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
     tok = data.tiny_tokenizer(cfg)
     torch.manual_seed(0)
     policy = M.apply_lora(M.build_tiny(tok)).eval()
     tasks = data.PoseBenchTasks("train", cfg, seed=0)
-    args = train_rft.Args(temperature=temperature, max_new_tokens=8)
-    scores, generate = [], policy.generate
+    args = train_rft.Args(temperature=temperature, max_new_tokens=8, group_size=2)
+    scores, sample = [], M.sample
 
-    def generate_with_scores(**kw):
-        out = generate(**kw, output_scores=True)
-        scores.extend(out.scores)
-        return out
-    policy.generate = generate_with_scores
+    def record(t, logits):  # the logits the sampler draws from, before the temperature
+        scores.append(logits.clone())
+        return logits
+    monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=record))
     ro = train_rft.rollout(policy, tok, [tasks[i] for i in range(4) for _ in range(2)], args, "cpu")
     with torch.no_grad():
         token_logp, _ = train_rft.logprobs(policy, ro, train_rft.suppressed_tokens(policy, tok), 1.0, temperature)
     sampled = ro.sequences[:, ro.prompt_len:, None]
-    ref = torch.log_softmax(torch.stack(scores, 1).float(), -1).gather(-1, sampled).squeeze(-1)  # (N, T)
+    ref = torch.log_softmax(torch.stack(scores, 1) / temperature, -1).gather(-1, sampled).squeeze(-1)  # (N, T)
     m = ro.completion_mask
     assert m.sum() > 8 and torch.allclose(token_logp[m], ref[m], atol=1e-4)
 
