@@ -520,6 +520,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                  else 100 * m["image_to_pose/gross_state_correct"], 1)]
     enc_rows = [{"image_to_pose/mpjpe_mm": e["stage0/test/pose_vit_mpjpe_mm"],
                  "image_to_pose/pa_mpjpe_mm": e["stage0/test/pose_vit_pa_mpjpe_mm"],
+                 "image_to_pose/root_error_deg": e.get("stage0/test/pose_vit_root_error_deg"),
                  "image_to_pose/gross_state_correct": e.get("stage0/test/pose_vit_gross_state_correct")} for e in enc]
     mean_rows = [{"image_to_pose/mpjpe_mm": m["image_to_pose/mean_pose_mpjpe_mm"],
                   "image_to_pose/pa_mpjpe_mm": m["image_to_pose/mean_pose_pa_mpjpe_mm"]} for m in runs["sft"]]

@@ -80,7 +80,7 @@ import posebench
 import posevit
 import realdata
 from evaluate import evaluate_policy, setup_distributed
-from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm
+from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, root_error_deg
 from render import view_rotation
 
 
@@ -433,8 +433,13 @@ def stage0_pose_vit(model, train, evals: dict, args, device, log):
     res = {}
     with torch.no_grad():
         for name, split in evals.items():
-            pred = torch.cat([encode(split.images[i:i + 256])[:, :body.NUM_JOINTS * 3].cpu()
-                              for i in range(0, len(split), 256)]).reshape(-1, body.NUM_JOINTS, 3)
+            out = torch.cat([encode(split.images[i:i + 256]).cpu() for i in range(0, len(split), 256)])
+            pred = out[:, :body.NUM_JOINTS * 3].reshape(-1, body.NUM_JOINTS, 3)
+            if args.stage0_rot6d_weight:  # the readout's root orientation, as evaluate.py measures <POSE>'s
+                gt_root = torch.as_tensor(data.view_pose6d(split))[:, 0].float()
+                res[f"stage0/{name}/pose_vit_root_error_deg"] = root_error_deg(
+                    body.rot6d_to_matrix(out[:, body.NUM_JOINTS * 3:body.NUM_JOINTS * 3 + 6]),
+                    body.rot6d_to_matrix(gt_root)).median().item()
             gt = torch.as_tensor(split.joints_view)
             mean_pose = target.mean(0, keepdim=True).expand_as(gt)
             cam = torch.as_tensor(split.camera)
@@ -592,10 +597,15 @@ def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
             model = build().to(device).train()
         evals = {s: posebench.load_split(s, cfg) for s in ("val", "test")}
         train = posebench.load_split("train", cfg)
+        seconds = {"setup": time.time() - t0}  # the model and the splits
+        t = time.time()
         res, _ = stage0_pose_vit(model, train, evals, args, device, log)
+        seconds["pose_vit"], t = time.time() - t, time.time()
         stage0_clip(model, train, tokenizer, args, device, log)
+        seconds["clip"], t = time.time() - t, time.time()
         if args.preset == "tiny":
             stage0_lm(model, tokenizer, cfg, args, device, log)
+            seconds["lm"] = time.time() - t
         sd = {f"{name}.{k}": v.detach().cpu().contiguous()
               for name, m in stage0_parts(model, args.preset).items() for k, v in m.state_dict().items()}
         tmp = f"{folder}.{os.getpid()}.tmp"
@@ -603,11 +613,13 @@ def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
         os.makedirs(tmp)
         save_file(sd, os.path.join(tmp, "stage0.safetensors"))
         with open(os.path.join(tmp, "stage0.json"), "w") as fh:
-            json.dump({"key": what, "metrics": res, "seconds": round(time.time() - t0, 1)}, fh, indent=1)
+            json.dump({"key": what, "metrics": res, "seconds": round(time.time() - t0, 1),
+                       "seconds_by_part": {k: round(v, 1) for k, v in seconds.items()}}, fh, indent=1)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         del model
-        print(f"stage 0: trained in {time.time() - t0:.0f} s, cached in {folder}")
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        print(f"stage 0: trained in {time.time() - t0:.0f} s ({parts}), cached in {folder}")
     else:
         print(f"stage 0: found in the cache ({folder})")
     try:
@@ -745,7 +757,8 @@ def main(argv=None):
         body.atomic_write(os.path.join(args.out_dir, "stage0.json"), lambda fh: json.dump(res, fh, indent=1))
         for split in ("val", "test"):
             print(f"stage 0, pose encoder alone on {split}: MPJPE {res[f'stage0/{split}/pose_vit_mpjpe_mm']:.1f} mm, "
-                  f"PA-MPJPE {res[f'stage0/{split}/pose_vit_pa_mpjpe_mm']:.1f} mm | mean training pose: "
+                  f"PA-MPJPE {res[f'stage0/{split}/pose_vit_pa_mpjpe_mm']:.1f} mm, median root error "
+                  f"{res.get(f'stage0/{split}/pose_vit_root_error_deg', float('nan')):.1f} deg | mean training pose: "
                   f"{res[f'stage0/{split}/mean_pose_mpjpe_mm']:.1f} / {res[f'stage0/{split}/mean_pose_pa_mpjpe_mm']:.1f}")
         return
     prepare_out_dir(args.out_dir, args.resume, master)

@@ -188,6 +188,7 @@ def test_stage0_pose_vit_loss_falls(tok):
     assert len(losses) == 30
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     assert res["stage0/val/pose_vit_mpjpe_mm"] > 0 and "stage0/val/mean_pose_pa_mpjpe_mm" in res
+    assert 0 <= res["stage0/val/pose_vit_root_error_deg"] <= 180  # the 6D readout's root orientation
 
 
 def test_stage0_is_cached_and_invalidated(tok, capsys):
