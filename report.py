@@ -530,7 +530,8 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
          row("SFT, at `<POSE>`", runs["sft"], see_cols),
          row("Pose-RFT (HyGRPO), at `<POSE>`", runs["rft"], see_cols),
          row("always the mean training pose", mean_rows, see_cols)])
-        + "\nThe encoder's readout regresses joints: it has no root angle. Gross state right: of the test bodies "
+        + "\nThe encoder's root angle is that of its 6D readout ('-': its stage 0 recorded none). Gross state "
+          "right: of the test bodies "
           "that are upright or lying (the benchmark's posecodes), the share predicted so, judged with the camera "
           "undone (leaning bodies have neither posecode).\n")
 
