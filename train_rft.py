@@ -251,12 +251,15 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
 
-def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
-    """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V."""
+def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True):
+    """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V.
+    `pose_rewards` False: R_c's rewards (Eq. 7, 8) are not computed (zero, defined nowhere): plain GRPO
+    (--hybrid false) uses no R_c, and scores them only on the steps it logs (Figure 4's curves)."""
     tasks = [s.task for s in samples]
     image = torch.tensor([t == "image_to_pose" for t in tasks])
     text = torch.tensor([t == "text_to_pose" for t in tasks])
     valid = ro.has_pose.cpu() & (image | text)  # V: a pose task whose answer produced a <POSE> state
+    scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
     qa = ~(image | text)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose task's answer is a template
     r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
@@ -264,20 +267,20 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args):
         idx = torch.nonzero(qa).flatten().tolist()
         r["text"][idx] = R.text_reward([ro.texts[i] for i in idx], [samples[i].answer for i in idx], similarity)
     pose = ro.pose.float().cpu()
-    if (valid & image).any():  # Eq. 7 on the image-to-pose samples in V
-        idx = torch.nonzero(valid & image).flatten()
+    if (scored & image).any():  # Eq. 7 on the image-to-pose samples in V
+        idx = torch.nonzero(scored & image).flatten()
         joints = bodymodel.forward_rot6d(pose[idx].to(bodymodel.device)).joints  # on the GPU when training there
         gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=bodymodel.device)
         r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
-    if (valid & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
-        idx = torch.nonzero(valid & text).flatten()
+    if (scored & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
+        idx = torch.nonzero(scored & text).flatten()
         r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
     if args.zero_reward:  # Table 5: one reward zero-masked
         r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
     r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
     r_c = torch.where(image, r["joint"], r["semantic"])           # R_c scores the pose p_i
     where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
-             "joint": valid & image, "semantic": valid & text}   # the rows each reward is defined on
+             "joint": scored & image, "semantic": scored & text}  # the rows each reward is defined on
     return r, r_d, r_c, valid, where
 
 
@@ -340,8 +343,9 @@ class StepContext:
     ddp: bool = False
 
 
-def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict:
-    """One step of Algorithm 1 (lines 6-9) on B prompts x G samples. Returns the logged metrics
+def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = True) -> dict:
+    """One step of Algorithm 1 (lines 6-9) on B prompts x G samples (`logged`: its metrics will be
+    logged; plain GRPO computes the pose rewards, which no loss of it uses, only then). Returns the logged metrics
     with the time of each part, or {"skipped": what} for NaN/inf rewards ("reward"), a NaN/inf loss or
     gradient norm ("loss", "gradient": that update is not applied; with num_iterations > 1 the step's
     earlier updates stay) on any rank, or NaN/inf weights after an update ("weight", which the caller
@@ -352,7 +356,8 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args) -> dict:
     ro = rollout(policy, ctx.tokenizer, samples, args, device)  # line 6
     policy.train()
     t1 = time.time()
-    r, r_d, r_c, valid, where = score(ro, samples, ctx.similarity, ctx.retriever, ctx.bodymodel, args)  # line 7
+    r, r_d, r_c, valid, where = score(ro, samples, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
+                                      pose_rewards=args.hybrid or logged)  # line 7
     t2 = time.time()
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
     if not on_every_rank(finite, ctx.ddp, device):
@@ -525,11 +530,12 @@ def main(argv=None):
         samples = [tasks[i] for i in idx for _ in range(G)]  # (B * G) rows, prompt-major
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
-        rec = hygrpo_step(ctx, samples, B, G, args)  # lines 6-9
         done = step + 1
+        logged = done % args.log_every == 0 or done == args.steps
+        rec = hygrpo_step(ctx, samples, B, G, args, logged)  # lines 6-9
         # a skipped step: no update; the step still counts (and saves when due)
         bad = train_sft.count_bad_step(bad, rec.get("skipped"), done, args, log)
-        if "skipped" not in rec and (done % args.log_every == 0 or done == args.steps):
+        if "skipped" not in rec and logged:
             log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:  # every rank takes part

@@ -168,6 +168,11 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
     # Eq. 10 on the QA prompt only (§3.3: "in vision-language QA tasks"); a pose answer is a template
     assert r["text"].tolist() == [0.0, 0.0, 0.5] and where["text"].tolist() == [False, False, True]
     assert r_d.tolist() == [1.0, 0.0, 1.5]
+    # plain GRPO on a step it does not log: the pose rewards, which no loss uses, are not computed
+    r, r_d2, r_c, valid, where = train_rft.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args(),
+                                                 pose_rewards=False)
+    assert r["joint"].tolist() == [0.0, 0.0, 0.0] and not where["joint"].any() and valid.tolist() == [True, False, False]
+    assert torch.equal(r_d2, r_d) and torch.equal(r_c, torch.zeros(3))
 
 
 def test_nan_rewards_are_skipped_then_abort(assets, tmp_path, monkeypatch):
