@@ -1,6 +1,7 @@
 """TRL's GRPOTrainer and our `--hybrid false` step (train_rft.hygrpo_step) side by side, in one process.
 
-Optional: needs `trl` (pip install --no-deps -r requirements-trl.txt; README, "Training").
+Optional: needs `trl`, installed without touching torch, transformers or peft:
+    pip install --no-deps -r requirements-trl.txt
 
 The same work on both sides:
   - the tiny preset's model (model.build_tiny, data.tiny_tokenizer), fresh and with the same initial weights, with
