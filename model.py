@@ -673,19 +673,25 @@ def freeze_encoders(model: PoseLlavaForConditionalGeneration) -> None:
     model.model.pose_tower.requires_grad_(False)
 
 
+def lora_config(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """The peft LoraConfig of `apply_lora` (bench_trl.py hands the same one to TRL's GRPOTrainer)."""
+    from peft import LoraConfig
+
+    new_tokens = [model.config.pose_token_id]
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
+                      modules_to_save=list(MODULES_TO_SAVE),
+                      trainable_token_indices={"embed_tokens": new_tokens, "lm_head": new_tokens})
+
+
 def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
     """LoRA on the language model's linear layers only (a regex: CLIP has q_proj too); the
     projectors and pose head are fully trained and saved (`modules_to_save`), and so are the rows
     of the new tokens in the input embedding and the LM head (`trainable_token_indices`).
     Under `disable_adapter()` the result is exactly `model` as it was: the reference policy."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     freeze_encoders(model)
-    new_tokens = [model.config.pose_token_id]
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
-                     modules_to_save=list(MODULES_TO_SAVE),
-                     trainable_token_indices={"embed_tokens": new_tokens, "lm_head": new_tokens})
-    policy = get_peft_model(model, cfg)
+    policy = get_peft_model(model, lora_config(model, rank, alpha, dropout))
     upcast_trainable(policy)
     return policy
 
