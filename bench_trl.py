@@ -19,8 +19,8 @@ The same work on both sides:
     gradients clipped at norm 1;
   - the same text reward: the format reward (rewards.format_reward on the answer decoded and cut at eos as
     train_rft.score does), the only reward the `--hybrid false` loss uses on these prompts (Eq. 10 is scored on
-    QA prompts only). Our step also scores the pose (semantic) reward, which that loss does not use; TRL has no
-    pose, so that work stays in our time ("rewards");
+    QA prompts only). Our step runs as train_rft.py runs the steps it does not log, which skip the pose rewards
+    that a `--hybrid false` loss does not use;
   - float32, no gradient checkpointing, no vLLM, no logging, no evaluation, no saving, `threads` torch threads.
 Known differences, each too small to time: our sampler also suppresses the pad and bos tokens (TRL's `generate`
 only the image token, which PoseLlava's `generate` adds), and TRL's advantage adds 1e-4 to the group std, ours 1e-6.
@@ -110,7 +110,8 @@ def our_step(tok, samples, args: Args):
         t0 = time.perf_counter()
         train_rft.rollout = counted
         try:
-            rec = train_rft.hygrpo_step(ctx, [samples[s * B + i] for i in range(B) for _ in range(G)], B, G, rft)
+            rec = train_rft.hygrpo_step(ctx, [samples[s * B + i] for i in range(B) for _ in range(G)], B, G, rft,
+                                        logged=False)
         finally:
             train_rft.rollout = rollout
         wall = time.perf_counter() - t0
