@@ -209,6 +209,20 @@ def last_good(out_dir: str) -> str:
     return f"the last good checkpoint is {os.path.join(out_dir, name)} (LATEST; --resume goes on from it)"
 
 
+def prune_checkpoints(out_dir: str, keep: int, latest: str) -> list:
+    """Remove all but the newest `keep` step directories of a run (0: keep every one), never `latest`
+    (the step LATEST names, just written). Returns the names removed. Runs after a new step and LATEST
+    are complete, so a crash in between leaves one more checkpoint, never one fewer."""
+    if keep <= 0:
+        return []
+    steps = sorted(n for n in os.listdir(out_dir) if re.fullmatch(r"step-\d{6,}", n) and
+                   os.path.isdir(os.path.join(out_dir, n)))
+    old = [n for n in steps[:-keep] if n != latest]
+    for name in old:
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    return old
+
+
 def nonfinite_entries(opt, param_names) -> list:
     """The trainable parameters (and their optimizer state) holding a NaN/inf, by name: what a checkpoint
     would save of them. `param_names` names opt's parameters in order."""
@@ -339,6 +353,7 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         body.atomic_write(os.path.join(out_dir, "LATEST"), lambda fh: fh.write(os.path.basename(final)))
+        prune_checkpoints(out_dir, getattr(args, "keep_checkpoints", 0), os.path.basename(final))
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _no_space(e, out_dir):

@@ -161,6 +161,9 @@ class Args:
         "help": "abort after this many consecutive steps skipped for NaN/inf rewards, loss or gradients"})
     log_every: int = field(default=5, metadata={"help": "log every n steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every n steps"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "keep the newest K checkpoints (step-*/), removing older ones once a new one is written; LATEST's "
+                "is never removed; 0 keeps every one"})
     eval_samples: int | None = field(default=None, metadata={
         "help": "posebench poses of eval_split for the final evaluation; default by preset: 1000, llava-1.5-7b 0"})
     eval_split: str = field(default="test", metadata={

@@ -149,6 +149,9 @@ class Args:
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
     log_every: int = field(default=50, metadata={"help": "log metrics every n steps"})
     save_every: int = field(default=400, metadata={"help": "checkpoint every n steps"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "keep the newest K checkpoints (step-*/), removing older ones once a new one is written; LATEST's "
+                "is never removed; 0 keeps every one"})
     eval_samples: int | None = field(default=None, metadata={
         "help": "posebench test poses of the final evaluation; default by preset: 1000, llava-1.5-7b 0 (none)"})
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
@@ -186,6 +189,7 @@ PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
 
 # flags every training script needs >= a minimum or > 0 (checkpoint.check_flags; a script adds its own)
 AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
+                keep_checkpoints=0,
                 n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
                 stop_after=0, max_length=0, weight_decay=0.0)
 POSITIVE = ("lr", "grad_clip")

@@ -22,6 +22,7 @@ class Flags:
     lr: float = 1e-3
     steps: int = 4
     mix: list = field(default_factory=lambda: [0.4, 0.4, 0.2])
+    keep_checkpoints: int = 0
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,18 @@ def test_flags_and_out_dirs_are_checked_before_any_work(tmp_path):
         checkpoint.check_writable("/proc/x")
     checkpoint.check_writable(str(tmp_path / "new" / "dir"))
     assert os.listdir(tmp_path) == []  # the probe and the directories made for it are removed
+
+
+def test_keep_checkpoints_removes_older_steps_never_latest(run, tmp_path):
+    out, policy, opt, names = run
+    d = copy_run(out, tmp_path / "run")
+    for step in (6, 8, 10):
+        checkpoint.save_checkpoint(str(d), step, policy, opt, Flags(keep_checkpoints=2), names)
+        assert (d / "LATEST").read_text() == f"step-{step:06d}"
+    assert sorted(n for n in os.listdir(d) if n.startswith("step-")) == ["step-000008", "step-000010"]
+    checkpoint.save_checkpoint(str(d), 12, policy, opt, Flags(keep_checkpoints=0), names)  # 0: keep every one
+    assert sorted(n for n in os.listdir(d) if n.startswith("step-")) == ["step-000008", "step-000010", "step-000012"]
+    # LATEST names an older step (a resume went back to it): that one stays, whatever its age
+    assert checkpoint.prune_checkpoints(str(d), 1, "step-000008") == ["step-000010"]
+    assert sorted(n for n in os.listdir(d) if n.startswith("step-")) == ["step-000008", "step-000012"]
+    assert checkpoint.run_step(str(d), "--ckpt") == str(d / "step-000012")
