@@ -486,8 +486,8 @@ def stage0_clip(model, train, tokenizer, args, device, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": acc})
+    if steps:  # (0 epochs: the tower stays as initialised)
+        log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": (logits.argmax(1) == labels).float().mean().item()})
 
 
 def stage0_lm_texts(cfg: posebench.BenchConfig) -> list:
@@ -518,7 +518,8 @@ def stage0_lm(model, tokenizer, cfg, args, device, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    log({"stage0/lm_loss": loss.item()})
+    if args.stage0_lm_steps:
+        log({"stage0/lm_loss": loss.item()})
 
 
 def stage0_parts(model, preset: str) -> dict:

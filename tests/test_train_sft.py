@@ -296,3 +296,15 @@ def test_base_built_with_other_flags_is_refused(tmp_path):
     (base / train_sft.BASE_FLAGS).write_text("{not json")
     with pytest.raises(SystemExit, match="without a readable built_by.json"):
         train_sft.check_base_flags(str(base), built)
+
+
+def test_stage0_parts_with_no_steps_leave_the_model_as_it_is(tok):
+    """--stage0_clip_epochs 0 and --stage0_lm_steps 0 skip those parts (they crashed on an unbound loss)."""
+    torch.manual_seed(0)
+    base = M.build_tiny(tok)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    args = train_sft.Args(**{**STAGE0, "stage0_clip_epochs": 0.0, "stage0_lm_steps": 0})
+    logged = []
+    train_sft.stage0_clip(base, posebench.load_split("train", CFG), tok, args, "cpu", logged.append)
+    train_sft.stage0_lm(base, tok, CFG, args, "cpu", logged.append)
+    assert logged == [] and all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
