@@ -175,6 +175,20 @@ def smplh_to_smpl24(poses: np.ndarray) -> np.ndarray:
 _Y_UP = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # Rx(-pi/2): AMASS's z-up world -> SMPL's y-up
 
 
+def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
+    """The text-to-pose frame of every path (policy targets, retrievers, rewards, metrics): a root
+    orientation in AMASS's z-up world, PoseScript-normalised (`posescript_normalize`), then written
+    in SMPL's y-up world (x left, y up, z forward), posebench's frame. (N, 3) -> (N, 3) axis-angle.
+
+    A body turned about the vertical axis gives the same result. posebench's poses (zero yaw by
+    construction: the forward axis in the y-z plane) are in it when their root has no roll, and
+    nearly so upright (median 0.4 deg about the vertical); PoseScript's rule fixes the body's
+    left-right axis instead, so lying bodies differ (on the back or front by a median 9 deg, on the
+    side, where that axis is vertical and the rule ill-defined, by 90)."""
+    R = body.axis_angle_to_matrix(torch.as_tensor(posescript_normalize(global_orient_zup))).numpy()
+    return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
+
+
 def _targets(pose_aa: np.ndarray, bodymodel=None, betas=None):
     """(N, 24, 3) axis-angle -> pose6d (N, 24, 6) and, with a BodyModel, pelvis-centred joints (N, 24, 3) m."""
     pose6d = pose_aa_to_6d(pose_aa)
@@ -197,9 +211,10 @@ class PoseScript(torch.utils.data.Dataset):
         amass_root/<sequence npz>                               'poses' (T, 156): SMPL+H axis-angle, radians
     A pose of the split counts if one of the chosen caption files describes it ("human" alone is
     PoseScript-H2, the paper's text-to-pose test set). The target is SMPL's 24 joints (hands at
-    identity), the global orientation normalised about the vertical axis as PoseScript does
-    (`posescript_normalize`), in AMASS's z-up frame (PoseScript's, which its retrieval models
-    expect) or, with `y_up`, in SMPL's y-up frame (posebench's canonical one).
+    identity) in the one text-to-pose frame of this project (`text_pose_frame`): the global
+    orientation normalised about the vertical axis as PoseScript does (`posescript_normalize`),
+    then turned from AMASS's z-up world into SMPL's y-up one, posebench's: an upright body faces
+    +z with the identity root. The policy, the retrievers, the rewards and the metrics see it so.
 
     Args:
         root: the PoseScript release directory. amass_root: AMASS's SMPL+H G directory.
@@ -213,7 +228,7 @@ class PoseScript(torch.utils.data.Dataset):
     IDS_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
 
     def __init__(self, root: str, amass_root: str, split: str = "train", captions: Sequence[str] = ("human", "auto"),
-                 bodymodel=None, y_up: bool = False, seed: int = 0):
+                 bodymodel=None, seed: int = 0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
         bad = [c for c in captions if c not in self.CAPTION_FILES]
@@ -221,7 +236,7 @@ class PoseScript(torch.utils.data.Dataset):
             raise ValueError(f"{self.NAME}: captions must be among {tuple(self.CAPTION_FILES)}, got {tuple(captions)}")
         _need(self.NAME, root, "release directory", POSESCRIPT_SOURCE)
         self.amass_root = _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE)
-        self.bodymodel, self.y_up, self.seed = bodymodel, y_up, seed
+        self.bodymodel, self.seed = bodymodel, seed
         ids_path = os.path.join(root, self.IDS_FILE)
         info = _read_json(self.NAME, ids_path, POSESCRIPT_SOURCE, '{"<pose id>": ["AMASS", "<npz path>", frame]}')
         split_path = os.path.join(root, f"{split}_ids_100k.json")
@@ -288,10 +303,7 @@ class PoseScript(torch.utils.data.Dataset):
             raise DataFormatError(f"{_where(self.NAME, path, self.ids[i])}: frame {frame} out of range for "
                                   f"{len(poses)} frames")
         aa = smplh_to_smpl24(poses[frame][None])[0]  # (24, 3)
-        aa[0] = posescript_normalize(aa[:1])[0]
-        if self.y_up:
-            R = _Y_UP @ body.axis_angle_to_matrix(torch.as_tensor(aa[:1])).numpy()[0]
-            aa[0] = body.matrix_to_axis_angle(torch.as_tensor(R[None])).numpy()[0]
+        aa[0] = text_pose_frame(aa[:1])[0]
         return aa
 
     def __getitem__(self, i: int) -> Sample:
