@@ -663,6 +663,11 @@ def real_eval_inputs(args: Args, device) -> dict:
                                  for k in ("eval", "reward")}
     except (FileNotFoundError, ValueError) as e:  # realdata.DataFormatError is a ValueError
         raise SystemExit(f"evaluate.py: {e}") from None
+    found = [p for ds in [*out["image_sets"].values(), *([out["text_set"]] if out["text_set"] else [])]
+             for p in ds.preflight()]  # the files the records name: AMASS sequences, a sample of the images
+    if found:
+        raise SystemExit("evaluate.py: real test sets: problems in the files their records name (nothing was "
+                         "evaluated):\n  - " + "\n  - ".join(found))
     return out
 
 

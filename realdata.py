@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -55,8 +56,6 @@ class DataFormatError(ValueError):
 
 def _load_npz(dataset: str, path: str, what: str, source: str):
     """np.load of an npz (no pickles), DataFormatError naming the file if it is not one (truncated, corrupt)."""
-    import zipfile
-
     _need(dataset, path, what, source)
     problem = "not a zip archive"
     if zipfile.is_zipfile(path):
@@ -110,6 +109,43 @@ def _need(dataset: str, path: str, what: str, source: str) -> str:
     return path
 
 
+# The preflight (`preflight` of each dataset, train_sft.preflight_real) checks the files of this many records
+# per dataset, spread over them: a wrong image directory or a partial download shows in any sample.
+IMAGE_SAMPLE = 64
+
+
+def _spread(n: int, k: int = IMAGE_SAMPLE) -> list:
+    """At most k indices spread evenly over range(n), first and last included."""
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, k))}) if n else []
+
+
+def _missing_images(dataset: str, img_dir: str, records, source: str) -> list:
+    """Problems for the images of `records` ((record, relative path) pairs) that are not files in img_dir."""
+    gone = [(r, rel) for r, rel in records if not os.path.isfile(os.path.join(img_dir, rel))]
+    if not gone:
+        return []
+    r, rel = gone[0]
+    return [f"{_where(dataset, os.path.join(img_dir, rel), r)}: image not found ({len(gone)} of the {len(records)} "
+            f"records checked name a missing image); pass the directory that holds them, as each record names it "
+            f"(the images come from {source})"]
+
+
+def npz_headers(path: str) -> dict:
+    """{array name: (shape, dtype)} of an npz read from its .npy headers alone (no array is loaded).
+    OSError / ValueError / zipfile.BadZipFile for a file that is not one."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".npy"):
+                with zf.open(name) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                out[name[:-4]] = (shape, dtype)
+    return out
+
+
 def _read_json(dataset: str, path: str, source: str, schema: str):
 
     _need(dataset, path, "file", source)
@@ -117,7 +153,8 @@ def _read_json(dataset: str, path: str, source: str, schema: str):
         with open(path) as fh:
             return json.load(fh)
     except ValueError as err:
-        raise DataFormatError(f"{_where(dataset, path)}: not valid JSON ({err}); expected {schema}") from None
+        raise DataFormatError(f"{_where(dataset, path)}: not valid JSON ({err}); expected {schema}; a truncated or "
+                              f"damaged file: download it again ({source})") from None
 
 
 def _read_pickle(dataset: str, path: str, source: str):
@@ -282,6 +319,36 @@ class PoseScript(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def preflight(self) -> list:
+        """Problems of the AMASS sequences the poses name, from the npz headers alone: every file
+        exists, holds 'poses' (T, 156) of numbers, and T covers every frame asked of it."""
+        frames = collections.defaultdict(list)  # sequence -> [(pose id, frame)]
+        for pid, (rel, frame) in zip(self.ids, self.refs):
+            frames[rel].append((pid, frame))
+        problems = []
+        for rel, asked in frames.items():
+            path = os.path.join(self.amass_root, rel)
+            where = _where(self.NAME, path, asked[0][0])
+            if not os.path.isfile(path):
+                problems.append(f"{where}: AMASS sequence not found ({len(asked)} pose(s) of the split name it); pass "
+                                f"the AMASS directory holding it ({AMASS_SOURCE})")
+                continue
+            try:
+                shape, dtype = npz_headers(path).get("poses", (None, None))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                problems.append(f"{where}: not a readable npz ({type(err).__name__}: {err}); download it again "
+                                f"({AMASS_SOURCE})")
+                continue
+            if shape is None or len(shape) != 2 or shape[1] != 156 or dtype.kind != "f":
+                problems.append(f"{where}: 'poses' is {'missing' if shape is None else f'{shape} {dtype}'}; expected "
+                                f"floats (T, 156), SMPL+H's 52 joints x 3 (AMASS's SMPL+H G format, {AMASS_SOURCE})")
+                continue
+            bad = [(pid, f) for pid, f in asked if not 0 <= f < shape[0]]
+            if bad:
+                problems.append(f"{_where(self.NAME, path, bad[0][0])}: frame {bad[0][1]} out of range for {shape[0]} "
+                                f"frames ({len(bad)} pose(s)); the release and the AMASS files are of different versions")
+        return problems
+
     def pose_aa(self, i: int) -> np.ndarray:
         """The target of pose i: (24, 3) axis-angle, radians, orientation normalised."""
         rel, frame = self.refs[i]
@@ -414,6 +481,10 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         N = len(arr["imgname"])
         if N == 0:
             raise DataFormatError(f"{_where(name, npz_path)}: no records (imgname is empty); expected {self.SCHEMA}")
+        for k, v in arr.items():
+            if v.dtype.kind not in ("US" if k == "imgname" else "fiub"):
+                raise DataFormatError(f"{_where(name, npz_path)}: {k} has dtype {v.dtype}; expected "
+                                      f"{'strings' if k == 'imgname' else 'numbers'} ({self.SCHEMA})")
         for k, tail in self.SHAPES.items():
             if k in arr and arr[k].shape != (N, *tail):
                 raise DataFormatError(f"{_where(name, npz_path)}: {k} has shape {arr[k].shape}; expected "
@@ -434,6 +505,24 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _imgname(self, r: int) -> str:
+        rel = self.arr["imgname"][r]
+        return rel.decode() if isinstance(rel, bytes) else str(rel)
+
+    def preflight(self) -> list:
+        """Problems that drawing a record would meet only then: non-finite poses or centres, box sizes
+        <= 0 (every served record), missing images (IMAGE_SAMPLE records spread over them)."""
+        a, rows, problems = self.arr, self.rows, []
+        bad = ~np.isfinite(a["center"][rows]).all(1) | ~(self.box_wh[rows] > 0).all(1)
+        if "body_pose" in a:
+            bad |= self.has_pose[rows] & ~np.isfinite(a["body_pose"][rows]).all(1)
+        if bad.any():
+            problems.append(f"{_where(self.name, self.npz_path, int(rows[bad][0]))}: non-finite pose or center, or a "
+                            f"box size <= 0, in {int(bad.sum())} record(s), first {rows[bad][:5].tolist()}; remove "
+                            "those records from the npz or use the original file")
+        sample = [(int(r), self._imgname(int(r))) for r in rows[_spread(len(rows))]]
+        return problems + _missing_images(self.name, self.img_dir, sample, HMR2_DATA_SOURCE)
+
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
 
@@ -444,8 +533,7 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
     def sample(self, i: int, paraphrase: int = 0) -> Sample:
         r = int(self.rows[i])
         a = self.arr
-        rel = a["imgname"][r]
-        rel = rel.decode() if isinstance(rel, bytes) else str(rel)
+        rel = self._imgname(r)
         pose = a["body_pose"][r].astype(np.float64).reshape(1, body.NUM_JOINTS, 3) if self.has_pose[r] else None
         if (pose is not None and not np.isfinite(pose).all()) or not np.isfinite(a["center"][r]).all() \
                 or not (self.box_wh[r] > 0).all():
@@ -591,6 +679,11 @@ class BEDLAMScript(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def preflight(self) -> list:
+        """Problems of the images of IMAGE_SAMPLE humans spread over the captioned ones: missing files."""
+        sample = [(i, self.items[i][0]) for i in _spread(len(self.items))]
+        return _missing_images(self.NAME, self.img_dir, sample, BEDLAM_SCRIPT_SOURCE)
+
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
 
@@ -664,6 +757,9 @@ class LLaVAInstruct(torch.utils.data.Dataset):
                         and a.get("from") == "gpt" and isinstance(q.get("value"), str) and isinstance(a.get("value"), str)):
                     raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: turn {t} is not a human/gpt pair "
                                           f"with string values; expected {schema}")
+                if not isinstance(rec.get("image", ""), str):
+                    raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: \"image\" is a "
+                                          f"{type(rec['image']).__name__}; expected a file name in the image directory")
                 question = " ".join(q["value"].replace(IMAGE_TOKEN, " ").split())
                 self.turns.append((k, rec.get("image"), question, a["value"].strip()))
         if not self.turns:
@@ -671,6 +767,11 @@ class LLaVAInstruct(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.turns)
+
+    def preflight(self) -> list:
+        """Problems of the images of IMAGE_SAMPLE records spread over those that name one: missing files."""
+        named = [(k, image) for k, image, _, _ in self.turns if image is not None]
+        return _missing_images(self.NAME, self.image_dir, [named[i] for i in _spread(len(named))], LLAVA_INSTRUCT_SOURCE)
 
     def draw(self, i: int, rng: np.random.Generator) -> Sample:
         """Turn i (nothing to draw: `Mixture`'s interface)."""
