@@ -373,6 +373,13 @@ class PoseScript(torch.utils.data.Dataset):
         aa[0] = text_pose_frame(aa[:1])[0]
         return aa
 
+    def all_pose_aa(self) -> np.ndarray:
+        """Every pose's target, (N, 24, 3) as `pose_aa`, each AMASS sequence read once (retrieval.py)."""
+        out = np.zeros((len(self), body.NUM_JOINTS, 3))
+        for i in sorted(range(len(self)), key=lambda i: self.refs[i][0]):
+            out[i] = self.pose_aa(i)
+        return out
+
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
 
@@ -633,8 +640,9 @@ class BEDLAMScript(torch.utils.data.Dataset):
             raise ValueError(f"{self.NAME}: split must be training or validation and task describe or "
                              f"image_to_pose, got {split!r}, {task!r}")
         self.task, self.image_size, self.bodymodel, self.seed = task, image_size, bodymodel, seed
-        self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split)
-        ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
+        self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split) \
+            if img_dir else None  # None: poses and captions only (retrieval.py)
+        ann_path = self.ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
         sel_path = os.path.join(processed_dir, f"imgpaths_bedlam_to_selected_human_index_{split}_try.pkl")
         cap_path, captioned = self.captioned_ids(processed_dir, split)
         ann = _read_pickle(self.NAME, ann_path, BEDLAM_SCRIPT_SOURCE)
@@ -682,7 +690,23 @@ class BEDLAMScript(torch.utils.data.Dataset):
     def preflight(self) -> list:
         """Problems of the images of IMAGE_SAMPLE humans spread over the captioned ones: missing files."""
         sample = [(i, self.items[i][0]) for i in _spread(len(self.items))]
-        return _missing_images(self.NAME, self.img_dir, sample, BEDLAM_SCRIPT_SOURCE)
+        return _missing_images(self.NAME, self.img_dir, sample, BEDLAM_SCRIPT_SOURCE) if self.img_dir else []
+
+    def text_pose_aa(self) -> np.ndarray:
+        """Every captioned human's pose in the text-to-pose frame (`text_pose_frame`), (N, 24, 3) axis-angle,
+        SMPL-X's 21 body joints as SMPL's, hands at identity. BEDLAM's y-up world orientation
+        (smplx_global_orient) is turned into AMASS's z-up one first, as PoseEmbroider does (its bedlam.py)."""
+        out = np.zeros((len(self.items), body.NUM_JOINTS, 3))
+        for i, (img, human, _) in enumerate(self.items):
+            if np.size(human.get("smplx_global_orient", ())) != 3:
+                raise DataFormatError(f"{_where(self.NAME, self.ann_path, img)}: captioned human {i} has no "
+                                      "smplx_global_orient (3 values); the text-to-pose pose needs the world orientation "
+                                      f"that {BEDLAM_SCRIPT_SOURCE} (step 2) writes")
+            orient = _Y_UP.T @ body.axis_angle_to_matrix(torch.as_tensor(
+                np.asarray(human["smplx_global_orient"], dtype=np.float64).reshape(1, 3))).numpy()[0]
+            out[i, 0] = text_pose_frame(body.matrix_to_axis_angle(torch.as_tensor(orient[None])).numpy())[0]
+            out[i, 1:22] = np.asarray(human["smplx_body_pose"], dtype=np.float64).reshape(21, 3)
+        return out
 
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
@@ -696,6 +720,8 @@ class BEDLAMScript(torch.utils.data.Dataset):
         from PIL import Image
 
         img, human, texts = self.items[i]
+        if self.img_dir is None:
+            raise ValueError(f"{self.NAME}: no image directory was given; pass img_dir to draw image samples")
         image = _load_rgb(self.NAME, os.path.join(self.img_dir, img), f"item {i}", BEDLAM_SCRIPT_SOURCE)
         if "closeup" in img:  # stored turned; PoseEmbroider turns them back by 90 deg clockwise
             image = np.asarray(Image.fromarray(image).transpose(Image.Transpose.ROTATE_270))

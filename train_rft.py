@@ -462,9 +462,13 @@ def main(argv=None):
     evaluating = not real and args.eval_samples > 0
     for flag in ("reward_retriever",) + (("eval_retriever",) if evaluating else ()):
         try:  # before any work: the files only (the models load where they did, for the same random streams)
-            retrieval.check_retriever(getattr(args, flag))
+            trained_on = retrieval.check_retriever(getattr(args, flag))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--{flag}: {e}") from None
+        if real and master and trained_on.get("bench_key"):
+            print(f"warning: --{flag} {getattr(args, flag)} was trained on posebench ({trained_on['train_poses']}), so "
+                  "the semantic reward (Eq. 8) scores real captions out of domain; train it on PoseScript: "
+                  "`python retrieval.py --posescript_dir ... --amass_dir ... --smpl_path ...`")
     sft_step = None if args.resume else checkpoint.run_step(args.sft_dir, "--sft_dir")
     sft_bench = {} if real or sft_step is None else trained_args(sft_step)
     if sft_bench.get("n_train", args.n_train) != args.n_train:

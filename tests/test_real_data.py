@@ -401,6 +401,28 @@ def bedlam(tmp_path):
     return str(proc), str(imgs), ann, a, c
 
 
+def test_bedlam_script_text_poses_in_the_text_to_pose_frame(bedlam):
+    """BEDLAM's y-up world orientation reaches the text-to-pose frame: an upright body turned about BEDLAM's
+    vertical gets the identity root; without images, poses and captions are still read (retrieval.py)."""
+    proc, imgs, ann, a, c = bedlam
+    ann[a][0]["smplx_global_orient"] = aa(rot("y", 0.7))[None].astype(np.float32)  # upright, turned
+    ann[c][0]["smplx_global_orient"] = aa(rot("y", -2.0) @ rot("x", 0.5))[None].astype(np.float32)  # bent forward
+    with open(os.path.join(proc, "bedlam_training_try.pkl"), "wb") as fh:
+        pickle.dump(ann, fh)
+    ds = realdata.BEDLAMScript(proc, "", "training")
+    poses = ds.text_pose_aa()
+    assert np.allclose(poses[0, 0], 0, atol=1e-6) and np.allclose(mat(poses[1, 0]), rot("x", 0.5), atol=1e-6)
+    assert np.allclose(poses[0, 1:22], ann[a][0]["smplx_body_pose"]) and np.allclose(poses[:, 22:], 0)
+    assert ds.preflight() == []
+    with pytest.raises(ValueError, match="no image directory was given"):
+        ds.sample(0)
+    del ann[a][0]["smplx_global_orient"]
+    with open(os.path.join(proc, "bedlam_training_try.pkl"), "wb") as fh:
+        pickle.dump(ann, fh)
+    with pytest.raises(realdata.DataFormatError, match="bedlam_training_try.pkl, record .*seq_000001.*no smplx_global_orient"):
+        realdata.BEDLAMScript(proc, "", "training").text_pose_aa()
+
+
 def test_bedlam_script_describe_and_pose(bedlam):
     proc, imgs, ann, a, c = bedlam
     ds = realdata.BEDLAMScript(proc, imgs, "train", image_size=64)
