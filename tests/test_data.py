@@ -265,8 +265,8 @@ def test_collate_prompt_only_left_padded_is_a_prefix(mixed, tok):
 
 def llama_style_tokenizer(texts, scheme: str):
     """A subword (BPE) tokenizer in LLaMA's form, trained here on `texts`: SentencePiece-style pieces
-    ("▁" marks a word start; merges stay within words), LLaVA's special tokens, <POSE> added as
-    build_llava_7b adds it. scheme "legacy": the normalizer of llava-hf's tokenizer.json (prepend
+    ("▁" marks a word start; merges stay within words), LLaVA's special tokens (<POSE> is
+    build_llava_7b's to add). scheme "legacy": the normalizer of llava-hf's tokenizer.json (prepend
     "▁", spaces to "▁": a text starting with a space gets "▁▁"); "first": transformers 5's LlamaTokenizer
     (a Metaspace pre-tokenizer that prepends "▁" to the first piece only)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -283,10 +283,8 @@ def llama_style_tokenizer(texts, scheme: str):
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", additional_special_tokens=["<image>"])
-    fast.add_special_tokens({"additional_special_tokens": ["<POSE>"]})
-    return fast
 
 
 @pytest.mark.parametrize("scheme", ["legacy", "first"])
@@ -296,6 +294,7 @@ def test_collate_with_a_subword_tokenizer_labels_exactly_the_answer(mixed, schem
     prompt-only encoding is their prefix."""
     texts = [data.chat_text(s.prompt, s.answer) for s in mixed] + [t for ps in data.PROMPTS.values() for t in ps]
     tok = llama_style_tokenizer(texts, scheme)
+    tok.add_special_tokens({"additional_special_tokens": ["<POSE>"]})  # as build_llava_7b adds it
     pieces = tok.tokenize(data.chat_text(mixed[0].prompt, None))
     assert any(len(p) > 3 for p in pieces) and len(pieces) > len(data.chat_text(mixed[0].prompt, None).split())  # subwords
     n_img = 3

@@ -358,14 +358,20 @@ def write_posescript_release(root, amass, train, test, rng):
             json.dump(obj, fh)
 
 
-def write_bedlam_script(processed, poses, rng):
+def write_bedlam_script(processed, poses, rng, img_dir=None):
     """PoseEmbroider's processed BEDLAM-Script files (do.sh without --farther_sample: every selected human
-    captioned), one human per image, the world orientation in BEDLAM's y-up world."""
+    captioned), one human per image, the world orientation in BEDLAM's y-up world; with img_dir, the
+    images too (img_dir/training/...)."""
     import pickle
+
+    from PIL import Image
 
     aa, captions = poses
     orient = turned(aa, "bedlam", rng)
     imgs = [f"seq_{i:06d}/png/seq_{i:06d}_0000.png" for i in range(len(aa))]
+    for img in imgs if img_dir else []:
+        os.makedirs(os.path.dirname(os.path.join(img_dir, "training", img)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (128, 96, 3), dtype=np.uint8)).save(os.path.join(img_dir, "training", img))
     ann = {img: [{"smplx_root_cam": rng.normal(0, 0.3, 3), "smplx_global_orient": orient[i][None],
                   "smplx_body_pose": aa[i, 1:22], "smplx_tight_bbox": np.array([10.0, 10, 60, 120])}]
            for i, img in enumerate(imgs)}
