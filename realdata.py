@@ -220,7 +220,7 @@ def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
     A body turned about the vertical axis gives the same result. posebench's poses (zero yaw by
     construction: the forward axis in the y-z plane) are in it when their root has no roll, and
     nearly so upright (median 0.4 deg about the vertical); PoseScript's rule fixes the body's
-    left-right axis instead, so lying bodies differ (on the back or front by a median 9 deg, on the
+    left-right axis instead, so lying bodies differ (on the back or front by a median 8-9 deg, on the
     side, where that axis is vertical and the rule ill-defined, by 90)."""
     R = body.axis_angle_to_matrix(torch.as_tensor(posescript_normalize(global_orient_zup))).numpy()
     return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
