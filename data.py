@@ -366,9 +366,10 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
     """Encode samples as bos + chat_text(prompt, answer) + eos and pad them into a `Batch`.
 
     IMAGE_TOKEN in a prompt becomes `num_image_tokens` image ids (LLaVA: one placeholder per
-    visual token). The prompt and the answer are encoded separately and concatenated, so the
-    prompt-only encoding (add_answer=False, used by generation with pad_side="left") is a
-    prefix of the full one. Only the answer ids and the eos are supervised. With `max_length`
+    visual token). The answer's ids are those of the whole turn's encoding after the prompt-only
+    encoding (add_answer=False, used by generation with pad_side="left"), which must be its
+    prefix: the model is trained on the ids it reads and generates. Only the answer ids and the
+    eos are supervised. With `max_length`
     (LLaVA-1.5 trains at 2048), a longer sample's answer is cut at that length, as LLaVA cuts it
     (real free-form answers run to hundreds of tokens; posebench's are far shorter).
 
@@ -408,13 +409,19 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     pose_id = tokenizer.convert_tokens_to_ids(POSE_TOKEN)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    prompts = [chat_text(s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens), None) for s in samples]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    if add_answer:
-        answer_ids = [a + [tokenizer.eos_token_id] for a in
-                      tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]]
-    else:
-        answer_ids = [[] for _ in samples]
+    prompts = [s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens) for s in samples]
+    prompt_ids = tokenizer([chat_text(p, None) for p in prompts], add_special_tokens=False)["input_ids"]
+    answer_ids = [[] for _ in samples]
+    if add_answer:  # the answer's ids as the whole turn encodes them: " " + answer alone would differ for
+        # LLaMA's tokenizer (its normaliser prepends "▁" to a text, so a leading space becomes a "▁" token)
+        whole = tokenizer([chat_text(p, s.answer) for p, s in zip(prompts, samples)], add_special_tokens=False)
+        for k, (p, w) in enumerate(zip(prompt_ids, whole["input_ids"])):
+            if w[:len(p)] != p:
+                raise ValueError(f"collate: sample {k} ({samples[k].task}, {samples[k].index}): the tokenizer "
+                                 "encodes the prompt differently when the answer follows it (a token across "
+                                 "'ASSISTANT:' and the answer), so the ids generation starts from would not be "
+                                 "those trained on; use a tokenizer whose tokens stop at spaces (LLaMA's do)")
+            answer_ids[k] = w[len(p):] + [tokenizer.eos_token_id]
     if max_length is not None:
         for k, (s, p) in enumerate(zip(samples, prompt_ids)):
             room = max_length - len(bos) - len(p)

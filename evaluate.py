@@ -661,8 +661,19 @@ def real_eval_inputs(args: Args, device) -> dict:
             out["text_set"] = realdata.PoseScript(args.posescript_dir, args.amass_dir, args.split, captions=("human",))
             out["retrievers"] = {k: retrieval.load_retriever(getattr(args, f"{k}_retriever"), device)
                                  for k in ("eval", "reward")}
+            for k, r in out["retrievers"].items():
+                if r.cfg.bench_key:
+                    print(f"warning: --{k}_retriever was trained on posebench ({r.cfg.train_poses}), so its "
+                          "PoseScript-H2 recall scores real captions out of domain; train the retrievers on "
+                          "PoseScript and BEDLAM-Script (`python retrieval.py --posescript_dir ... --amass_dir ... "
+                          "--bedlam_script_dir ...`)")
     except (FileNotFoundError, ValueError) as e:  # realdata.DataFormatError is a ValueError
         raise SystemExit(f"evaluate.py: {e}") from None
+    found = [p for ds in [*out["image_sets"].values(), *([out["text_set"]] if out["text_set"] else [])]
+             for p in ds.preflight()]  # the files the records name: AMASS sequences, a sample of the images
+    if found:
+        raise SystemExit("evaluate.py: real test sets: problems in the files their records name (nothing was "
+                         "evaluated):\n  - " + "\n  - ".join(found))
     return out
 
 

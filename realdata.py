@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -55,8 +56,6 @@ class DataFormatError(ValueError):
 
 def _load_npz(dataset: str, path: str, what: str, source: str):
     """np.load of an npz (no pickles), DataFormatError naming the file if it is not one (truncated, corrupt)."""
-    import zipfile
-
     _need(dataset, path, what, source)
     problem = "not a zip archive"
     if zipfile.is_zipfile(path):
@@ -110,6 +109,43 @@ def _need(dataset: str, path: str, what: str, source: str) -> str:
     return path
 
 
+# The preflight (`preflight` of each dataset, train_sft.preflight_real) checks the files of this many records
+# per dataset, spread over them: a wrong image directory or a partial download shows in any sample.
+IMAGE_SAMPLE = 64
+
+
+def _spread(n: int, k: int = IMAGE_SAMPLE) -> list:
+    """At most k indices spread evenly over range(n), first and last included."""
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, k))}) if n else []
+
+
+def _missing_images(dataset: str, img_dir: str, records, source: str) -> list:
+    """Problems for the images of `records` ((record, relative path) pairs) that are not files in img_dir."""
+    gone = [(r, rel) for r, rel in records if not os.path.isfile(os.path.join(img_dir, rel))]
+    if not gone:
+        return []
+    r, rel = gone[0]
+    return [f"{_where(dataset, os.path.join(img_dir, rel), r)}: image not found ({len(gone)} of the {len(records)} "
+            f"records checked name a missing image); pass the directory that holds them, as each record names it "
+            f"(the images come from {source})"]
+
+
+def npz_headers(path: str) -> dict:
+    """{array name: (shape, dtype)} of an npz read from its .npy headers alone (no array is loaded).
+    OSError / ValueError / zipfile.BadZipFile for a file that is not one."""
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith(".npy"):
+                with zf.open(name) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                out[name[:-4]] = (shape, dtype)
+    return out
+
+
 def _read_json(dataset: str, path: str, source: str, schema: str):
 
     _need(dataset, path, "file", source)
@@ -117,7 +153,8 @@ def _read_json(dataset: str, path: str, source: str, schema: str):
         with open(path) as fh:
             return json.load(fh)
     except ValueError as err:
-        raise DataFormatError(f"{_where(dataset, path)}: not valid JSON ({err}); expected {schema}") from None
+        raise DataFormatError(f"{_where(dataset, path)}: not valid JSON ({err}); expected {schema}; a truncated or "
+                              f"damaged file: download it again ({source})") from None
 
 
 def _read_pickle(dataset: str, path: str, source: str):
@@ -175,6 +212,20 @@ def smplh_to_smpl24(poses: np.ndarray) -> np.ndarray:
 _Y_UP = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # Rx(-pi/2): AMASS's z-up world -> SMPL's y-up
 
 
+def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
+    """The text-to-pose frame of every path (policy targets, retrievers, rewards, metrics): a root
+    orientation in AMASS's z-up world, PoseScript-normalised (`posescript_normalize`), then written
+    in SMPL's y-up world (x left, y up, z forward), posebench's frame. (N, 3) -> (N, 3) axis-angle.
+
+    A body turned about the vertical axis gives the same result. posebench's poses (zero yaw by
+    construction: the forward axis in the y-z plane) are in it when their root has no roll, and
+    nearly so upright (median 0.4 deg about the vertical); PoseScript's rule fixes the body's
+    left-right axis instead, so lying bodies differ (on the back or front by a median 8-9 deg, on the
+    side, where that axis is vertical and the rule ill-defined, by 90)."""
+    R = body.axis_angle_to_matrix(torch.as_tensor(posescript_normalize(global_orient_zup))).numpy()
+    return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
+
+
 def _targets(pose_aa: np.ndarray, bodymodel=None, betas=None):
     """(N, 24, 3) axis-angle -> pose6d (N, 24, 6) and, with a BodyModel, pelvis-centred joints (N, 24, 3) m."""
     pose6d = pose_aa_to_6d(pose_aa)
@@ -197,9 +248,10 @@ class PoseScript(torch.utils.data.Dataset):
         amass_root/<sequence npz>                               'poses' (T, 156): SMPL+H axis-angle, radians
     A pose of the split counts if one of the chosen caption files describes it ("human" alone is
     PoseScript-H2, the paper's text-to-pose test set). The target is SMPL's 24 joints (hands at
-    identity), the global orientation normalised about the vertical axis as PoseScript does
-    (`posescript_normalize`), in AMASS's z-up frame (PoseScript's, which its retrieval models
-    expect) or, with `y_up`, in SMPL's y-up frame (posebench's canonical one).
+    identity) in the one text-to-pose frame of this project (`text_pose_frame`): the global
+    orientation normalised about the vertical axis as PoseScript does (`posescript_normalize`),
+    then turned from AMASS's z-up world into SMPL's y-up one, posebench's: an upright body faces
+    +z with the identity root. The policy, the retrievers, the rewards and the metrics see it so.
 
     Args:
         root: the PoseScript release directory. amass_root: AMASS's SMPL+H G directory.
@@ -213,7 +265,7 @@ class PoseScript(torch.utils.data.Dataset):
     IDS_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
 
     def __init__(self, root: str, amass_root: str, split: str = "train", captions: Sequence[str] = ("human", "auto"),
-                 bodymodel=None, y_up: bool = False, seed: int = 0):
+                 bodymodel=None, seed: int = 0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
         bad = [c for c in captions if c not in self.CAPTION_FILES]
@@ -221,7 +273,7 @@ class PoseScript(torch.utils.data.Dataset):
             raise ValueError(f"{self.NAME}: captions must be among {tuple(self.CAPTION_FILES)}, got {tuple(captions)}")
         _need(self.NAME, root, "release directory", POSESCRIPT_SOURCE)
         self.amass_root = _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE)
-        self.bodymodel, self.y_up, self.seed = bodymodel, y_up, seed
+        self.bodymodel, self.seed = bodymodel, seed
         ids_path = os.path.join(root, self.IDS_FILE)
         info = _read_json(self.NAME, ids_path, POSESCRIPT_SOURCE, '{"<pose id>": ["AMASS", "<npz path>", frame]}')
         split_path = os.path.join(root, f"{split}_ids_100k.json")
@@ -267,6 +319,36 @@ class PoseScript(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def preflight(self) -> list:
+        """Problems of the AMASS sequences the poses name, from the npz headers alone: every file
+        exists, holds 'poses' (T, 156) of numbers, and T covers every frame asked of it."""
+        frames = collections.defaultdict(list)  # sequence -> [(pose id, frame)]
+        for pid, (rel, frame) in zip(self.ids, self.refs):
+            frames[rel].append((pid, frame))
+        problems = []
+        for rel, asked in frames.items():
+            path = os.path.join(self.amass_root, rel)
+            where = _where(self.NAME, path, asked[0][0])
+            if not os.path.isfile(path):
+                problems.append(f"{where}: AMASS sequence not found ({len(asked)} pose(s) of the split name it); pass "
+                                f"the AMASS directory holding it ({AMASS_SOURCE})")
+                continue
+            try:
+                shape, dtype = npz_headers(path).get("poses", (None, None))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                problems.append(f"{where}: not a readable npz ({type(err).__name__}: {err}); download it again "
+                                f"({AMASS_SOURCE})")
+                continue
+            if shape is None or len(shape) != 2 or shape[1] != 156 or dtype.kind != "f":
+                problems.append(f"{where}: 'poses' is {'missing' if shape is None else f'{shape} {dtype}'}; expected "
+                                f"floats (T, 156), SMPL+H's 52 joints x 3 (AMASS's SMPL+H G format, {AMASS_SOURCE})")
+                continue
+            bad = [(pid, f) for pid, f in asked if not 0 <= f < shape[0]]
+            if bad:
+                problems.append(f"{_where(self.NAME, path, bad[0][0])}: frame {bad[0][1]} out of range for {shape[0]} "
+                                f"frames ({len(bad)} pose(s)); the release and the AMASS files are of different versions")
+        return problems
+
     def pose_aa(self, i: int) -> np.ndarray:
         """The target of pose i: (24, 3) axis-angle, radians, orientation normalised."""
         rel, frame = self.refs[i]
@@ -288,11 +370,15 @@ class PoseScript(torch.utils.data.Dataset):
             raise DataFormatError(f"{_where(self.NAME, path, self.ids[i])}: frame {frame} out of range for "
                                   f"{len(poses)} frames")
         aa = smplh_to_smpl24(poses[frame][None])[0]  # (24, 3)
-        aa[0] = posescript_normalize(aa[:1])[0]
-        if self.y_up:
-            R = _Y_UP @ body.axis_angle_to_matrix(torch.as_tensor(aa[:1])).numpy()[0]
-            aa[0] = body.matrix_to_axis_angle(torch.as_tensor(R[None])).numpy()[0]
+        aa[0] = text_pose_frame(aa[:1])[0]
         return aa
+
+    def all_pose_aa(self) -> np.ndarray:
+        """Every pose's target, (N, 24, 3) as `pose_aa`, each AMASS sequence read once (retrieval.py)."""
+        out = np.zeros((len(self), body.NUM_JOINTS, 3))
+        for i in sorted(range(len(self)), key=lambda i: self.refs[i][0]):
+            out[i] = self.pose_aa(i)
+        return out
 
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
@@ -402,6 +488,10 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         N = len(arr["imgname"])
         if N == 0:
             raise DataFormatError(f"{_where(name, npz_path)}: no records (imgname is empty); expected {self.SCHEMA}")
+        for k, v in arr.items():
+            if v.dtype.kind not in ("US" if k == "imgname" else "fiub"):
+                raise DataFormatError(f"{_where(name, npz_path)}: {k} has dtype {v.dtype}; expected "
+                                      f"{'strings' if k == 'imgname' else 'numbers'} ({self.SCHEMA})")
         for k, tail in self.SHAPES.items():
             if k in arr and arr[k].shape != (N, *tail):
                 raise DataFormatError(f"{_where(name, npz_path)}: {k} has shape {arr[k].shape}; expected "
@@ -422,6 +512,24 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _imgname(self, r: int) -> str:
+        rel = self.arr["imgname"][r]
+        return rel.decode() if isinstance(rel, bytes) else str(rel)
+
+    def preflight(self) -> list:
+        """Problems that drawing a record would meet only then: non-finite poses or centres, box sizes
+        <= 0 (every served record), missing images (IMAGE_SAMPLE records spread over them)."""
+        a, rows, problems = self.arr, self.rows, []
+        bad = ~np.isfinite(a["center"][rows]).all(1) | ~(self.box_wh[rows] > 0).all(1)
+        if "body_pose" in a:
+            bad |= self.has_pose[rows] & ~np.isfinite(a["body_pose"][rows]).all(1)
+        if bad.any():
+            problems.append(f"{_where(self.name, self.npz_path, int(rows[bad][0]))}: non-finite pose or center, or a "
+                            f"box size <= 0, in {int(bad.sum())} record(s), first {rows[bad][:5].tolist()}; remove "
+                            "those records from the npz or use the original file")
+        sample = [(int(r), self._imgname(int(r))) for r in rows[_spread(len(rows))]]
+        return problems + _missing_images(self.name, self.img_dir, sample, HMR2_DATA_SOURCE)
+
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
 
@@ -432,8 +540,7 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
     def sample(self, i: int, paraphrase: int = 0) -> Sample:
         r = int(self.rows[i])
         a = self.arr
-        rel = a["imgname"][r]
-        rel = rel.decode() if isinstance(rel, bytes) else str(rel)
+        rel = self._imgname(r)
         pose = a["body_pose"][r].astype(np.float64).reshape(1, body.NUM_JOINTS, 3) if self.has_pose[r] else None
         if (pose is not None and not np.isfinite(pose).all()) or not np.isfinite(a["center"][r]).all() \
                 or not (self.box_wh[r] > 0).all():
@@ -533,8 +640,9 @@ class BEDLAMScript(torch.utils.data.Dataset):
             raise ValueError(f"{self.NAME}: split must be training or validation and task describe or "
                              f"image_to_pose, got {split!r}, {task!r}")
         self.task, self.image_size, self.bodymodel, self.seed = task, image_size, bodymodel, seed
-        self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split)
-        ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
+        self.img_dir = os.path.join(_need(self.NAME, img_dir, "image directory", BEDLAM_SCRIPT_SOURCE), split) \
+            if img_dir else None  # None: poses and captions only (retrieval.py)
+        ann_path = self.ann_path = os.path.join(processed_dir, f"bedlam_{split}_try.pkl")
         sel_path = os.path.join(processed_dir, f"imgpaths_bedlam_to_selected_human_index_{split}_try.pkl")
         cap_path, captioned = self.captioned_ids(processed_dir, split)
         ann = _read_pickle(self.NAME, ann_path, BEDLAM_SCRIPT_SOURCE)
@@ -579,6 +687,27 @@ class BEDLAMScript(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def preflight(self) -> list:
+        """Problems of the images of IMAGE_SAMPLE humans spread over the captioned ones: missing files."""
+        sample = [(i, self.items[i][0]) for i in _spread(len(self.items))]
+        return _missing_images(self.NAME, self.img_dir, sample, BEDLAM_SCRIPT_SOURCE) if self.img_dir else []
+
+    def text_pose_aa(self) -> np.ndarray:
+        """Every captioned human's pose in the text-to-pose frame (`text_pose_frame`), (N, 24, 3) axis-angle,
+        SMPL-X's 21 body joints as SMPL's, hands at identity. BEDLAM's y-up world orientation
+        (smplx_global_orient) is turned into AMASS's z-up one first, as PoseEmbroider does (its bedlam.py)."""
+        out = np.zeros((len(self.items), body.NUM_JOINTS, 3))
+        for i, (img, human, _) in enumerate(self.items):
+            if np.size(human.get("smplx_global_orient", ())) != 3:
+                raise DataFormatError(f"{_where(self.NAME, self.ann_path, img)}: captioned human {i} has no "
+                                      "smplx_global_orient (3 values); the text-to-pose pose needs the world orientation "
+                                      f"that {BEDLAM_SCRIPT_SOURCE} (step 2) writes")
+            orient = _Y_UP.T @ body.axis_angle_to_matrix(torch.as_tensor(
+                np.asarray(human["smplx_global_orient"], dtype=np.float64).reshape(1, 3))).numpy()[0]
+            out[i, 0] = text_pose_frame(body.matrix_to_axis_angle(torch.as_tensor(orient[None])).numpy())[0]
+            out[i, 1:22] = np.asarray(human["smplx_body_pose"], dtype=np.float64).reshape(21, 3)
+        return out
+
     def __getitem__(self, i: int) -> Sample:
         return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
 
@@ -591,6 +720,8 @@ class BEDLAMScript(torch.utils.data.Dataset):
         from PIL import Image
 
         img, human, texts = self.items[i]
+        if self.img_dir is None:
+            raise ValueError(f"{self.NAME}: no image directory was given; pass img_dir to draw image samples")
         image = _load_rgb(self.NAME, os.path.join(self.img_dir, img), f"item {i}", BEDLAM_SCRIPT_SOURCE)
         if "closeup" in img:  # stored turned; PoseEmbroider turns them back by 90 deg clockwise
             image = np.asarray(Image.fromarray(image).transpose(Image.Transpose.ROTATE_270))
@@ -652,6 +783,9 @@ class LLaVAInstruct(torch.utils.data.Dataset):
                         and a.get("from") == "gpt" and isinstance(q.get("value"), str) and isinstance(a.get("value"), str)):
                     raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: turn {t} is not a human/gpt pair "
                                           f"with string values; expected {schema}")
+                if not isinstance(rec.get("image", ""), str):
+                    raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: \"image\" is a "
+                                          f"{type(rec['image']).__name__}; expected a file name in the image directory")
                 question = " ".join(q["value"].replace(IMAGE_TOKEN, " ").split())
                 self.turns.append((k, rec.get("image"), question, a["value"].strip()))
         if not self.turns:
@@ -659,6 +793,11 @@ class LLaVAInstruct(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.turns)
+
+    def preflight(self) -> list:
+        """Problems of the images of IMAGE_SAMPLE records spread over those that name one: missing files."""
+        named = [(k, image) for k, image, _, _ in self.turns if image is not None]
+        return _missing_images(self.NAME, self.image_dir, [named[i] for i in _spread(len(named))], LLAVA_INSTRUCT_SOURCE)
 
     def draw(self, i: int, rng: np.random.Generator) -> Sample:
         """Turn i (nothing to draw: `Mixture`'s interface)."""

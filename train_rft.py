@@ -63,7 +63,8 @@ does to RFT.
 
 The 7B preset starts from a `train_sft.py --preset
 llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
-needs --smpl_path (the joint reward) and stops at once, naming each missing asset and its source.
+needs --smpl_path (the joint reward), and checks every asset and data file before anything is loaded
+or written (train_sft.preflight_real), naming every problem with its flag, file, record and fix.
 
 Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
@@ -456,8 +457,7 @@ def main(argv=None):
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
     real = args.preset == "llava-1.5-7b"
-    if real:
-        train_sft.check_real_assets(args, "rft")
+    tasks = train_sft.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     if args.batch_size % world:
@@ -469,9 +469,13 @@ def main(argv=None):
     evaluating = not real and args.eval_samples > 0
     for flag in ("reward_retriever",) + (("eval_retriever",) if evaluating else ()):
         try:  # before any work: the files only (the models load where they did, for the same random streams)
-            retrieval.check_retriever(getattr(args, flag))
+            trained_on = retrieval.check_retriever(getattr(args, flag))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--{flag}: {e}") from None
+        if real and master and trained_on.get("bench_key"):
+            print(f"warning: --{flag} {getattr(args, flag)} was trained on posebench ({trained_on['train_poses']}), so "
+                  "the semantic reward (Eq. 8) scores real captions out of domain; train it on PoseScript: "
+                  "`python retrieval.py --posescript_dir ... --amass_dir ... --smpl_path ...`")
     sft_step = None if args.resume else checkpoint.run_step(args.sft_dir, "--sft_dir")
     sft_bench = {} if real or sft_step is None else trained_args(sft_step)
     if sft_bench.get("n_train", args.n_train) != args.n_train:
@@ -509,10 +513,7 @@ def main(argv=None):
     similarity = R.TextSimilarity(args.text_encoder, str(device))
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
-    if real:  # the same body model scores the predicted poses (Eq. 7) and makes the targets' joints
-        tasks = train_sft.real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path),
-                                     args.seed + 1)
-    else:
+    if not real:  # (real: the same --smpl_path body makes the targets' joints and scores the poses, Eq. 7)
         tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1,  # other prompts than SFT's order
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     names, params = checkpoint.trainable_params(policy, state)

@@ -26,8 +26,9 @@ schedule (Table 4). Then the head alone is fitted on cached `<POSE>` states (`fi
 The paper's configuration is `--preset llava-1.5-7b`: LLaVA-1.5-7B (--llava_path) and HMR2.0's ViT-H
 (--hmr2_ckpt) instead of stage 0, bf16 with gradient checkpointing, and the real datasets given by
 their flags (--posescript_dir + --amass_dir, --image_npz, --bedlam_script_dir + --bedlam_img_dir,
---llava_instruct_json + --coco_dir) instead of the built-in benchmark. Missing assets stop the
-script at once, each named with the flag that takes it and where it comes from.
+--llava_instruct_json + --coco_dir) instead of the built-in benchmark. Every asset and data file is
+opened and checked before anything is built or written (`preflight_real`); one message names every
+problem with its flag, file, record and fix.
 
 Defaults by preset (applied only to flags not given): --steps, --batch_size, --lr and
 --eval_samples are 1200 / 32 / 1e-3 / 1000 for tiny and smol, and Table 4's 10000 / 80 / 3e-4
@@ -55,7 +56,7 @@ Run:
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
-        --posescript_dir ... --amass_dir ... --image_npz H36M=h36m_train.npz=/data/h36m ...   # README
+        --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp ...   # README
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ import os
 import random
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -240,7 +242,8 @@ def check_real_assets(args, script: str) -> None:
     for entry in args.image_npz:
         parts = entry.split("=")
         if len(parts) != 3:
-            problems.append(f"--image_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, e.g. H36M=h36m_train.npz=/data/h36m")
+            problems.append(f"--image_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, e.g. "
+                            "MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp")
             continue
         need("image_npz", parts[1], realdata.HMR2_DATA_SOURCE)
         need("image_npz", parts[2], f"the {parts[0]} images", is_dir=True)
@@ -260,24 +263,86 @@ def check_real_assets(args, script: str) -> None:
         raise SystemExit("--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
 
 
-def real_tasks(args, image_size: int, bodymodel, seed: int) -> realdata.Mixture:
-    """The real-data training mixture of the data flags: PoseScript (text-to-pose), HMR2.0-style
-    npz sets (image-to-pose), BEDLAM-Script (image -> description), LLaVA-Instruct (VQA), weighted
-    by --real_mix per kind and by size within a kind."""
+def real_image_size(args, script: str, problems: list) -> int | None:
+    """The CLIP tower's input size the real samples are cropped to, from the config the model will load
+    (SFT: --llava_path's; RFT: the SFT run's base), with LLaVA's tokenizer checked too (SFT); a problem
+    appended for each file that does not load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = args.llava_path if script == "sft" else os.path.join(args.sft_dir, "base", "model")
+    flag = "--llava_path" if script == "sft" else "--sft_dir"
+    fix = f"download it again: {M.LLAVA_SOURCE}" if script == "sft" else "run train_sft.py again into another --out_dir"
+    size = None
+    try:  # RFT's base holds PoseLlava's config, which AutoConfig does not know: read by its own class
+        size = int(AutoConfig.from_pretrained(path).vision_config.image_size if script == "sft" else
+                   M.PoseLlavaConfig.from_pretrained(path).vision_config.image_size)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        problems.append(f"{flag} {path}: its config.json does not load as a LLaVA config ({type(err).__name__}: "
+                        f"{str(err)[:300]}); {fix}")
+    if script == "sft":
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # noqa: BLE001 -- whatever the tokenizer files lack, the same fix
+            problems.append(f"{flag} {path}: its tokenizer does not load ({type(err).__name__}: {str(err)[:300]}); "
+                            f"the directory must hold LLaVA's tokenizer files (tokenizer.json or tokenizer.model, "
+                            f"tokenizer_config.json, special_tokens_map.json): {M.LLAVA_SOURCE}")
+        else:
+            if tok.convert_tokens_to_ids(data.IMAGE_TOKEN) in (None, tok.unk_token_id):
+                problems.append(f"{flag} {path}: its tokenizer has no {data.IMAGE_TOKEN} token, so it is not LLaVA's; "
+                                f"{M.LLAVA_SOURCE}")
+        if not zipfile.is_zipfile(args.hmr2_ckpt):
+            problems.append(f"--hmr2_ckpt {args.hmr2_ckpt}: not a readable checkpoint (not a zip archive: truncated "
+                            f"or of another format); download it again: {posevit.HMR2_SOURCE}")
+    return size
+
+
+def preflight_real(args, script: str, seed: int) -> realdata.Mixture:
+    """Everything a llava-1.5-7b run reads, checked before anything is built, loaded or written (every
+    rank runs it): the files exist (check_real_assets); LLaVA's config and tokenizer, the HMR2.0 file
+    (SFT) or the SFT base's config (RFT); the SMPL file loads; every dataset follows its schema (each
+    loader reads its annotation files whole) and the files its records name are there (each dataset's
+    `preflight`: every AMASS sequence's header, a sample of the images). Stops with every problem in one
+    message, each naming the flag, the file, the record and the fix; else returns the training mixture:
+    PoseScript (text-to-pose), HMR2.0-style npz sets (image-to-pose), BEDLAM-Script (image ->
+    description), LLaVA-Instruct (VQA), weighted by --real_mix per kind and by size within a kind."""
+    check_real_assets(args, script)
+    problems = []
+    image_size = real_image_size(args, script, problems)
+    bodymodel = None
+    try:  # the targets' joints (and, in RFT, the joint reward) come from this body
+        bodymodel = body.BodyModel(args.smpl_path or None)
+    except Exception as err:  # noqa: BLE001 -- any file that does not load as SMPL gets the same fix
+        problems.append(f"--smpl_path {args.smpl_path}: not an SMPL model ({type(err).__name__}: {str(err)[:300]}); "
+                        "pass the licensed SMPL model file (https://smpl.is.tue.mpg.de, 'SMPL for Python', or the "
+                        "neutral model of SMPLify), or its copy by `python body.py convert`")
+    size = image_size or 336  # a failed config is already a problem: the datasets are still checked
     kinds = {"text_to_pose": [], "image_to_pose": [], "image_text": [], "vqa": []}
+
+    def add(kind, flag, make):
+        try:
+            ds = make()
+        except (realdata.DataFormatError, FileNotFoundError, ValueError) as err:
+            problems.append(f"{flag}: {err}")
+            return
+        problems.extend(f"{flag}: {p}" for p in ds.preflight())
+        kinds[kind].append(ds)
+
     if args.posescript_dir:
-        kinds["text_to_pose"].append(realdata.PoseScript(args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel,
-                                                     seed=seed))
+        add("text_to_pose", "--posescript_dir / --amass_dir", lambda: realdata.PoseScript(
+            args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel, seed=seed))
     for entry in args.image_npz:
         name, npz, img_dir = entry.split("=")
-        kinds["image_to_pose"].append(realdata.HMR2ImageDataset(name, npz, img_dir, image_size, bodymodel, seed=seed))
+        add("image_to_pose", f"--image_npz {name}", lambda: realdata.HMR2ImageDataset(
+            name, npz, img_dir, size, bodymodel, seed=seed))
     if args.bedlam_script_dir:
-        kinds["image_text"].append(realdata.BEDLAMScript(args.bedlam_script_dir, args.bedlam_img_dir, "training",
-                                                     image_size=image_size, seed=seed))
+        add("image_text", "--bedlam_script_dir / --bedlam_img_dir", lambda: realdata.BEDLAMScript(
+            args.bedlam_script_dir, args.bedlam_img_dir, "training", image_size=size, seed=seed))
     if args.llava_instruct_json:
-        kinds["vqa"].append(realdata.LLaVAInstruct(args.llava_instruct_json, args.coco_dir, image_size))
-    if len(args.real_mix) != len(kinds):
-        raise SystemExit(f"--real_mix needs {len(kinds)} weights ({', '.join(kinds)}), got {args.real_mix}")
+        add("vqa", "--llava_instruct_json / --coco_dir", lambda: realdata.LLaVAInstruct(
+            args.llava_instruct_json, args.coco_dir, size))
+    if problems:
+        raise SystemExit(f"--preset llava-1.5-7b: {len(problems)} problem(s) in the assets and data (nothing was "
+                         "built or written):\n  - " + "\n  - ".join(problems))
     parts = [(d, w * len(d) / sum(len(x) for x in ds)) for w, ds in zip(args.real_mix, kinds.values()) for d in ds]
     return realdata.Mixture(parts, length=data.FRESH_DRAWS, seed=seed)  # every step draws afresh
 
@@ -737,8 +802,7 @@ def main(argv=None):
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
     check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
-    if real:
-        check_real_assets(args, "sft")
+    tasks = preflight_real(args, "sft", args.seed) if real else None  # every real input checked: before any write
     if args.stage0_readout not in ("mean", "flatten"):
         raise SystemExit(f"--stage0_readout {args.stage0_readout}: expected mean or flatten")
     if not (args.deterministic_head or args.nll_trains_mean or args.l2_6d_weight > 0):
@@ -820,9 +884,7 @@ def main(argv=None):
     if state is not None:
         start = restore_train_state(opt, state, args, rank, world)
         log({"resumed_from": step_dir}, start)
-    if real:
-        tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
-    else:
+    if not real:
         tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed,
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     n_img = inner.num_image_tokens

@@ -263,6 +263,60 @@ def test_collate_prompt_only_left_padded_is_a_prefix(mixed, tok):
     torch.testing.assert_close(gen.pixel_values, full.pixel_values)
 
 
+def llama_style_tokenizer(texts, scheme: str):
+    """A subword (BPE) tokenizer in LLaMA's form, trained here on `texts`: SentencePiece-style pieces
+    ("▁" marks a word start; merges stay within words), LLaVA's special tokens (<POSE> is
+    build_llava_7b's to add). scheme "legacy": the normalizer of llava-hf's tokenizer.json (prepend
+    "▁", spaces to "▁": a text starting with a space gets "▁▁"); "first": transformers 5's LlamaTokenizer
+    (a Metaspace pre-tokenizer that prepends "▁" to the first piece only)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                        "<image>", "<pad>"]))
+    if scheme == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+
+
+@pytest.mark.parametrize("scheme", ["legacy", "first"])
+def test_collate_with_a_subword_tokenizer_labels_exactly_the_answer(mixed, scheme):
+    """With LLaVA's kind of tokenizer, the supervised ids are exactly the ids the answer has in the
+    whole conversation's encoding (what the model reads after the prompt, and must generate), and the
+    prompt-only encoding is their prefix."""
+    texts = [data.chat_text(s.prompt, s.answer) for s in mixed] + [t for ps in data.PROMPTS.values() for t in ps]
+    tok = llama_style_tokenizer(texts, scheme)
+    tok.add_special_tokens({"additional_special_tokens": ["<POSE>"]})  # as build_llava_7b adds it
+    pieces = tok.tokenize(data.chat_text(mixed[0].prompt, None))
+    assert any(len(p) > 3 for p in pieces) and len(pieces) > len(data.chat_text(mixed[0].prompt, None).split())  # subwords
+    n_img = 3
+    batch = data.collate(mixed, tok, num_image_tokens=n_img)
+    gen = data.collate(mixed, tok, num_image_tokens=n_img, add_answer=False, pad_side="left")
+    for b, s in enumerate(mixed):
+        prompt = s.prompt.replace("<image>", "<image>" * n_img)
+        whole = tok(data.chat_text(prompt, s.answer), add_special_tokens=False)["input_ids"]
+        alone = tok(data.chat_text(prompt, None), add_special_tokens=False)["input_ids"]
+        assert whole[:len(alone)] == alone  # the tokenizer keeps the prompt's ids when the answer follows
+        sup = batch.labels[b] != -100
+        assert batch.labels[b, sup].tolist() == whole[len(alone):] + [tok.eos_token_id]
+        row = batch.input_ids[b, batch.attention_mask[b].bool()].tolist()
+        assert row == [tok.bos_token_id] + whole + [tok.eos_token_id]
+        answer = tok.decode(batch.labels[b, sup].tolist()[:-1])
+        assert data.normalize_text(answer) == data.normalize_text(s.answer)
+        prompt_ids = gen.input_ids[b, gen.attention_mask[b].bool()].tolist()
+        assert prompt_ids == [tok.bos_token_id] + alone
+        if s.task in data.POSE_TASKS:
+            assert batch.input_ids[b, batch.pose_token_pos[b]] == tok.convert_tokens_to_ids("<POSE>")
+
+
 # ---- Bad input --------------------------------------------------------------------------------
 
 def test_collate_max_length_cuts_long_answers(mixed, tok):

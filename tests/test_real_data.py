@@ -57,6 +57,7 @@ def coord_image(W=200, H=160):
 
 # ---- PoseScript + AMASS ----------------------------------------------------------------------
 
+Y_UP = rot("x", -np.pi / 2)  # AMASS's z-up world -> SMPL's y-up (posebench's)
 ROOT_A = rot("z", 2.0) @ rot("y", 0.3) @ rot("x", 1.4)  # a root with yaw about AMASS's vertical z
 ROOT_UP = rot("z", -0.7) @ rot("x", np.pi / 2)  # standing upright in AMASS's z-up world, turned
 
@@ -92,7 +93,7 @@ def test_posescript_targets_captions_and_splits(posescript):
     assert ds.captions[1] == ["The person walks.", "Right arm forward."]  # human + automatic
     a = ds.pose_aa(0)
     src = seqs["CMU/01/01_01_poses.npz"][2]
-    assert np.allclose(mat(a[0]), posescript_reference(ROOT_A), atol=1e-6)  # the yaw about z is gone
+    assert np.allclose(mat(a[0]), Y_UP @ posescript_reference(ROOT_A), atol=1e-6)  # the yaw about z is gone, y-up
     assert np.allclose(a[1:22], src[3:66].reshape(21, 3)) and np.allclose(a[22:], 0)  # body joints; hands identity
     s = ds[0]
     assert s.task == "text_to_pose" and s.text in ds.captions[0] and s.text in s.prompt and s.answer == data.POSE_ANSWER
@@ -101,12 +102,66 @@ def test_posescript_targets_captions_and_splits(posescript):
     assert ds[0].prompt == s.prompt  # sample i depends on (seed, i) only
     h2 = realdata.PoseScript(root, amass, "test", captions=("human",))  # PoseScript-H2 test
     assert h2.ids == [2] and h2.captions == [["Arms up."]]
-    # joints through a body model; the y-up frame makes an upright root the identity
-    up = realdata.PoseScript(root, amass, "train", bodymodel=body.BodyModel(), y_up=True)
-    j = up.sample(0).joints
+    # joints through a body model; the y-up frame makes an upright root the identity, as in posebench
+    j = realdata.PoseScript(root, amass, "train", bodymodel=body.BodyModel()).sample(0).joints
     assert j.shape == (24, 3) and np.allclose(j[0], 0)
-    assert np.allclose(mat(ds.pose_aa(1)[0]), rot("x", np.pi / 2), atol=1e-6)  # upright, facing PoseScript's way
-    assert np.allclose(up.pose_aa(1)[0], 0, atol=1e-6)  # y-up: the identity, as posebench's canonical frame
+    assert np.allclose(ds.pose_aa(1)[0], 0, atol=1e-6)
+
+
+def write_posescript(root, amass, poses_zup, captions):
+    """A PoseScript release + AMASS in their layouts: pose i is frame i of one SMPL+H G sequence,
+    train split, one automatic caption each. poses_zup: (N, 24, 3) axis-angle, AMASS's z-up world."""
+    os.makedirs(root, exist_ok=True)
+    os.makedirs(os.path.join(amass, "CMU", "01"), exist_ok=True)
+    smplh = np.zeros((len(poses_zup), 156))
+    smplh[:, :66] = np.asarray(poses_zup)[:, :22].reshape(-1, 66)
+    np.savez(os.path.join(amass, "CMU", "01", "01_01_poses.npz"), poses=smplh, trans=np.zeros((len(smplh), 3)),
+             betas=np.zeros(16), gender="neutral", mocap_framerate=120.0)
+    n = len(poses_zup)
+    files = {"ids_2_dataset_sequence_and_frame_index_100k.json": {str(i): ["AMASS", "CMU/01/01_01_poses.npz", i]
+                                                                  for i in range(n)},
+             "train_ids_100k.json": list(range(n)), "val_ids_100k.json": [], "test_ids_100k.json": [],
+             "posescript_human_6293.json": {}, "posescript_auto_100k.json": {str(i): [c] for i, c in enumerate(captions)}}
+    for name, obj in files.items():
+        with open(os.path.join(root, name), "w") as fh:
+            json.dump(obj, fh)
+
+
+def test_amass_and_posebench_frames_give_the_same_joints_and_embedding(tmp_path):
+    """One pose written in posebench's frame and in AMASS's (z-up, turned about the vertical) loads to
+    the same pose, joints and retriever embeddings."""
+    import posebench
+    import retrieval
+
+    _, _, pb = posebench.sample_poses(40, np.random.default_rng(3))
+    pb[:, 22:] = 0  # SMPL+H has no SMPL hand joints: PoseScript's loader sets them to identity
+    pb[:, 0] = [[-1.45, 0, 0], [0.6, 0, 0], [0, 0, 0]] * 13 + [[0.2, 0, 0]]  # pitched roots (bent, lying), no roll
+    zup = pb.copy()
+    yaw = np.random.default_rng(4).uniform(-np.pi, np.pi, len(pb))
+    zup[:, 0] = [aa(rot("z", t) @ Y_UP.T @ mat(r)) for t, r in zip(yaw, pb[:, 0])]  # posebench -> AMASS, turned
+    root, amass = str(tmp_path / "ps"), str(tmp_path / "amass")
+    write_posescript(root, amass, zup, [f"pose {i}" for i in range(len(pb))])
+    bm = body.BodyModel()
+    ds = realdata.PoseScript(root, amass, "train", captions=("auto",), bodymodel=bm)
+    loaded = [ds.sample(i) for i in range(len(ds))]
+    with torch.no_grad():
+        j = bm(torch.as_tensor(pb[:, 0], dtype=torch.float32), torch.as_tensor(pb[:, 1:], dtype=torch.float32)).joints
+    want_joints = (j - j[:, :1]).numpy()
+    got_joints = np.stack([s.joints for s in loaded])
+    assert np.abs(got_joints - want_joints).max() < 1e-5
+    got6d, want6d = np.stack([s.pose6d for s in loaded]), data.pose_aa_to_6d(pb)
+    assert np.abs(got6d - want6d).max() < 1e-5
+    torch.manual_seed(0)
+    for kind in retrieval.POSE_FEATURES:
+        r = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(pose_features=kind, embed_dim=8, hidden_dim=16)).eval()
+        with torch.no_grad():
+            assert torch.allclose(r.embed_pose(torch.as_tensor(got6d)), r.embed_pose(torch.as_tensor(want6d)), atol=1e-5)
+    # any root: the turn about AMASS's vertical is gone, and the root is PoseScript's rule in y-up
+    rng = np.random.default_rng(5)
+    R0 = mat(rng.normal(0, 0.8, 3))
+    turned = [aa(rot("z", t) @ R0) for t in (0.0, 1.0, -2.5)]
+    out = realdata.text_pose_frame(np.stack(turned))
+    assert np.abs(out - out[:1]).max() < 1e-6 and np.allclose(mat(out[0]), Y_UP @ posescript_reference(R0), atol=1e-6)
 
 
 def test_posescript_errors_name_dataset_file_record(posescript, tmp_path):
@@ -344,6 +399,28 @@ def bedlam(tmp_path):
         with open(proc / name, "wb") as fh:
             pickle.dump(obj, fh)
     return str(proc), str(imgs), ann, a, c
+
+
+def test_bedlam_script_text_poses_in_the_text_to_pose_frame(bedlam):
+    """BEDLAM's y-up world orientation reaches the text-to-pose frame: an upright body turned about BEDLAM's
+    vertical gets the identity root; without images, poses and captions are still read (retrieval.py)."""
+    proc, imgs, ann, a, c = bedlam
+    ann[a][0]["smplx_global_orient"] = aa(rot("y", 0.7))[None].astype(np.float32)  # upright, turned
+    ann[c][0]["smplx_global_orient"] = aa(rot("y", -2.0) @ rot("x", 0.5))[None].astype(np.float32)  # bent forward
+    with open(os.path.join(proc, "bedlam_training_try.pkl"), "wb") as fh:
+        pickle.dump(ann, fh)
+    ds = realdata.BEDLAMScript(proc, "", "training")
+    poses = ds.text_pose_aa()
+    assert np.allclose(poses[0, 0], 0, atol=1e-6) and np.allclose(mat(poses[1, 0]), rot("x", 0.5), atol=1e-6)
+    assert np.allclose(poses[0, 1:22], ann[a][0]["smplx_body_pose"]) and np.allclose(poses[:, 22:], 0)
+    assert ds.preflight() == []
+    with pytest.raises(ValueError, match="no image directory was given"):
+        ds.sample(0)
+    del ann[a][0]["smplx_global_orient"]
+    with open(os.path.join(proc, "bedlam_training_try.pkl"), "wb") as fh:
+        pickle.dump(ann, fh)
+    with pytest.raises(realdata.DataFormatError, match="bedlam_training_try.pkl, record .*seq_000001.*no smplx_global_orient"):
+        realdata.BEDLAMScript(proc, "", "training").text_pose_aa()
 
 
 def test_bedlam_script_describe_and_pose(bedlam):

@@ -154,4 +154,7 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
     with pytest.raises(SystemExit, match=r"--joint_regressor .*h36m.npy regresses 17 joints; .* Pass SMPL_to_J19.pkl"):
         E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
                 "--joint_regressor", str(tmp_path / "h36m.npy"), "--smpl_path", body.procedural_smpl_path()])
+    (tmp_path / "no_images").mkdir()  # the images of another set, or none: named by record before any evaluation
+    with pytest.raises(SystemExit, match=r"3DPW: .*no_images/img_0.png, record 0: image not found \(4 of the 4"):
+        E.main([*run, "--eval_npz", f"3DPW={d / '3dpw_test.npz'}={tmp_path / 'no_images'}", *ok])
     assert not (tmp_path / "out").exists()

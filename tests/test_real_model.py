@@ -141,22 +141,26 @@ WORDS = ("USER", "ASSISTANT", ":", ".", "?", "\n", "The", "SMPL", "pose", "of", 
          "the", "in", "image", "Yes", ",", "arm", "straight", "Is", "left")
 
 
-def fake_llava_dir(path, vocab_pad=0, text=None, vision=None, device="cpu"):
+def fake_llava_dir(path, vocab_pad=0, text=None, vision=None, device="cpu", tokenizer=None):
     """A tiny LLaMA + tiny CLIP in transformers' LLaVA format, with a word-level tokenizer holding
-    <image> but not <POSE> (as LLaVA's). `text` / `vision` override the configs' sizes (tests/gpu_7b.py
-    writes LLaVA-1.5-7B's, built on `device` in bf16)."""
-    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
-    vocab = {t: i for i, t in enumerate(specials + [w for w in WORDS if w != "\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(path)
+    <image> but not <POSE> (as LLaVA's), or `tokenizer` (with LLaVA's <unk> <s> </s> <image> <pad>).
+    `text` / `vision` override the configs' sizes (tests/gpu_7b.py writes LLaVA-1.5-7B's, built on
+    `device` in bf16)."""
+    if tokenizer is None:
+        specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+        vocab = {t: i for i, t in enumerate(specials + [w for w in WORDS if w != "\n"])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Punctuation("isolated")])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                            pad_token="<pad>")
+    tokenizer.save_pretrained(path)
+    vocab = tokenizer.get_vocab()
     text = LlamaConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=4, max_position_embeddings=128, vocab_size=len(vocab) + vocab_pad),
-                          **(text or {})}, pad_token_id=vocab["<pad>"], bos_token_id=1, eos_token_id=2,
-                       tie_word_embeddings=False)
+                          **(text or {})}, pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
+                       eos_token_id=vocab["</s>"], tie_word_embeddings=False)
     vis = CLIPVisionConfig(**{**dict(image_size=CLIP_SIZE, patch_size=14, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=3, num_attention_heads=4, projection_dim=32), **(vision or {})})
     n_img = (vis.image_size // vis.patch_size) ** 2

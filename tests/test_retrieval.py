@@ -297,3 +297,131 @@ def test_encoder_identity_tells_checkpoints_apart(tmp_path):
     assert ida != R.encoder_identity(str(b)) and ida == R.encoder_identity(str(a))
     os.utime(a / "model.safetensors", ns=(1, 1))  # rewritten in place
     assert R.encoder_identity(str(a)) != ida
+
+
+# ---- Retrievers from real data (PoseScript + AMASS, BEDLAM-Script), in their published layouts -------
+
+def captioned_poses(n: int, seed: int):
+    """n posebench poses in the text-to-pose frame (realdata.text_pose_frame) with 3 posebench captions each,
+    measured on those poses: (pose_aa (n, 24, 3) y-up, captions)."""
+    import realdata
+
+    rng = np.random.default_rng(seed)
+    _, _, aa = posebench.sample_poses(n, rng)
+    aa[:, 22:] = 0  # SMPL+H and SMPL-X carry no SMPL hand joints
+    zup = body.matrix_to_axis_angle(torch.as_tensor(realdata._Y_UP.T @ body.axis_angle_to_matrix(
+        torch.as_tensor(aa[:, 0])).numpy())).numpy()
+    aa[:, 0] = realdata.text_pose_frame(zup)
+    with torch.no_grad():
+        j = body.BodyModel()(torch.as_tensor(aa[:, 0], dtype=torch.float32),
+                             torch.as_tensor(aa[:, 1:], dtype=torch.float32)).joints.numpy()
+    captions, _ = posebench.make_captions(posebench.posecodes(j - j[:, :1]), 3, rng)
+    return aa, captions
+
+
+def turned(aa_y_up: np.ndarray, world: str, rng) -> np.ndarray:
+    """The roots (N, 3) of text-frame poses written in AMASS's z-up world or BEDLAM's y-up one, each turned
+    about that world's vertical by a random angle."""
+    import realdata
+
+    t = rng.uniform(-np.pi, np.pi, len(aa_y_up))
+    c, s, z, o = np.cos(t), np.sin(t), np.zeros_like(t), np.ones_like(t)
+    about_z = np.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(-1, 3, 3)
+    about_y = np.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(-1, 3, 3)
+    R = body.axis_angle_to_matrix(torch.as_tensor(aa_y_up[:, 0])).numpy()
+    R = about_z @ realdata._Y_UP.T @ R if world == "amass" else about_y @ R
+    return body.matrix_to_axis_angle(torch.as_tensor(R)).numpy()
+
+
+def write_posescript_release(root, amass, train, test, rng):
+    """PoseScript V2's files and AMASS SMPL+H G sequences: train poses with 2 automatic + 1 human caption,
+    test poses with a human caption (PoseScript-H2)."""
+    import json
+
+    (aa_tr, cap_tr), (aa_te, cap_te) = train, test
+    aa = np.concatenate([aa_tr, aa_te])
+    poses = np.zeros((len(aa), 156))
+    poses[:, :3] = turned(aa, "amass", rng)
+    poses[:, 3:66] = aa[:, 1:22].reshape(-1, 63)
+    os.makedirs(os.path.join(amass, "KIT", "3"))
+    np.savez(os.path.join(amass, "KIT", "3", "walk_poses.npz"), poses=poses, trans=np.zeros((len(aa), 3)),
+             betas=np.zeros(16), gender="neutral", mocap_framerate=100.0)
+    n = len(aa_tr)
+    files = {"ids_2_dataset_sequence_and_frame_index_100k.json": {str(i): ["AMASS", "KIT/3/walk_poses.npz", i]
+                                                                  for i in range(len(aa))},
+             "train_ids_100k.json": list(range(n)), "val_ids_100k.json": [],
+             "test_ids_100k.json": list(range(n, len(aa))),
+             "posescript_auto_100k.json": {str(i): c[:2] for i, c in enumerate(cap_tr)},
+             "posescript_human_6293.json": {**{str(i): c[2] for i, c in enumerate(cap_tr)},
+                                            **{str(n + i): c[0] for i, c in enumerate(cap_te)}}}
+    os.makedirs(root)
+    for name, obj in files.items():
+        with open(os.path.join(root, name), "w") as fh:
+            json.dump(obj, fh)
+
+
+def write_bedlam_script(processed, poses, rng, img_dir=None):
+    """PoseEmbroider's processed BEDLAM-Script files (do.sh without --farther_sample: every selected human
+    captioned), one human per image, the world orientation in BEDLAM's y-up world; with img_dir, the
+    images too (img_dir/training/...)."""
+    import pickle
+
+    from PIL import Image
+
+    aa, captions = poses
+    orient = turned(aa, "bedlam", rng)
+    imgs = [f"seq_{i:06d}/png/seq_{i:06d}_0000.png" for i in range(len(aa))]
+    for img in imgs if img_dir else []:
+        os.makedirs(os.path.dirname(os.path.join(img_dir, "training", img)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (128, 96, 3), dtype=np.uint8)).save(os.path.join(img_dir, "training", img))
+    ann = {img: [{"smplx_root_cam": rng.normal(0, 0.3, 3), "smplx_global_orient": orient[i][None],
+                  "smplx_body_pose": aa[i, 1:22], "smplx_tight_bbox": np.array([10.0, 10, 60, 120])}]
+           for i, img in enumerate(imgs)}
+    sel = {"criteria": {"scale_factor": 1.1}, **{img: [0] for img in imgs}}
+    os.makedirs(processed)
+    for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl", sel),
+                      ("bedlam_training_3caps_try.pkl", dict(enumerate(captions)))):
+        with open(os.path.join(processed, name), "wb") as fh:
+            pickle.dump(obj, fh)
+
+
+def test_retrievers_train_on_posescript_and_bedlam_script(tmp_path, capsys):
+    """`retrieval.py --posescript_dir --amass_dir --bedlam_script_dir` trains the reward retriever on PoseScript's
+    training split and the evaluator on BEDLAM-Script, saves them where train_rft.py and evaluate.py look, and
+    the reward retriever ranks each fixture pose's own caption above the others' better than chance."""
+    rng = np.random.default_rng(0)
+    ps, amass, bedlam = str(tmp_path / "posescript"), str(tmp_path / "amass"), str(tmp_path / "bedlam_processed")
+    write_posescript_release(ps, amass, captioned_poses(128, 1), captioned_poses(40, 2), rng)
+    write_bedlam_script(bedlam, captioned_poses(64, 3), rng)
+    out = tmp_path / "ckpt"
+    R.main(["--posescript_dir", ps, "--amass_dir", amass, "--bedlam_script_dir", bedlam, "--epochs", "40",
+            "--batch_size", "32", "--hidden_dim", "64", "--embed_dim", "32", "--random_protocol_repeats", "2",
+            "--num_threads", "1", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "Recall@K (%) on PoseScript-H2 (PoseScript's test split, human captions), ground-truth poses, N = 40" in printed
+    reward, evaluator = R.load_retriever(str(out / "retriever_reward")), R.load_retriever(str(out / "retriever_eval"))
+    assert reward.cfg.train_poses == "PoseScript train, 128 poses, human + automatic captions"
+    assert evaluator.cfg.train_poses == "BEDLAM-Script training, 64 humans" and evaluator.cfg.bench_key == ""
+    import realdata
+    import train_rft
+
+    assert train_rft.Args().reward_retriever == "ckpt/retriever_reward" and train_rft.Args().eval_retriever == "ckpt/retriever_eval"
+    train = realdata.PoseScript(ps, amass, "train")
+    texts = [c[0] for c in train.captions]  # each pose's first caption (human ones come first)
+    with torch.no_grad():
+        sim = reward.embed_text(texts) @ reward.embed_pose(R.action_from_axis_angle(train.all_pose_aa())).T
+    t2p = float(100 * (sim.argsort(1, descending=True)[:, :10] == torch.arange(len(texts))[:, None]).any(1).float().mean())
+    assert t2p > 3 * 100 * 10 / len(texts), t2p  # R@10 T2P over 128 poses: chance 7.8 %
+
+
+def test_real_retriever_flags_stop_on_bad_files(tmp_path):
+    small = ["--epochs", "1", "--num_threads", "1", "--out_dir", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit, match="--posescript_dir and --amass_dir go together"):
+        R.main(["--posescript_dir", str(tmp_path), *small])
+    rng = np.random.default_rng(0)
+    ps, amass = str(tmp_path / "posescript"), str(tmp_path / "amass")
+    write_posescript_release(ps, amass, captioned_poses(8, 1), captioned_poses(4, 2), rng)
+    np.savez(os.path.join(amass, "KIT", "3", "walk_poses.npz"), poses=np.zeros((3, 156)))  # 12 poses ask for frames 0..11
+    with pytest.raises(SystemExit, match=r"retrieval.py: PoseScript: .*walk_poses.npz, record 3: frame 3 out of range"):
+        R.main(["--posescript_dir", ps, "--amass_dir", amass, *small])
+    assert not (tmp_path / "ckpt" / "retriever_reward").exists()
