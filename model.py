@@ -305,7 +305,7 @@ class PoseLlavaModel(LlavaModel):
             raise ValueError("PoseLlava: pose_values given to a model built without pose input "
                              "(config.pose_input_tokens = 0); build it with pose_input=True")
         tokens = self.pose_input_encoder(pose_values)
-        return self.pose_input_projector(tokens.to(self.pose_input_projector[0].weight.dtype))
+        return self.pose_input_projector(tokens.to(next(self.pose_input_projector.parameters()).dtype))
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, pose_values=None,
                 **kwargs):

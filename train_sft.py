@@ -142,8 +142,9 @@ class Args:
                 "states (0: off; never on llava-1.5-7b)"})
     head_fit_samples: int = field(default=12000, metadata={"help": "training poses whose <POSE> states the head fit uses"})
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
-    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
-                             metadata={"help": "task mixture weights: image_to_pose, text_to_pose, vqa"})
+    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2], metadata={
+        "help": "task mixture weights: image_to_pose, text_to_pose, vqa; 5 weights add pose_to_text and pose_edit "
+                "(pose as input: the extended vocabulary and the pose encoder, data.POSE_INPUT_TASKS)"})
     fresh_samples: bool = field(default=True, metadata={
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
@@ -203,9 +204,10 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
     inputs read only later: --mix, --real_mix, --smpl_path."""
     checkpoint.check_flags(args, script, at_least, positive)
     w = np.asarray(args.mix, dtype=np.float64)
-    if len(w) != len(data.TASKS) or (w < 0).any() or w.sum() <= 0:
+    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
         raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
-                         f"weights, not all zero ({', '.join(data.TASKS)})")
+                         f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
+                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)})")
     if len(args.real_mix) != 4 or min(args.real_mix) < 0:
         raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
                          "(text-to-pose, image-to-pose, image-text, VQA)")
@@ -490,16 +492,31 @@ def stage0_clip(model, train, tokenizer, args, device, log):
     log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": acc})
 
 
-def stage0_lm_texts(cfg: posebench.BenchConfig) -> list:
-    """The LM pretraining texts: the training split's prompts and answers without image placeholders."""
-    return [t for t in data.benchmark_texts(cfg, splits=("train",)) if data.IMAGE_TOKEN not in t]
+def pose_input_on(args) -> bool:
+    """The pose-input tasks are in the mixture (--mix with 5 weights): the tiny preset then speaks the
+    extended vocabulary, and every preset's model has the pose encoder."""
+    return len(args.mix) == len(data.ALL_TASKS)
+
+
+def run_tasks(args) -> tuple:
+    """The posebench tasks --mix weighs."""
+    return data.ALL_TASKS if pose_input_on(args) else data.TASKS
+
+
+def stage0_lm_texts(cfg: posebench.BenchConfig, pose_input: bool = False) -> list:
+    """The LM pretraining texts: the training split's prompts and answers without image (or input-pose)
+    placeholders; with pose_input also the training split's editing instructions."""
+    texts = data.benchmark_texts(cfg, splits=("train",))
+    if pose_input:
+        texts = sorted(set(texts) | set(data.pose_input_texts(cfg, splits=("train",))))
+    return [t for t in texts if data.IMAGE_TOKEN not in t and data.POSE_INPUT_TOKEN not in t]
 
 
 def stage0_lm(model, tokenizer, cfg, args, device, log):
     """Pretrain the tiny LM (and LM head) on the benchmark's training texts: prompts and answers in
     the chat format, image placeholders dropped (no val or test caption). Stands in for a pretrained
     LLM."""
-    texts = stage0_lm_texts(cfg)
+    texts = stage0_lm_texts(cfg, pose_input=bool(model.config.pose_input_tokens))
     lm = model.model.language_model
     params = list(lm.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.stage0_lr, betas=(0.9, 0.95))
@@ -552,7 +569,7 @@ def base_flags(args) -> dict:
     keys = ["preset", "head_rank", "deterministic_head", "n_train", "n_val", "n_test", "seed"]
     keys += ["llava_path", "hmr2_ckpt"] if args.preset == "llava-1.5-7b" else \
         sorted(k for k in vars(args) if k.startswith("stage0_") and k != "stage0_only")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in keys} | ({"pose_input": True} if pose_input_on(args) else {})
 
 
 def check_base_flags(base_dir: str, built: dict) -> None:
@@ -574,12 +591,13 @@ def check_base_flags(base_dir: str, built: dict) -> None:
 def build_base(args, cfg: posebench.BenchConfig):
     """The built-in presets' untrained base: (model with the run's pose head, `build()` that makes
     one with the Gaussian head for stage 0, tokenizer)."""
+    pose_input = pose_input_on(args)
     if args.preset == "tiny":
-        tokenizer = data.tiny_tokenizer(cfg)
+        tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input)
         return (M.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
                 lambda: M.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
-    base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head)
-    return base, lambda: M.build_smol(rank=args.head_rank)[0], tokenizer
+    base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
+    return base, lambda: M.build_smol(rank=args.head_rank, pose_input=pose_input)[0], tokenizer
 
 
 def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
@@ -690,7 +708,8 @@ def pose_states(policy, tokenizer, samples, device, batch_size: int = 128):
     states, targets = [], []
     for i in range(0, len(samples), batch_size):
         b = data.collate(samples[i:i + batch_size], tokenizer, n_img).to(device)
-        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                        pose_values=b.pose_values)
         states.append(h.float())
         targets.append(b.pose6d.reshape(len(h), -1))
     return torch.cat(states), torch.cat(targets)
@@ -704,8 +723,9 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     the view orientation that the states do carry (measured: a linear probe of the states beat the
     stage-1 head by 70 mm MPJPE on val).
     """
-    per_task = args.head_fit_samples // 2
-    samples = tasks.eval_samples("image_to_pose")[:per_task] + tasks.eval_samples("text_to_pose")[:per_task]
+    fit = [t for t in data.POSE_ANSWER_TASKS if t in data.POSE_TASKS or t in tasks.tasks]  # + pose_edit, if trained
+    per_task = args.head_fit_samples // len(fit)
+    samples = [s for t in fit for s in tasks.eval_samples(t)[:per_task]]
     policy.eval()
     states, targets = pose_states(policy, tokenizer, samples, device)
     policy.train()
@@ -736,6 +756,9 @@ def main(argv=None):
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
     check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
+    if real and pose_input_on(args):
+        raise SystemExit("train_sft.py: --mix with 5 weights: the pose-input tasks are posebench's; the real-data "
+                         "mixture (--real_mix) has none yet")
     if real:
         check_real_assets(args, "sft")
     if args.stage0_readout not in ("mean", "flatten"):
@@ -822,7 +845,7 @@ def main(argv=None):
     if real:
         tasks = real_tasks(args, inner.config.vision_config.image_size, body.BodyModel(args.smpl_path or None), args.seed)
     else:
-        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed,
+        tasks = data.PoseBenchTasks("train", cfg, tasks=run_tasks(args), mix=args.mix, seed=args.seed,
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     n_img = inner.num_image_tokens
     if master:
@@ -844,7 +867,8 @@ def main(argv=None):
         n_tokens, n_poses = all_reduce_sum(counts, ddp).clamp_min(1).tolist()
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
-        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                                pose_values=b.pose_values)
         loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
         what = "loss"  # a NaN/inf loss, gradient or weight skips the step (count_bad_step)
         if on_every_rank(bool(torch.isfinite(loss)), ddp, device):
