@@ -11,6 +11,17 @@ Pose-RFT (§4.1) trains on four kinds of data, turned into single-turn conversat
 | (3) image-text: BEDLAM-Script                           | `vqa` (describe)| - / `BEDLAMScript`          |
 | (4) VQA: LLaVA-Instruct-150k                            | `vqa`           | posebench yes/no VQA / `LLaVAInstruct` |
 
+Pose as input (issue 21; UniPose, PoseLLaVA, PoseFix), built-in only, not in the default mixture:
+
+| task            | input                                 | answer                                          |
+|-----------------|---------------------------------------|-------------------------------------------------|
+| `pose_to_text`  | "Describe this pose: <pose_input>"    | one of the pose's posebench captions            |
+| `pose_edit`     | pose A at <pose_input> + instruction  | POSE_ANSWER, target pose B (posebench.load_edits) |
+
+`<pose_input>` becomes POSE_INPUT_LEN placeholder ids that model.PoseInputEncoder fills; the input
+poses travel in `Batch.pose_values`. The tiny preset then speaks `tiny_tokenizer(cfg, pose_input=True)`,
+the default vocabulary with the new token and words appended (every default id unchanged).
+
 `PoseBenchTasks` mixes the built-in benchmark's three tasks into one deterministic `Dataset`;
 the real datasets are `Dataset`s of the same `Sample`, mixed by `realdata.Mixture`, so templates,
 tokenizer and `collate` serve them unchanged (the 7B preset; README, "Real runs on GPUs").
@@ -315,8 +326,14 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
         extra_special_tokens=named, clean_up_tokenization_spaces=True)  # decode "pose ." as "pose."
 
 
+def _pre_tokenizer():
+    """Whitespace, then every punctuation character alone: the word-level tokenizer's split."""
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
 def _count_words(texts: Iterable[str]) -> collections.Counter:
-    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    """How often each word (the word-level split) occurs in `texts`, the special tokens left out."""
+    pre = _pre_tokenizer()
     chunks = collections.Counter()  # whitespace-separated chunks first: few distinct ones, fast
     for text in texts:
         for piece in _SPECIAL_SPLIT.split(text):
@@ -341,7 +358,7 @@ def extend_tokenizer(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreT
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise ValueError("extend_tokenizer: the tokenizer's ids are not 0..V-1")
     out = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    out.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    out.pre_tokenizer = _pre_tokenizer()
     out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)])
     return _wrap(out)
 
@@ -360,7 +377,7 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     words = sorted(counts, key=lambda word: (-counts[word], word))
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return _wrap(tok)
 

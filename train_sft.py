@@ -54,6 +54,7 @@ Run:
     python train_sft.py                                   # tiny preset, CPU, a few minutes
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
+    python train_sft.py --mix 0.3 0.3 0.2 0.1 0.1         # + pose_to_text, pose_edit (pose as input; README)
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
         --posescript_dir ... --amass_dir ... --image_npz H36M=h36m_train.npz=/data/h36m ...   # README
 """
@@ -503,20 +504,16 @@ def run_tasks(args) -> tuple:
     return data.ALL_TASKS if pose_input_on(args) else data.TASKS
 
 
-def stage0_lm_texts(cfg: posebench.BenchConfig, pose_input: bool = False) -> list:
-    """The LM pretraining texts: the training split's prompts and answers without image (or input-pose)
-    placeholders; with pose_input also the training split's editing instructions."""
-    texts = data.benchmark_texts(cfg, splits=("train",))
-    if pose_input:
-        texts = sorted(set(texts) | set(data.pose_input_texts(cfg, splits=("train",))))
-    return [t for t in texts if data.IMAGE_TOKEN not in t and data.POSE_INPUT_TOKEN not in t]
+def stage0_lm_texts(cfg: posebench.BenchConfig) -> list:
+    """The LM pretraining texts: the training split's prompts and answers without image placeholders."""
+    return [t for t in data.benchmark_texts(cfg, splits=("train",)) if data.IMAGE_TOKEN not in t]
 
 
 def stage0_lm(model, tokenizer, cfg, args, device, log):
     """Pretrain the tiny LM (and LM head) on the benchmark's training texts: prompts and answers in
     the chat format, image placeholders dropped (no val or test caption). Stands in for a pretrained
     LLM."""
-    texts = stage0_lm_texts(cfg, pose_input=bool(model.config.pose_input_tokens))
+    texts = stage0_lm_texts(cfg)
     lm = model.model.language_model
     params = list(lm.parameters()) + list(model.lm_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.stage0_lr, betas=(0.9, 0.95))
@@ -657,6 +654,29 @@ def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
     return res
 
 
+def stage0_pose_input(base, args, cfg, device, log) -> dict:
+    """Stage 0 of a tiny-preset run with the pose-input tasks: the default run's own (built, keyed and
+    cached from the default vocabulary's model, so the two runs share one cache entry and the
+    pose-input tasks add no stage-0 training), copied into `base`; the language model's input and
+    output embeddings are copied into the first rows of the extended vocabulary (data.extend_tokenizer
+    keeps every default id), whose new rows (the input-pose placeholder, the instructions' words) keep
+    their initialisation. Returns the encoder's metrics, as `stage0`."""
+    tok0 = data.tiny_tokenizer(cfg)
+    default = M.build_tiny(tok0, rank=args.head_rank, deterministic=args.deterministic_head)
+    res = stage0(default, lambda: M.build_tiny(tok0, rank=args.head_rank), tok0, cfg, args, device, log)
+    src, dst = stage0_parts(default, args.preset), stage0_parts(base, args.preset)
+    with torch.no_grad():
+        for name, module in src.items():
+            target = dict(dst[name].named_parameters())
+            for k, v in module.named_parameters():
+                t = target[k]
+                if t.shape != v.shape and (t.shape[1:] != v.shape[1:] or t.shape[0] < v.shape[0]):
+                    raise RuntimeError(f"stage 0 of the default vocabulary does not fit {name}.{k}: {tuple(v.shape)} "
+                                       f"into {tuple(t.shape)}")
+                t[:len(v)] = v
+    return res
+
+
 # ---- stage 1: the SFT objective -------------------------------------------------------------
 
 def sft_loss(logits, labels, pose_dist, batch: data.Batch, args, n_tokens: float, n_poses: float, bodymodel=None):
@@ -780,7 +800,10 @@ def main(argv=None):
         cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
         posebench.build(cfg)
         base, build, tokenizer = build_base(args, cfg)
-        res = stage0(base, build, tokenizer, cfg, args, device, lambda m: None)
+        if args.preset == "tiny" and pose_input_on(args):
+            res = stage0_pose_input(base, args, cfg, device, lambda m: None)
+        else:
+            res = stage0(base, build, tokenizer, cfg, args, device, lambda m: None)
         body.atomic_write(os.path.join(args.out_dir, "stage0.json"), lambda fh: json.dump(res, fh, indent=1))
         for split in ("val", "test"):
             print(f"stage 0, pose encoder alone on {split}: MPJPE {res[f'stage0/{split}/pose_vit_mpjpe_mm']:.1f} mm, "
@@ -815,7 +838,10 @@ def main(argv=None):
                 M.save_base(base, tokenizer, base_dir, args.preset)
             else:
                 base, build, tokenizer = build_base(args, cfg)
-                stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
+                if args.preset == "tiny" and pose_input_on(args):  # the default run's stage 0, shared
+                    stage0_pose_input(base, args, cfg, device, log)
+                else:
+                    stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
                 M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
             body.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base

@@ -149,3 +149,34 @@ def test_evaluation_of_the_pose_input_tasks(tasks):
     gt = torch.as_tensor(val.data.joints[[x.index for x in s]])
     a = torch.as_tensor(val.data.joints[[x.source_index for x in s]])
     assert res["pose_edit/copy_a_mpjpe_mm"] == pytest.approx(mpjpe_mm(a, gt).mean().item())
+
+
+def test_sft_and_rft_runs_with_the_pose_input_tasks(tmp_path, capsys):
+    """SFT with --mix of 5 weights shares the default run's stage 0 (one cache entry), evaluates the new
+    tasks; RFT trains on them from that SFT run."""
+    import json
+
+    import retrieval
+    import train_sft
+    from test_train_sft import TINY_RUN
+    bench = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
+    train_sft.main(TINY_RUN + ["--out_dir", str(tmp_path / "sft_default")])
+    capsys.readouterr()
+    five = ["--mix", "0.2", "0.2", "0.2", "0.2", "0.2"]
+    train_sft.main(TINY_RUN + five + ["--out_dir", str(tmp_path / "sft")])
+    assert "stage 0: found in the cache" in capsys.readouterr().out
+    with open(tmp_path / "sft" / "test_metrics.json") as fh:
+        res = json.load(fh)
+    assert res["pose_edit/copy_a_mpjpe_mm"] > 0 and np.isfinite(res["pose_edit/mpjpe_mm"])
+    assert "pose_to_text/bleu4" in res and "image_to_pose/mpjpe_mm" in res
+    with open(tmp_path / "sft" / "base" / train_sft.BASE_FLAGS) as fh:
+        assert json.load(fh)["pose_input"] is True
+    retrieval.main(bench + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
+                            "--out_dir", str(tmp_path), "--num_threads", "1"])
+    train_rft.main(bench + five + ["--steps", "2", "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "12",
+                                   "--log_every", "1", "--eval_samples", "16", "--eval_generate", "4", "--threads", "1",
+                                   "--warmup_steps", "1", "--sft_dir", str(tmp_path / "sft"), "--out_dir",
+                                   str(tmp_path / "rft"), "--reward_retriever", str(tmp_path / "retriever_reward"),
+                                   "--eval_retriever", str(tmp_path / "retriever_eval")])
+    rows = [json.loads(x) for x in open(tmp_path / "rft" / "metrics.jsonl")]
+    assert any("pose_edit/mpjpe_mm" in k for r in rows for k in r)
