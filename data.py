@@ -359,7 +359,8 @@ def extend_tokenizer(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreT
         raise ValueError("extend_tokenizer: the tokenizer's ids are not 0..V-1")
     out = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     out.pre_tokenizer = _pre_tokenizer()
-    out.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)])
+    out.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)])
     return _wrap(out)
 
 
@@ -484,7 +485,8 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
 
     IMAGE_TOKEN in a prompt becomes `num_image_tokens` image ids (LLaVA: one placeholder per
     visual token), POSE_INPUT_TOKEN `num_pose_input_tokens` ids, and the input poses go to
-    `Batch.pose_values` (None when no sample has one: the batch is then as it was before pose input). The prompt and the answer are encoded separately and concatenated, so the
+    `Batch.pose_values` (None when no sample has one: the batch is then as it was before pose
+    input). The prompt and the answer are encoded separately and concatenated, so the
     prompt-only encoding (add_answer=False, used by generation with pad_side="left") is a
     prefix of the full one. Only the answer ids and the eos are supervised. With `max_length`
     (LLaVA-1.5 trains at 2048), a longer sample's answer is cut at that length, as LLaVA cuts it

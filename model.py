@@ -317,7 +317,8 @@ class PoseLlavaModel(LlavaModel):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    position_ids=position_ids, **kwargs)
         if input_ids is None or kwargs.pop("inputs_embeds", None) is not None:
-            raise ValueError("PoseLlava: pose_values need input_ids (the placeholders are found by id), not inputs_embeds")
+            raise ValueError("PoseLlava: pose_values need input_ids (the placeholders are found by id), "
+                             "not inputs_embeds")
         embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
         feats = self.pose_input_features(pose_values).to(embeds.dtype)  # (K, L, D)
         mask = input_ids == self.config.pose_input_token_id
@@ -329,7 +330,8 @@ class PoseLlavaModel(LlavaModel):
             image = torch.cat(self.get_image_features(pixel_values=pixel_values).pooler_output).to(embeds.dtype)
             img_mask = input_ids == self.config.image_token_id
             if int(img_mask.sum()) != image.shape[0]:
-                raise ValueError(f"PoseLlava: {int(img_mask.sum())} image placeholders for {image.shape[0]} image tokens")
+                raise ValueError(f"PoseLlava: {int(img_mask.sum())} image placeholders for {image.shape[0]} "
+                                 "image tokens")
             embeds = embeds.masked_scatter(img_mask[..., None], image)
         return super().forward(input_ids=None, inputs_embeds=embeds, attention_mask=attention_mask,
                                position_ids=position_ids, **kwargs)

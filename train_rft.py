@@ -270,7 +270,7 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rew
     describe = torch.tensor([t == "pose_to_text" for t in tasks])
     valid = ro.has_pose.cpu() & (image | text | edit)  # V: a pose task whose answer produced a <POSE> state
     scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
-    qa = ~(image | text | edit | describe)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose task's answer is a template
+    qa = ~(image | text | edit | describe)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
     r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
     if qa.any():  # Eq. 10 on the QA samples
