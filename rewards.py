@@ -44,7 +44,8 @@ CAPTION_ANSWER_PATTERN = re.compile(r"\s*[A-Z][^<>.]*\w[^<>.]*\.\s*")  # one sen
 FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
                    "vqa": VQA_ANSWER_PATTERN, "pose_to_text": CAPTION_ANSWER_PATTERN,
                    "pose_edit": data.POSE_ANSWER_PATTERN}
-REWARD_NAMES = ("joint", "semantic", "format", "text", "caption", "posecode")
+REWARD_NAMES = ("joint", "semantic", "format", "text")
+POSE_INPUT_REWARD_NAMES = ("caption", "posecode")  # the pose-input tasks' own (train_rft.score_pose_input)
 
 
 JOINT_ALIGNMENTS = ("pelvis", "procrustes")

@@ -486,8 +486,9 @@ def main(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     train_sft.check_args(args, "train_rft.py", RFT_AT_LEAST, train_sft.POSITIVE + ("temperature", "pose_temperature"))
-    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
-        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
+    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES:
+        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of "
+                         f"{', '.join(R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES)}")
     if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
         raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
                          f"{', '.join(R.JOINT_ALIGNMENTS)}")
