@@ -430,7 +430,7 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         with autocast_context(self.config, input_ids.device):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             position_ids=position_ids, **({} if pose_values is None else {"pose_values": pose_values}))
+                             position_ids=position_ids, pose_values=pose_values)
             h = out.last_hidden_state  # (B, T, D)
             logits = self.lm_head(h)
         pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if pose_token_pos is None \

@@ -9,7 +9,7 @@
         num_iterations updates of the HyGRPO objective (Eq. 6/21)                       line 9
 
 One step costs one sampling loop, one reference forward without gradient, and one policy forward +
-backward per iteration, each reading a prompt (its image and text) once for its G answers
+backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
 (model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
 same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
@@ -299,17 +299,17 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rew
     return r, r_d, r_c, valid, where
 
 
-def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, edit_valid, describe) -> None:
+def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, edit_scored, describe) -> None:
     """The pose-input tasks' own rewards, added to `r` and `where` (rows elsewhere 0 / False):
     R_caption (pose_to_text: the reward retriever's cos of the generated caption and the input pose)
     and R_posecode (pose_to_text: share of the caption's stated posecodes true of the input pose;
-    pose_edit: share of the instruction's posecodes true of the sampled pose). Posecodes are measured
-    on the body model's joints of the pose (posebench.posecodes)."""
+    pose_edit: share of the instruction's posecodes true of the sampled pose, on the rows `edit_scored`).
+    Posecodes are measured on the body model's joints of the pose (posebench.posecodes)."""
     import posebench
 
     n = len(samples)
     r["caption"], r["posecode"] = torch.zeros(n), torch.zeros(n)
-    where["caption"], where["posecode"] = describe.clone(), describe | edit_valid
+    where["caption"], where["posecode"] = describe.clone(), describe | edit_scored
 
     def codes_of(pose6d):  # (M, P) -> (M, C) posecodes of the pose's canonical joints
         j = bodymodel.forward_rot6d(pose6d.float().to(bodymodel.device)).joints
@@ -321,8 +321,8 @@ def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where:
         poses = torch.as_tensor(np.stack([samples[i].pose_input for i in idx])).reshape(len(idx), -1)
         r["caption"][idx] = R.semantic_reward(texts, poses, retriever).float().cpu()
         r["posecode"][idx] = R.posecode_reward([posebench.stated_codes(t) for t in texts], codes_of(poses))
-    if edit_valid.any():
-        idx = torch.nonzero(edit_valid).flatten().tolist()
+    if edit_scored.any():
+        idx = torch.nonzero(edit_scored).flatten().tolist()
         stated = [posebench.stated_codes(samples[i].text, "edit") for i in idx]
         r["posecode"][idx] = R.posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
 

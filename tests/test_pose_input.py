@@ -9,6 +9,7 @@ import torch
 import data
 import model as M
 import posebench as pb
+from test_model import force_pose
 
 CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
@@ -142,6 +143,74 @@ def test_generate_reads_the_pose_in_the_prefill_only(tok, ds):
                        max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id, output_logits=True,
                        return_dict_in_generate=True)
     assert not torch.allclose(other.logits[0][0], out.logits[0][0])
+
+
+def pose_prompts(ds, tok, n_img, group=1):
+    """Left-padded prompts with input poses (pose_to_text, pose_edit) beside an image one, each `group` times."""
+    s = by_task(ds, "pose_to_text", 2) + by_task(ds, "image_to_pose", 1) + by_task(ds, "pose_edit", 1)
+    return data.collate([x for x in s for _ in range(group)], tok, n_img, add_answer=False, pad_side="left")
+
+
+def test_sample_reads_the_pose_as_generate_and_teacher_forcing_do(tok, ds):
+    """M.sample with input poses: greedy answers equal transformers' generate with them, the <POSE> state
+    read on the way equals the teacher-forced one, and other input poses give other states."""
+    m = tiny(tok, seed=2)
+    p = pose_prompts(ds, tok, m.num_image_tokens)
+    T = p.input_ids.shape[1]
+    ref = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
+                     pose_values=p.pose_values, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                     eos_token_id=tok.eos_token_id)
+    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                   temperature=0, pose_values=p.pose_values)
+    assert torch.equal(out.sequences, ref)
+    force = force_pose(3, m.config.pose_token_id)
+    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
+                   logits_processor=force, pose_values=p.pose_values)
+    assert out.has_pose.all() and (out.pose_pos == T + 3).all()
+    mask = torch.cat([p.attention_mask, torch.ones(len(out.states), out.sequences.shape[1] - T, dtype=torch.long)], 1)
+    _, _, tf_state = m.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos, pose_values=p.pose_values)
+    assert torch.allclose(out.states, tf_state, atol=1e-5, rtol=1e-5)
+    other = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
+                     logits_processor=force, pose_values=p.pose_values.flip(0))
+    posed = (p.input_ids == tok.pose_input_token_id).any(1)
+    assert not torch.allclose(other.states[posed], out.states[posed])
+
+
+def test_grouped_forward_with_input_poses_equals_the_full_one(tok, ds):
+    """B prompts (with input poses, and an image) x G answers: the prompts read once with their poses give
+    forward_hybrid's answer logits, <POSE> states and gradients (float rounding apart), and greedy
+    answers equal to ungrouped ones."""
+    m = tiny(tok, seed=3)
+    G = 3
+    p = pose_prompts(ds, tok, m.num_image_tokens, G)
+    T = p.input_ids.shape[1]
+    torch.manual_seed(0)
+    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                   [tok.pad_token_id], group=G, logits_processor=force_pose(2, m.config.pose_token_id),
+                   pose_values=p.pose_values)  # padding suppressed, as in a rollout: the mask below finds it
+    greedy = [M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       temperature=0, group=g, pose_values=p.pose_values).sequences for g in (1, G)]
+    assert torch.equal(greedy[0], greedy[1])
+    mask = torch.cat([p.attention_mask, (out.sequences[:, T:] != tok.pad_token_id).long()], 1)
+    results = []
+    for grouped in (False, True):
+        m.zero_grad()
+        if grouped:
+            logits, dist, state = M.forward_grouped(m, out.sequences, mask, p.pixel_values, T, G, out.pose_pos,
+                                                    p.pose_values)
+        else:
+            logits, dist, state = m.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos,
+                                                   pose_values=p.pose_values)
+            logits = logits[:, T - 1:-1]
+        (logits.logsumexp(-1)[mask[:, T:].bool()].sum() + dist.mean[out.has_pose].sum()).backward()
+        results.append((logits, state, {n: q.grad.clone() for n, q in m.named_parameters() if q.grad is not None}))
+    (l0, s0, g0), (l1, s1, g1) = results
+    valid, has = mask[:, T:].bool(), out.has_pose
+    assert has.sum() >= 8 and torch.allclose(l0[valid], l1[valid], atol=1e-5)
+    assert torch.allclose(s0[has], s1[has], atol=1e-5) and torch.allclose(s1[has], out.states[has], atol=1e-5)
+    assert g0.keys() == g1.keys() and any(n.startswith("model.pose_input_encoder") for n in g0)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-4, rtol=1e-4), n
 
 
 # ---- Tokenizer, pairs, samples, collate -------------------------------------------------------------

@@ -109,7 +109,8 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
     policy = M.apply_lora(M.build_tiny(tok, image_size=32))
     names, params = train_rft.checkpoint.trainable_params(policy)
     assert any("pose_input_encoder" in n for n in names)
-    args = train_rft.Args(max_new_tokens=10, pose_temperature=1.0)
+    B, G = 2, 4
+    args = train_rft.Args(max_new_tokens=10, pose_temperature=1.0, group_size=G)
     ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), params,
                                 NoSimilarity(), FakeRetriever(), body.BodyModel(), hygrpo.make_loss(False),
                                 train_rft.suppressed_tokens(policy, tok))
@@ -120,7 +121,6 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
     enc = policy.get_base_model().model.pose_input_encoder
     before = [p.detach().clone() for p in enc.parameters()]
     samples = [s for s in (tasks[i] for i in range(100)) if s.task == task][:2]
-    B, G = 2, 4
     rec = train_rft.hygrpo_step(ctx, [s for s in samples for _ in range(G)], B, G, args)
     assert "skipped" not in rec, rec
     assert rec["rewards/posecode"] is not None
