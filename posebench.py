@@ -18,6 +18,9 @@ difficulty: one input fits many poses.
   cropped around the person: depth is lost, as in a photo.
 - VQA: yes/no questions answered from posecodes ("Is the left hand above the head?" ->
   "Yes, the left hand is above the head.").
+- Pose editing (issue 21): pairs (A, B) within a split, B the nearest pose of A's archetype that
+  gains 1-4 posecodes, and instructions naming exactly the gained posecodes (`load_edits`, cached
+  beside the split); `stated_codes` parses a caption or an instruction back to its posecodes.
 - Splits by pose, each from its own random stream (no pose is in two splits; the test split
   does not change when the training size does), cached on disk keyed by the configuration.
 
@@ -41,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -368,6 +372,159 @@ def make_vqa(codes: np.ndarray, k: int, rng: np.random.Generator):
             qa.append({"question": question, "answer": answer, "code": c, "value": want})
         out.append(qa)
     return out
+
+
+# ---- Pose editing pairs and instructions (PoseFix-style), and parsing texts back to posecodes --
+# An editing pair (A, B): B is the pose of A's split and archetype nearest to A (mean joint distance)
+# among those that gain 1-4 posecodes over A (true of B, false of A); the instruction names exactly
+# the gained posecodes, imperatively ("Raise the left hand above the head and bend the right knee."),
+# each code in one of two wordings drawn per instruction, as the captions are. PoseFix (Delmas et al.
+# 2023) pairs nearby AMASS poses and writes its modifiers from posecodes that change; here B is
+# the nearest same-archetype pose whose posecodes change by a few. Codes that B loses are not named.
+
+EDIT_VERSION = 1  # bump when pairing or instructions change: part of the edits' cache file name
+EDIT_MAX_CODES = 4
+_SIDED_EDIT = {
+    "{s}_elbow_bent": ["bend the {s} elbow", "bend the {s} arm at the elbow"],
+    "{s}_elbow_straight": ["straighten the {s} arm", "stretch the {s} elbow"],
+    "{s}_knee_bent": ["bend the {s} knee", "bend the {s} leg at the knee"],
+    "{s}_knee_straight": ["straighten the {s} leg", "extend the {s} knee"],
+    "{s}_hand_above_head": ["raise the {s} hand above the head", "lift the {s} hand over the head"],
+    "{s}_hand_raised": ["raise the {s} hand higher than the shoulder", "lift the {s} hand"],
+    "{s}_arm_forward": ["reach forward with the {s} arm", "bring the {s} hand in front of the body"],
+    "{s}_hand_behind": ["put the {s} hand behind the back", "move the {s} hand behind the body"],
+    "{s}_knee_raised": ["raise the {s} knee", "lift the {s} thigh up"],
+    "{s}_foot_raised": ["lift the {s} foot", "raise the {s} foot higher than the other"],
+}
+EDIT_TEXT = {
+    "hands_together": ["bring the hands close together", "move both hands near each other"],
+    "hands_apart": ["move the hands far apart", "spread the arms wide"],
+    "feet_together": ["put the feet together", "bring the feet close to each other"],
+    "feet_apart": ["spread the feet wide apart", "spread the legs apart"],
+    "upright": ["hold the torso upright", "straighten the back up"],
+    "leaning_forward": ["lean the torso forward", "bend forward"],
+    "leaning_backward": ["lean the torso backward", "lean back"],
+    "lying": ["lie down", "bring the body horizontal"],
+    "lying_on_back": ["lie on the back", "lie face up"],
+    "lying_on_front": ["lie on the stomach", "lie face down"],
+    "lying_on_side": ["lie on one side", "lie sideways"],
+    "hips_low": ["lower the hips close to the feet", "crouch low"],
+}
+for _s in ("left", "right"):
+    for _k, _v in _SIDED_EDIT.items():
+        EDIT_TEXT[_k.format(s=_s)] = [t.format(s=_s) for t in _v]
+assert set(EDIT_TEXT) == set(CODE_NAMES)
+
+
+def _norm(text: str) -> str:
+    """Lower case, words and punctuation marks joined by single spaces (as data.normalize_text)."""
+    return " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
+
+
+def _phrase_parser(table: dict):
+    """A regex over every phrase of {code: [phrases]} (longest first, whole words) and phrase -> code."""
+    owner = {}
+    for code, phrases in table.items():
+        for ph in phrases:
+            key = _norm(ph)
+            if owner.setdefault(key, code) != code:
+                raise ValueError(f"the phrase {ph!r} names two posecodes: {owner[key]} and {code}")
+    alts = sorted(owner, key=lambda k: (-len(k), k))
+    return re.compile(r"(?<!\w)(" + "|".join(re.escape(a) for a in alts) + r")(?!\w)"), owner
+
+
+_CAPTION_PARSER = _phrase_parser({c: v[0] for c, v in CODE_TEXT.items()})
+_EDIT_PARSER = _phrase_parser(EDIT_TEXT)
+
+
+def stated_codes(text: str, kind: str = "caption") -> list:
+    """The posecodes a caption (kind "caption": CODE_TEXT's statements) or an instruction ("edit":
+    EDIT_TEXT's phrases) states, in order of appearance, each once. Exact on posebench's own texts
+    (tests/test_pose_input.py parses every caption and instruction back); a text in other words
+    states nothing that is not one of these phrases."""
+    if kind not in ("caption", "edit"):
+        raise ValueError(f"stated_codes: kind must be 'caption' or 'edit', got {kind!r}")
+    regex, owner = _CAPTION_PARSER if kind == "caption" else _EDIT_PARSER
+    out = []
+    for m in regex.finditer(_norm(text)):
+        if owner[m.group(1)] not in out:
+            out.append(owner[m.group(1)])
+    return out
+
+
+def join_clauses(clauses: list) -> str:
+    """"a, b and c." with the first letter upper-cased (the captions' form)."""
+    text = clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and " + clauses[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def edit_pairs(split: PoseBenchSplit, max_codes: int = EDIT_MAX_CODES) -> np.ndarray:
+    """(N,) for each pose A of the split the index of its B (-1: none): the pose of A's archetype,
+    other than A, nearest by mean joint distance (canonical joints) among those true of 1 to
+    `max_codes` posecodes that are false of A. Deterministic: ties go to the lower index."""
+    n = len(split)
+    out = np.full(n, -1, np.int64)
+    codes = split.codes.astype(np.int32)
+    flat = split.joints.reshape(n, -1, 3).astype(np.float64)
+    for a in np.unique(split.archetype):
+        idx = np.flatnonzero(split.archetype == a)
+        gained = (1 - codes[idx]) @ codes[idx].T  # (n_a, n_a): codes true of column, false of row
+        ok = (gained >= 1) & (gained <= max_codes)
+        np.fill_diagonal(ok, False)
+        for r0 in range(0, len(idx), 64):  # (64, n_a) distances at a time
+            rows = slice(r0, r0 + 64)
+            d = np.linalg.norm(flat[idx[rows], None] - flat[None, idx], axis=-1).mean(-1)
+            d[~ok[rows]] = np.inf
+            best = np.argmin(d, axis=1)  # the first minimum: the lower index
+            has = ok[rows].any(1)
+            out[idx[rows][has]] = idx[best[has]]
+    return out
+
+
+@dataclass
+class PoseEdits:
+    """The editing pairs of one split. M pairs (the poses A that have a B), k instructions each."""
+    source: np.ndarray     # (M,) index of A in the split
+    target: np.ndarray     # (M,) index of B in the split
+    codes: list            # M lists of the code names B gains over A (what every instruction names)
+    instructions: list     # M lists of k str
+
+    def __len__(self):
+        return len(self.source)
+
+
+def make_edits(split: PoseBenchSplit, k: int, seed: int) -> PoseEdits:
+    """Pairs (`edit_pairs`) and k instructions per pair, the wording of each named code drawn from
+    np.random.default_rng([seed, split index, 21]) in pair order, the codes in CODE_NAMES order."""
+    pairs = edit_pairs(split)
+    src = np.flatnonzero(pairs >= 0)
+    rng = np.random.default_rng([seed, SPLITS.index(split.name), 21])
+    codes, texts = [], []
+    for a in src:
+        gained = [CODE_NAMES[c] for c in np.flatnonzero(split.codes[pairs[a]] & ~split.codes[a])]
+        codes.append(gained)
+        texts.append([join_clauses([EDIT_TEXT[c][int(rng.integers(len(EDIT_TEXT[c])))] for c in gained])
+                      for _ in range(k)])
+    return PoseEdits(source=src, target=pairs[src], codes=codes, instructions=texts)
+
+
+def load_edits(split: str, cfg: BenchConfig | None = None) -> PoseEdits:
+    """`make_edits` of a split (k = cfg.captions_per_pose), cached beside the benchmark as
+    <bench_dir>/<split>_edits_v<EDIT_VERSION>.json (written atomically)."""
+    cfg = cfg or BenchConfig()
+    path = os.path.join(build(cfg), f"{split}_edits_v{EDIT_VERSION}.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                d = json.load(fh)
+            return PoseEdits(np.asarray(d["source"], np.int64), np.asarray(d["target"], np.int64), d["codes"],
+                             d["instructions"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: made again below
+    e = make_edits(load_split(split, cfg), cfg.captions_per_pose, cfg.seed)
+    body.atomic_write(path, lambda fh: json.dump({"source": e.source.tolist(), "target": e.target.tolist(),
+                                                  "codes": e.codes, "instructions": e.instructions}, fh))
+    return e
 
 
 # ---- Building, caching, loading -------------------------------------------------------------

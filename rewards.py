@@ -9,6 +9,13 @@ HyGRPO (hygrpo.py) uses R_d = R_format + R_text for the text (R_text on the visi
 prompts only, where §3.3 applies it; a pose task's answer is a fixed template) and R_c = R_joint
 (image tasks) or R_semantic (text tasks) for the pose, each normalised within its group (Eq. 16).
 
+Pose as input (issue 21; ours, the paper has neither task):
+    pose_to_text  the text is the answer: R_d = R_format (a one-sentence caption) + R_caption (Eq. 8
+                  turned around: the reward retriever's cos(phi_t(generated caption), phi_p(input pose)))
+                  + R_posecode (the share of the caption's stated posecodes true of the input pose)
+    pose_edit     R_d = R_format (the pose answer); R_c = R_joint (Eq. 7 against the target pose B)
+                  + R_posecode (the share of the instruction's posecodes true of the predicted pose)
+
 Departures from the paper:
 1. Eq. 7 divides by the bare distance; we add eps (1 cm by default) so that a perfect pose
    gives a finite reward. Joints are pelvis-centred on both sides (as MPJPE is).
@@ -33,9 +40,12 @@ import retrieval
 
 VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,[^.<>]*\w[^.<>]*\.\s*")  # no special token, not empty
 FREE_ANSWER_PATTERN = re.compile(r"\s*[^<>\s][^<>]*")  # a free-form VQA answer: not empty, no special token
+CAPTION_ANSWER_PATTERN = re.compile(r"\s*[A-Z][^<>.]*\w[^<>.]*\.\s*")  # one sentence, no special token
 FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
-                   "vqa": VQA_ANSWER_PATTERN}
+                   "vqa": VQA_ANSWER_PATTERN, "pose_to_text": CAPTION_ANSWER_PATTERN,
+                   "pose_edit": data.POSE_ANSWER_PATTERN}
 REWARD_NAMES = ("joint", "semantic", "format", "text")
+POSE_INPUT_REWARD_NAMES = ("caption", "posecode")  # the pose-input tasks' own (train_rft.score_pose_input)
 
 
 JOINT_ALIGNMENTS = ("pelvis", "procrustes")
@@ -144,3 +154,25 @@ class TextSimilarity:
 def text_reward(completions: Sequence[str], references: Sequence[str], similarity: TextSimilarity) -> torch.Tensor:
     """Eq. 10 with a loaded `TextSimilarity` (loading the encoder once is the caller's job)."""
     return similarity(completions, references)
+
+
+def posecode_reward(stated: Sequence[Sequence[str]], codes) -> torch.Tensor:
+    """R_posecode: per text, the share of the posecodes it states (posebench.stated_codes) that are
+    true of its pose; 0 for a text that states none (it says nothing checkable).
+
+    Args:
+        stated: N lists of posecode names. codes: (N, C) bool posecodes (posebench.posecodes),
+            columns in posebench.CODE_NAMES order.
+    Returns:
+        (N,) in [0, 1].
+    """
+    import numpy as np
+
+    import posebench
+
+    codes = np.asarray(codes, dtype=bool)
+    if codes.shape != (len(stated), len(posebench.CODE_NAMES)):
+        raise ValueError(f"posecode_reward: codes of shape {codes.shape}, expected ({len(stated)}, "
+                         f"{len(posebench.CODE_NAMES)})")
+    col = {c: i for i, c in enumerate(posebench.CODE_NAMES)}
+    return torch.tensor([float(np.mean([codes[i, col[c]] for c in s])) if s else 0.0 for i, s in enumerate(stated)])

@@ -9,7 +9,7 @@
         num_iterations updates of the HyGRPO objective (Eq. 6/21)                       line 9
 
 One step costs one sampling loop, one reference forward without gradient, and one policy forward +
-backward per iteration, each reading a prompt (its image and text) once for its G answers
+backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
 (model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
 same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
@@ -20,7 +20,8 @@ bf16 weights (README, "Real runs on GPUs", known gaps).
 
 Ablations, defaults = the paper:
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
-    --zero_reward NAME      zero-mask one reward (Table 5): joint, semantic, format or text
+    --zero_reward NAME      zero-mask one reward (Table 5): joint, semantic, format or text (caption, posecode:
+                            the pose-input tasks')
     --deterministic_head    Table 3: an SFT checkpoint with a mean-only head (train_sft.py --deterministic_head)
                             that samples with its fixed spread and learns only the mean
 Probes of why image-to-pose does not improve here (README, "Results", finding 4), not the paper's:
@@ -152,8 +153,9 @@ class Args:
                 "rotations (ours): of its marginal over the 72 directions, at the sampling mean, in which a joint's "
                 "rotation changes (the rewards cannot see the other 72, where the head's spread is tiny and the "
                 "score of a sample is mostly noise)"})
-    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
-                             metadata={"help": "task mixture: image_to_pose, text_to_pose, vqa"})
+    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2], metadata={
+        "help": "task mixture: image_to_pose, text_to_pose, vqa; 5 weights add pose_to_text and pose_edit (an SFT run "
+                "trained with them)"})
     fresh_samples: bool = field(default=True, metadata={
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
@@ -219,13 +221,14 @@ class Rollout:
     texts: list                   # N decoded answers
     pose_mean: torch.Tensor | None = None  # (N, P) the mean of the Gaussian p_i was drawn from
     group: int = 1                # G (the rows are B prompts repeated G times each)
+    pose_values: torch.Tensor | None = None  # (K, J, 6) the input poses of the rows that have one (data.Batch)
 
 
 def suppressed_tokens(policy, tokenizer) -> list:
-    """Tokens the policy never emits: the image placeholder, padding and bos (never eos, which a
-    tokenizer may use as padding). Masked alike in sampling and in the log-probs, so the policy
-    that samples is exactly the one that is scored."""
-    ids = {policy.get_base_model().config.image_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    """Tokens the policy never emits: the input placeholders (image, input pose), padding and bos (never
+    eos, which a tokenizer may use as padding). Masked alike in sampling and in the log-probs, so the
+    policy that samples is exactly the one that is scored."""
+    ids = {*M.input_only_tokens(policy.get_base_model().config), tokenizer.pad_token_id, tokenizer.bos_token_id}
     return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
 
 
@@ -236,7 +239,8 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
     T_p = b.input_ids.shape[1]
     gen = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, args.max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer), args.temperature, args.group_size)
+                   tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer), args.temperature, args.group_size,
+                   pose_values=b.pose_values)
     states, has_pose, pose_pos = gen.states, gen.has_pose, gen.pose_pos
     new = gen.sequences[:, T_p:]  # (N, T)
     is_eos = new == tokenizer.eos_token_id
@@ -250,42 +254,78 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
     texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
-                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean, args.group_size)
+                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean, args.group_size, b.pose_values)
 
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
 
 def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True):
     """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V.
-    `pose_rewards` False: R_c's rewards (Eq. 7, 8) are not computed (zero, defined nowhere): plain GRPO
-    (--hybrid false) uses no R_c, and scores them only on the steps it logs (Figure 4's curves)."""
+    `pose_rewards` False: R_c's rewards (Eq. 7, 8; pose_edit's R_posecode) are not computed (zero,
+    defined nowhere): plain GRPO (--hybrid false) uses no R_c, and scores them only on the steps it
+    logs (Figure 4's curves)."""
     tasks = [s.task for s in samples]
     image = torch.tensor([t == "image_to_pose" for t in tasks])
     text = torch.tensor([t == "text_to_pose" for t in tasks])
-    valid = ro.has_pose.cpu() & (image | text)  # V: a pose task whose answer produced a <POSE> state
+    edit = torch.tensor([t == "pose_edit" for t in tasks])  # pose as input (score_pose_input)
+    describe = torch.tensor([t == "pose_to_text" for t in tasks])
+    valid = ro.has_pose.cpu() & (image | text | edit)  # V: a pose task whose answer produced a <POSE> state
     scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
-    qa = ~(image | text)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose task's answer is a template
+    qa = ~(image | text | edit | describe)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
     r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
     if qa.any():  # Eq. 10 on the QA samples
         idx = torch.nonzero(qa).flatten().tolist()
         r["text"][idx] = R.text_reward([ro.texts[i] for i in idx], [samples[i].answer for i in idx], similarity)
     pose = ro.pose.float().cpu()
-    if (scored & image).any():  # Eq. 7 on the image-to-pose samples in V
-        idx = torch.nonzero(scored & image).flatten()
+    if (scored & (image | edit)).any():  # Eq. 7 on the image-to-pose (and pose-editing: against B) samples in V
+        idx = torch.nonzero(scored & (image | edit)).flatten()
         joints = bodymodel.forward_rot6d(pose[idx].to(bodymodel.device)).joints  # on the GPU when training there
         gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=bodymodel.device)
         r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
     if (scored & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
         idx = torch.nonzero(scored & text).flatten()
         r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
-    if args.zero_reward:  # Table 5: one reward zero-masked
+    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
+             "joint": scored & (image | edit), "semantic": scored & text}  # the rows each reward is defined on
+    if (describe | edit).any():  # R_caption, R_posecode (rewards.py)
+        score_pose_input(ro, samples, retriever, bodymodel, r, where, scored & edit, describe)
+    if args.zero_reward in r:  # Table 5: one reward zero-masked (caption, posecode: on the pose-input tasks only)
         r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
     r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
-    r_c = torch.where(image, r["joint"], r["semantic"])           # R_c scores the pose p_i
-    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
-             "joint": scored & image, "semantic": scored & text}  # the rows each reward is defined on
+    r_c = torch.where(image | edit, r["joint"], r["semantic"])    # R_c scores the pose p_i
+    if "posecode" in r:  # pose_to_text: the caption is the answer; pose_edit: the instruction's posecodes
+        r_d = r_d + r["caption"] + torch.where(describe, r["posecode"], 0.0)
+        r_c = r_c + torch.where(edit, r["posecode"], 0.0)
     return r, r_d, r_c, valid, where
+
+
+def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, edit_scored, describe) -> None:
+    """The pose-input tasks' own rewards, added to `r` and `where` (rows elsewhere 0 / False):
+    R_caption (pose_to_text: the reward retriever's cos of the generated caption and the input pose)
+    and R_posecode (pose_to_text: share of the caption's stated posecodes true of the input pose;
+    pose_edit: share of the instruction's posecodes true of the sampled pose, on the rows `edit_scored`).
+    Posecodes are measured on the body model's joints of the pose (posebench.posecodes)."""
+    import posebench
+
+    n = len(samples)
+    r["caption"], r["posecode"] = torch.zeros(n), torch.zeros(n)
+    where["caption"], where["posecode"] = describe.clone(), describe | edit_scored
+
+    def codes_of(pose6d):  # (M, P) -> (M, C) posecodes of the pose's canonical joints
+        j = bodymodel.forward_rot6d(pose6d.float().to(bodymodel.device)).joints
+        return posebench.posecodes((j - j[:, :1]).double().cpu().numpy())
+
+    if describe.any():
+        idx = torch.nonzero(describe).flatten().tolist()
+        texts = [ro.texts[i] if ro.texts[i].strip() else "." for i in idx]
+        poses = torch.as_tensor(np.stack([samples[i].pose_input for i in idx])).reshape(len(idx), -1)
+        r["caption"][idx] = R.semantic_reward(texts, poses, retriever).float().cpu()
+        r["posecode"][idx] = R.posecode_reward([posebench.stated_codes(t) for t in texts], codes_of(poses))
+    if edit_scored.any():
+        idx = torch.nonzero(edit_scored).flatten().tolist()
+        stated = [posebench.stated_codes(samples[i].text, "edit") for i in idx]
+        r["posecode"][idx] = R.posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
 
 
 # ---- ALGO: the log-probabilities HyGRPO needs -----------------------------------------------
@@ -296,7 +336,7 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     head's Gaussian at `pose_temperature` (model.tempered)."""
     T_p = ro.prompt_len
     logits, dist, _ = M.forward_grouped(policy.get_base_model(), ro.sequences, ro.attention_mask, ro.pixel_values,
-                                        T_p, ro.group, ro.pose_pos)  # each prompt read once for its G answers
+                                        T_p, ro.group, ro.pose_pos, ro.pose_values)  # each prompt read once
     logits = logits.float() / temperature  # (N, T, V): position t predicts answer token t
     logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
     logp = torch.log_softmax(logits, -1)
@@ -447,8 +487,9 @@ def main(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     train_sft.check_args(args, "train_rft.py", RFT_AT_LEAST, train_sft.POSITIVE + ("temperature", "pose_temperature"))
-    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES:
-        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(R.REWARD_NAMES)}")
+    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES:
+        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of "
+                         f"{', '.join(R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES)}")
     if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
         raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
                          f"{', '.join(R.JOINT_ALIGNMENTS)}")
@@ -514,7 +555,8 @@ def main(argv=None):
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     if not real:  # (real: the same --smpl_path body makes the targets' joints and scores the poses, Eq. 7)
-        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed + 1,  # other prompts than SFT's order
+        tasks = data.PoseBenchTasks("train", cfg, tasks=train_sft.run_tasks(args), mix=args.mix,
+                                    seed=args.seed + 1,  # other prompts than SFT's order
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     names, params = checkpoint.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)

@@ -55,6 +55,7 @@ Run:
     python train_sft.py                                   # tiny preset, CPU, a few minutes
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
+    python train_sft.py --mix 0.3 0.3 0.2 0.1 0.1         # + pose_to_text, pose_edit (pose as input; README)
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
         --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp ...   # README
 """
@@ -144,8 +145,9 @@ class Args:
                 "states (0: off; never on llava-1.5-7b)"})
     head_fit_samples: int = field(default=12000, metadata={"help": "training poses whose <POSE> states the head fit uses"})
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
-    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2],
-                             metadata={"help": "task mixture weights: image_to_pose, text_to_pose, vqa"})
+    mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2], metadata={
+        "help": "task mixture weights: image_to_pose, text_to_pose, vqa; 5 weights add pose_to_text and pose_edit "
+                "(pose as input: the extended vocabulary and the pose encoder, data.POSE_INPUT_TASKS)"})
     fresh_samples: bool = field(default=True, metadata={
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
@@ -205,9 +207,10 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
     inputs read only later: --mix, --real_mix, --smpl_path."""
     checkpoint.check_flags(args, script, at_least, positive)
     w = np.asarray(args.mix, dtype=np.float64)
-    if len(w) != len(data.TASKS) or (w < 0).any() or w.sum() <= 0:
+    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
         raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
-                         f"weights, not all zero ({', '.join(data.TASKS)})")
+                         f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
+                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)})")
     if len(args.real_mix) != 4 or min(args.real_mix) < 0:
         raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
                          "(text-to-pose, image-to-pose, image-text, VQA)")
@@ -555,6 +558,17 @@ def stage0_clip(model, train, tokenizer, args, device, log):
         log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": (logits.argmax(1) == labels).float().mean().item()})
 
 
+def pose_input_on(args) -> bool:
+    """The pose-input tasks are in the mixture (--mix with 5 weights): the tiny preset then speaks the
+    extended vocabulary, and every preset's model has the pose encoder."""
+    return len(args.mix) == len(data.ALL_TASKS)
+
+
+def run_tasks(args) -> tuple:
+    """The posebench tasks --mix weighs."""
+    return data.ALL_TASKS if pose_input_on(args) else data.TASKS
+
+
 def stage0_lm_texts(cfg: posebench.BenchConfig) -> list:
     """The LM pretraining texts: the training split's prompts and answers without image placeholders."""
     return [t for t in data.benchmark_texts(cfg, splits=("train",)) if data.IMAGE_TOKEN not in t]
@@ -618,7 +632,7 @@ def base_flags(args) -> dict:
     keys = ["preset", "head_rank", "deterministic_head", "n_train", "n_val", "n_test", "seed"]
     keys += ["llava_path", "hmr2_ckpt"] if args.preset == "llava-1.5-7b" else \
         sorted(k for k in vars(args) if k.startswith("stage0_") and k != "stage0_only")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in keys} | ({"pose_input": True} if pose_input_on(args) else {})
 
 
 def check_base_flags(base_dir: str, built: dict) -> None:
@@ -640,12 +654,13 @@ def check_base_flags(base_dir: str, built: dict) -> None:
 def build_base(args, cfg: posebench.BenchConfig):
     """The built-in presets' untrained base: (model with the run's pose head, `build()` that makes
     one with the Gaussian head for stage 0, tokenizer)."""
+    pose_input = pose_input_on(args)
     if args.preset == "tiny":
-        tokenizer = data.tiny_tokenizer(cfg)
+        tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input)
         return (M.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
                 lambda: M.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
-    base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head)
-    return base, lambda: M.build_smol(rank=args.head_rank)[0], tokenizer
+    base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
+    return base, lambda: M.build_smol(rank=args.head_rank, pose_input=pose_input)[0], tokenizer
 
 
 def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
@@ -705,6 +720,29 @@ def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
     return res
 
 
+def stage0_pose_input(base, args, cfg, device, log) -> dict:
+    """Stage 0 of a tiny-preset run with the pose-input tasks: the default run's own (built, keyed and
+    cached from the default vocabulary's model, so the two runs share one cache entry and the
+    pose-input tasks add no stage-0 training), copied into `base`; the language model's input and
+    output embeddings are copied into the first rows of the extended vocabulary (data.extend_tokenizer
+    keeps every default id), whose new rows (the input-pose placeholder, the instructions' words) keep
+    their initialisation. Returns the encoder's metrics, as `stage0`."""
+    tok0 = data.tiny_tokenizer(cfg)
+    default = M.build_tiny(tok0, rank=args.head_rank, deterministic=args.deterministic_head)
+    res = stage0(default, lambda: M.build_tiny(tok0, rank=args.head_rank), tok0, cfg, args, device, log)
+    src, dst = stage0_parts(default, args.preset), stage0_parts(base, args.preset)
+    with torch.no_grad():
+        for name, module in src.items():
+            target = dict(dst[name].named_parameters())
+            for k, v in module.named_parameters():
+                t = target[k]
+                if t.shape != v.shape and (t.shape[1:] != v.shape[1:] or t.shape[0] < v.shape[0]):
+                    raise RuntimeError(f"stage 0 of the default vocabulary does not fit {name}.{k}: {tuple(v.shape)} "
+                                       f"into {tuple(t.shape)}")
+                t[:len(v)] = v
+    return res
+
+
 # ---- stage 1: the SFT objective -------------------------------------------------------------
 
 def sft_loss(logits, labels, pose_dist, batch: data.Batch, args, n_tokens: float, n_poses: float, bodymodel=None):
@@ -756,7 +794,8 @@ def pose_states(policy, tokenizer, samples, device, batch_size: int = 128):
     states, targets = [], []
     for i in range(0, len(samples), batch_size):
         b = data.collate(samples[i:i + batch_size], tokenizer, n_img).to(device)
-        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        _, _, h = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                        pose_values=b.pose_values)
         states.append(h.float())
         targets.append(b.pose6d.reshape(len(h), -1))
     return torch.cat(states), torch.cat(targets)
@@ -770,8 +809,9 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     the view orientation that the states do carry (measured: a linear probe of the states beat the
     stage-1 head by 70 mm MPJPE on val).
     """
-    per_task = args.head_fit_samples // 2
-    samples = tasks.eval_samples("image_to_pose")[:per_task] + tasks.eval_samples("text_to_pose")[:per_task]
+    fit = [t for t in data.POSE_ANSWER_TASKS if t in data.POSE_TASKS or t in tasks.tasks]  # + pose_edit, if trained
+    per_task = args.head_fit_samples // len(fit)
+    samples = [s for t in fit for s in tasks.eval_samples(t)[:per_task]]
     policy.eval()
     states, targets = pose_states(policy, tokenizer, samples, device)
     policy.train()
@@ -802,6 +842,9 @@ def main(argv=None):
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
     check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
+    if real and pose_input_on(args):
+        raise SystemExit("train_sft.py: --mix with 5 weights: the pose-input tasks are posebench's; the real-data "
+                         "mixture (--real_mix) has none yet")
     tasks = preflight_real(args, "sft", args.seed) if real else None  # every real input checked: before any write
     if args.stage0_readout not in ("mean", "flatten"):
         raise SystemExit(f"--stage0_readout {args.stage0_readout}: expected mean or flatten")
@@ -822,7 +865,10 @@ def main(argv=None):
         cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
         posebench.build(cfg)
         base, build, tokenizer = build_base(args, cfg)
-        res = stage0(base, build, tokenizer, cfg, args, device, lambda m: None)
+        if args.preset == "tiny" and pose_input_on(args):
+            res = stage0_pose_input(base, args, cfg, device, lambda m: None)
+        else:
+            res = stage0(base, build, tokenizer, cfg, args, device, lambda m: None)
         body.atomic_write(os.path.join(args.out_dir, "stage0.json"), lambda fh: json.dump(res, fh, indent=1))
         for split in ("val", "test"):
             print(f"stage 0, pose encoder alone on {split}: MPJPE {res[f'stage0/{split}/pose_vit_mpjpe_mm']:.1f} mm, "
@@ -857,7 +903,10 @@ def main(argv=None):
                 M.save_base(base, tokenizer, base_dir, args.preset)
             else:
                 base, build, tokenizer = build_base(args, cfg)
-                stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
+                if args.preset == "tiny" and pose_input_on(args):  # the default run's stage 0, shared
+                    stage0_pose_input(base, args, cfg, device, log)
+                else:
+                    stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
                 M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
             body.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base
@@ -885,7 +934,7 @@ def main(argv=None):
         start = restore_train_state(opt, state, args, rank, world)
         log({"resumed_from": step_dir}, start)
     if not real:
-        tasks = data.PoseBenchTasks("train", cfg, mix=args.mix, seed=args.seed,
+        tasks = data.PoseBenchTasks("train", cfg, tasks=run_tasks(args), mix=args.mix, seed=args.seed,
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     n_img = inner.num_image_tokens
     if master:
@@ -907,7 +956,8 @@ def main(argv=None):
         n_tokens, n_poses = all_reduce_sum(counts, ddp).clamp_min(1).tolist()
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
-        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
+        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                                pose_values=b.pose_values)
         loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
         what = "loss"  # a NaN/inf loss, gradient or weight skips the step (count_bad_step)
         if on_every_rank(bool(torch.isfinite(loss)), ddp, device):

@@ -356,8 +356,8 @@ def test_bad_input(mixed, tok):
             data.collate(samples, tok, num_image_tokens=2)
     with pytest.raises(ValueError, match="pad_side"):
         data.collate([img], tok, num_image_tokens=2, pad_side="middle")
-    with pytest.raises(ValueError, match="unknown task 'pose_to_text'"):
-        data.PoseBenchTasks("train", TINY, tasks=("text_to_pose", "pose_to_text"), mix=(0.5, 0.5))
+    with pytest.raises(ValueError, match="unknown task 'pose_to_image'"):
+        data.PoseBenchTasks("train", TINY, tasks=("text_to_pose", "pose_to_image"), mix=(0.5, 0.5))
     with pytest.raises(ValueError, match="one weight per task"):
         data.PoseBenchTasks("train", TINY, mix=(0.5, 0.5))
     with pytest.raises(ValueError, match="one weight per task"):
