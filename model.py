@@ -468,6 +468,8 @@ def forward_grouped_prompts(model, input_ids, attention_mask, pixel_values, grou
     h = model.model(input_ids=input_ids[first], attention_mask=attention_mask[first], pixel_values=pixel_values,
                     position_ids=pos, cache=cache, use_cache=True,
                     pose_values=pose_values).last_hidden_state[:, -1]  # (B, D)
+    if G == 1:
+        return h
     cache.batch_repeat_interleave(G)
     return h.repeat_interleave(G, 0)
 
@@ -545,7 +547,7 @@ def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, 
     suppress = sorted({*input_only_tokens(model.config), *suppress})
     cache = DynamicCache(config=model.config.text_config)
     mask = attention_mask.long()
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    last = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]  # (N, 1) the prompt's last position
     states = torch.zeros(N, D, device=device)
     has_pose = torch.zeros(N, dtype=torch.bool, device=device)
     pose_pos = torch.full((N,), -1, dtype=torch.long, device=device)
@@ -555,14 +557,11 @@ def sample(model, input_ids, attention_mask, pixel_values, max_new_tokens: int, 
         for t in range(max_new_tokens + 1):
             if t == max_new_tokens and not (new[-1] == pose_id).any():
                 break  # the one more forward is only for a <POSE> state
-            if t == 0 and group > 1:  # the prompts once, their cache repeated
+            if t == 0:  # the prompts (each group's once), their cache repeated G times
                 h = forward_grouped_prompts(model, input_ids, mask, pixel_values, group, cache, pose_values)
-            else:
-                ids = input_ids if t == 0 else new[-1][:, None]
-                h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values if t == 0 else None,
-                                pose_values=pose_values if t == 0 else None,
-                                position_ids=pos if t == 0 else pos[:, -1:] + t, cache=cache,
-                                use_cache=True).last_hidden_state[:, -1]  # (N, D): its input is new token t - 1
+            else:  # (N, D): the state whose input is new token t - 1
+                h = model.model(input_ids=new[-1][:, None], attention_mask=mask, position_ids=last + t, cache=cache,
+                                use_cache=True).last_hidden_state[:, -1]
             if t:  # the first <POSE> of a row: keep its state
                 first = (new[-1] == pose_id) & ~has_pose
                 states[first] = h[first].float()
