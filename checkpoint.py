@@ -15,7 +15,6 @@ over a damaged latest step goes on from the previous intact one, saying so.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -24,7 +23,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import struct
+import threading
 import zipfile
 
 import numpy as np
@@ -66,13 +67,10 @@ def check_flags(args, script: str, at_least: dict, positive=()) -> None:
 
 def check_writable(path: str, flag: str = "--out_dir") -> None:
     """Stop at once unless the directory `path` can be created and written: an unwritable output must fail
-    before the work whose results it would hold. Leaves the file system as it was (the probe file and the
-    directories made for it are removed again)."""
-    made, d = [], os.path.abspath(path)
-    while not os.path.exists(d) and d != os.path.dirname(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    probe = os.path.join(path, f".write-test.{os.getpid()}")
+    before the work whose results it would hold. The directory is left in place (the run writes there next);
+    only the probe file is removed. Safe when every rank of a torchrun job checks the same path at once:
+    nothing one rank made is removed under another (removing the directories made for the probe raced)."""
+    probe = os.path.join(path, f".write-test.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w") as fh:
@@ -81,10 +79,6 @@ def check_writable(path: str, flag: str = "--out_dir") -> None:
     except OSError as e:
         raise SystemExit(f"{flag} {path}: cannot write there ({e.strerror or e}); pass a writable directory "
                          "(nothing was done)") from None
-    finally:
-        for d in made:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
 
 
 def json_problems(path: str) -> list:

@@ -153,7 +153,28 @@ def test_flags_and_out_dirs_are_checked_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=r"--out_dir /proc/x: cannot write there \(.*\); pass a writable directory"):
         checkpoint.check_writable("/proc/x")
     checkpoint.check_writable(str(tmp_path / "new" / "dir"))
-    assert os.listdir(tmp_path) == []  # the probe and the directories made for it are removed
+    assert os.listdir(tmp_path / "new" / "dir") == []  # the directory is made, the probe removed
+
+
+def test_check_writable_when_every_rank_checks_at_once(tmp_path):
+    """Every rank of a torchrun job checks the same new --out_dir at the same moment: no rank may remove a
+    directory under another (CI once failed that way: rank 1 found `ckpt/` gone that rank 0 had made)."""
+    import threading
+    errors = []
+
+    def check(i):
+        try:
+            for k in range(30):
+                checkpoint.check_writable(str(tmp_path / f"run{k}" / "ckpt" / "sft"))
+        except SystemExit as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_keep_checkpoints_removes_older_steps_never_latest(run, tmp_path):
