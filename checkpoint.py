@@ -7,7 +7,7 @@ into place, and LATEST is rewritten atomically afterwards, so an interrupted sav
 LATEST that points at a partial checkpoint. `--resume` restores the optimizer and each rank's random
 streams, so the resumed run is the uninterrupted one (tests/test_train_sft.py, test_train_rft.py).
 
-Nothing lost, nothing silent (README, "Reliability"): the flags and the out-directory are checked before
+Nothing lost, nothing silent (docs/TRAINING.md, "Reliability"): the flags and the out-directory are checked before
 a run does any work (`check_flags`, `check_writable`); a checkpoint holding a NaN/inf is never written,
 a full disk stops the save naming the path (`save_checkpoint`); a LATEST, a step, a base/ or a file that
 is truncated, missing or garbage is named with its fix (`run_step`, `load_train_state`), and `--resume`

@@ -24,7 +24,7 @@ the default vocabulary with the new token and words appended (every default id u
 
 `PoseBenchTasks` mixes the built-in benchmark's three tasks into one deterministic `Dataset`;
 the real datasets are `Dataset`s of the same `Sample`, mixed by `realdata.Mixture`, so templates,
-tokenizer and `collate` serve them unchanged (the 7B preset; README, "Real runs on GPUs").
+tokenizer and `collate` serve them unchanged (the 7B preset; docs/REAL_RUNS.md).
 
 A sample and its encoding (B samples, T tokens, M images in a batch, J = 24 joints):
 
@@ -215,7 +215,7 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         seed: seed of the mixture (not of the benchmark, which `cfg.seed` fixes).
         length: number of samples (default: the number of poses N in the split). Sample i is one fixed
             draw, so indices drawn from range(N) form a fixed pool that reaches about 1 - exp(-w) of
-            the poses for a task of weight w (a third at 0.4; README, "Data coverage"); a larger
+            the poses for a task of weight w (a third at 0.4; docs/RESULTS.md, "Data coverage"); a larger
             length gives more distinct draws.
     """
 

@@ -653,7 +653,7 @@ class Args:
         "help": "--sample_pose: the head's temperature tau (covariance scaled by tau^2, as train_rft.py samples); "
                 "-1: the checkpoint's train_rft.py --pose_temperature, 1 for an SFT checkpoint"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
-    # real test sets (README, "Real runs on GPUs"): any of these, or a llava-1.5-7b checkpoint, selects evaluate_real
+    # real test sets (docs/REAL_RUNS.md): any of these, or a llava-1.5-7b checkpoint, selects evaluate_real
     eval_npz: list[str] = field(default_factory=list, metadata={
         "help": f"image-to-pose test sets as NAME=NPZ=IMAGE_DIR (3DPW, H36M): {realdata.HMR2_DATA_SOURCE}"})
     joint_regressor: str = field(default="", metadata={

@@ -1,4 +1,4 @@
-"""GPU memory of the llava-1.5-7b preset per GPU, computed from the model (README, "Real runs on GPUs").
+"""GPU memory of the llava-1.5-7b preset per GPU, computed from the model (docs/REAL_RUNS.md).
 
 Parameter counts are exact: PoseLlava is built on the meta device (no memory, nothing downloaded)
 from LLaVA-1.5-7B's configuration (llava-hf/llava-1.5-7b-hf's config.json, written out below, or
@@ -11,7 +11,7 @@ backward pass (bf16):
 With gradient checkpointing a layer keeps only its input (h values) and one layer is recomputed
 at a time. Not counted: the CUDA context, allocator fragmentation and cuBLAS workspaces (budget
 1-3 GiB), LoRA's rank-r intermediates (7 r values per layer and token), the frozen encoders'
-transient activations (no gradient flows into them). Measured once (README, "Real runs on GPUs":
+transient activations (no gradient flows into them). Measured once (docs/REAL_RUNS.md:
 `tests/gpu_7b.py`, random weights, one H200): 26.3 GiB for SFT against 21.8 computed, 27.1 GiB for
 RFT against 26.0 computed.
 

@@ -19,7 +19,7 @@ Objectives (all on pelvis-centred joints; losses in metres, rewards in 1/metres)
     eq7_true_root  eq7 with the ground-truth root substituted: what the body alone is asked for
 
 It also prints the SFT head's root (global orientation) error on val, the quantity that makes
-Eq. 7 and PA-MPJPE disagree (README, "Results", finding 5), and where the root is lost: the root
+Eq. 7 and PA-MPJPE disagree (docs/FINDINGS.md, finding 5), and where the root is lost: the root
 error of a linear (ridge) probe fitted on the same training prompts to the `<POSE>` states, and to
 the pose-aware encoder's tokens f_b(x) of the same images (before W_b and the language model).
 And how noisy RFT's pose gradient is (finding 6): at the first --score_states val states, the

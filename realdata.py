@@ -1,6 +1,6 @@
 """The paper's real datasets (§4.1), read from local paths: PoseScript (+ AMASS), HMR2.0-style image
 npz (3DPW, Human3.6M, COCO, MPII, ...), BEDLAM-Script, LLaVA-Instruct, and `Mixture`, which mixes
-them for the 7B preset (README, "Real runs on GPUs").
+them for the 7B preset (docs/REAL_RUNS.md).
 
 Each dataset yields data.py's `Sample`s, so templates, tokenizer and `collate` serve them unchanged.
 Images become one square person crop at the CLIP tower's size (`image_size`, 336 for LLaVA-1.5);

@@ -1,4 +1,4 @@
-"""Bad inputs and faults, tried against the scripts the way a new user meets them (README, "Reliability").
+"""Bad inputs and faults, tried against the scripts the way a new user meets them (docs/TRAINING.md, "Reliability").
 
 Builds tiny assets once in a temporary directory (a 48/16/40-pose benchmark, a 4-step SFT run with
 checkpoints at steps 2 and 4, two tiny retrievers, files in the real datasets' schemas), then runs

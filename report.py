@@ -24,7 +24,7 @@ zero-masked: `--zero_reward NAME`), Table 6 (RFT rewarded by the evaluator retri
 measured by both retrievers) and three seeds for every run, reported as mean ± std (sample std over
 seeds). `--seeds 0 1 2` alone gives the default runs over three seeds.
 
-Training scripts run with their defaults (the step counts of the README); their own final
+Training scripts run with their defaults (their default step counts); their own final
 evaluation is switched off (`--eval_samples 0`): the eval stages run the same code path
 (evaluate.evaluate_policy) with both retrievers. `--sft_args`, `--rft_args`, `--retrieval_args`
 and `--eval_args` append flags to those commands (tests pass tiny budgets through them).

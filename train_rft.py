@@ -16,7 +16,7 @@ same network under peft's `disable_adapter()`. The policy starts from an SFT che
 adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
 the merged SFT model, pi_init = pi_ref (Algorithm 1, line 3). On the small presets (float32) the
 merged model is the SFT policy to ~1e-6; on llava-1.5-7b the merge rounds the SFT update into the
-bf16 weights (README, "Real runs on GPUs", known gaps).
+bf16 weights (docs/REAL_RUNS.md, "Gaps, known").
 
 Ablations, defaults = the paper:
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
@@ -24,10 +24,10 @@ Ablations, defaults = the paper:
                             the pose-input tasks')
     --deterministic_head    Table 3: an SFT checkpoint with a mean-only head (train_sft.py --deterministic_head)
                             that samples with its fixed spread and learns only the mean
-Probes of why image-to-pose does not improve here (README, "Results", finding 4), not the paper's:
+Probes of why image-to-pose does not improve here (docs/FINDINGS.md, finding 4), not the paper's:
     --joint_reward_align procrustes   the joint reward after a similarity alignment
     --explore_root false              the global orientation is not sampled (the head's mean)
-Ours, a variance reduction (README, "Results", finding 6):
+Ours, a variance reduction (docs/FINDINGS.md, finding 6):
     --pose_space rotations            the pose ratio and KL on the Gaussian's marginal over the 72
                                       directions that change a rotation (model.rotation_basis)
 
@@ -59,7 +59,7 @@ advantage multiplies, is mostly noise no reward can see: 97 % of its expected sq
 tiny preset's val states, and the cosine quoted above. `rotations` takes the pose ratio and KL of the
 Gaussian's marginal on the 72 directions that change a rotation (model.rotation_basis, at the
 sampling mean): to first order the score's expectation given the rotations, the same gradient in
-expectation without that noise (cosine 0.11). probe.py measures both; README finding 6 has what it
+expectation without that noise (cosine 0.11). probe.py measures both; docs/FINDINGS.md finding 6 has what it
 does to RFT.
 
 The 7B preset starts from a `train_sft.py --preset
@@ -67,7 +67,7 @@ llava-1.5-7b` checkpoint and trains on the real datasets given by the same data 
 needs --smpl_path (the joint reward), and checks every asset and data file before anything is loaded
 or written (train_sft.preflight_real), naming every problem with its flag, file, record and fix.
 
-Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
+Metrics (metrics.jsonl, one JSON object per logged step; docs/TRAINING.md explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
     losses/{pg_discrete,pg_continuous,kl_token,kl_pose,total}, charts/{clipfrac_discrete,
     clipfrac_continuous,frac_zero_std_groups,frac_valid_pose,pose_std_mean,ratio_pose_mean,lr,
@@ -175,7 +175,7 @@ class Args:
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
-    # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
+    # real runs (--preset llava-1.5-7b): assets and datasets by path (docs/REAL_RUNS.md)
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file (https://smpl.is.tue.mpg.de): joints of the joint reward and the real "
                 "targets ('' : procedural; required for llava-1.5-7b)"})
@@ -593,7 +593,7 @@ def main(argv=None):
         plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and real:
-        print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
+        print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (docs/REAL_RUNS.md: "
               "`python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... --posescript_dir ...`)")
     if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         # evaluate.py's code path, sharded over the ranks; every rank gets the same metrics

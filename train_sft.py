@@ -163,7 +163,7 @@ class Args:
     max_bad_steps: int = field(default=5, metadata={
         "help": "abort after this many consecutive steps skipped for a NaN/inf loss or gradient"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
-    # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
+    # real runs (--preset llava-1.5-7b): assets and datasets by path (docs/REAL_RUNS.md)
     llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
     smpl_path: str = field(default="", metadata={
@@ -986,7 +986,7 @@ def main(argv=None):
 
     # ---- BOILERPLATE: final evaluation on the test split (evaluate.py's code path; sharded over the ranks)
     if master and real:
-        print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (README: "
+        print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (docs/REAL_RUNS.md: "
               "`python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... --posescript_dir ...`)")
     if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)

@@ -68,7 +68,7 @@ def test_mixture_follows_mix(ds):
 
 
 def test_fixed_pool_and_fresh_draws():
-    """README 'Data coverage': indices drawn from range(N) (the default length) can reach only about
+    """docs/RESULTS.md 'Data coverage': indices drawn from range(N) (the default length) can reach only about
     1 - 1/e of the poses of a task; the training scripts' --fresh_samples length reaches them all."""
     N = TINY.n_train
     pool = data.PoseBenchTasks("train", TINY, mix=(0, 1, 0))

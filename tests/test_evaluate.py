@@ -369,7 +369,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
         E.setup_distributed()
 
 
-# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+# ---- nothing lost, nothing silent (docs/TRAINING.md, "Reliability") -------------------------------------
 
 @pytest.fixture
 def tiny_run(tmp_path):

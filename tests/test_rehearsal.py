@@ -1,4 +1,4 @@
-"""The README's real-run commands ("Real runs on GPUs"), rehearsed end to end on CPU under
+"""The README's real-run commands (and docs/REAL_RUNS.md's), rehearsed end to end on CPU under
 `torchrun --nproc_per_node 2` (gloo): the same commands and flags but for paths and sizes, on
 miniature assets in each real schema, all made here:
 

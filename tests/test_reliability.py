@@ -1,6 +1,6 @@
 """reliability.py: how a try's outcome is sorted (clear error, handled, unclear error, traceback,
 silent or lossy) and that a script run in-process gives its exit status and output, traceback included.
-The tries themselves run with `python reliability.py` (README, "Reliability")."""
+The tries themselves run with `python reliability.py` (docs/TRAINING.md, "Reliability")."""
 import reliability as T
 
 

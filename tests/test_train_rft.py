@@ -69,11 +69,11 @@ def test_plain_grpo_and_zero_masked_reward(assets, tmp_path):
     run(["train_rft.py"], rft_args(assets, tmp_path / "z", "--zero_reward", "joint", "--steps", "2", "--eval_samples", "0"))
     rows = [json.loads(x) for x in (tmp_path / "z" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["rewards/joint"] in (0.0, None) for x in rows if "rewards/format" in x)
-    # the probes of README finding 4: the root not explored, the joint reward after alignment
+    # the probes of docs/FINDINGS.md finding 4: the root not explored, the joint reward after alignment
     run(["train_rft.py"], rft_args(assets, tmp_path / "abl", "--explore_root", "false", "--joint_reward_align",
                                    "procrustes", "--steps", "2", "--eval_samples", "0", "--fresh_samples", "true"))
     assert (tmp_path / "abl" / "LATEST").read_text() == "step-000002"
-    # README finding 6: the pose ratio and KL on the rotations' marginal (with the root not explored too)
+    # docs/FINDINGS.md finding 6: the pose ratio and KL on the rotations' marginal (with the root not explored too)
     # (the first run also evaluates on val: its metrics are named val/*, never test/*)
     for extra in (["--eval_split", "val", "--eval_samples", "8"], ["--explore_root", "false", "--eval_samples", "0"]):
         run(["train_rft.py"], rft_args(assets, tmp_path / "rot", "--pose_space", "rotations", "--steps", "2", *extra))
@@ -264,7 +264,7 @@ def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
         probe.main(["--sft_dir", str(assets / "sft"), "--n_states", "4"])
 
 
-# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+# ---- nothing lost, nothing silent (docs/TRAINING.md, "Reliability") -------------------------------------
 
 def test_a_diverging_run_stops_with_latest_on_finite_weights(assets, tmp_path):
     """--lr 1e6: its loss stays finite but the gradients go NaN; those steps are skipped, the run stops

@@ -227,7 +227,7 @@ def test_stage0_lm_reads_no_val_or_test_caption():
         assert held_out and not prompts(held_out) & texts, split
 
 
-# ---- nothing lost, nothing silent (README, "Reliability") -------------------------------------
+# ---- nothing lost, nothing silent (docs/TRAINING.md, "Reliability") -------------------------------------
 
 def adapter_is_finite(step_dir):
     return all(torch.isfinite(t).all() for t in load_file(str(step_dir / "adapter" / "adapter_model.safetensors")).values())
