@@ -1,6 +1,6 @@
 """The paper's metrics (§4.1 "Metrics"), as pure functions with input checks that name the
 argument, its shape and what was expected. evaluate.py runs a policy through them; retrieval.py and
-probe.py call them directly. Each has a slow reference in tests/test_metrics.py.
+tools/probe.py call them directly. Each has a slow reference in tests/test_metrics.py.
 
 - Image-to-pose: MPJPE and PA-MPJPE, in millimetres. MPJPE is pelvis-aligned (joint 0
   in the SMPL joint order); PA-MPJPE first applies a similarity Procrustes alignment

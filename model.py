@@ -811,7 +811,7 @@ def freeze_encoders(model: PoseLlavaForConditionalGeneration) -> None:
 
 
 def lora_config(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """The peft LoraConfig of `apply_lora` (bench_trl.py hands the same one to TRL's GRPOTrainer)."""
+    """The peft LoraConfig of `apply_lora` (tools/step_timing_trl.py hands the same one to TRL's GRPOTrainer)."""
     from peft import LoraConfig
 
     new_tokens = [model.config.pose_token_id]

@@ -53,7 +53,7 @@ JOINT_ALIGNMENTS = ("pelvis", "procrustes")
 
 def joint_distance_m(pred_joints: torch.Tensor, gt_joints: torch.Tensor, align: str = "pelvis") -> torch.Tensor:
     """The distance inside Eq. 7: the mean per-joint Euclidean distance (metres) of pelvis-centred
-    joints; differentiable (probe.py follows its gradient).
+    joints; differentiable (tools/probe.py follows its gradient).
 
     Args:
         pred_joints, gt_joints: (N, J, 3) metres (any frame, the same for both).

@@ -59,7 +59,7 @@ advantage multiplies, is mostly noise no reward can see: 97 % of its expected sq
 tiny preset's val states, and the cosine quoted above. `rotations` takes the pose ratio and KL of the
 Gaussian's marginal on the 72 directions that change a rotation (model.rotation_basis, at the
 sampling mean): to first order the score's expectation given the rotations, the same gradient in
-expectation without that noise (cosine 0.11). probe.py measures both; docs/FINDINGS.md finding 6 has what it
+expectation without that noise (cosine 0.11). tools/probe.py measures both; docs/FINDINGS.md finding 6 has what it
 does to RFT.
 
 The 7B preset starts from a `train_sft.py --preset
@@ -374,7 +374,7 @@ def pose_basis(ro: Rollout, args) -> torch.Tensor | None:
 
 @dataclass
 class StepContext:
-    """What one HyGRPO step needs besides the batch (built once in main, or by bench.py)."""
+    """What one HyGRPO step needs besides the batch (built once in main, or by tools/step_timing.py)."""
     policy: object
     tokenizer: object
     opt: torch.optim.Optimizer

@@ -789,7 +789,7 @@ def pose_loss(pose_dist, target, valid, args, n_poses: float):
 @torch.no_grad()
 def pose_states(policy, tokenizer, samples, device, batch_size: int = 128):
     """The teacher-forced `<POSE>` states of pose samples and their 6D targets: (N, D) float32 and
-    (N, P), on `device` (for fit_head, and for probe.py)."""
+    (N, P), on `device` (for fit_head, and for tools/probe.py)."""
     n_img = policy.get_base_model().num_image_tokens
     states, targets = [], []
     for i in range(0, len(samples), batch_size):

@@ -5,12 +5,12 @@ configurations, transformers' LLaVA format, 32064-token vocabulary, a word-level
 HMR2.0-shaped ViT-H Lightning checkpoint, and the fixture data of tests/test_real_scripts.py (each
 dataset's real schema). Then it runs train_sft.py and train_rft.py on them, with Table 4's batch per
 GPU of an 8-GPU node: SFT 80 / 8 = 10 samples, RFT 16 / 8 = 2 prompts x G = 8 samples. It prints each
-step's time and the peak GPU memory allocated, next to memory.py's computed peaks. Every sample is an
-image-to-pose sample (`--real_mix 0 1 0 0`), the longest kind, as memory.py assumes.
+step's time and the peak GPU memory allocated, next to tools/gpu_memory.py's computed peaks. Every sample is an
+image-to-pose sample (`--real_mix 0 1 0 0`), the longest kind, as tools/gpu_memory.py assumes.
 
 What it measures is the code path, the speed and the memory; the losses and rewards of random
 weights mean nothing. The fixture's texts are short (a word-level tokenizer), so a sample has about
-the 768 visual tokens and fewer text tokens than memory.py's 48.
+the 768 visual tokens and fewer text tokens than tools/gpu_memory.py's 48.
 
 Run (on a GPU; about 35 GB of disk; 164 s on one H200, 2026-12-01):
     python tests/gpu_7b.py --dir /tmp/gpu_7b
@@ -32,14 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 import body  # noqa: E402
-import memory  # noqa: E402
+from tools import gpu_memory  # noqa: E402
 import posevit  # noqa: E402
 import train_rft  # noqa: E402
 import train_sft  # noqa: E402
 from test_real_model import TOY_VIT  # noqa: E402
 from test_real_scripts import write_real_assets  # noqa: E402
 
-# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config.json, as memory.llava_7b_config) and HMR2.0's ViT-H
+# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config.json, as gpu_memory.llava_7b_config) and HMR2.0's ViT-H
 LLAVA_7B = dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                           num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32064),
                 vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
 
     sft = rows(str(d / "sft" / "metrics.jsonl"), "losses/total")
     rft = rows(str(d / "rft" / "metrics.jsonl"), "losses/total")
-    _, computed = memory.main([])
+    _, computed = gpu_memory.main([])
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "toy": a.toy,
            "seconds": {"assets": t_assets, "sft_script": t_sft, "rft_script": t_rft},
            "sft": [{k: r.get(k) for k in ("step", "losses/total", "charts/steps_per_s", "charts/gpu_peak_gib")}
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
            "rft": [{k: v for k, v in r.items() if k.startswith("time/") or k in ("step", "losses/total",
                                                                                   "charts/gpu_peak_gib")}
                    for r in rft],
-           "memory_py_computed_gib": {k: v / memory.GIB for k, v in computed.items()}}
+           "memory_py_computed_gib": {k: v / gpu_memory.GIB for k, v in computed.items()}}
     with open(d / "summary.json", "w") as fh:
         json.dump(out, fh, indent=1)
     print(json.dumps(out, indent=1))

@@ -1,4 +1,4 @@
-"""probe.py: each objective against a direct computation by metrics.py / rewards.py, gradients
+"""tools/probe.py: each objective against a direct computation by metrics.py / rewards.py, gradients
 through every objective, the root error on a hand-made rotation, and the linear root probe against
 the least-squares solution and on features that do / do not hold the root."""
 import math
@@ -9,7 +9,7 @@ import torch
 import body
 import metrics
 import model
-import probe
+from tools import probe
 import rewards
 
 

@@ -111,7 +111,7 @@ def write_real_assets(d, llava=None, hmr2=None):
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(d / "coco" / "1.jpg")
     (d / "llava_instruct_150k.json").write_text(json.dumps([{"id": "1", "image": "1.jpg", "conversations": [
         {"from": "human", "value": "<image>\nIs the left arm straight?"}, {"from": "gpt", "value": "Yes, the left arm is straight."}]}]))
-    # an untrained reward retriever (as bench.py uses)
+    # an untrained reward retriever (as tools/step_timing.py uses)
     import retrieval
     retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),
                              str(d / "retriever"))
@@ -151,12 +151,12 @@ def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
 
 
 def test_memory_table_counts_and_arithmetic(capsys):
-    import memory
+    from tools import gpu_memory
 
-    rows, peaks = memory.main([])
+    rows, peaks = gpu_memory.main([])
     out = capsys.readouterr().out
     assert "| **SFT peak** |" in out and "visual tokens per image 768" in out  # 576 CLIP + 16 x 12 ViT-H
-    counts = memory.count_parameters(memory.llava_7b_config(), lora_rank=16)
+    counts = gpu_memory.count_parameters(gpu_memory.llava_7b_config(), lora_rank=16)
     assert abs(counts["language model + LM head"] - 6.74e9) < 0.01e9  # Llama-2-7B with LLaVA's 32064-token vocabulary
     assert abs(counts["HMR2.0 ViT-H (f_b)"] - 631e6) < 1e6 and abs(counts["CLIP ViT-L/14-336 (f_a)"] - 303.5e6) < 1e6
     assert counts["LoRA"] == 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # q k v o + gate up down, r = 16

@@ -245,8 +245,8 @@ def test_bad_arguments(assets, tmp_path):
 
 
 def test_probe_runs_on_an_sft_checkpoint(assets, tmp_path):
-    """probe.py end to end on the tiny SFT run: every objective's val curve, the root error, JSON."""
-    import probe
+    """tools/probe.py end to end on the tiny SFT run: every objective's val curve, the root error, JSON."""
+    from tools import probe
     out = tmp_path / "probe.json"
     res = probe.main(BENCH + ["--sft_dir", str(assets / "sft"), "--n_states", "16", "--steps", "2", "--eval_every", "1",
                               "--batch_size", "4", "--samples", "2", "--threads", "1", "--out", str(out)])

@@ -17,8 +17,8 @@ Each outcome is sorted into one of:
 
 Prints one line per try, then the table. About five minutes on two CPU cores.
 
-    python reliability.py                 # every try
-    python reliability.py --only resume   # the tries whose name holds "resume"
+    python tools/reliability.py                 # every try
+    python tools/reliability.py --only resume   # the tries whose name holds "resume"
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts it tries
 BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
 SFT = BENCH + ["--stage0_pose_epochs", "1", "--stage0_clip_epochs", "1", "--stage0_lm_steps", "3", "--stage0_batch",
                "16", "--batch_size", "8", "--steps", "4", "--warmup_steps", "1", "--log_every", "2", "--save_every", "2",
@@ -107,7 +107,7 @@ def build_assets(d: str) -> None:
     for argv in (["train_sft.py", *SFT, "--out_dir", f"{d}/sft"], ["retrieval.py", *RETRIEVAL, "--out_dir", d]):
         code, text = run_script(argv)
         if code:
-            raise SystemExit(f"reliability.py: building the assets failed ({' '.join(argv[:1])}):\n{text[-3000:]}")
+            raise SystemExit(f"tools/reliability.py: building the assets failed ({' '.join(argv[:1])}):\n{text[-3000:]}")
     from PIL import Image
 
     import body

@@ -31,11 +31,11 @@ paper's) and of its marginal on the rotations (`--pose_space rotations`).
 
 Run (tiny preset: 9.5 min for every objective with one thread on a 2-core CPU, measured before the
 score diagnostics were added; they take about 45 s more with two threads):
-    python probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
+    python tools/probe.py --sft_dir results/ckpt/sft_s0 --threads 1 --out results/probe/probe_s0.json
 At RFT's own budget of image prompts (600 steps of about 3 states, 8 samples each; 45 s):
-    python probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
+    python tools/probe.py --sft_dir results/ckpt/sft_s0 --steps 600 --batch_size 3 --samples 8
 The root errors and the score diagnostics alone (1 min):
-    python probe.py --sft_dir results/ckpt/sft_s0 --objectives 6d --steps 1
+    python tools/probe.py --sft_dir results/ckpt/sft_s0 --objectives 6d --steps 1
 """
 from __future__ import annotations
 
@@ -43,10 +43,14 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
+
+# run as `python tools/<name>.py` from anywhere: the repository's modules are one directory up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data

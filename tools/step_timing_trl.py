@@ -11,7 +11,7 @@ The same work on both sides:
     a little more work on our side). The reference policy is the model with the adapter disabled on both sides;
   - the same text-to-pose prompts (data.PoseBenchTasks, text only), the same ones in the same order, B prompts x G
     samples a step, at most `max_new_tokens` new tokens at temperature 1. TRL reads a prompt as the text
-    bos + data.chat_text, the ids data.collate gives ours (tests/test_bench_trl.py checks it). A fresh model's
+    bos + data.chat_text, the ids data.collate gives ours (tests/test_step_timing_trl.py checks it). A fresh model's
     answers are random and mostly run to the limit: the mean answer length of each side is printed;
   - the same loss: one iteration (the old log-probs are the policy's own, detached: no extra forward), per-token
     clipped ratio at epsilon 0.2 averaged per answer then over the B x G answers (TRL's loss_type "grpo"), k3 KL
@@ -32,21 +32,26 @@ ours / TRL of the medians. Our parts are hygrpo_step's own `time/*`; TRL's come 
 trainer (nothing of TRL is changed): generate = `_generate` (tokenize, `generate`, decode), rewards =
 `_calculate_rewards`, reference = `_get_per_token_logps_and_entropies` without gradient, policy = `training_step`
 less its `_prepare_inputs` (forward, loss, backward), optimizer = from the end of `training_step` to the optimizer
-step's callback (gradient clipping and the step). A step is one iteration of the loop: ours as bench.py times it,
+step's callback (gradient clipping and the step). A step is one iteration of the loop: ours as tools/step_timing.py times it,
 TRL's from one `on_step_end` callback to the next, less our step in between (so its data loading and bookkeeping
 count). "other" is the step less its parts (the median of that difference, like every column).
 
 Run:
-    python bench_trl.py                 # B 8 x G 8, 24 new tokens, beta 0.04, 20 timed steps a side after 2, 1 thread
+    python tools/step_timing_trl.py                 # B 8 x G 8, 24 new tokens, beta 0.04, 20 timed steps a side after 2, 1 thread
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+# run as `python tools/<name>.py` from anywhere: the repository's modules are one directory up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data
@@ -88,14 +93,14 @@ def trl_prompt(tok, sample: data.Sample) -> str:
 
 
 def our_step(tok, samples, args: Args):
-    """Our step as bench.py runs it, with --hybrid false: a function of the step's index -> its seconds by part."""
+    """Our step as tools/step_timing.py runs it, with --hybrid false: a function of the step's index -> its seconds by part."""
     torch.manual_seed(args.seed)
     policy = M.apply_lora(M.build_tiny(tok))
     params = [p for p in policy.parameters() if p.requires_grad]
     rft = train_rft.Args(hybrid=False, batch_size=args.batch_size, group_size=args.group_size,
                          max_new_tokens=args.max_new_tokens, beta=args.beta)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as bench.py's default
+    retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as tools/step_timing.py's default
     ctx = train_rft.StepContext(policy, tok, opt, params, R.TextSimilarity(""), retriever, body.BodyModel(),
                                 hygrpo.make_loss(None), train_rft.suppressed_tokens(policy, tok))
     B, G = args.batch_size, args.group_size

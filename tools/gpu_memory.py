@@ -16,15 +16,20 @@ transient activations (no gradient flows into them). Measured once (docs/REAL_RU
 RFT against 26.0 computed.
 
 Run:
-    python memory.py                               # Table 4's setting on 8 GPUs
-    python memory.py --gpus 4 --group_size 16      # any field of Args is a flag
+    python tools/gpu_memory.py                               # Table 4's setting on 8 GPUs
+    python tools/gpu_memory.py --gpus 4 --group_size 16      # any field of Args is a flag
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
+
+# run as `python tools/<name>.py` from anywhere: the repository's modules are one directory up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as M
 import posevit
