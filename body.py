@@ -38,12 +38,11 @@ import argparse
 import contextlib
 import io
 import os
-import pickle
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import plumbing
 
 # ---- SMPL skeleton (smplx's names and order) ------------------------------------------------
 
@@ -451,42 +450,11 @@ def _keypoint_vertices(v: np.ndarray, joint_of_vertex: np.ndarray) -> dict:
     return {k: int(np.argmin(((v - np.asarray(t)) ** 2).sum(1))) for k, t in targets.items()}
 
 
-def cache_dir() -> str:
-    """Root of this project's caches: $POSE_RFT_CACHE, else ~/.cache/pose_rft."""
-    return os.environ.get("POSE_RFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pose_rft")
-
-
-def atomic_write(path: str, write, binary: bool = False) -> None:
-    """Write a file so that a reader sees the old file or the whole new one, never a part.
-
-    `write(fh)` fills an open temporary file in path's folder (named for this process and thread,
-    made with the usual mode under the umask), which then replaces path by `os.replace`. On any
-    error the temporary file is removed and path is left as it was. The project's caches, results,
-    markers and LATEST files are all written through this.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb" if binary else "w") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def atomic_pickle(obj, path: str) -> None:
-    """Write a pickle atomically (atomic_write)."""
-    atomic_write(path, lambda fh: pickle.dump(obj, fh, protocol=4), binary=True)
-
-
 def procedural_smpl_path(rebuild: bool = False) -> str:
     """Path of the procedural model file, built on first use and cached."""
-    path = os.path.join(cache_dir(), "body", f"procedural_smpl_v{PROCEDURAL_VERSION}.pkl")
+    path = os.path.join(plumbing.cache_dir(), "body", f"procedural_smpl_v{PROCEDURAL_VERSION}.pkl")
     if rebuild or not os.path.exists(path):
-        atomic_pickle(build_procedural_smpl(), path)
+        plumbing.atomic_pickle(build_procedural_smpl(), path)
     return path
 
 
@@ -572,61 +540,6 @@ class BodyModel(torch.nn.Module):
             else check_tensor(pose6d, "pose6d", (NUM_JOINTS, 6), "BodyModel.forward_rot6d")
         p = p.reshape(p.shape[0], NUM_JOINTS, 6)
         return self(p[:, 0], p[:, 1:], betas)
-
-
-# ---- Evaluation joints: HMR2.0's 3DPW / Human3.6M protocol ----------------------------------
-# 14 LSP joints (ankles, knees, hips, wrists, elbows, shoulders, neck, head) regressed from the
-# mesh by a user-supplied regressor, minus the regressor's pelvis, errors in millimetres. Two
-# regressor files are common: SPIN's J_regressor_h36m.npy (17 H36M joints, pelvis = 0) and
-# 4D-Humans' SMPL_to_J19.pkl (19 extra joints, pelvis = 14; HMR2.0's eval keypoints 25..37 and 43
-# minus keypoint 39). Both map the official SMPL mesh (6890 vertices), not the procedural one.
-# Against 4D-Humans' eval npz (its extra_keypoints_3d are J19 joints) only the second is the
-# protocol; evaluate.py refuses the first there.
-
-H36M_TO_LSP14 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10)  # SPIN's H36M_TO_J14
-J19_TO_LSP14 = tuple(range(13)) + (18,)
-REGRESSOR_LAYOUTS = {17: ("H36M", H36M_TO_LSP14, 0), 19: ("J19", J19_TO_LSP14, 14)}  # rows: (name, LSP14, pelvis)
-
-
-def load_joint_regressor(path: str) -> np.ndarray:
-    """A joint regressor file (.npy, or a numpy/scipy-sparse pickle read without scipy) -> (K, V)
-    float64, K in REGRESSOR_LAYOUTS (17: J_regressor_h36m.npy; 19: SMPL_to_J19.pkl)."""
-    from smpl_pickle import _SMPLUnpickler, _SparseStandIn, _sparse_to_dense
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"joint regressor {path} not found; J_regressor_h36m.npy comes from SPIN's "
-                                "fetch_data.sh (github.com/nkolot/SPIN), SMPL_to_J19.pkl from 4D-Humans' hmr2_data")
-    if path.endswith(".npy"):
-        reg = np.load(path, allow_pickle=False)
-    else:
-        with open(path, "rb") as fh:
-            reg = _SMPLUnpickler(fh, path).load()
-        reg = _sparse_to_dense(reg, "regressor", path) if isinstance(reg, _SparseStandIn) else np.asarray(reg)
-    if reg.ndim != 2 or reg.shape[0] not in REGRESSOR_LAYOUTS:
-        raise ValueError(f"{path}: regressor has shape {reg.shape}; expected (17, V) (H36M) or (19, V) (HMR2.0's J19)")
-    return reg.astype(np.float64)
-
-
-def lsp14_from_vertices(vertices, regressor: np.ndarray) -> torch.Tensor:
-    """(B, V, 3) mesh vertices, metres -> (B, 14, 3) LSP joints minus the regressor's pelvis, metres."""
-    v = check_tensor(vertices, "vertices", (3,), "lsp14_from_vertices")
-    reg = torch.as_tensor(np.asarray(regressor), dtype=v.dtype, device=v.device)
-    if v.dim() != 3 or reg.dim() != 2 or reg.shape[1] != v.shape[1] or reg.shape[0] not in REGRESSOR_LAYOUTS:
-        raise ValueError(f"lsp14_from_vertices: vertices {tuple(v.shape)} and regressor {tuple(reg.shape)}; expected "
-                         "(B, V, 3) and (17 or 19, V) with the same V (the official SMPL mesh has 6890)")
-    _, lsp, pelvis = REGRESSOR_LAYOUTS[reg.shape[0]]
-    joints = torch.einsum("kv,bvc->bkc", reg, v)  # (B, K, 3)
-    return joints[:, list(lsp)] - joints[:, pelvis:pelvis + 1]
-
-
-def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
-    """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or realdata.HMR2ImageDataset.gt_lsp14),
-    no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: metrics.pa_mpjpe_mm."""
-    p = check_tensor(pred, "pred", (14, 3), "lsp14_mpjpe_mm").double()
-    g = check_tensor(gt, "gt", (14, 3), "lsp14_mpjpe_mm").double()
-    if p.shape != g.shape:
-        raise ValueError(f"lsp14_mpjpe_mm: pred {tuple(p.shape)} and gt {tuple(g.shape)} differ")
-    return (p - g.to(p.device)).norm(dim=-1).mean(-1) * 1000.0
 
 
 # ---- CLI ------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ import zipfile
 import numpy as np
 import torch
 
-import body
+import data
+import plumbing
 
 
 def trainable_params(policy, state=None):
@@ -346,7 +347,7 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
                     "args": dataclasses.asdict(args), "rng": rng}, os.path.join(tmp, "train_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        body.atomic_write(os.path.join(out_dir, "LATEST"), lambda fh: fh.write(os.path.basename(final)))
+        plumbing.atomic_write(os.path.join(out_dir, "LATEST"), lambda fh: fh.write(os.path.basename(final)))
         prune_checkpoints(out_dir, getattr(args, "keep_checkpoints", 0), os.path.basename(final))
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,3 +357,55 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
                          f"({e}); step {step} was not saved, {last_good(out_dir)}. Free space there and rerun with "
                          "--resume") from None
     return final
+
+
+# ---- the training scripts' shared checks -----------------------------------------------------
+
+def count_bad_step(bad: int, what: str | None, done: int, args, log) -> int:
+    """The count of consecutive skipped steps after step `done` (0 after a good one; `what` was not finite:
+    loss, gradient, reward or weight), logged as skipped/nonfinite_{what}. Stops the run after
+    --max_bad_steps of them, or at once for a weight, naming the last good checkpoint."""
+    if what is None:
+        return 0
+    bad += 1
+    log({f"skipped/nonfinite_{what}": bad}, done)
+    if what == "weight" or bad >= args.max_bad_steps:
+        why = ("its update left NaN/inf weights, which cannot be undone" if what == "weight" else
+               f"{bad} consecutive steps with NaN/inf {what}s")
+        raise SystemExit(f"aborting: {why} (step {done}); no checkpoint holds them, "
+                         f"{last_good(args.out_dir)}. A diverging run: lower --lr (now {args.lr})")
+    return bad
+
+
+# flags every training script needs >= a minimum or > 0 (check_flags; a script adds its own)
+AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
+                keep_checkpoints=0,
+                n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
+                stop_after=0, max_length=0, weight_decay=0.0)
+
+
+POSITIVE = ("lr", "grad_clip")
+
+
+def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
+    """Stop before any work or write, naming every flag that cannot run (check_flags) and the
+    inputs read only later: --mix, --real_mix, --smpl_path."""
+    check_flags(args, script, at_least, positive)
+    w = np.asarray(args.mix, dtype=np.float64)
+    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
+        raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
+                         f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
+                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)})")
+    if len(args.real_mix) != 4 or min(args.real_mix) < 0:
+        raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
+                         "(text-to-pose, image-to-pose, image-text, VQA)")
+    if args.smpl_path and not os.path.isfile(args.smpl_path):
+        raise SystemExit(f"{script}: --smpl_path {args.smpl_path}: not found; the licensed SMPL model file comes from "
+                         "https://smpl.is.tue.mpg.de (SMPL for Python), or leave it out for the procedural body")
+
+
+def trained_args(step_dir: str) -> dict:
+    """The training script's arguments saved with a checkpoint ({} when there are none)."""
+    if not os.path.isfile(os.path.join(step_dir, "train_state.pt")):
+        return {}
+    return load_train_state(step_dir, map_location="cpu").get("args", {})

@@ -75,6 +75,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import body
+import plumbing
 import posebench
 
 # ---- Templates: prompts, the pose answer (§3.3) and the chat format -------------------------
@@ -433,7 +434,7 @@ def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = 
     is rebuilt.
     """
     cfg = cfg or posebench.BenchConfig()
-    folder = os.path.join(body.cache_dir(), "tokenizers", posebench.config_key(cfg))
+    folder = os.path.join(plumbing.cache_dir(), "tokenizers", posebench.config_key(cfg))
     path = os.path.join(folder, "tokenizer_pose_input.json" if pose_input else "tokenizer.json")
     templates = _template_texts(ALL_TASKS if pose_input else TASKS)
     if os.path.exists(path):
@@ -444,7 +445,7 @@ def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = 
         tok = extend_tokenizer(tiny_tokenizer(cfg), pose_input_texts(cfg))
     else:
         tok = build_tokenizer(benchmark_texts(cfg))
-    body.atomic_write(path, lambda fh: fh.write(tok.backend_tokenizer.to_str()))
+    plumbing.atomic_write(path, lambda fh: fh.write(tok.backend_tokenizer.to_str()))
     return tok
 
 
@@ -614,7 +615,7 @@ def main(argv=None):
     t0 = time.time()
     tok = tiny_tokenizer(cfg)
     print(f"tiny tokenizer: {len(tok)} ids (6 special), {time.time() - t0:.1f} s "
-          f"({os.path.join(body.cache_dir(), 'tokenizers', posebench.config_key(cfg))})")
+          f"({os.path.join(plumbing.cache_dir(), 'tokenizers', posebench.config_key(cfg))})")
     ds = PoseBenchTasks("train", cfg)
     for task in TASKS:
         s = ds.eval_samples(task)[0]
@@ -626,3 +627,16 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def clean_answer(text: str, tokenizer) -> str:
+    """A decoded completion cut at the first eos / pad token, stripped."""
+    for t in (tokenizer.eos_token, tokenizer.pad_token):
+        text = text.split(t)[0] if t and t in text else text
+    return text.strip()
+
+
+def mix_tasks(mix) -> tuple:
+    """The posebench tasks a --mix of weights covers: TASKS for 3 weights, ALL_TASKS (the pose-input
+    tasks too) for 5."""
+    return ALL_TASKS if len(mix) == len(ALL_TASKS) else TASKS

@@ -83,7 +83,9 @@ import torch
 import body
 import checkpoint
 import data
+import metrics
 import model as M
+import plumbing
 import posebench
 import realdata
 import retrieval
@@ -93,58 +95,6 @@ from metrics import (bleu4, gross_state_correct, mpjpe_mm, pa_mpjpe_mm, pose_rec
 from render import view_rotation
 
 __all__ = ["evaluate_policy", "evaluate_real", "metric_keys", "markdown_table", "load_results"]
-
-
-# --------------------------------------------------------------------------------------
-# BOILERPLATE: one code path for one process and torchrun (nanoGPT style)
-# --------------------------------------------------------------------------------------
-def setup_distributed():
-    """Returns (ddp, rank, world, device). torchrun sets RANK; nccl on CUDA, gloo on CPU."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-        if backend == "nccl" and local_rank >= gpus:
-            raise SystemExit(f"torchrun started local rank {local_rank} but this node has {gpus} GPU(s): pass "
-                             f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on CPU (gloo)")
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return True, rank, world, device
-    return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def rank_and_world() -> Tuple[int, int]:
-    """(rank, world size) of the initialised process group, (0, 1) without one."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def interleave(shards: list):
-    """Inverse of sharding `shard_r = items[r::W]`: W shards (lists, or tensors with rows) -> the items in order."""
-    W, n = len(shards), sum(len(s) for s in shards)
-    if torch.is_tensor(shards[0]):
-        out = shards[0].new_empty((n, *shards[0].shape[1:]))
-    else:
-        out = [None] * n
-    for r, s in enumerate(shards):
-        out[r::W] = s
-    return out
-
-
-def gather_shards(local, world: int):
-    """All ranks' shards (`items[rank::world]`, a list or a CPU tensor), gathered and put back in order."""
-    if world == 1:
-        return local
-    import torch.distributed as dist
-    shards = [None] * world
-    dist.all_gather_object(shards, local)
-    return interleave(shards)
 
 
 # --------------------------------------------------------------------------------------
@@ -170,13 +120,6 @@ def metric_keys(retrievers: Iterable[str] = ("eval", "reward")) -> list:
     return keys
 
 
-def clean_answer(text: str, tokenizer) -> str:
-    """A decoded completion cut at the first eos / pad token, stripped."""
-    for t in (tokenizer.eos_token, tokenizer.pad_token):
-        text = text.split(t)[0] if t and t in text else text
-    return text.strip()
-
-
 @torch.no_grad()
 def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=24):
     """Greedy answers (text after "ASSISTANT:") for a list of samples."""
@@ -185,7 +128,7 @@ def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=2
     out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
                    tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values).sequences
     texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
-    return [clean_answer(t, tokenizer) for t in texts]
+    return [data.clean_answer(t, tokenizer) for t in texts]
 
 
 def sample_actions(pose_dist, seeds: list) -> torch.Tensor:
@@ -336,7 +279,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
     Raises:
         ValueError: if the split holds no samples for a pose task (n < 1 or an empty split).
     """
-    rank, world = rank_and_world()
+    rank, world = plumbing.rank_and_world()
     was_training = policy.training
     policy.eval()
     similarity = similarity or R.TextSimilarity("", str(device))
@@ -346,7 +289,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         if not samples:
             raise ValueError(f"evaluate_policy: no {task} samples to evaluate (n = {n}, {len(split_tasks.data)} poses "
                              f"in the {split_tasks.data.name} split); pass n >= 1 and a non-empty split")
-        pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
+        pose6d = plumbing.gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
                                              sample_pose, seed, pose_temperature), world)  # (N, P)
         view_rot = None
         if task == "image_to_pose":  # each image's camera, to judge the gross state upright in the world
@@ -365,7 +308,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         texts = []
         for i in range(0, len(local), batch_size):
             texts += generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device)
-        texts = gather_shards(texts, world)
+        texts = plumbing.gather_shards(texts, world)
         res.update(answer_metrics(task, texts, samples, similarity))
         preds["answers"][task] = texts
     if inner.config.pose_input_tokens:  # a model with the pose encoder: the pose-input tasks too
@@ -393,7 +336,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     Returns (metrics, {"pose_edit": {"index", "source", "pose6d"}, "answers": {"pose_to_text": [str]}})."""
     import posebench
 
-    rank, world = rank_and_world()
+    rank, world = plumbing.rank_and_world()
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     d = split_tasks.data
     res = {}
@@ -403,7 +346,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     for i in range(0, len(local), batch_size):
         texts += generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device,
                                   max_new_tokens=CAPTION_TOKENS)
-    texts = gather_shards(texts, world)
+    texts = plumbing.gather_shards(texts, world)
     idx = [s.index for s in samples]
     if samples:
         refs = [d.captions[i] for i in idx]
@@ -424,7 +367,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     samples = split_tasks.eval_samples("pose_edit")[:n]
     if not samples:
         raise ValueError(f"pose_input_metrics: no pose_edit samples to evaluate (n = {n})")
-    pose6d = gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose,
+    pose6d = plumbing.gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose,
                                          seed, pose_temperature), world)  # (N, P)
     joints = []
     for i in range(0, len(pose6d), 256):
@@ -465,7 +408,7 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         image_sets: {NAME: realdata.HMR2ImageDataset} cropped at the CLIP tower's input size (3DPW, H36M).
         text_set: realdata.PoseScript(root, amass, "test", captions=("human",)) (PoseScript-H2), or None.
         bodymodel: body.BodyModel on `device` (SMPL, posed with the mean shape). regressor: (17 or 19, V)
-            `body.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
+            `metrics.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
         retrievers: {name: TextPoseRetriever} for the text set's Recall@K (none: no recall fields).
         max_samples: the first N samples of each set (<= 0: all). batch_size, sample_pose, seed,
             pose_temperature: as `evaluate_policy`.
@@ -473,7 +416,7 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         (metrics {name: float, None for the random protocol when N < 32}, predictions
         {"image_to_pose/NAME" or "text_to_pose/PoseScript-H2": {"index": (N,), "pose6d": (N, P)}}).
     """
-    rank, world = rank_and_world()
+    rank, world = plumbing.rank_and_world()
     was_training = policy.training
     policy.eval()
 
@@ -481,16 +424,16 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         local = list(range(len(ds) if max_samples <= 0 else min(max_samples, len(ds))))[rank::world]
         out = [predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device, batch_size,
                              sample_pose, seed, pose_temperature) for j in range(0, len(local), batch_size)]
-        return gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
+        return plumbing.gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
 
     res, preds = {}, {}
     for name, ds in image_sets.items():
         pose6d = predict(ds)  # (N, P)
-        pred = torch.cat([body.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
+        pred = torch.cat([metrics.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
                                                    regressor).cpu()
                           for i in range(0, len(pose6d), 256)])  # (N, 14, 3) m, minus the regressor's pelvis
         gt = torch.as_tensor(ds.gt_lsp14()[:len(pose6d)])  # (N, 14, 3) m, pelvis-relative
-        res[f"image_to_pose/{name}/mpjpe_mm"] = body.lsp14_mpjpe_mm(pred, gt).mean().item()
+        res[f"image_to_pose/{name}/mpjpe_mm"] = metrics.lsp14_mpjpe_mm(pred, gt).mean().item()
         res[f"image_to_pose/{name}/pa_mpjpe_mm"] = pa_mpjpe_mm(pred, gt).mean().item()
         preds[f"image_to_pose/{name}"] = {"index": torch.arange(len(pose6d)), "pose6d": pose6d}
     if text_set is not None:
@@ -588,10 +531,10 @@ def write_results(out_dir: str, record: dict, predictions: dict | None = None) -
     if predictions is not None:
         arrays = {f"{t}/{k}": v.numpy() for t, d in predictions.items() if t != "answers" for k, v in d.items()}
         arrays.update({f"answers/{t}": np.array(a, dtype=str) for t, a in predictions.get("answers", {}).items()})
-        body.atomic_write(os.path.join(out_dir, "predictions.npz"), lambda fh: np.savez(fh, **arrays), binary=True)
-    body.atomic_write(os.path.join(out_dir, "results.md"), lambda fh: fh.write(results_markdown(record)))
+        plumbing.atomic_write(os.path.join(out_dir, "predictions.npz"), lambda fh: np.savez(fh, **arrays), binary=True)
+    plumbing.atomic_write(os.path.join(out_dir, "results.md"), lambda fh: fh.write(results_markdown(record)))
     path = os.path.join(out_dir, "results.json")
-    body.atomic_write(path, lambda fh: json.dump(record, fh, indent=1))  # last: marks completion
+    plumbing.atomic_write(path, lambda fh: json.dump(record, fh, indent=1))  # last: marks completion
     return path
 
 
@@ -688,13 +631,6 @@ def check_run_dir(path: str) -> Tuple[str, str]:
         return step_dir, json.load(fh)["preset"]
 
 
-def trained_args(step_dir: str) -> dict:
-    """The training script's arguments saved with a checkpoint ({} when there are none)."""
-    if not os.path.isfile(os.path.join(step_dir, "train_state.pt")):
-        return {}
-    return checkpoint.load_train_state(step_dir, map_location="cpu").get("args", {})
-
-
 def bench_config(args: Args, trained: dict) -> posebench.BenchConfig:
     """The benchmark of the evaluation: the flags, else the checkpoint's training arguments (`trained_args`),
     else the default."""
@@ -748,7 +684,7 @@ def real_eval_inputs(args: Args, device) -> dict:
             ds.gt_lsp14()  # its ground truth is there
         if args.eval_npz:
             out["bodymodel"] = body.BodyModel(args.smpl_path).to(device)
-            out["regressor"] = body.load_joint_regressor(args.joint_regressor)  # (K, V)
+            out["regressor"] = metrics.load_joint_regressor(args.joint_regressor)  # (K, V)
             if out["regressor"].shape[0] != 19:  # the npz's extra_keypoints_3d are J19 joints (HMR2.0's protocol)
                 raise ValueError(f"--joint_regressor {args.joint_regressor} regresses {out['regressor'].shape[0]} joints; "
                                  "the ground truth of 4D-Humans' eval npz (extra_keypoints_3d) are J19 joints, which "
@@ -797,7 +733,7 @@ def main(argv=None):
         raise SystemExit(f"evaluate.py: {args.ckpt} holds a '{preset}' checkpoint, but --preset {args.preset} was "
                          f"asked for; pass --preset {preset} or point --ckpt at a {args.preset} checkpoint")
     real = preset == "llava-1.5-7b" or bool(args.eval_npz or args.posescript_dir or args.amass_dir)
-    trained = trained_args(step_dir) if not real or args.sample_pose else {}  # read once, and only when needed
+    trained = checkpoint.trained_args(step_dir) if not real or args.sample_pose else {}  # read once, and only when needed
     if not real:
         cfg = bench_config(args, trained)
         n_split = getattr(cfg, f"n_{args.split}")
@@ -807,7 +743,7 @@ def main(argv=None):
                              f"--eval_samples >= 1 and a benchmark with {args.split} poses (--n_{args.split} >= 1)")
     out_dir = args.out_dir or os.path.join(args.ckpt, "eval_real" if real else "eval")
     checkpoint.check_writable(out_dir)  # before the evaluation whose results it will hold
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0
     torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 import body
+import plumbing
 from render import face_colours, render, view_rotation
 
 POSEBENCH_VERSION = 1  # bump when sampling, captions or rendering change: part of the cache key
@@ -522,7 +523,7 @@ def load_edits(split: str, cfg: BenchConfig | None = None) -> PoseEdits:
         except (OSError, ValueError, KeyError):
             pass  # unreadable: made again below
     e = make_edits(load_split(split, cfg), cfg.captions_per_pose, cfg.seed)
-    body.atomic_write(path, lambda fh: json.dump({"source": e.source.tolist(), "target": e.target.tolist(),
+    plumbing.atomic_write(path, lambda fh: json.dump({"source": e.source.tolist(), "target": e.target.tolist(),
                                                   "codes": e.codes, "instructions": e.instructions}, fh))
     return e
 
@@ -566,7 +567,7 @@ def config_key(cfg: BenchConfig) -> str:
 
 
 def bench_dir(cfg: BenchConfig) -> str:
-    return os.path.join(body.cache_dir(), "posebench", config_key(cfg))
+    return os.path.join(plumbing.cache_dir(), "posebench", config_key(cfg))
 
 
 def _validate(cfg: BenchConfig):

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import body
+import plumbing
 import evaluate as E
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -236,7 +236,7 @@ class Runner:
         marker = {"cmd": stage.cmd, "seconds": round(finished - started, 1), "started_at": started,
                   "finished_at": finished, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "log": log,
                   "commit": self.commit}
-        body.atomic_write(self.marker_path(stage.name), lambda fh: json.dump(marker, fh, indent=1))
+        plumbing.atomic_write(self.marker_path(stage.name), lambda fh: json.dump(marker, fh, indent=1))
         self.say(f"  {stage.name}: done in {marker['seconds']:.0f} s")
         return {**marker, "status": "ran"}
 
@@ -636,7 +636,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                  + f"Machine: {m['cpu']}, {m['cores']} cores; GPU: {m['gpu']}; torch {m['torch']}, Python "
                    f"{m['python']}, {m['os']}.\n")
     path = os.path.join(out, "REPORT.md")
-    body.atomic_write(path, lambda fh: fh.write("\n".join(parts)))
+    plumbing.atomic_write(path, lambda fh: fh.write("\n".join(parts)))
     return path
 
 

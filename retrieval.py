@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import body
+import plumbing
 import checkpoint
 import metrics
 import posebench
@@ -238,7 +239,7 @@ def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions
     k_max = min(len(c) for c in split.captions)
     if not 1 <= K <= k_max:
         raise ValueError(f"caption_embeddings: captions_per_pose must be in 1..{k_max}, got {K}")
-    path = os.path.join(body.cache_dir(), "retrieval",
+    path = os.path.join(plumbing.cache_dir(), "retrieval",
                         f"{bench_key}-{split.name}-k{K}-{encoder_identity(text_encoder, bf16)}.npz")
     return _cached_embeddings([c[:K] for c in split.captions], path, split.name, text_encoder, bf16, batch_size, progress)
 
@@ -249,7 +250,7 @@ def text_embeddings(captions: list, name: str, text_encoder: str = "", bf16: boo
     keyed by `name`, a hash of the captions and `encoder_identity`. Returns emb (U, E) and index (N, K),
     K the most captions of a pose, -1 past a pose's own."""
     digest = hashlib.sha1(json.dumps(captions).encode()).hexdigest()[:12]
-    path = os.path.join(body.cache_dir(), "retrieval", f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
+    path = os.path.join(plumbing.cache_dir(), "retrieval", f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
     return _cached_embeddings(captions, path, name, text_encoder, bf16, batch_size, progress)
 
 
@@ -271,7 +272,7 @@ def _cached_embeddings(caps: list, path: str, what: str, text_encoder: str, bf16
     emb = encode_sentences(unique, text_encoder, bf16, batch_size, progress=progress).numpy()  # (U, E)
     print(f"  encoded {len(unique)} distinct {what} captions ({sum(len(c) for c in caps)} in all) "
           f"in {time.time() - t0:.1f} s")
-    body.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
+    plumbing.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
     return torch.from_numpy(emb), torch.from_numpy(index)
 
 

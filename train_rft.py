@@ -65,7 +65,7 @@ does to RFT.
 The 7B preset starts from a `train_sft.py --preset
 llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
 needs --smpl_path (the joint reward), and checks every asset and data file before anything is loaded
-or written (train_sft.preflight_real), naming every problem with its flag, file, record and fix.
+or written (realdata.preflight_real), naming every problem with its flag, file, record and fix.
 
 Metrics (metrics.jsonl, one JSON object per logged step; docs/TRAINING.md explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
@@ -95,13 +95,12 @@ import checkpoint
 import data
 import hygrpo
 import model as M
+import plumbing
 import posebench
 import realdata
 import retrieval
 import rewards as R
-import train_sft
-from evaluate import clean_answer, evaluate_policy, setup_distributed, trained_args
-from train_sft import cosine_lr, on_every_rank
+from evaluate import evaluate_policy
 
 
 @dataclass
@@ -201,7 +200,7 @@ SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperatu
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
 POSE_SPACES = ("params", "rotations")  # --pose_space
-RFT_AT_LEAST = dict(train_sft.AT_LEAST, group_size=2, num_iterations=1, max_new_tokens=1, lora_rank=1, beta=0.0,
+RFT_AT_LEAST = dict(checkpoint.AT_LEAST, group_size=2, num_iterations=1, max_new_tokens=1, lora_rank=1, beta=0.0,
                     eps_clip=0.0)
 
 
@@ -252,7 +251,7 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     if not args.explore_root:  # --explore_root false: the root stays at the head's mean
         pose[:, :M.ROOT_DIMS] = dist.mean[:, :M.ROOT_DIMS]
     pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
-    texts = [clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
+    texts = [data.clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
     return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
                    b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean, args.group_size, b.pose_values)
 
@@ -393,7 +392,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     with the time of each part, or {"skipped": what} for NaN/inf rewards ("reward"), a NaN/inf loss or
     gradient norm ("loss", "gradient": that update is not applied; with num_iterations > 1 the step's
     earlier updates stay) on any rank, or NaN/inf weights after an update ("weight", which the caller
-    stops on: train_sft.apply_gradients)."""
+    stops on: plumbing.apply_gradients)."""
     policy, device = ctx.policy, next(ctx.policy.parameters()).device
     t0 = time.time()
     policy.eval()
@@ -404,7 +403,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
                                       pose_rewards=args.hybrid or logged)  # line 7
     t2 = time.time()
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
-    if not on_every_rank(finite, ctx.ddp, device):
+    if not plumbing.on_every_rank(finite, ctx.ddp, device):
         return {"skipped": "reward"}
     adv_d = hygrpo.group_advantages(r_d.view(B, G)).to(device)                          # line 8: F_i
     adv_c = hygrpo.group_advantages(r_c.view(B, G), valid=valid.view(B, G)).to(device)  # Delta_i
@@ -426,12 +425,12 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
                                   ref_token_logp.view(shape3), ro.completion_mask.view(shape3),
                                   pose_logp.view(B, G), old_pose_logp.view(B, G), kl_c.view(B, G), pose_valid,
                                   adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
-        if not on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
+        if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
             return {"skipped": "loss"}
         ctx.opt.zero_grad(set_to_none=True)
         loss.backward()
         t_a = time.time()
-        bad, _ = train_sft.apply_gradients(ctx.opt, ctx.params, args.grad_clip, ctx.ddp, device, average=True)
+        bad, _ = plumbing.apply_gradients(ctx.opt, ctx.params, args.grad_clip, ctx.ddp, device, average=True)
         t_opt += time.time() - t_a
         if bad:
             return {"skipped": bad}
@@ -486,7 +485,7 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
-    train_sft.check_args(args, "train_rft.py", RFT_AT_LEAST, train_sft.POSITIVE + ("temperature", "pose_temperature"))
+    checkpoint.check_args(args, "train_rft.py", RFT_AT_LEAST, checkpoint.POSITIVE + ("temperature", "pose_temperature"))
     if args.zero_reward and args.zero_reward not in R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES:
         raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of "
                          f"{', '.join(R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES)}")
@@ -498,8 +497,8 @@ def main(argv=None):
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
     real = args.preset == "llava-1.5-7b"
-    tasks = train_sft.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
-    ddp, rank, world, device = setup_distributed()
+    tasks = realdata.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
+    ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0
     if args.batch_size % world:
         raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
@@ -518,7 +517,7 @@ def main(argv=None):
                   "the semantic reward (Eq. 8) scores real captions out of domain; train it on PoseScript: "
                   "`python retrieval.py --posescript_dir ... --amass_dir ... --smpl_path ...`")
     sft_step = None if args.resume else checkpoint.run_step(args.sft_dir, "--sft_dir")
-    sft_bench = {} if real or sft_step is None else trained_args(sft_step)
+    sft_bench = {} if real or sft_step is None else checkpoint.trained_args(sft_step)
     if sft_bench.get("n_train", args.n_train) != args.n_train:
         raise SystemExit(f"--n_train {args.n_train}: the SFT run {args.sft_dir} was trained on the benchmark of "
                          f"--n_train {sft_bench['n_train']}, whose poses and prompts RFT must use too; pass --n_train "
@@ -526,7 +525,7 @@ def main(argv=None):
     checkpoint.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
-    log = train_sft.make_logger(args.out_dir, master)
+    log = plumbing.make_logger(args.out_dir, master)
 
     # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
     base_dir = os.path.join(args.out_dir, "base")
@@ -544,7 +543,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # sampling differs by rank
     policy.to(device).train()
     inner = policy.get_base_model()
-    if train_sft.use_gradient_checkpointing(args):
+    if plumbing.use_gradient_checkpointing(args):
         M.enable_gradient_checkpointing(inner)
     if inner.config.pose_head_deterministic != args.deterministic_head:
         have = "a deterministic (mean-only)" if inner.config.pose_head_deterministic else "a distributional"
@@ -555,7 +554,7 @@ def main(argv=None):
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     if not real:  # (real: the same --smpl_path body makes the targets' joints and scores the poses, Eq. 7)
-        tasks = data.PoseBenchTasks("train", cfg, tasks=train_sft.run_tasks(args), mix=args.mix,
+        tasks = data.PoseBenchTasks("train", cfg, tasks=data.mix_tasks(args.mix), mix=args.mix,
                                     seed=args.seed + 1,  # other prompts than SFT's order
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     names, params = checkpoint.trainable_params(policy, state)
@@ -575,14 +574,14 @@ def main(argv=None):
         idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()  # line 5
         samples = [tasks[i] for i in idx for _ in range(G)]  # (B * G) rows, prompt-major
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
+            pg["lr"] = plumbing.cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         done = step + 1
         logged = done % args.log_every == 0 or done == args.steps
         rec = hygrpo_step(ctx, samples, B, G, args, logged)  # lines 6-9
         # a skipped step: no update; the step still counts (and saves when due)
-        bad = train_sft.count_bad_step(bad, rec.get("skipped"), done, args, log)
+        bad = checkpoint.count_bad_step(bad, rec.get("skipped"), done, args, log)
         if "skipped" not in rec and logged:
-            log({**rec, "charts/lr": opt.param_groups[0]["lr"], **train_sft.gpu_peak(device)}, done)
+            log({**rec, "charts/lr": opt.param_groups[0]["lr"], **plumbing.gpu_peak(device)}, done)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:  # every rank takes part
             checkpoint.save_checkpoint(args.out_dir, done, policy, opt, args, names, ddp, master)
@@ -611,7 +610,7 @@ def main(argv=None):
         log({**{f"{split}/{k}": v for k, v in res.items()}, **{f"{split}_init/{k}": v for k, v in init.items()}},
             args.steps)
         if master:
-            body.atomic_write(os.path.join(args.out_dir, f"{split}_metrics.json"),
+            plumbing.atomic_write(os.path.join(args.out_dir, f"{split}_metrics.json"),
                               lambda fh: json.dump({"rft": res, "sft": init}, fh, indent=1))
             print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
             num = lambda v: "       -" if v is None else f"{v:8.2f}"  # noqa: E731

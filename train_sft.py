@@ -67,7 +67,6 @@ import os
 import random
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,10 +78,11 @@ import checkpoint
 import data
 from checkpoint import prepare_out_dir, restore_train_state, save_checkpoint, trainable_params
 import model as M
+import plumbing
 import posebench
 import posevit
 import realdata
-from evaluate import evaluate_policy, setup_distributed
+from evaluate import evaluate_policy
 from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, root_error_deg
 from render import view_rotation
 
@@ -191,270 +191,10 @@ PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
                    "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0, max_length=2048)}  # Table 4
 
 
-# flags every training script needs >= a minimum or > 0 (checkpoint.check_flags; a script adds its own)
-AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
-                keep_checkpoints=0,
-                n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
-                stop_after=0, max_length=0, weight_decay=0.0)
-POSITIVE = ("lr", "grad_clip")
-SFT_AT_LEAST = dict(AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0, stage0_lm_batch=1,
+# SFT's flags that need >= a minimum, beside those of every training script (checkpoint.AT_LEAST)
+SFT_AT_LEAST = dict(checkpoint.AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0, stage0_lm_batch=1,
                     stage0_batch=1, head_rank=0, head_fit_steps=0, head_fit_samples=2, head_fit_batch=1,
                     pose_nll_weight=0.0, l2_6d_weight=0.0, l2_joints_weight=0.0, stage0_rot6d_weight=0.0)
-
-
-def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
-    """Stop before any work or write, naming every flag that cannot run (checkpoint.check_flags) and the
-    inputs read only later: --mix, --real_mix, --smpl_path."""
-    checkpoint.check_flags(args, script, at_least, positive)
-    w = np.asarray(args.mix, dtype=np.float64)
-    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
-        raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
-                         f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
-                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)})")
-    if len(args.real_mix) != 4 or min(args.real_mix) < 0:
-        raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
-                         "(text-to-pose, image-to-pose, image-text, VQA)")
-    if args.smpl_path and not os.path.isfile(args.smpl_path):
-        raise SystemExit(f"{script}: --smpl_path {args.smpl_path}: not found; the licensed SMPL model file comes from "
-                         "https://smpl.is.tue.mpg.de (SMPL for Python), or leave it out for the procedural body")
-
-
-# ---- real runs: assets and data (--preset llava-1.5-7b) -------------------------------------
-
-def check_real_assets(args, script: str) -> None:
-    """Stop at once, before loading anything, naming every missing asset of a llava-1.5-7b run with
-    the flag that takes it and where it comes from."""
-    problems = []
-
-    def need(flag, path, source, is_dir=False, inside=""):
-        ok = path and (os.path.isdir(path) if is_dir else os.path.isfile(os.path.join(path, inside) if inside else path))
-        if not ok:
-            what = "not given" if not path else f"no {inside} in it" if inside else "not found"
-            problems.append(f"--{flag} {path!r}: {what}; {source}")
-
-    if script == "sft":
-        need("llava_path", args.llava_path, M.LLAVA_SOURCE, inside="config.json")
-        need("hmr2_ckpt", args.hmr2_ckpt, posevit.HMR2_SOURCE)
-    pairs = [("posescript_dir", "amass_dir", realdata.POSESCRIPT_SOURCE, realdata.AMASS_SOURCE),
-             ("bedlam_script_dir", "bedlam_img_dir", realdata.BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
-             ("llava_instruct_json", "coco_dir", realdata.LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]
-    for a, b, src_a, src_b in pairs:
-        if getattr(args, a) or getattr(args, b):
-            need(a, getattr(args, a), src_a, is_dir=a.endswith("_dir"))
-            need(b, getattr(args, b), src_b, is_dir=True)
-    for entry in args.image_npz:
-        parts = entry.split("=")
-        if len(parts) != 3:
-            problems.append(f"--image_npz {entry!r}: expected NAME=NPZ=IMAGE_DIR, e.g. "
-                            "MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp")
-            continue
-        need("image_npz", parts[1], realdata.HMR2_DATA_SOURCE)
-        need("image_npz", parts[2], f"the {parts[0]} images", is_dir=True)
-    if not (args.posescript_dir or args.image_npz or args.bedlam_script_dir or args.llava_instruct_json):
-        problems.append("no training data: give at least one of --posescript_dir (+ --amass_dir), --image_npz, "
-                        "--bedlam_script_dir (+ --bedlam_img_dir), --llava_instruct_json (+ --coco_dir)")
-    if args.smpl_path:
-        need("smpl_path", args.smpl_path, "https://smpl.is.tue.mpg.de (SMPL for Python)")
-    if script == "rft":
-        if not args.smpl_path:
-            problems.append("--smpl_path '': not given; the joint reward (Eq. 7) needs the licensed SMPL model, "
-                            "https://smpl.is.tue.mpg.de (SMPL for Python)")
-        need("sft_dir", args.sft_dir, "train it with `train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt "
-             "...`", inside=os.path.join("base", "preset.json"))
-        need("reward_retriever", args.reward_retriever, "train it with `python retrieval.py`", is_dir=True)
-    if problems:
-        raise SystemExit("--preset llava-1.5-7b: missing assets (nothing was loaded):\n  " + "\n  ".join(problems))
-
-
-def real_image_size(args, script: str, problems: list) -> int | None:
-    """The CLIP tower's input size the real samples are cropped to, from the config the model will load
-    (SFT: --llava_path's; RFT: the SFT run's base), with LLaVA's tokenizer checked too (SFT); a problem
-    appended for each file that does not load."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    path = args.llava_path if script == "sft" else os.path.join(args.sft_dir, "base", "model")
-    flag = "--llava_path" if script == "sft" else "--sft_dir"
-    fix = f"download it again: {M.LLAVA_SOURCE}" if script == "sft" else "run train_sft.py again into another --out_dir"
-    size = None
-    try:  # RFT's base holds PoseLlava's config, which AutoConfig does not know: read by its own class
-        size = int(AutoConfig.from_pretrained(path).vision_config.image_size if script == "sft" else
-                   M.PoseLlavaConfig.from_pretrained(path).vision_config.image_size)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        problems.append(f"{flag} {path}: its config.json does not load as a LLaVA config ({type(err).__name__}: "
-                        f"{str(err)[:300]}); {fix}")
-    if script == "sft":
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except Exception as err:  # noqa: BLE001 -- whatever the tokenizer files lack, the same fix
-            problems.append(f"{flag} {path}: its tokenizer does not load ({type(err).__name__}: {str(err)[:300]}); "
-                            f"the directory must hold LLaVA's tokenizer files (tokenizer.json or tokenizer.model, "
-                            f"tokenizer_config.json, special_tokens_map.json): {M.LLAVA_SOURCE}")
-        else:
-            if tok.convert_tokens_to_ids(data.IMAGE_TOKEN) in (None, tok.unk_token_id):
-                problems.append(f"{flag} {path}: its tokenizer has no {data.IMAGE_TOKEN} token, so it is not LLaVA's; "
-                                f"{M.LLAVA_SOURCE}")
-        if not zipfile.is_zipfile(args.hmr2_ckpt):
-            problems.append(f"--hmr2_ckpt {args.hmr2_ckpt}: not a readable checkpoint (not a zip archive: truncated "
-                            f"or of another format); download it again: {posevit.HMR2_SOURCE}")
-    return size
-
-
-def preflight_real(args, script: str, seed: int) -> realdata.Mixture:
-    """Everything a llava-1.5-7b run reads, checked before anything is built, loaded or written (every
-    rank runs it): the files exist (check_real_assets); LLaVA's config and tokenizer, the HMR2.0 file
-    (SFT) or the SFT base's config (RFT); the SMPL file loads; every dataset follows its schema (each
-    loader reads its annotation files whole) and the files its records name are there (each dataset's
-    `preflight`: every AMASS sequence's header, a sample of the images). Stops with every problem in one
-    message, each naming the flag, the file, the record and the fix; else returns the training mixture:
-    PoseScript (text-to-pose), HMR2.0-style npz sets (image-to-pose), BEDLAM-Script (image ->
-    description), LLaVA-Instruct (VQA), weighted by --real_mix per kind and by size within a kind."""
-    check_real_assets(args, script)
-    problems = []
-    image_size = real_image_size(args, script, problems)
-    bodymodel = None
-    try:  # the targets' joints (and, in RFT, the joint reward) come from this body
-        bodymodel = body.BodyModel(args.smpl_path or None)
-    except Exception as err:  # noqa: BLE001 -- any file that does not load as SMPL gets the same fix
-        problems.append(f"--smpl_path {args.smpl_path}: not an SMPL model ({type(err).__name__}: {str(err)[:300]}); "
-                        "pass the licensed SMPL model file (https://smpl.is.tue.mpg.de, 'SMPL for Python', or the "
-                        "neutral model of SMPLify), or its copy by `python body.py convert`")
-    size = image_size or 336  # a failed config is already a problem: the datasets are still checked
-    kinds = {"text_to_pose": [], "image_to_pose": [], "image_text": [], "vqa": []}
-
-    def add(kind, flag, make):
-        try:
-            ds = make()
-        except (realdata.DataFormatError, FileNotFoundError, ValueError) as err:
-            problems.append(f"{flag}: {err}")
-            return
-        problems.extend(f"{flag}: {p}" for p in ds.preflight())
-        kinds[kind].append(ds)
-
-    if args.posescript_dir:
-        add("text_to_pose", "--posescript_dir / --amass_dir", lambda: realdata.PoseScript(
-            args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel, seed=seed))
-    for entry in args.image_npz:
-        name, npz, img_dir = entry.split("=")
-        add("image_to_pose", f"--image_npz {name}", lambda: realdata.HMR2ImageDataset(
-            name, npz, img_dir, size, bodymodel, seed=seed))
-    if args.bedlam_script_dir:
-        add("image_text", "--bedlam_script_dir / --bedlam_img_dir", lambda: realdata.BEDLAMScript(
-            args.bedlam_script_dir, args.bedlam_img_dir, "training", image_size=size, seed=seed))
-    if args.llava_instruct_json:
-        add("vqa", "--llava_instruct_json / --coco_dir", lambda: realdata.LLaVAInstruct(
-            args.llava_instruct_json, args.coco_dir, size))
-    if problems:
-        raise SystemExit(f"--preset llava-1.5-7b: {len(problems)} problem(s) in the assets and data (nothing was "
-                         "built or written):\n  - " + "\n  - ".join(problems))
-    parts = [(d, w * len(d) / sum(len(x) for x in ds)) for w, ds in zip(args.real_mix, kinds.values()) for d in ds]
-    return realdata.Mixture(parts, length=data.FRESH_DRAWS, seed=seed)  # every step draws afresh
-
-
-def use_gradient_checkpointing(args) -> bool:
-    return args.gradient_checkpointing == "yes" or (args.gradient_checkpointing == "auto"
-                                                     and args.preset == "llava-1.5-7b")
-
-
-# ---- distributed boilerplate (nanoGPT style: one code path) ---------------------------------
-
-def all_reduce_sum(t: torch.Tensor, ddp: bool) -> torch.Tensor:
-    if ddp:
-        import torch.distributed as dist
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def on_every_rank(ok: bool, ddp: bool, device) -> bool:
-    """Whether ok holds on every rank (itself without DDP). A step is skipped by all ranks or by none:
-    a rank that skipped alone would leave the others waiting in the gradient all-reduce."""
-    if not ddp:
-        return ok
-    return all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=device), ddp).item() == 0
-
-
-def apply_gradients(opt, params, grad_clip: float, ddp: bool, device, average: bool = False):
-    """Sync (sync_gradients), clip and apply the gradients of one backward: returns (what was not finite,
-    None if nothing, and the gradient norm). A NaN/inf gradient norm on any rank skips the step on every
-    rank ("gradient": weights and optimizer state unchanged). "weight": the step left a NaN/inf weight,
-    which cannot be undone; the caller stops the run (count_bad_step) before anything saves it."""
-    sync_gradients(params, ddp, average)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if not on_every_rank(bool(torch.isfinite(gnorm)), ddp, device):
-        opt.zero_grad(set_to_none=True)
-        return "gradient", gnorm
-    opt.step()
-    finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-    return (None if on_every_rank(finite, ddp, device) else "weight"), gnorm
-
-
-def count_bad_step(bad: int, what: str | None, done: int, args, log) -> int:
-    """The count of consecutive skipped steps after step `done` (0 after a good one; `what` was not finite:
-    loss, gradient, reward or weight), logged as skipped/nonfinite_{what}. Stops the run after
-    --max_bad_steps of them, or at once for a weight, naming the last good checkpoint."""
-    if what is None:
-        return 0
-    bad += 1
-    log({f"skipped/nonfinite_{what}": bad}, done)
-    if what == "weight" or bad >= args.max_bad_steps:
-        why = ("its update left NaN/inf weights, which cannot be undone" if what == "weight" else
-               f"{bad} consecutive steps with NaN/inf {what}s")
-        raise SystemExit(f"aborting: {why} (step {done}); no checkpoint holds them, "
-                         f"{checkpoint.last_good(args.out_dir)}. A diverging run: lower --lr (now {args.lr})")
-    return bad
-
-
-def broadcast_from_master(tensors, ddp: bool) -> None:
-    """Copies rank 0's values of these tensors (e.g. a module's parameters) to every rank, in place."""
-    if ddp:
-        import torch.distributed as dist
-        for t in tensors:
-            dist.broadcast(t.data, src=0)
-
-
-def sync_gradients(params, ddp: bool, average: bool = False):
-    """Sum (or average) gradients over ranks. SFT sums: its losses are normalised by global counts,
-    so the sum is the gradient of the global-batch loss, exactly as in one process. RFT averages:
-    each rank's loss is a mean over its own whole groups."""
-    if not ddp:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_sum(flat, ddp)
-    if average:
-        import torch.distributed as dist
-        flat /= dist.get_world_size()
-    i = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[i:i + n].view_as(g).clone()
-        i += n
-
-
-def make_logger(out_dir: str, master: bool):
-    """log(metrics, step): one JSON object per call, printed and appended to out_dir/metrics.jsonl
-    (rank 0 only)."""
-    t_start = time.time()
-
-    def log(d, step=None):
-        if master:
-            rec = {"step": step, "time_s": round(time.time() - t_start, 1), **d}
-            print(json.dumps(rec), flush=True)
-            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-    return log
-
-
-def gpu_peak(device: torch.device) -> dict:
-    """The peak GPU memory this process has allocated so far, as a metric (nothing on CPU)."""
-    if device.type != "cuda":
-        return {}
-    return {"charts/gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 # ---- stage 0 --------------------------------------------------------------------------------
@@ -492,7 +232,7 @@ def stage0_pose_vit(model, train, evals: dict, args, device, log):
     for step in tqdm(range(steps), desc="stage 0a: pose ViT", disable=None):
         idx = torch.randint(len(train), (args.stage0_batch,), generator=g)
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, steps, args.stage0_pose_lr, min(50, steps // 10))
+            pg["lr"] = plumbing.cosine_lr(step, steps, args.stage0_pose_lr, min(50, steps // 10))
         out = encode(train.images[idx.numpy()])
         n_j = body.NUM_JOINTS * 3
         loss = F.l1_loss(out[:, :n_j], target[idx].reshape(len(idx), -1).to(device))
@@ -550,7 +290,7 @@ def stage0_clip(model, train, tokenizer, args, device, log):
         labels = torch.arange(len(idx), device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, steps, args.stage0_lr, 50)
+            pg["lr"] = plumbing.cosine_lr(step, steps, args.stage0_lr, 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -562,11 +302,6 @@ def pose_input_on(args) -> bool:
     """The pose-input tasks are in the mixture (--mix with 5 weights): the tiny preset then speaks the
     extended vocabulary, and every preset's model has the pose encoder."""
     return len(args.mix) == len(data.ALL_TASKS)
-
-
-def run_tasks(args) -> tuple:
-    """The posebench tasks --mix weighs."""
-    return data.ALL_TASKS if pose_input_on(args) else data.TASKS
 
 
 def stage0_lm_texts(cfg: posebench.BenchConfig) -> list:
@@ -593,7 +328,7 @@ def stage0_lm(model, tokenizer, cfg, args, device, log):
         labels = ids.masked_fill(mask == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, args.stage0_lm_steps, args.stage0_lr, 50)
+            pg["lr"] = plumbing.cosine_lr(step, args.stage0_lm_steps, args.stage0_lr, 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -673,7 +408,7 @@ def stage0(base, build, tokenizer, cfg, args, device, log) -> dict:
     from safetensors.torch import load_file, save_file
 
     key, what = stage0_key(args, cfg, base)
-    folder = os.path.join(body.cache_dir(), "stage0", key)
+    folder = os.path.join(plumbing.cache_dir(), "stage0", key)
     weights, meta = os.path.join(folder, "stage0.safetensors"), os.path.join(folder, "stage0.json")
     if not (os.path.exists(weights) and os.path.exists(meta)):
         t0 = time.time()
@@ -822,7 +557,7 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     valid = torch.ones(args.head_fit_batch, dtype=torch.bool, device=device)
     for step in range(args.head_fit_steps):
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, args.head_fit_steps, args.lr, 0)
+            pg["lr"] = plumbing.cosine_lr(step, args.head_fit_steps, args.lr, 0)
         idx = torch.randint(len(states), (args.head_fit_batch,), generator=g).to(device)
         nll, l2_6d = pose_loss(head.distribution(states[idx]), targets[idx], valid, args, args.head_fit_batch)
         opt.zero_grad(set_to_none=True)
@@ -840,18 +575,18 @@ def main(argv=None):
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
     if args.preset not in M.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
-    check_args(args, "train_sft.py", SFT_AT_LEAST, POSITIVE + ("stage0_lr", "stage0_pose_lr"))
+    checkpoint.check_args(args, "train_sft.py", SFT_AT_LEAST, checkpoint.POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
     if real and pose_input_on(args):
         raise SystemExit("train_sft.py: --mix with 5 weights: the pose-input tasks are posebench's; the real-data "
                          "mixture (--real_mix) has none yet")
-    tasks = preflight_real(args, "sft", args.seed) if real else None  # every real input checked: before any write
+    tasks = realdata.preflight_real(args, "sft", args.seed) if real else None  # every real input checked: before any write
     if args.stage0_readout not in ("mean", "flatten"):
         raise SystemExit(f"--stage0_readout {args.stage0_readout}: expected mean or flatten")
     if not (args.deterministic_head or args.nll_trains_mean or args.l2_6d_weight > 0):
         raise SystemExit("--l2_6d_weight 0 leaves the pose head's mean untrained (the NLL fits only the covariance); "
                          "pass --nll_trains_mean true to train the mean by the NLL instead")
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0
     torch.set_num_threads(args.threads)
     random.seed(args.seed + rank)
@@ -869,7 +604,7 @@ def main(argv=None):
             res = stage0_pose_input(base, args, cfg, device, lambda m: None)
         else:
             res = stage0(base, build, tokenizer, cfg, args, device, lambda m: None)
-        body.atomic_write(os.path.join(args.out_dir, "stage0.json"), lambda fh: json.dump(res, fh, indent=1))
+        plumbing.atomic_write(os.path.join(args.out_dir, "stage0.json"), lambda fh: json.dump(res, fh, indent=1))
         for split in ("val", "test"):
             print(f"stage 0, pose encoder alone on {split}: MPJPE {res[f'stage0/{split}/pose_vit_mpjpe_mm']:.1f} mm, "
                   f"PA-MPJPE {res[f'stage0/{split}/pose_vit_pa_mpjpe_mm']:.1f} mm, median root error "
@@ -884,7 +619,7 @@ def main(argv=None):
             import torch.distributed as dist
             dist.barrier()
 
-    log = make_logger(args.out_dir, master)
+    log = plumbing.make_logger(args.out_dir, master)
 
     # ---- BOILERPLATE: data, stage 0 (once, on rank 0), the base model on every rank
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
@@ -908,7 +643,7 @@ def main(argv=None):
                 else:
                     stage0(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
                 M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
-            body.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
+            plumbing.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base
         barrier()
     if args.resume:
@@ -924,7 +659,7 @@ def main(argv=None):
         policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
     policy.to(device).train()
     inner = policy.get_base_model()
-    if use_gradient_checkpointing(args):
+    if plumbing.use_gradient_checkpointing(args):
         M.enable_gradient_checkpointing(inner)
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     names, params = trainable_params(policy, state)
@@ -934,7 +669,7 @@ def main(argv=None):
         start = restore_train_state(opt, state, args, rank, world)
         log({"resumed_from": step_dir}, start)
     if not real:
-        tasks = data.PoseBenchTasks("train", cfg, tasks=run_tasks(args), mix=args.mix, seed=args.seed,
+        tasks = data.PoseBenchTasks("train", cfg, tasks=data.mix_tasks(args.mix), mix=args.mix, seed=args.seed,
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
     n_img = inner.num_image_tokens
     if master:
@@ -953,30 +688,30 @@ def main(argv=None):
         b = data.collate([tasks[i] for i in idx], tokenizer, n_img, max_length=args.max_length or None).to(device)
         counts = torch.tensor([(b.labels[:, 1:] != -100).sum().item(), b.pose_valid.sum().item()],
                               dtype=torch.float64, device=device)
-        n_tokens, n_poses = all_reduce_sum(counts, ddp).clamp_min(1).tolist()
+        n_tokens, n_poses = plumbing.all_reduce_sum(counts, ddp).clamp_min(1).tolist()
         for pg in opt.param_groups:
-            pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
+            pg["lr"] = plumbing.cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
                                                 pose_values=b.pose_values)
         loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
-        what = "loss"  # a NaN/inf loss, gradient or weight skips the step (count_bad_step)
-        if on_every_rank(bool(torch.isfinite(loss)), ddp, device):
+        what = "loss"  # a NaN/inf loss, gradient or weight skips the step (checkpoint.count_bad_step)
+        if plumbing.on_every_rank(bool(torch.isfinite(loss)), ddp, device):
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            what, gnorm = apply_gradients(opt, params, args.grad_clip, ddp, device)
+            what, gnorm = plumbing.apply_gradients(opt, params, args.grad_clip, ddp, device)
         done = step + 1
-        bad = count_bad_step(bad, what, done, args, log)
+        bad = checkpoint.count_bad_step(bad, what, done, args, log)
         if what is None and (done % args.log_every == 0 or done == args.steps):
             if not args.deterministic_head:
                 stats["charts/pose_std_mean"] = dist.stddev.mean().item()
             log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
-                 "charts/steps_per_s": (done - start) / (time.time() - t_loop), **gpu_peak(device)}, done)
+                 "charts/steps_per_s": (done - start) / (time.time() - t_loop), **plumbing.gpu_peak(device)}, done)
         if done == args.steps and args.head_fit_steps and not real:
             if master:  # rank 0's model is the one saved
                 fit_head(policy, tokenizer, tasks, args, device, lambda m: log(m, done))
             # every rank evaluates its shard of the test split below with the fitted head
-            broadcast_from_master(policy.get_base_model().pose_head.parameters(), ddp)
+            plumbing.broadcast_from_master(policy.get_base_model().pose_head.parameters(), ddp)
         stop = args.stop_after and done >= args.stop_after
         if done % args.save_every == 0 or done == args.steps or stop:
             save_checkpoint(args.out_dir, done, policy, opt, args, names, ddp, master)  # every rank takes part
@@ -994,7 +729,7 @@ def main(argv=None):
                               n_generate=args.eval_generate)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
         if master:
-            body.atomic_write(os.path.join(args.out_dir, "test_metrics.json"), lambda fh: json.dump(res, fh, indent=1))
+            plumbing.atomic_write(os.path.join(args.out_dir, "test_metrics.json"), lambda fh: json.dump(res, fh, indent=1))
             pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
             print(f"\nSFT done in {time.time() - t_start:.0f} s. Test split ({args.eval_samples} poses):")
             for task in ("image_to_pose", "text_to_pose"):

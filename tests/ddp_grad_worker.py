@@ -13,12 +13,13 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import model as M  # noqa: E402
+import plumbing  # noqa: E402
 import posebench  # noqa: E402
 import train_sft  # noqa: E402
 
 torch.set_num_threads(1)
 run_dir, out = sys.argv[1], sys.argv[2]
-ddp, rank, world, device = train_sft.setup_distributed()
+ddp, rank, world, device = plumbing.setup_distributed()
 policy, tok, _ = M.load_policy(run_dir, "tiny", trainable=True)
 policy.train()
 cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
@@ -26,12 +27,12 @@ tasks = data.PoseBenchTasks("train", cfg, seed=0)
 idx = list(range(8))[rank::world]
 b = data.collate([tasks[i] for i in idx], tok, policy.get_base_model().num_image_tokens)
 counts = torch.tensor([(b.labels[:, 1:] != -100).sum().item(), b.pose_valid.sum().item()], dtype=torch.float64)
-n_tokens, n_poses = train_sft.all_reduce_sum(counts, ddp).tolist()
+n_tokens, n_poses = plumbing.all_reduce_sum(counts, ddp).tolist()
 logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
 loss, _ = train_sft.sft_loss(logits, b.labels, dist, b, train_sft.Args(), n_tokens, n_poses)
 loss.backward()
 params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-train_sft.sync_gradients([p for _, p in params], ddp)
+plumbing.sync_gradients([p for _, p in params], ddp)
 if rank == 0:
     torch.save({n: p.grad for n, p in params}, out)
 if ddp:

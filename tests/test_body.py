@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import body
+import plumbing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,7 +199,7 @@ def test_missing_and_malformed_model_files(tmp_path):
     d = body.build_procedural_smpl()
     d["J_regressor"] = d["J_regressor"][:20]
     broken = tmp_path / "broken.pkl"
-    body.atomic_pickle(d, str(broken))
+    plumbing.atomic_pickle(d, str(broken))
     with pytest.raises(ValueError, match="J_regressor"):
         body.BodyModel(str(broken))
 
@@ -217,18 +218,18 @@ def test_cli_convert_and_info(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "sub" / "a.json"
-    body.atomic_write(str(path), lambda fh: fh.write("old"))
+    plumbing.atomic_write(str(path), lambda fh: fh.write("old"))
     assert path.read_text() == "old"
 
     def broken(fh):
         fh.write("half of the new")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
-        body.atomic_write(str(path), broken)
+        plumbing.atomic_write(str(path), broken)
     assert path.read_text() == "old" and os.listdir(path.parent) == ["a.json"]  # no temporary file left
     umask = os.umask(0o022)
     try:
-        body.atomic_write(str(path), lambda fh: fh.write(b"new"), binary=True)
+        plumbing.atomic_write(str(path), lambda fh: fh.write(b"new"), binary=True)
     finally:
         os.umask(umask)
     assert path.read_bytes() == b"new" and (path.stat().st_mode & 0o777) == 0o644  # the usual mode, not 0600

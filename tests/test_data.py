@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import body
+import plumbing
 import data
 import posebench as pb
 
@@ -177,7 +178,7 @@ def test_tokenizer_specials(tok):
 
 
 def test_tiny_tokenizer_is_cached_and_deterministic(tok):
-    path = os.path.join(body.cache_dir(), "tokenizers", pb.config_key(TINY), "tokenizer.json")
+    path = os.path.join(plumbing.cache_dir(), "tokenizers", pb.config_key(TINY), "tokenizer.json")
     assert os.path.exists(path)
     mtime = os.stat(path).st_mtime_ns
     assert data.tiny_tokenizer(TINY).get_vocab() == tok.get_vocab() and os.stat(path).st_mtime_ns == mtime

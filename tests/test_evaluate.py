@@ -20,6 +20,7 @@ import torch
 import data
 import evaluate as E
 import model as M
+import plumbing
 import posebench
 import report
 
@@ -254,9 +255,9 @@ def test_torchrun_sharded_evaluation_equals_one_process(results, tmp_path):
 
 def test_interleave_inverts_sharding():
     items = list(range(11))
-    assert E.interleave([items[r::3] for r in range(3)]) == items
+    assert plumbing.interleave([items[r::3] for r in range(3)]) == items
     t = torch.arange(22.0).reshape(11, 2)
-    assert torch.equal(E.interleave([t[r::4] for r in range(4)]), t)  # a rank may hold fewer rows
+    assert torch.equal(plumbing.interleave([t[r::4] for r in range(4)]), t)  # a rank may hold fewer rows
 
 
 def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
@@ -273,7 +274,7 @@ def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
     full = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3)
     shards = [E.predict_poses(policy, tok, samples[r::3], "cpu", batch_size=2, sample_pose=True, seed=3)
               for r in range(3)]
-    torch.testing.assert_close(E.interleave(shards), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plumbing.interleave(shards), full, atol=1e-5, rtol=0)
     assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu", sample_pose=True, seed=4))
     mean = E.predict_poses(policy, tok, samples, "cpu")
     assert not torch.allclose(full, mean)
@@ -366,7 +367,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"local rank 1 but this node has 1 GPU\(s\): pass --nproc_per_node=1"):
-        E.setup_distributed()
+        plumbing.setup_distributed()
 
 
 # ---- nothing lost, nothing silent (docs/TRAINING.md, "Reliability") -------------------------------------

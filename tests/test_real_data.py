@@ -12,6 +12,7 @@ from PIL import Image
 
 import body
 import data
+import metrics
 import realdata
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -576,9 +577,9 @@ def test_lsp14_protocol_matches_hmr2_keypoints(tmp_path):
     np.save(tmp_path / "j19.npy", j19)
     with open(tmp_path / "j19.pkl", "wb") as fh:
         pickle.dump(j19, fh)
-    assert np.array_equal(body.load_joint_regressor(str(tmp_path / "j19.pkl")), j19)
-    reg = body.load_joint_regressor(str(tmp_path / "j19.npy"))
-    ours = body.lsp14_from_vertices(verts, reg)
+    assert np.array_equal(metrics.load_joint_regressor(str(tmp_path / "j19.pkl")), j19)
+    reg = metrics.load_joint_regressor(str(tmp_path / "j19.npy"))
+    ours = metrics.lsp14_from_vertices(verts, reg)
     kp = torch.einsum("kv,bvc->bkc", torch.as_tensor(j19), verts).numpy()
     extra = np.concatenate([kp, np.ones((2, 19, 1))], -1)
     ds = realdata.HMR2ImageDataset.__new__(realdata.HMR2ImageDataset)  # only the keypoints are needed
@@ -586,14 +587,14 @@ def test_lsp14_protocol_matches_hmr2_keypoints(tmp_path):
     assert np.allclose(ours.numpy(), ds.gt_lsp14(), atol=1e-9)
     h36m = rng.random((17, V))
     j = torch.einsum("kv,bvc->bkc", torch.as_tensor(h36m), verts)
-    out = body.lsp14_from_vertices(verts, h36m)
+    out = metrics.lsp14_from_vertices(verts, h36m)
     assert torch.allclose(out[:, 0], j[:, 6] - j[:, 0]) and torch.allclose(out[:, 13], j[:, 10] - j[:, 0])
-    err = body.lsp14_mpjpe_mm(out, out + torch.tensor([0.003, 0.004, 0.0], dtype=torch.float64))
+    err = metrics.lsp14_mpjpe_mm(out, out + torch.tensor([0.003, 0.004, 0.0], dtype=torch.float64))
     assert torch.allclose(err, torch.full((2,), 5.0, dtype=torch.float64))
     np.save(tmp_path / "bad.npy", np.zeros((24, V)))
     with pytest.raises(ValueError, match=r"shape \(24, .*expected \(17, V\)"):
-        body.load_joint_regressor(str(tmp_path / "bad.npy"))
+        metrics.load_joint_regressor(str(tmp_path / "bad.npy"))
     with pytest.raises(ValueError, match="the same V"):
-        body.lsp14_from_vertices(verts, np.zeros((17, 6890)))
+        metrics.lsp14_from_vertices(verts, np.zeros((17, 6890)))
     with pytest.raises(FileNotFoundError, match="J_regressor_h36m.npy comes from SPIN"):
-        body.load_joint_regressor(str(tmp_path / "absent.npy"))
+        metrics.load_joint_regressor(str(tmp_path / "absent.npy"))

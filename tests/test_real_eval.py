@@ -15,6 +15,7 @@ import body
 import evaluate as E
 import metrics
 import model as M
+import plumbing
 import realdata
 import retrieval
 from test_real_data import coord_image, save_png
@@ -97,9 +98,9 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     assert p["image_to_pose/H36M/pose6d"].shape == (3, 144) and p["text_to_pose/PoseScript-H2/index"].shape == (N_TEXT,)
     ds = realdata.HMR2ImageDataset("3DPW", str(d / "3dpw_test.npz"), str(d / "3DPW"), require_pose=False)
     verts = body.BodyModel().forward_rot6d(torch.as_tensor(p["image_to_pose/3DPW/pose6d"])).vertices
-    pred = body.lsp14_from_vertices(verts, np.load(d / "SMPL_to_J19.npy"))
+    pred = metrics.lsp14_from_vertices(verts, np.load(d / "SMPL_to_J19.npy"))
     gt = torch.as_tensor(ds.gt_lsp14())
-    assert m["image_to_pose/3DPW/mpjpe_mm"] == pytest.approx(body.lsp14_mpjpe_mm(pred, gt).mean().item(), rel=1e-5)
+    assert m["image_to_pose/3DPW/mpjpe_mm"] == pytest.approx(metrics.lsp14_mpjpe_mm(pred, gt).mean().item(), rel=1e-5)
     assert m["image_to_pose/3DPW/pa_mpjpe_mm"] == pytest.approx(metrics.pa_mpjpe_mm(pred, gt).mean().item(), rel=1e-5)
 
 
@@ -115,12 +116,12 @@ def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
     for k in full:
         assert torch.equal(capped[k]["pose6d"], full[k]["pose6d"][:2]), k
     shards = []  # rank r of 2 takes samples r, r + 2, ...; torchrun's gather interleaves them back
-    monkeypatch.setattr(E, "gather_shards", lambda local, world: local)
+    monkeypatch.setattr(plumbing, "gather_shards", lambda local, world: local)
     for r in range(2):
-        monkeypatch.setattr(E, "rank_and_world", lambda r=r: (r, 2))
+        monkeypatch.setattr(plumbing, "rank_and_world", lambda r=r: (r, 2))
         shards.append(E.evaluate_real(policy, tok, batch_size=1, **inputs)[1])
     for k in full:
-        assert torch.equal(E.interleave([s[k]["pose6d"] for s in shards]), full[k]["pose6d"]), k
+        assert torch.equal(plumbing.interleave([s[k]["pose6d"] for s in shards]), full[k]["pose6d"]), k
 
 
 def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """train_sft.py / train_rft.py --preset llava-1.5-7b check every real input before anything is built,
-loaded or written (train_sft.preflight_real): a bad asset of each kind stops the script in seconds with
+loaded or written (realdata.preflight_real): a bad asset of each kind stops the script in seconds with
 the flag, the file, the record and the fix named, all problems in one message, and no --out_dir left."""
 import json
 import os
@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import realdata
 import train_rft
 import train_sft
 from test_real_scripts import write_real_assets
@@ -52,7 +53,7 @@ def test_good_assets_pass_the_preflight(assets, tmp_path):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(train_sft.Args).parse_args_into_dataclasses(sft_argv(d, data_flags, tmp_path / "out"))
-    tasks = train_sft.preflight_real(args, "sft", 0)
+    tasks = realdata.preflight_real(args, "sft", 0)
     assert sorted(type(ds).__name__ for ds in tasks.datasets) == ["HMR2ImageDataset", "LLaVAInstruct", "PoseScript"]
     assert not (tmp_path / "out").exists()
 

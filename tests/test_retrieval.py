@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import body
+import plumbing
 import posebench
 import retrieval as R
 
@@ -168,7 +169,7 @@ def test_caption_embeddings_come_from_the_cache(bench, monkeypatch):
 
 
 def test_a_truncated_caption_cache_is_encoded_again_saying_so(bench, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(body, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(plumbing, "cache_dir", lambda: str(tmp_path))
     R.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
     (path,) = [os.path.join(tmp_path, "retrieval", f) for f in os.listdir(tmp_path / "retrieval")]
     good = open(path, "rb").read()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import body
 import data
 import model as M
+import plumbing
 import posebench
 import train_sft
 from evaluate import evaluate_policy
@@ -89,7 +90,7 @@ def test_nll_fits_the_covariance_around_the_regressed_mean():
 
 
 def test_cosine_schedule():
-    lrs = [train_sft.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
+    lrs = [plumbing.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5) and lrs[-1] < 0.01
 

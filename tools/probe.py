@@ -57,6 +57,7 @@ import data
 import hygrpo
 import metrics
 import model as M
+import plumbing
 import posebench
 import rewards as R
 import train_sft
@@ -305,7 +306,7 @@ def main(argv=None):
         print(f"{name:16s} {end['mpjpe_mm'] - start['mpjpe_mm']:+8.2f} {end['pa_mpjpe_mm'] - start['pa_mpjpe_mm']:+9.2f}")
     print(f"({time.time() - t0:.0f} s)")
     if args.out:
-        body.atomic_write(args.out, lambda fh: json.dump(results, fh, indent=1))
+        plumbing.atomic_write(args.out, lambda fh: json.dump(results, fh, indent=1))
     return results
 
 

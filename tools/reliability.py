@@ -328,8 +328,8 @@ def damage_npz(path: str, how: str) -> None:
 
 def damage_cache(copy_to: str, which: str) -> None:
     """A copy of the cache with one file of `which` (posebench, retrieval) cut in half."""
-    import body
-    shutil.copytree(body.cache_dir(), copy_to)
+    import plumbing
+    shutil.copytree(plumbing.cache_dir(), copy_to)
     for root, _, files in sorted(os.walk(os.path.join(copy_to, which))):
         for name in sorted(files):
             if name.endswith(".npz"):
