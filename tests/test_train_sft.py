@@ -16,6 +16,7 @@ import data
 import model as M
 import plumbing
 import posebench
+import stage0
 import train_sft
 from evaluate import evaluate_policy
 
@@ -185,7 +186,7 @@ def test_stage0_pose_vit_loss_falls(tok):
     base = M.build_tiny(tok)
     args = train_sft.Args(**STAGE0)
     train, val = posebench.load_split("train", CFG), posebench.load_split("val", CFG)
-    res, losses = train_sft.stage0_pose_vit(base, train, {"val": val}, args, "cpu", lambda m: None)
+    res, losses = stage0.pose_vit(base, train, {"val": val}, args, "cpu", lambda m: None)
     assert len(losses) == 30
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     assert res["stage0/val/pose_vit_mpjpe_mm"] > 0 and "stage0/val/mean_pose_pa_mpjpe_mm" in res
@@ -199,7 +200,7 @@ def test_stage0_is_cached_and_invalidated(tok, capsys):
         tokenizer = data.tiny_tokenizer(cfg)
         base = M.build_tiny(tokenizer, deterministic=kw.pop("deterministic", False))
         args = train_sft.Args(**{**STAGE0, **kw})
-        train_sft.stage0(base, lambda: M.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)
+        stage0.pretrain(base, lambda: M.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)
         return capsys.readouterr().out, base.model.pose_tower.state_dict()
 
     out, w1 = call(CFG)
@@ -218,7 +219,7 @@ def test_stage0_is_cached_and_invalidated(tok, capsys):
 
 
 def test_stage0_lm_reads_no_val_or_test_caption():
-    texts = set(train_sft.stage0_lm_texts(CFG))
+    texts = set(stage0.lm_texts(CFG))
     prompts = lambda captions: {data.fill_template(p, caption=c) for p in data.PROMPTS["text_to_pose"]  # noqa: E731
                                 for c in captions}
     train = {c for cs in posebench.load_split("train", CFG).captions for c in cs}
@@ -306,6 +307,6 @@ def test_stage0_parts_with_no_steps_leave_the_model_as_it_is(tok):
     before = {k: v.clone() for k, v in base.state_dict().items()}
     args = train_sft.Args(**{**STAGE0, "stage0_clip_epochs": 0.0, "stage0_lm_steps": 0})
     logged = []
-    train_sft.stage0_clip(base, posebench.load_split("train", CFG), tok, args, "cpu", logged.append)
-    train_sft.stage0_lm(base, tok, CFG, args, "cpu", logged.append)
+    stage0.clip(base, posebench.load_split("train", CFG), tok, args, "cpu", logged.append)
+    stage0.lm(base, tok, CFG, args, "cpu", logged.append)
     assert logged == [] and all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())

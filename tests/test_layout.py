@@ -1,0 +1,47 @@
+"""The layout a reader meets: the scripts that run the pipeline import modules, never each other, and the
+tools beside them stay out of the modules' way. Read from the source (ast), nothing imported."""
+import ast
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what a user runs to train and report; evaluate.py, posebench.py and retrieval.py are modules the
+# scripts build on (evaluate_policy is the one evaluation path) that also have a command line
+SCRIPTS = {"train_sft", "train_rft", "report"}
+
+
+def imported(path: str) -> set:
+    """The top-level names of every module `path` imports, at any depth of the file."""
+    with open(path) as fh:
+        tree = ast.parse(fh.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def top_level_modules() -> dict:
+    return {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+
+
+def test_the_scripts_exist():
+    assert SCRIPTS <= set(top_level_modules())
+
+
+def test_no_top_level_file_imports_a_script():
+    bad = {name: sorted(imported(path) & (SCRIPTS - {name})) for name, path in top_level_modules().items()}
+    assert not {k: v for k, v in bad.items() if v}, "scripts imported by top-level files"
+
+
+def test_no_top_level_file_imports_the_tools():
+    bad = [name for name, path in top_level_modules().items() if "tools" in imported(path)]
+    assert not bad
+
+
+def test_the_import_reader_sees_nested_imports(tmp_path):
+    p = tmp_path / "x.py"
+    p.write_text("import os\ndef f():\n    import train_sft\n    from train_rft import main\nfrom . import y\n")
+    assert imported(str(p)) == {"os", "train_sft", "train_rft"}
