@@ -61,7 +61,6 @@ import posebench
 import retrieval
 import rewards as R
 import train_rft
-from evaluate import clean_answer
 
 PARTS = ("generate", "rewards", "reference", "policy", "optimizer")
 
@@ -134,7 +133,7 @@ def run_trl(tok, samples, args: Args, after_step=None) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     def format_reward(completion_ids, task, answer, **_):  # Eq. 9 on the answer as train_rft.score decodes it
-        texts = [clean_answer(t, tok) for t in tok.batch_decode(completion_ids, skip_special_tokens=False)]
+        texts = [data.clean_answer(t, tok) for t in tok.batch_decode(completion_ids, skip_special_tokens=False)]
         return R.format_reward(texts, task, answer).tolist()
 
     B, G = args.batch_size, args.group_size
