@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import plumbing
-import evaluate as E
+import tables
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REWARD_NAMES = ("joint", "semantic", "format", "text")  # rewards.REWARD_NAMES (Table 5 rows)
@@ -284,7 +284,7 @@ def load_runs(args: Args) -> dict:
         runs[kind] = []
         for s in seeds_of(args):
             path = os.path.join(args.out_dir, "eval", f"{kind}_s{s}", "results.json")
-            record = E.load_results(path, args.preset, bench)
+            record = tables.load_results(path, args.preset, bench)
             if record.get("split") != "test":
                 raise ValueError(f"{path} was measured on the {record.get('split')} split; the report is of the test "
                                  "split: drop --split from --eval_args and rerun report.py")
@@ -294,13 +294,13 @@ def load_runs(args: Args) -> dict:
 
 def mrecall(m: dict, direction: str, retriever: str = "eval", protocol: str = "full") -> float | None:
     """mRecall (%): the mean of R@5, R@10, R@20 (Tables 3 and 5)."""
-    vals = [m.get(f"text_to_pose/{retriever}_retriever/{protocol}/R{direction}@{k}") for k in E.RETRIEVAL_KS]
+    vals = [m.get(f"text_to_pose/{retriever}_retriever/{protocol}/R{direction}@{k}") for k in tables.RETRIEVAL_KS]
     return None if any(v is None for v in vals) else float(np.mean(vals))
 
 
 def row(label: str, ms: list, cols: list) -> list:
     """A table row: label, then one cell per (getter, decimals) column over the seeds' metrics."""
-    return [label] + [E.format_cell([get(m) for m in ms], 1.0, dec) for get, dec in cols]
+    return [label] + [tables.format_cell([get(m) for m in ms], 1.0, dec) for get, dec in cols]
 
 
 def pose_columns() -> list:
@@ -487,7 +487,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     seeds = seeds_of(args)
     out = args.out_dir
     n_seeds = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std" if len(seeds) > 1 else f"seed {seeds[0]}"
-    record = E.load_results(os.path.join(out, "eval", f"sft_s{seeds[0]}", "results.json"))
+    record = tables.load_results(os.path.join(out, "eval", f"sft_s{seeds[0]}", "results.json"))
     m = machine()
     older = [n for n, d in done.items() if d.get("commit") != m["commit"]]
     code = f"code {m['commit']}" + (f"; {len(older)} of the {len(done)} stages ran with other code, named in the time "
@@ -501,10 +501,10 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
              f"retriever, `reward` = the reward retriever (App. H).\n"]
 
     # Headline: SFT vs Pose-RFT on every metric, the mean training pose beside.
-    keys = [k for k in E.metric_keys() if "mean_pose" not in k]
+    keys = [k for k in tables.metric_keys() if "mean_pose" not in k]
     mean_pose = [{k: m[k.replace("/mpjpe_mm", "/mean_pose_mpjpe_mm").replace("/pa_mpjpe_mm", "/mean_pose_pa_mpjpe_mm")]
                   for k in keys if k.endswith("_mm")} for m in runs["sft"]]
-    parts.append("## Headline: SFT vs Pose-RFT, every metric\n\n" + E.metrics_table(
+    parts.append("## Headline: SFT vs Pose-RFT, every metric\n\n" + tables.metrics_table(
         [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]), ("GRPO (`--hybrid false`)", runs["rft_grpo"]),
          ("always the mean training pose", mean_pose)], keys))
 
@@ -524,7 +524,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                  "image_to_pose/gross_state_correct": e.get("stage0/test/pose_vit_gross_state_correct")} for e in enc]
     mean_rows = [{"image_to_pose/mpjpe_mm": m["image_to_pose/mean_pose_mpjpe_mm"],
                   "image_to_pose/pa_mpjpe_mm": m["image_to_pose/mean_pose_pa_mpjpe_mm"]} for m in runs["sft"]]
-    parts.append("## Does the policy see? Image-to-pose against its encoder\n\n" + E.markdown_table(
+    parts.append("## Does the policy see? Image-to-pose against its encoder\n\n" + tables.markdown_table(
         ["read from", "MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "median root error (deg) ↓", "gross state right (%) ↑"],
         [row("the pose encoder alone (stage 0's readout of f_b's mean token)", enc_rows, see_cols),
          row("SFT, at `<POSE>`", runs["sft"], see_cols),
@@ -548,9 +548,9 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
         for kind in ("rft", "rft_grpo"):
             d = [None if a.get(key) is None or b.get(key) is None else a[key] - b[key]
                  for a, b in zip(runs[kind], runs["sft"])]
-            cells.append(E.format_cell(d, 1.0, 1))
+            cells.append(tables.format_cell(d, 1.0, 1))
         dl.append(cells)
-    parts.append("## HyGRPO minus its SFT start\n\n" + E.markdown_table(
+    parts.append("## HyGRPO minus its SFT start\n\n" + tables.markdown_table(
         ["metric (RFT − SFT, per seed, then mean ± std)", "Pose-RFT (HyGRPO)", "GRPO (`--hybrid false`)"], dl)
         + "\nNegative is better for errors, positive for recall.\n")
 
@@ -565,7 +565,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
         note = (" The last row is not in the paper: HyGRPO on the deterministic head, sampling with its fixed "
                 "spread (at the same --pose_temperature).")
     parts.append("## Table 3 in miniature: distributional modelling\n\n"
-                 + E.markdown_table(["method"] + POSE_HEADER, t3)
+                 + tables.markdown_table(["method"] + POSE_HEADER, t3)
                  + "\nmRecall = mean of R@5, R@10, R@20 by the evaluator retriever, full-retrieval protocol."
                  + note + "\n")
 
@@ -584,12 +584,12 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                 k = max(1, len(v) // 10)
                 first.append(np.nanmean(v[:k]) if np.isfinite(v[:k]).any() else None)
                 last.append(np.nanmean(v[-k:]) if np.isfinite(v[-k:]).any() else None)
-            cells.append(f"{E.format_cell(first, 1, 3)} → {E.format_cell(last, 1, 3)}")
+            cells.append(f"{tables.format_cell(first, 1, 3)} → {tables.format_cell(last, 1, 3)}")
         t4.append(cells)
     parts.append("## Figure 4: GRPO vs HyGRPO, training rewards\n\n"
                  f"![Figure 4]({os.path.basename(png4)})\n\n"
                  "Mean reward over the first → the last tenth of the logged steps:\n\n"
-                 + E.markdown_table(["run"] + [f"rewards/{n}" for n in REWARD_NAMES], t4)
+                 + tables.markdown_table(["run"] + [f"rewards/{n}" for n in REWARD_NAMES], t4)
                  + "\nGRPO samples no pose: its pose rewards (joint, semantic) score the head's mean, HyGRPO's score "
                    "the sampled poses, so compare each curve's trend, not the two levels. `rewards/joint` is "
                    "1 / (mean joint distance in m + 0.01) (Eq. 7).\n")
@@ -607,18 +607,18 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
         t5 = [row("Baseline (no RL)", runs["sft"], cols)]
         t5 += [row(f"w/o {n} reward (`--zero_reward {n}`)", runs[f"rft_zero_{n}"], cols) for n in REWARD_NAMES]
         t5.append(row("Pose-RFT (full model)", runs["rft"], cols))
-        parts.append("## Table 5: each reward zero-masked\n\n" + E.markdown_table(["method"] + POSE_HEADER, t5))
+        parts.append("## Table 5: each reward zero-masked\n\n" + tables.markdown_table(["method"] + POSE_HEADER, t5))
         t6 = []
         for measured, by in (("eval", "evaluator"), ("reward", "reward retriever")):
             cols6 = [(lambda m, d=d, k=k, r=measured: m.get(f"text_to_pose/{r}_retriever/full/R{d}@{k}"), 1)
-                     for d in E.DIRECTIONS for k in E.RETRIEVAL_KS]
+                     for d in tables.DIRECTIONS for k in tables.RETRIEVAL_KS]
             for label, kind in (("SFT", "sft"), ("RFT rewarded by the reward retriever", "rft"),
                                 ("RFT rewarded by the evaluator retriever", "rft_xret")):
                 cells = row(label, runs[kind], cols6)
                 t6.append([cells[0], by] + cells[1:])
         parts.append("## Table 6: cross-retriever evaluation\n\n"
-                     + E.markdown_table(["run", "measured by"] + [f"R{d.upper()}@{k} (%)" for d in E.DIRECTIONS
-                                                                   for k in E.RETRIEVAL_KS], t6)
+                     + tables.markdown_table(["run", "measured by"] + [f"R{d.upper()}@{k} (%)" for d in tables.DIRECTIONS
+                                                                   for k in tables.RETRIEVAL_KS], t6)
                      + "\nFull-retrieval protocol. The paper measures its RFT model with an independent retriever "
                        "(PoseEmbroider); here each RFT run is measured by both of ours.\n")
 
@@ -629,7 +629,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     st = [[f"`{s.name}`", s.what, f"{done[s.name]['seconds']:.0f}", measured_in(done[s.name])] for s in stages]
     stage_sum = sum(d["seconds"] for d in done.values())
     parts.append("## Time and machine\n\n"
-                 + E.markdown_table(["stage", "what", "seconds", "measured in"], st)
+                 + tables.markdown_table(["stage", "what", "seconds", "measured in"], st)
                  + f"\nSum of the stages: {stage_sum:.0f} s ({stage_sum / 60:.1f} min); this invocation, up to writing "
                    f"this page: {time.time() - t0:.0f} s, with {args.jobs} stage(s) at a time (logs: `logs/`, "
                    f"exact commands: `stages/*.json`).\n\n"

@@ -22,6 +22,7 @@ import evaluate as E
 import model as M
 import plumbing
 import posebench
+import tables
 import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_report_end_to_end(results):
                     "## HyGRPO minus its SFT start", "## Table 3 in miniature", "## Figure 4: GRPO vs HyGRPO",
                     "## Figures 5 and 6", "## Time and machine", "Machine: ", "torch "):
         assert section in text, section
-    for key in E.metric_keys():  # the headline lists every metric (the mean pose in its own column)
+    for key in tables.metric_keys():  # the headline lists every metric (the mean pose in its own column)
         assert "mean_pose" in key or f"`{key}`" in text, key
     for row in ("Baseline (deterministic head", "Baseline + Dist. (Gaussian", "Baseline + Dist. + RFT"):
         assert row in text
@@ -204,7 +205,7 @@ def test_evaluate_ckpt_produces_every_field(results):
     assert rec["bench"] == {"n_train": 48, "n_val": 16, "n_test": 40} and rec["bench_key"] == posebench.config_key(CFG)
     assert rec["eval_samples"] == 40 and rec["eval_generate"] == 3 and rec["world_size"] == 1
     m = rec["metrics"]
-    assert list(m) and set(m) == set(E.metric_keys())
+    assert list(m) and set(m) == set(tables.metric_keys())
     assert all(v is not None and math.isfinite(v) for v in m.values())
     for k, v in m.items():
         if k.endswith("_mm"):
@@ -298,7 +299,7 @@ def test_markdown_writer_on_fixed_numbers():
               "vqa/yes_no_accuracy": 0.7, "vqa/answer_similarity": 0.9},
              {"image_to_pose/mpjpe_mm": 354.0, "text_to_pose/eval_retriever/full/Rt2p@10": 12.0,
               "vqa/yes_no_accuracy": 0.8, "vqa/answer_similarity": 0.95}]
-    assert E.metrics_table([("SFT", sft), ("Pose-RFT", seeds)]) == (
+    assert tables.metrics_table([("SFT", sft), ("Pose-RFT", seeds)]) == (
         "| metric | SFT | Pose-RFT |\n"
         "|---|---|---|\n"
         "| `image_to_pose/mpjpe_mm` (mm) ↓ | 362.2 | 352.0 ± 2.8 |\n"
@@ -306,7 +307,7 @@ def test_markdown_writer_on_fixed_numbers():
         "| `text_to_pose/eval_retriever/random/Rp2t@5` (%) ↑ | - | - |\n"
         "| `vqa/answer_similarity` (cos) ↑ | 0.980 | 0.925 ± 0.035 |\n"
         "| `vqa/yes_no_accuracy` (%) ↑ | 69.5 | 75.0 ± 7.1 |\n")
-    assert E.markdown_table(["a", "b"], [["1", "2"], ["x", 3]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| x | 3 |\n"
+    assert tables.markdown_table(["a", "b"], [["1", "2"], ["x", 3]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| x | 3 |\n"
     assert report.mrecall({f"text_to_pose/eval_retriever/full/Rt2p@{k}": v for k, v in ((5, 1.0), (10, 2.0), (20, 6.0))},
                           "t2p") == 3.0
 
@@ -345,12 +346,12 @@ def test_results_file_from_another_preset_is_named(results, tmp_path):
     other.write_text(json.dumps({**rec, "preset": "smol"}))
     with pytest.raises(ValueError, match=r"results.json holds results of the 'smol' preset .* but the 'tiny' preset "
                                          r"was asked for; delete it, or rerun `python evaluate.py --ckpt"):
-        E.load_results(str(other), preset="tiny")
+        tables.load_results(str(other), preset="tiny")
     other.write_text(json.dumps({"image_to_pose/mpjpe_mm": 1.0}))  # e.g. a training run's test_metrics.json
     with pytest.raises(ValueError, match=r"results.json is not a results file of evaluate.py; delete it"):
-        E.load_results(str(other))
+        tables.load_results(str(other))
     with pytest.raises(ValueError, match=r"computed on another benchmark"):
-        E.load_results(str(path), bench={"n_train": 20000, "n_val": 1000, "n_test": 1000})
+        tables.load_results(str(path), bench={"n_train": 20000, "n_val": 1000, "n_test": 1000})
     try:  # the report refuses it too, naming the file
         path.write_text(json.dumps({**rec, "preset": "smol"}))
         with pytest.raises(SystemExit, match=r"report.py: .*eval/sft_s0/results.json holds results of the 'smol'"):

@@ -18,6 +18,7 @@ import model as M
 import plumbing
 import realdata
 import retrieval
+import tables
 from test_real_data import coord_image, save_png
 from test_real_model import TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
 
@@ -81,7 +82,7 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
     d, flags = real
     E.main(flags)
     out = d / "run" / "eval_real"
-    rec = E.load_results(str(out / "results.json"), preset="llava-1.5-7b")
+    rec = tables.load_results(str(out / "results.json"), preset="llava-1.5-7b")
     assert rec["datasets"] == {"image_to_pose/3DPW": 4, "image_to_pose/H36M": 3, "text_to_pose/PoseScript-H2": N_TEXT}
     assert rec["step"] == "step-000001" and rec["world_size"] == 1 and rec["pose"] == "mean"
     assert rec["files"]["3DPW"] == [str(d / "3dpw_test.npz"), str(d / "3DPW")] and rec["max_samples"] == 0
