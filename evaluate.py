@@ -89,6 +89,7 @@ import plumbing
 import posebench
 import realdata
 import retrieval
+import sentences
 import tables
 import rewards as R
 from metrics import (bleu4, gross_state_correct, mpjpe_mm, pa_mpjpe_mm, pose_recall_at_k, posecode_truth, r_precision,
@@ -216,7 +217,7 @@ def embed_captions(retrievers: dict, texts: list, device) -> dict:
     for name, r in retrievers.items():
         key = (r.cfg.text_encoder, r.cfg.encoder_bf16)
         if key not in sent:
-            sent[key] = retrieval.encode_sentences(texts, *key, batch_size=256, device=device)  # (N, E)
+            sent[key] = sentences.encode_sentences(texts, *key, batch_size=256, device=device)  # (N, E)
         out[name] = r.embed_sentence(sent[key])
     return out
 

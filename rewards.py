@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import body
 import data
-import retrieval
+import sentences
 
 VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,[^.<>]*\w[^.<>]*\.\s*")  # no special token, not empty
 FREE_ANSWER_PATTERN = re.compile(r"\s*[^<>\s][^<>]*")  # a free-form VQA answer: not empty, no special token
@@ -129,7 +129,7 @@ class TextSimilarity:
     """
 
     def __init__(self, path: str = "", device: str = "cpu", cache_size: int = 100_000):
-        self.encoder = retrieval.load_sentence_encoder(path, device)
+        self.encoder = sentences.load_sentence_encoder(path, device)
         self.cache, self.cache_size = {}, cache_size  # text -> embedding: answers repeat (templates)
 
     @torch.no_grad()

