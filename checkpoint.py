@@ -15,6 +15,7 @@ over a damaged latest step goes on from the previous intact one, saying so.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -68,18 +69,32 @@ def check_flags(args, script: str, at_least: dict, positive=()) -> None:
 
 def check_writable(path: str, flag: str = "--out_dir") -> None:
     """Stop at once unless the directory `path` can be created and written: an unwritable output must fail
-    before the work whose results it would hold. The directory is left in place (the run writes there next);
-    only the probe file is removed. Safe when every rank of a torchrun job checks the same path at once:
-    nothing one rank made is removed under another (removing the directories made for the probe raced)."""
+    before the work whose results it would hold. Leaves the file system as it was (the probe file and the
+    directories made for it are removed again). Every rank of a torchrun job may check the same path at
+    once: a directory another rank removes under this one is made again (CI once failed on that race)."""
     probe = os.path.join(path, f".write-test.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}")
+    made, d = [], os.path.abspath(path)
+    while not os.path.exists(d) and d != os.path.dirname(d):
+        made.append(d)
+        d = os.path.dirname(d)
     try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
+        for attempt in range(10):
+            try:
+                os.makedirs(path, exist_ok=True)
+                with open(probe, "w") as fh:
+                    fh.write("ok")
+                os.remove(probe)
+                break
+            except (FileNotFoundError, FileExistsError):  # another rank removed a directory it made for its probe
+                if attempt == 9:
+                    raise
     except OSError as e:
         raise SystemExit(f"{flag} {path}: cannot write there ({e.strerror or e}); pass a writable directory "
                          "(nothing was done)") from None
+    finally:
+        for d in made:  # deepest first; a directory another rank is probing is not empty and stays
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def json_problems(path: str) -> list:
