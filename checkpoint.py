@@ -139,7 +139,7 @@ def torch_file_problems(path: str) -> list:
 
 
 def base_problems(base_dir: str) -> list:
-    """What is missing, truncated or corrupt in a base/ directory (model.save_base's layout); [] if whole."""
+    """What is missing, truncated or corrupt in a base/ directory (presets.save_base's layout); [] if whole."""
     model = os.path.join(base_dir, "model")
     problems = [p for f in (os.path.join(base_dir, "preset.json"), os.path.join(model, "config.json"),
                             os.path.join(base_dir, "tokenizer", "tokenizer.json")) for p in json_problems(f)]

@@ -87,11 +87,12 @@ import metrics
 import model as M
 import plumbing
 import posebench
+import presets
 import realdata
 import retrieval
+import rewards as R
 import sentences
 import tables
-import rewards as R
 from metrics import (bleu4, gross_state_correct, mpjpe_mm, pa_mpjpe_mm, pose_recall_at_k, posecode_truth, r_precision,
                      recall_at_k, recall_at_k_random, root_error_deg, rouge_l)
 from render import view_rotation
@@ -630,7 +631,7 @@ def main(argv=None):
             posebench.build(cfg)
     if ddp:
         torch.distributed.barrier()
-    policy, tokenizer, _ = M.load_policy(args.ckpt, preset)
+    policy, tokenizer, _ = presets.load_policy(args.ckpt, preset)
     policy.to(device)
     if real and inputs.get("text_set") is not None:  # its prompts must fit the positions: longer captions are cut
         template = max(data.PROMPTS["text_to_pose"], key=len)

@@ -32,6 +32,7 @@ import data
 import metrics
 import model as M
 import posevit
+import presets
 from data import IMAGE_TOKEN, POSE_ANSWER, PROMPTS, Sample, fill_template, pose_aa_to_6d
 
 
@@ -861,7 +862,7 @@ def check_real_assets(args, script: str) -> None:
             problems.append(f"--{flag} {path!r}: {what}; {source}")
 
     if script == "sft":
-        need("llava_path", args.llava_path, M.LLAVA_SOURCE, inside="config.json")
+        need("llava_path", args.llava_path, presets.LLAVA_SOURCE, inside="config.json")
         need("hmr2_ckpt", args.hmr2_ckpt, posevit.HMR2_SOURCE)
     pairs = [("posescript_dir", "amass_dir", POSESCRIPT_SOURCE, AMASS_SOURCE),
              ("bedlam_script_dir", "bedlam_img_dir", BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
@@ -902,7 +903,7 @@ def real_image_size(args, script: str, problems: list) -> int | None:
 
     path = args.llava_path if script == "sft" else os.path.join(args.sft_dir, "base", "model")
     flag = "--llava_path" if script == "sft" else "--sft_dir"
-    fix = f"download it again: {M.LLAVA_SOURCE}" if script == "sft" else "run train_sft.py again into another --out_dir"
+    fix = f"download it again: {presets.LLAVA_SOURCE}" if script == "sft" else "run train_sft.py again into another --out_dir"
     size = None
     try:  # RFT's base holds PoseLlava's config, which AutoConfig does not know: read by its own class
         size = int(AutoConfig.from_pretrained(path).vision_config.image_size if script == "sft" else
@@ -916,11 +917,11 @@ def real_image_size(args, script: str, problems: list) -> int | None:
         except Exception as err:  # noqa: BLE001 -- whatever the tokenizer files lack, the same fix
             problems.append(f"{flag} {path}: its tokenizer does not load ({type(err).__name__}: {str(err)[:300]}); "
                             f"the directory must hold LLaVA's tokenizer files (tokenizer.json or tokenizer.model, "
-                            f"tokenizer_config.json, special_tokens_map.json): {M.LLAVA_SOURCE}")
+                            f"tokenizer_config.json, special_tokens_map.json): {presets.LLAVA_SOURCE}")
         else:
             if tok.convert_tokens_to_ids(data.IMAGE_TOKEN) in (None, tok.unk_token_id):
                 problems.append(f"{flag} {path}: its tokenizer has no {data.IMAGE_TOKEN} token, so it is not LLaVA's; "
-                                f"{M.LLAVA_SOURCE}")
+                                f"{presets.LLAVA_SOURCE}")
         if not zipfile.is_zipfile(args.hmr2_ckpt):
             problems.append(f"--hmr2_ckpt {args.hmr2_ckpt}: not a readable checkpoint (not a zip archive: truncated "
                             f"or of another format); download it again: {posevit.HMR2_SOURCE}")

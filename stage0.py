@@ -33,6 +33,7 @@ import data
 import model as M
 import plumbing
 import posebench
+import presets
 from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, root_error_deg
 from render import view_rotation
 
@@ -255,8 +256,8 @@ def pretrain_for_pose_input(base, args, cfg, device, log) -> dict:
     keeps every default id), whose new rows (the input-pose placeholder, the instructions' words) keep
     their initialisation. Returns the encoder's metrics, as `stage0`."""
     tok0 = data.tiny_tokenizer(cfg)
-    default = M.build_tiny(tok0, rank=args.head_rank, deterministic=args.deterministic_head)
-    res = pretrain(default, lambda: M.build_tiny(tok0, rank=args.head_rank), tok0, cfg, args, device, log)
+    default = presets.build_tiny(tok0, rank=args.head_rank, deterministic=args.deterministic_head)
+    res = pretrain(default, lambda: presets.build_tiny(tok0, rank=args.head_rank), tok0, cfg, args, device, log)
     src, dst = parts(default, args.preset), parts(base, args.preset)
     with torch.no_grad():
         for name, module in src.items():

@@ -97,10 +97,11 @@ import hygrpo
 import model as M
 import plumbing
 import posebench
+import presets
 import realdata
 import retrieval
-import sentences
 import rewards as R
+import sentences
 from evaluate import evaluate_policy
 
 
@@ -495,8 +496,8 @@ def main(argv=None):
                          f"{', '.join(R.JOINT_ALIGNMENTS)}")
     if args.pose_space not in POSE_SPACES:
         raise SystemExit(f"--pose_space {args.pose_space}: expected one of {', '.join(POSE_SPACES)}")
-    if args.preset not in M.PRESETS:
-        raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(M.PRESETS)}")
+    if args.preset not in presets.PRESETS:
+        raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(presets.PRESETS)}")
     real = args.preset == "llava-1.5-7b"
     tasks = realdata.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
     ddp, rank, world, device = plumbing.setup_distributed()
@@ -532,20 +533,20 @@ def main(argv=None):
     base_dir = os.path.join(args.out_dir, "base")
     if args.resume:
         step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
-        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
+        policy, tokenizer, step_dir = presets.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
         state = checkpoint.load_train_state(step_dir)
     else:
-        sft, tokenizer, _ = M.load_policy(args.sft_dir, args.preset, step_dir=sft_step)
+        sft, tokenizer, _ = presets.load_policy(args.sft_dir, args.preset, step_dir=sft_step)
         base = sft.merge_and_unload()  # pi_init: the SFT weights, no adapter
         if master:
-            M.save_base(base, tokenizer, base_dir, args.preset)
+            presets.save_base(base, tokenizer, base_dir, args.preset)
         torch.manual_seed(args.seed)  # the adapter's init, the same on every rank
-        policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
+        policy, state = presets.apply_lora(base, args.lora_rank, args.lora_alpha), None
     torch.manual_seed(args.seed + rank)  # sampling differs by rank
     policy.to(device).train()
     inner = policy.get_base_model()
     if plumbing.use_gradient_checkpointing(args):
-        M.enable_gradient_checkpointing(inner)
+        presets.enable_gradient_checkpointing(inner)
     if inner.config.pose_head_deterministic != args.deterministic_head:
         have = "a deterministic (mean-only)" if inner.config.pose_head_deterministic else "a distributional"
         raise SystemExit(f"{args.sft_dir} has {have} pose head; pass --deterministic_head "

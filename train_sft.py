@@ -67,6 +67,7 @@ import model as M
 import plumbing
 import posebench
 import posevit
+import presets
 import realdata
 import stage0
 from evaluate import evaluate_policy
@@ -149,7 +150,7 @@ class Args:
         "help": "abort after this many consecutive steps skipped for a NaN/inf loss or gradient"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (docs/REAL_RUNS.md)
-    llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
+    llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {presets.LLAVA_SOURCE}"})
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file for the real targets' joints (https://smpl.is.tue.mpg.de; '' : procedural)"})
@@ -222,10 +223,10 @@ def build_base(args, cfg: posebench.BenchConfig):
     pose_input = pose_input_on(args)
     if args.preset == "tiny":
         tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input)
-        return (M.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
-                lambda: M.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
-    base, tokenizer = M.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
-    return base, lambda: M.build_smol(rank=args.head_rank, pose_input=pose_input)[0], tokenizer
+        return (presets.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
+                lambda: presets.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
+    base, tokenizer = presets.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
+    return base, lambda: presets.build_smol(rank=args.head_rank, pose_input=pose_input)[0], tokenizer
 
 
 # ---- stage 1: the SFT objective -------------------------------------------------------------
@@ -323,8 +324,8 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
-    if args.preset not in M.PRESETS:
-        raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(M.PRESETS)}")
+    if args.preset not in presets.PRESETS:
+        raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(presets.PRESETS)}")
     checkpoint.check_args(args, "train_sft.py", SFT_AT_LEAST, checkpoint.POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
     if real and pose_input_on(args):
@@ -384,33 +385,33 @@ def main(argv=None):
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
             if real:  # pretrained parts: no stage 0
-                base, tokenizer = M.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank, args.deterministic_head)
-                M.save_base(base, tokenizer, base_dir, args.preset)
+                base, tokenizer = presets.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank, args.deterministic_head)
+                presets.save_base(base, tokenizer, base_dir, args.preset)
             else:
                 base, build, tokenizer = build_base(args, cfg)
                 if args.preset == "tiny" and pose_input_on(args):  # the default run's stage 0, shared
                     stage0.pretrain_for_pose_input(base, args, cfg, device, log)
                 else:
                     stage0.pretrain(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
-                M.save_base(base.cpu(), tokenizer, base_dir, args.preset)
+                presets.save_base(base.cpu(), tokenizer, base_dir, args.preset)
             plumbing.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base
         barrier()
     if args.resume:
         step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
-        policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
+        policy, tokenizer, step_dir = presets.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
         state = checkpoint.load_train_state(step_dir)
     else:
         damaged = checkpoint.base_problems(base_dir)
         if damaged:
             raise SystemExit(f"{base_dir} is damaged: {'; '.join(damaged)}; delete it to build it again")
-        base, tokenizer, _ = M.load_base(base_dir, args.preset)
+        base, tokenizer, _ = presets.load_base(base_dir, args.preset)
         torch.manual_seed(args.seed)  # the adapter's init must not depend on whether stage 0 ran in this process
-        policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
+        policy, state = presets.apply_lora(base, args.lora_rank, args.lora_alpha), None
     policy.to(device).train()
     inner = policy.get_base_model()
     if plumbing.use_gradient_checkpointing(args):
-        M.enable_gradient_checkpointing(inner)
+        presets.enable_gradient_checkpointing(inner)
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     names, params = trainable_params(policy, state)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)

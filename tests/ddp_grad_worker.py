@@ -12,15 +12,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import model as M  # noqa: E402
 import plumbing  # noqa: E402
 import posebench  # noqa: E402
+import presets  # noqa: E402
 import train_sft  # noqa: E402
 
 torch.set_num_threads(1)
 run_dir, out = sys.argv[1], sys.argv[2]
 ddp, rank, world, device = plumbing.setup_distributed()
-policy, tok, _ = M.load_policy(run_dir, "tiny", trainable=True)
+policy, tok, _ = presets.load_policy(run_dir, "tiny", trainable=True)
 policy.train()
 cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 tasks = data.PoseBenchTasks("train", cfg, seed=0)

@@ -11,8 +11,8 @@ import torch
 
 import checkpoint
 import data
-import model as M
 import posebench
+import presets
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 
@@ -31,9 +31,9 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
     tok = data.tiny_tokenizer(CFG)
     torch.manual_seed(0)
-    base = M.build_tiny(tok)
-    M.save_base(base, tok, str(out / "base"), "tiny")
-    policy = M.apply_lora(base)
+    base = presets.build_tiny(tok)
+    presets.save_base(base, tok, str(out / "base"), "tiny")
+    policy = presets.apply_lora(base)
     names, params = checkpoint.trainable_params(policy)
     opt = torch.optim.AdamW(params, lr=1e-3)
     sum(p.sum() for p in params).backward()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import body
-import plumbing
 import data
+import plumbing
 import posebench as pb
 
 TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)

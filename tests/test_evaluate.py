@@ -19,11 +19,11 @@ import torch
 
 import data
 import evaluate as E
-import model as M
 import plumbing
 import posebench
-import tables
+import presets
 import report
+import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
@@ -270,7 +270,7 @@ def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
     torch.testing.assert_close(x.T.cov(), dist.covariance_matrix[0], atol=0.06, rtol=0.1)
     torch.testing.assert_close(x.mean(0), mean[0], atol=0.06, rtol=0)
     # the policy's sampled poses: a function of (seed, task, pose index) only
-    policy, tok, _ = M.load_policy(str(results / "ckpt" / "sft_s0"), "tiny")
+    policy, tok, _ = presets.load_policy(str(results / "ckpt" / "sft_s0"), "tiny")
     samples = data.PoseBenchTasks("test", CFG).eval_samples("text_to_pose")[:7]
     full = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3)
     shards = [E.predict_poses(policy, tok, samples[r::3], "cpu", batch_size=2, sample_pose=True, seed=3)
@@ -379,9 +379,9 @@ def tiny_run(tmp_path):
     import retrieval
     tok = data.tiny_tokenizer(CFG)
     torch.manual_seed(0)
-    base = M.build_tiny(tok)
-    M.save_base(base, tok, str(tmp_path / "run" / "base"), "tiny")
-    M.apply_lora(base).save_pretrained(str(tmp_path / "run" / "step-000001" / "adapter"))
+    base = presets.build_tiny(tok)
+    presets.save_base(base, tok, str(tmp_path / "run" / "base"), "tiny")
+    presets.apply_lora(base).save_pretrained(str(tmp_path / "run" / "step-000001" / "adapter"))
     (tmp_path / "run" / "LATEST").write_text("step-000001")
     for role in ("eval", "reward"):
         retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),

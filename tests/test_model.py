@@ -10,6 +10,7 @@ import body
 import data
 import model as M
 import posebench
+import presets
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 
@@ -26,7 +27,7 @@ def samples():
 
 def tiny(tok, seed=0, **kw):
     torch.manual_seed(seed)
-    return M.build_tiny(tok, **kw).eval()
+    return presets.build_tiny(tok, **kw).eval()
 
 
 def batch_of(samples, tok, n, **kw):
@@ -95,7 +96,7 @@ def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples, device, at):
 def test_grouped_forward_and_sampling_equal_the_full_ones(tok, samples):
     """B prompts x G answers: the prompt read once gives the full forward's answer logits, pose states and
     gradients (float rounding apart), and greedy answers equal to ungrouped ones; mixed prompt lengths."""
-    m = M.apply_lora(tiny(tok, seed=5))
+    m = presets.apply_lora(tiny(tok, seed=5))
     inner = m.get_base_model()
     G = 3
     chosen = [s for s in (samples[i] for i in range(12)) if s.task != "vqa"][:3]
@@ -283,7 +284,7 @@ def test_disable_adapter_is_the_initial_policy_after_training(tok, samples):
     with torch.no_grad():
         logits0, dist0, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     frozen_before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    policy = M.apply_lora(m)
+    policy = presets.apply_lora(m)
     policy.train()
     train_steps(policy, b)
     policy.eval()
@@ -305,7 +306,7 @@ def test_disable_adapter_is_the_initial_policy_after_training(tok, samples):
 
 
 def test_parameters_change_after_one_step_and_frozen_ones_do_not(tok, samples):
-    policy = M.apply_lora(tiny(tok, seed=4))
+    policy = presets.apply_lora(tiny(tok, seed=4))
     policy.train()
     b = batch_of(samples, tok, 6)
     assert b.pixel_values is not None and b.pose_valid.any()  # every trainable part gets a gradient
@@ -325,14 +326,14 @@ def test_parameters_change_after_one_step_and_frozen_ones_do_not(tok, samples):
 def test_save_load_identical_and_preset_checked(tok, samples, tmp_path):
     m = tiny(tok, seed=5)
     b = batch_of(samples, tok, 4)
-    M.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
-    policy = M.apply_lora(copy.deepcopy(m))
+    presets.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
+    policy = presets.apply_lora(copy.deepcopy(m))
     policy.train()
     train_steps(policy, b, n=2)
     policy.eval()
     policy.save_pretrained(str(tmp_path / "run" / "step-000002" / "adapter"))
     (tmp_path / "run" / "LATEST").write_text("step-000002")
-    loaded, tok2, _ = M.load_policy(str(tmp_path / "run"), "tiny")
+    loaded, tok2, _ = presets.load_policy(str(tmp_path / "run"), "tiny")
     loaded.eval()
     with torch.no_grad():
         a = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
@@ -340,12 +341,12 @@ def test_save_load_identical_and_preset_checked(tok, samples, tmp_path):
     assert torch.equal(a[0], c[0]) and torch.equal(a[1].mean, c[1].mean) and torch.equal(a[1].stddev, c[1].stddev)
     assert tok2.get_vocab() == tok.get_vocab()
     with pytest.raises(ValueError, match="holds a 'tiny' checkpoint, but the 'smol' preset"):
-        M.load_policy(str(tmp_path / "run"), "smol")
+        presets.load_policy(str(tmp_path / "run"), "smol")
     with pytest.raises(FileNotFoundError, match="not a complete PoseLlava base checkpoint"):
-        M.load_base(str(tmp_path / "nowhere"))
+        presets.load_base(str(tmp_path / "nowhere"))
     (tmp_path / "run" / "base" / "model" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        M.load_policy(str(tmp_path / "run"))
+        presets.load_policy(str(tmp_path / "run"))
 
 
 def test_bad_image_size_and_missing_placeholder(tok, samples):

@@ -9,6 +9,7 @@ import torch
 import data
 import model as M
 import posebench as pb
+import presets
 from test_model import force_pose
 
 CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
@@ -25,8 +26,8 @@ def ds():
 
 
 def tiny(tok, seed=0, **overrides):
-    cfg = M.build_config(M.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **M.TINY["lm"]),
+    cfg = presets.build_config(M.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **presets.TINY["lm"]),
                          tok, image_size=32)
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -118,8 +119,8 @@ def test_prompt_without_pose_is_unchanged_bit_for_bit(tok, ds):
     out = with_pi.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     out0 = without.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     assert torch.equal(out[0], out0[0]) and torch.equal(out[2], out0[2])
-    assert M.trained_modules(without.config) == M.MODULES_TO_SAVE
-    assert M.trained_modules(with_pi.config) == M.MODULES_TO_SAVE + M.POSE_INPUT_MODULES
+    assert presets.trained_modules(without.config) == M.MODULES_TO_SAVE
+    assert presets.trained_modules(with_pi.config) == M.MODULES_TO_SAVE + M.POSE_INPUT_MODULES
     with pytest.raises(ValueError, match="without pose input"):
         without.model.pose_input_features(torch.zeros(1, 24, 6))
 

@@ -10,6 +10,7 @@ import evaluate
 import hygrpo
 import model as M
 import posebench as pb
+import presets
 import rewards as R
 import train_rft
 
@@ -106,7 +107,7 @@ def test_posecode_reward_against_a_loop():
 def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypatch):
     tok = data.tiny_tokenizer(CFG, pose_input=True)
     torch.manual_seed(0)
-    policy = M.apply_lora(M.build_tiny(tok, image_size=32))
+    policy = presets.apply_lora(presets.build_tiny(tok, image_size=32))
     names, params = train_rft.checkpoint.trainable_params(policy)
     assert any("pose_input_encoder" in n for n in names)
     B, G = 2, 4
@@ -134,7 +135,7 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
 def test_evaluation_of_the_pose_input_tasks(tasks):
     tok = data.tiny_tokenizer(CFG, pose_input=True)
     torch.manual_seed(0)
-    policy = M.apply_lora(M.build_tiny(tok, image_size=32)).eval()
+    policy = presets.apply_lora(presets.build_tiny(tok, image_size=32)).eval()
     val = data.PoseBenchTasks("val", CFG)
     res, preds = evaluate.pose_input_metrics(policy, tok, val, body.BodyModel(), "cpu", 40, 32,
                                              {"eval": FakeRetriever()}, batch_size=16)

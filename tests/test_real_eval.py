@@ -16,6 +16,7 @@ import evaluate as E
 import metrics
 import model as M
 import plumbing
+import presets
 import realdata
 import retrieval
 import tables
@@ -42,9 +43,9 @@ def real(tmp_path_factory):
     d = tmp_path_factory.mktemp("real_eval")
     fake_llava_dir(str(d / "llava"))
     save_ckpt(d / "hmr2.ckpt", hmr2_state_dict())
-    base, tok = M.build_llava_7b(str(d / "llava"), str(d / "hmr2.ckpt"), rank=2, pose_vit=TOY_VIT)
-    M.save_base(base, tok, str(d / "run" / "base"), "llava-1.5-7b")
-    M.apply_lora(base, rank=4).save_pretrained(str(d / "run" / "step-000001" / "adapter"))
+    base, tok = presets.build_llava_7b(str(d / "llava"), str(d / "hmr2.ckpt"), rank=2, pose_vit=TOY_VIT)
+    presets.save_base(base, tok, str(d / "run" / "base"), "llava-1.5-7b")
+    presets.apply_lora(base, rank=4).save_pretrained(str(d / "run" / "step-000001" / "adapter"))
     (d / "run" / "LATEST").write_text("step-000001")
     rng = np.random.default_rng(0)
     hmr2_eval_npz(d / "3dpw_test.npz", d / "3DPW", 4, rng)
@@ -107,7 +108,7 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
 
 def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
     d, flags = real
-    policy, tok, _ = M.load_policy(str(d / "run"), "llava-1.5-7b")
+    policy, tok, _ = presets.load_policy(str(d / "run"), "llava-1.5-7b")
     (args,) = HfArgumentParser(E.Args).parse_args_into_dataclasses(flags)
     inputs = E.real_eval_inputs(args, "cpu")
     _, full = E.evaluate_real(policy, tok, batch_size=1, **inputs)

@@ -16,6 +16,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import data
 import model as M
 import posevit
+import presets
 
 TOY_VIT = dict(image_size=(64, 48), patch_size=16, dim=32, depth=2, heads=2, mlp_ratio=4.0, patch_padding=2)
 CLIP_SIZE = 56  # the toy CLIP tower: 56 / 14 = 4 x 4 patches
@@ -189,7 +190,7 @@ def built(tmp_path_factory):
     llava = fake_llava_dir(str(d / "llava"))
     sd = hmr2_state_dict()
     save_ckpt(d / "hmr2.ckpt", sd)
-    model, tok = M.build_llava_7b(str(d / "llava"), str(d / "hmr2.ckpt"), rank=2, pose_vit=TOY_VIT)
+    model, tok = presets.build_llava_7b(str(d / "llava"), str(d / "hmr2.ckpt"), rank=2, pose_vit=TOY_VIT)
     return d, llava, sd, model, tok
 
 
@@ -224,8 +225,8 @@ def test_llava_7b_save_load_forward_backward_lora_generate(built, tmp_path):
     with torch.no_grad():
         _, ref, _ = model.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     # save/load keeps the preset's dtypes and outputs
-    M.save_base(model, tok, str(tmp_path / "base"), "llava-1.5-7b")
-    loaded, tok2, preset = M.load_base(str(tmp_path / "base"), "llava-1.5-7b")
+    presets.save_base(model, tok, str(tmp_path / "base"), "llava-1.5-7b")
+    loaded, tok2, preset = presets.load_base(str(tmp_path / "base"), "llava-1.5-7b")
     assert preset == "llava-1.5-7b" and tok2.convert_tokens_to_ids(data.POSE_TOKEN) == model.config.pose_token_id
     assert loaded.pose_head.mlp[0].weight.dtype == torch.float32
     assert loaded.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
@@ -234,8 +235,8 @@ def test_llava_7b_save_load_forward_backward_lora_generate(built, tmp_path):
         _, again, _ = loaded.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     assert torch.equal(again.mean, ref.mean)
     # LoRA: float32 master weights, gradients through the bf16 autocast and gradient checkpointing
-    policy = M.apply_lora(loaded, rank=4)
-    M.enable_gradient_checkpointing(policy.get_base_model())
+    policy = presets.apply_lora(loaded, rank=4)
+    presets.enable_gradient_checkpointing(policy.get_base_model())
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -263,8 +264,8 @@ def test_llava_7b_save_load_forward_backward_lora_generate(built, tmp_path):
 
 def test_build_llava_7b_names_missing_assets(tmp_path):
     with pytest.raises(FileNotFoundError, match="--llava_path .*llava-hf/llava-1.5-7b-hf"):
-        M.build_llava_7b(str(tmp_path / "none"), str(tmp_path / "x.ckpt"))
+        presets.build_llava_7b(str(tmp_path / "none"), str(tmp_path / "x.ckpt"))
     os.makedirs(tmp_path / "l")
     (tmp_path / "l" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="--hmr2_ckpt .*4D-Humans"):
-        M.build_llava_7b(str(tmp_path / "l"), str(tmp_path / "x.ckpt"))
+        presets.build_llava_7b(str(tmp_path / "l"), str(tmp_path / "x.ckpt"))

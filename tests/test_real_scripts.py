@@ -12,8 +12,8 @@ import pytest
 from transformers import HfArgumentParser
 
 import body
-import model as M
 import posevit
+import presets
 import train_rft
 import train_sft
 from test_real_model import CLIP_SIZE, TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
@@ -139,7 +139,7 @@ def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
     rows = [json.loads(x) for x in (d / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["losses/total"]) for r in rows)
     assert (d / "sft" / "LATEST").read_text() == "step-000002"
-    base, _, _ = M.load_base(str(d / "sft" / "base"))
+    base, _, _ = presets.load_base(str(d / "sft" / "base"))
     assert base.num_image_tokens == (CLIP_SIZE // 14) ** 2 + 12 and base.config.compute_dtype == "bfloat16"
     train_rft.main(["--preset", "llava-1.5-7b", "--sft_dir", str(d / "sft"), "--out_dir", str(d / "rft"),
                     "--smpl_path", body.procedural_smpl_path(), "--reward_retriever", str(d / "retriever"),

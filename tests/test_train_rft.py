@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import data
 import posebench
+import presets
 import train_rft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def test_token_logprobs_are_those_of_the_sampling_policy(temperature, monkeypatc
     cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
     tok = data.tiny_tokenizer(cfg)
     torch.manual_seed(0)
-    policy = M.apply_lora(M.build_tiny(tok)).eval()
+    policy = presets.apply_lora(presets.build_tiny(tok)).eval()
     tasks = data.PoseBenchTasks("train", cfg, seed=0)
     args = train_rft.Args(temperature=temperature, max_new_tokens=8, group_size=2)
     scores, sample = [], M.sample

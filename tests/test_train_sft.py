@@ -16,6 +16,7 @@ import data
 import model as M
 import plumbing
 import posebench
+import presets
 import stage0
 import train_sft
 from evaluate import evaluate_policy
@@ -44,7 +45,7 @@ def test_sft_loss_matches_slow_reference(tok):
     torch.manual_seed(0)
     tasks = data.PoseBenchTasks("train", CFG, seed=0)
     b = data.collate([tasks[i] for i in range(6)], tok, 32)
-    m = M.build_tiny(tok, rank=2)
+    m = presets.build_tiny(tok, rank=2)
     logits, dist, _ = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     args = train_sft.Args(l2_6d_weight=0.5)
     n_tok, n_pose = 1000.0, 7.0  # global counts from other ranks
@@ -121,9 +122,9 @@ def test_smoke_run_and_exact_resume(tmp_path):
 
 def test_ddp_gradients_equal_one_process(tmp_path, tok):
     torch.manual_seed(0)
-    m = M.build_tiny(tok)
-    M.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
-    policy = M.apply_lora(copy.deepcopy(m))
+    m = presets.build_tiny(tok)
+    presets.save_base(m, tok, str(tmp_path / "run" / "base"), "tiny")
+    policy = presets.apply_lora(copy.deepcopy(m))
     with torch.no_grad():  # LoRA B starts at zero: give it values so every gradient is non-trivial
         for n, p in policy.named_parameters():
             if "lora_B" in n:
@@ -157,7 +158,7 @@ def test_torchrun_run_evaluates_the_model_it_saves(tmp_path):
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     logged = json.loads((out / "test_metrics.json").read_text())
-    policy, tokenizer, _ = M.load_policy(str(out), "tiny")
+    policy, tokenizer, _ = presets.load_policy(str(out), "tiny")
     again = evaluate_policy(policy.eval(), tokenizer, data.PoseBenchTasks("test", CFG, seed=0),
                             posebench.load_split("train", CFG), body.BodyModel(), "cpu", 16, n_generate=4)
     for k in ("image_to_pose/mpjpe_mm", "image_to_pose/pa_mpjpe_mm", "text_to_pose/mpjpe_mm"):
@@ -183,7 +184,7 @@ STAGE0 = dict(stage0_pose_epochs=10, stage0_clip_epochs=1, stage0_lm_steps=2, st
 
 def test_stage0_pose_vit_loss_falls(tok):
     torch.manual_seed(0)
-    base = M.build_tiny(tok)
+    base = presets.build_tiny(tok)
     args = train_sft.Args(**STAGE0)
     train, val = posebench.load_split("train", CFG), posebench.load_split("val", CFG)
     res, losses = stage0.pose_vit(base, train, {"val": val}, args, "cpu", lambda m: None)
@@ -198,9 +199,9 @@ def test_stage0_is_cached_and_invalidated(tok, capsys):
     another encoder configuration trains anew."""
     def call(cfg, **kw):
         tokenizer = data.tiny_tokenizer(cfg)
-        base = M.build_tiny(tokenizer, deterministic=kw.pop("deterministic", False))
+        base = presets.build_tiny(tokenizer, deterministic=kw.pop("deterministic", False))
         args = train_sft.Args(**{**STAGE0, **kw})
-        stage0.pretrain(base, lambda: M.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)
+        stage0.pretrain(base, lambda: presets.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)
         return capsys.readouterr().out, base.model.pose_tower.state_dict()
 
     out, w1 = call(CFG)
@@ -210,12 +211,12 @@ def test_stage0_is_cached_and_invalidated(tok, capsys):
     assert "stage 0: trained" in call(posebench.BenchConfig(n_train=40, n_val=16, n_test=40))[0]  # another benchmark
     assert "stage 0: trained" in call(CFG, stage0_readout="flatten")[0]  # another encoder recipe
     assert "stage 0: trained" in call(CFG, seed=1)[0]
-    old = M.TINY["pose_vit"]
+    old = presets.TINY["pose_vit"]
     try:  # another encoder architecture
-        M.TINY["pose_vit"] = {**old, "conv_stem": (16, 32, 64)}
+        presets.TINY["pose_vit"] = {**old, "conv_stem": (16, 32, 64)}
         assert "stage 0: trained" in call(CFG)[0]
     finally:
-        M.TINY["pose_vit"] = old
+        presets.TINY["pose_vit"] = old
 
 
 def test_stage0_lm_reads_no_val_or_test_caption():
@@ -303,7 +304,7 @@ def test_base_built_with_other_flags_is_refused(tmp_path):
 def test_stage0_parts_with_no_steps_leave_the_model_as_it_is(tok):
     """--stage0_clip_epochs 0 and --stage0_lm_steps 0 skip those parts (they crashed on an unbound loss)."""
     torch.manual_seed(0)
-    base = M.build_tiny(tok)
+    base = presets.build_tiny(tok)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     args = train_sft.Args(**{**STAGE0, "stage0_clip_epochs": 0.0, "stage0_lm_steps": 0})
     logged = []

@@ -59,6 +59,7 @@ import metrics
 import model as M
 import plumbing
 import posebench
+import presets
 import rewards as R
 import train_sft
 
@@ -267,7 +268,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    policy, tokenizer, step_dir = M.load_policy(args.sft_dir, args.preset)
+    policy, tokenizer, step_dir = presets.load_policy(args.sft_dir, args.preset)
     policy.eval()
     head = policy.get_base_model().pose_head
     if hasattr(head, "modules_to_save"):  # peft's wrapper: the trained copy

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import body
 import data
 import hygrpo
-import model as M
 import posebench
+import presets
 import rewards as R
 import train_rft
 
@@ -60,14 +60,14 @@ def bench(preset: str, args: Args) -> dict:
     if args.sft_dir:
         import checkpoint
 
-        sft, tok, _ = M.load_policy(args.sft_dir, preset, step_dir=checkpoint.run_step(args.sft_dir, "--sft_dir"))
+        sft, tok, _ = presets.load_policy(args.sft_dir, preset, step_dir=checkpoint.run_step(args.sft_dir, "--sft_dir"))
         base = sft.merge_and_unload()
     elif preset == "tiny":
         tok = data.tiny_tokenizer(cfg)
-        base = M.build_tiny(tok)
+        base = presets.build_tiny(tok)
     else:
-        base, tok = M.build_smol()
-    policy = M.apply_lora(base).to(device)
+        base, tok = presets.build_smol()
+    policy = presets.apply_lora(base).to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
     if args.reward_retriever:
         retriever = retrieval.load_retriever(args.reward_retriever, device)

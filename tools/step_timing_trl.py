@@ -4,8 +4,8 @@ Optional: needs `trl`, installed without touching torch, transformers or peft:
     pip install --no-deps -r requirements-trl.txt
 
 The same work on both sides:
-  - the tiny preset's model (model.build_tiny, data.tiny_tokenizer), fresh and with the same initial weights, with
-    the same LoRA (model.lora_config: ours through model.apply_lora, TRL's through its `peft_config`) but for one
+  - the tiny preset's model (presets.build_tiny, data.tiny_tokenizer), fresh and with the same initial weights, with
+    the same LoRA (presets.lora_config: ours through presets.apply_lora, TRL's through its `peft_config`) but for one
     row: TRL's log-probs go through its fused LM head, which reads `lm_head.weight` and `.bias` directly and fails
     on peft's trainable-token wrapper, so TRL's adapter leaves the LM head's `<POSE>` row frozen (ours trains it:
     a little more work on our side). The reference policy is the model with the adapter disabled on both sides;
@@ -56,8 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import body
 import data
 import hygrpo
-import model as M
 import posebench
+import presets
 import retrieval
 import rewards as R
 import train_rft
@@ -94,7 +94,7 @@ def trl_prompt(tok, sample: data.Sample) -> str:
 def our_step(tok, samples, args: Args):
     """Our step as tools/step_timing.py runs it, with --hybrid false: a function of the step's index -> its seconds by part."""
     torch.manual_seed(args.seed)
-    policy = M.apply_lora(M.build_tiny(tok))
+    policy = presets.apply_lora(presets.build_tiny(tok))
     params = [p for p in policy.parameters() if p.requires_grad]
     rft = train_rft.Args(hybrid=False, batch_size=args.batch_size, group_size=args.group_size,
                          max_new_tokens=args.max_new_tokens, beta=args.beta)
@@ -140,7 +140,7 @@ def run_trl(tok, samples, args: Args, after_step=None) -> list[dict]:
     dataset = Dataset.from_dict({"prompt": [trl_prompt(tok, s) for s in samples],
                                  "task": [s.task for s in samples], "answer": [s.answer for s in samples]})
     torch.manual_seed(args.seed)
-    base = M.build_tiny(tok)
+    base = presets.build_tiny(tok)
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"),  # required; nothing is written there
         per_device_train_batch_size=B * G, gradient_accumulation_steps=1, num_generations=G,
@@ -150,7 +150,7 @@ def run_trl(tok, samples, args: Args, after_step=None) -> list[dict]:
         max_steps=args.warmup + args.steps, shuffle_dataset=False, gradient_checkpointing=False, bf16=False,
         use_cpu=True, use_vllm=False, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, seed=args.seed, dataloader_num_workers=0)
-    lora = M.lora_config(base)  # ours, less the LM head's <POSE> row (the module docstring says why)
+    lora = presets.lora_config(base)  # ours, less the LM head's <POSE> row (the module docstring says why)
     lora.trainable_token_indices = {"embed_tokens": lora.trainable_token_indices["embed_tokens"]}
     trainer = GRPOTrainer(model=base, reward_funcs=format_reward, args=config, train_dataset=dataset,
                           processing_class=tok, peft_config=lora)
