@@ -1,17 +1,17 @@
 """Data: task samples, prompt/answer templates, the built-in benchmark's tasks, the tiny word-level
-tokenizer, collate. The paper's real datasets, read from local paths, are in realdata.py.
+tokenizer, collate. The paper's real datasets, read from local paths, are in realdata/.
 
 Pose-RFT (§4.1) trains on four kinds of data, turned into single-turn conversations:
 
-| paper source (§4.1)                                     | task here       | built-in (here) / real (realdata.py) |
+| paper source (§4.1)                                     | task here       | built-in (here) / real (realdata/)   |
 |---------------------------------------------------------|-----------------|--------------------------------------|
 | (1) text-pose: PoseScript                               | `text_to_pose`  | posebench captions / `PoseScript` |
 | (2) image-pose: Human3.6M, MPI-INF-3DHP, COCO, MPII;    | `image_to_pose` | posebench renders / `HMR2ImageDataset` |
-|     evaluated on 3DPW and Human3.6M                     |                 | (+ body.lsp14_* for the protocol) |
+|     evaluated on 3DPW and Human3.6M                     |                 | (+ metrics.lsp14_* for the protocol) |
 | (3) image-text: BEDLAM-Script                           | `vqa` (describe)| - / `BEDLAMScript`          |
 | (4) VQA: LLaVA-Instruct-150k                            | `vqa`           | posebench yes/no VQA / `LLaVAInstruct` |
 
-Pose as input (issue 21; UniPose, PoseLLaVA, PoseFix), built-in only, not in the default mixture:
+Pose as input (UniPose, PoseLLaVA, PoseFix), built-in only, not in the default mixture:
 
 | task            | input                                 | answer                                          |
 |-----------------|---------------------------------------|-------------------------------------------------|
@@ -53,7 +53,7 @@ Departures from the paper's data:
    cannot say a word the benchmark never uses); the paper uses LLaVA-1.5's Llama tokenizer.
 4. Image-to-pose targets the camera-frame global orientation (as HMR2.0 does);
    text-to-pose targets the canonical one (PoseScript's convention).
-5. Real data: see realdata.py.
+5. Real data: see realdata/
 
 Run:
     python data.py                    # build/load the tiny tokenizer, print one encoded sample per task

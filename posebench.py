@@ -18,7 +18,7 @@ difficulty: one input fits many poses.
   cropped around the person: depth is lost, as in a photo.
 - VQA: yes/no questions answered from posecodes ("Is the left hand above the head?" ->
   "Yes, the left hand is above the head.").
-- Pose editing (issue 21): pairs (A, B) within a split, B the nearest pose of A's archetype that
+- Pose editing: pairs (A, B) within a split, B the nearest pose of A's archetype that
   gains 1-4 posecodes, and instructions naming exactly the gained posecodes (`load_edits`, cached
   beside the split); `stated_codes` parses a caption or an instruction back to its posecodes.
 - Splits by pose, each from its own random stream (no pose is in two splits; the test split

@@ -9,7 +9,7 @@ HyGRPO (hygrpo.py) uses R_d = R_format + R_text for the text (R_text on the visi
 prompts only, where §3.3 applies it; a pose task's answer is a fixed template) and R_c = R_joint
 (image tasks) or R_semantic (text tasks) for the pose, each normalised within its group (Eq. 16).
 
-Pose as input (issue 21; ours, the paper has neither task):
+Pose as input (ours, the paper has neither task):
     pose_to_text  the text is the answer: R_d = R_format (a one-sentence caption) + R_caption (Eq. 8
                   turned around: the reward retriever's cos(phi_t(generated caption), phi_p(input pose)))
                   + R_posecode (the share of the caption's stated posecodes true of the input pose)

@@ -1,4 +1,4 @@
-"""Pose as input (issue 21): the pose encoder's tokens at the input-pose placeholder (shapes, the
+"""Pose as input: the pose encoder's tokens at the input-pose placeholder (shapes, the
 right positions, a changed pose changes the <POSE> state, gradients, generation), a prompt without
 a pose unchanged bit for bit, the extended tokenizer, the editing pairs and their instructions, the
 pose-to-text and editing samples, and collate."""

@@ -1,4 +1,4 @@
-"""metrics.py's pose-to-text and editing metrics (issue 21) against hand-computed cases and slow
+"""metrics.py's pose-to-text and editing metrics against hand-computed cases and slow
 references: BLEU-4, ROUGE-L, R-precision, posecode truth, pose R@K."""
 import math
 

@@ -1,4 +1,4 @@
-"""HyGRPO on the pose-input tasks (issue 21): their rewards (format, R_caption, R_posecode, Eq. 7
+"""HyGRPO on the pose-input tasks: their rewards (format, R_caption, R_posecode, Eq. 7
 against B) in train_rft.score, one HyGRPO step per task, and their evaluation."""
 import numpy as np
 import pytest

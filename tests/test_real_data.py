@@ -1,4 +1,4 @@
-"""realdata.py's loaders on small fixtures written in each dataset's real schema (PoseScript +
+"""realdata's loaders on small fixtures written in each dataset's real schema (PoseScript +
 AMASS, HMR2.0-style npz, BEDLAM-Script as PoseEmbroider writes it, LLaVA-Instruct-150k), their
 errors, the mixture, and body.py's HMR2.0 evaluation joints (14 LSP joints via a regressor)."""
 import json

@@ -334,7 +334,7 @@ def captioned_poses(n: int, seed: int):
     rng = np.random.default_rng(seed)
     _, _, aa = posebench.sample_poses(n, rng)
     aa[:, 22:] = 0  # SMPL+H and SMPL-X carry no SMPL hand joints
-    zup = body.matrix_to_axis_angle(torch.as_tensor(realdata._Y_UP.T @ body.axis_angle_to_matrix(
+    zup = body.matrix_to_axis_angle(torch.as_tensor(realdata.posescript._Y_UP.T @ body.axis_angle_to_matrix(
         torch.as_tensor(aa[:, 0])).numpy())).numpy()
     aa[:, 0] = realdata.text_pose_frame(zup)
     with torch.no_grad():
@@ -354,7 +354,7 @@ def turned(aa_y_up: np.ndarray, world: str, rng) -> np.ndarray:
     about_z = np.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(-1, 3, 3)
     about_y = np.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(-1, 3, 3)
     R = body.axis_angle_to_matrix(torch.as_tensor(aa_y_up[:, 0])).numpy()
-    R = about_z @ realdata._Y_UP.T @ R if world == "amass" else about_y @ R
+    R = about_z @ realdata.posescript._Y_UP.T @ R if world == "amass" else about_y @ R
     return body.matrix_to_axis_angle(torch.as_tensor(R)).numpy()
 
 
