@@ -86,6 +86,7 @@ import data
 import metrics
 import model as M
 import plumbing
+import posecodes
 import posebench
 import presets
 import realdata
@@ -320,7 +321,6 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     captions of the first `n_generate` poses of the split, the edited pose of its first `n` editing
     pairs (the head's mean, or a seeded sample as `predict_poses`). Sharded like `evaluate_policy`.
     Returns (metrics, {"pose_edit": {"index", "source", "pose6d"}, "answers": {"pose_to_text": [str]}})."""
-    import posebench
 
     rank, world = plumbing.rank_and_world()
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
@@ -337,8 +337,8 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     if samples:
         refs = [d.captions[i] for i in idx]
         res["pose_to_text/bleu4"], res["pose_to_text/rouge_l"] = bleu4(texts, refs), rouge_l(texts, refs)
-        res["pose_to_text/posecode_truth"] = posecode_truth([posebench.stated_codes(t) for t in texts], d.codes[idx],
-                                                            posebench.CODE_NAMES)
+        res["pose_to_text/posecode_truth"] = posecode_truth([posecodes.stated_codes(t) for t in texts], d.codes[idx],
+                                                            posecodes.CODE_NAMES)
         res["pose_to_text/format_valid"] = R.format_reward(texts, ["pose_to_text"] * len(texts)).mean().item()
     poses = torch.as_tensor(np.stack([s.pose_input for s in samples])).reshape(len(samples), -1) if samples else None
     for name, r in retrievers.items():
@@ -368,8 +368,8 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
                 "pose_edit/copy_a_mpjpe_mm": mpjpe_mm(copy_a, gt).mean().item(),
                 "pose_edit/copy_a_pa_mpjpe_mm": pa_mpjpe_mm(copy_a, gt).mean().item(),
                 "pose_edit/posecode_truth": posecode_truth(
-                    [posebench.stated_codes(s.text, "edit") for s in samples],
-                    posebench.posecodes(pred.double().numpy()), posebench.CODE_NAMES)})
+                    [posecodes.stated_codes(s.text, "edit") for s in samples],
+                    posecodes.posecodes(pred.double().numpy()), posecodes.CODE_NAMES)})
     true_b = torch.as_tensor(np.stack([s.pose6d for s in samples])).reshape(len(samples), -1).to(device)
     pose_a = torch.as_tensor(np.stack([s.pose_input for s in samples])).reshape(len(samples), -1).to(device)
     for name, r in retrievers.items():

@@ -263,7 +263,7 @@ def root_error_deg(pred_rot: ArrayLike, gt_rot: ArrayLike) -> torch.Tensor:
 
 
 def gross_state(joints: ArrayLike) -> np.ndarray:
-    """The body's gross state by the benchmark's posecodes (posebench.posecodes): 0 upright (spine
+    """The body's gross state by the benchmark's posecodes (posecodes.posecodes): 0 upright (spine
     within 20 degrees of vertical), 2 lying (beyond 65), 1 in between (leaning, bending).
 
     Args:
@@ -273,13 +273,13 @@ def gross_state(joints: ArrayLike) -> np.ndarray:
     Returns:
         (N,) int array.
     """
-    import posebench
+    import posecodes
 
     j = _to_tensor("gross_state", "joints", joints)
     if j.dim() != 3 or j.shape[1:] != (body.NUM_JOINTS, 3):
         raise ValueError(f"gross_state: joints must be (N, {body.NUM_JOINTS}, 3), got {_shape(j)}")
-    codes = posebench.posecodes(j.double().cpu().numpy())
-    upright, lying = (codes[:, posebench.CODE_NAMES.index(c)] for c in ("upright", "lying"))
+    codes = posecodes.posecodes(j.double().cpu().numpy())
+    upright, lying = (codes[:, posecodes.CODE_NAMES.index(c)] for c in ("upright", "lying"))
     return np.where(upright, 0, np.where(lying, 2, 1))
 
 
@@ -511,8 +511,8 @@ def posecode_truth(stated: list, codes: ArrayLike, code_names: Iterable[str]) ->
     text's pose, over the number of stated codes (a micro-average); None if no text states any.
 
     Args:
-        stated: N lists of posecode names (posebench.stated_codes of each text).
-        codes: (N, C) bool, each pose's posecodes (posebench.posecodes), columns in `code_names` order.
+        stated: N lists of posecode names (posecodes.stated_codes of each text).
+        codes: (N, C) bool, each pose's posecodes (posecodes.posecodes), columns in `code_names` order.
     """
     codes = np.asarray(codes, dtype=bool)
     col = {c: i for i, c in enumerate(code_names)}

@@ -94,6 +94,7 @@ from torch import nn
 import body
 import checkpoint
 import metrics
+import posecodes
 import posebench
 import realdata
 import sentences
@@ -462,7 +463,7 @@ def recall_table(sim: torch.Tensor, n_repeats: int = 10) -> dict:
 def posecode_oracle_recall(split: posebench.PoseBenchSplit, ks=(5, 10, 20)) -> dict:
     """Expected full-protocol T2P Recall@K (%) of an oracle that knows which poses satisfy every posecode of
     each pose's first caption and ranks those poses in random order: the ceiling set by caption ambiguity."""
-    col = {c: i for i, c in enumerate(posebench.CODE_NAMES)}
+    col = {c: i for i, c in enumerate(posecodes.CODE_NAMES)}
     required = np.zeros((len(split), len(col)), np.int32)  # (N, C) codes each first caption states
     for i, codes in enumerate(split.caption_codes):
         required[i, [col[c] for c in codes[0]]] = 1

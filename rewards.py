@@ -157,22 +157,23 @@ def text_reward(completions: Sequence[str], references: Sequence[str], similarit
 
 
 def posecode_reward(stated: Sequence[Sequence[str]], codes) -> torch.Tensor:
-    """R_posecode: per text, the share of the posecodes it states (posebench.stated_codes) that are
+    """R_posecode: per text, the share of the posecodes it states (posecodes.stated_codes) that are
     true of its pose; 0 for a text that states none (it says nothing checkable).
 
     Args:
-        stated: N lists of posecode names. codes: (N, C) bool posecodes (posebench.posecodes),
-            columns in posebench.CODE_NAMES order.
+        stated: N lists of posecode names. codes: (N, C) bool posecodes (posecodes.posecodes),
+            columns in posecodes.CODE_NAMES order.
     Returns:
         (N,) in [0, 1].
     """
     import numpy as np
 
-    import posebench
+    import posecodes
+
 
     codes = np.asarray(codes, dtype=bool)
-    if codes.shape != (len(stated), len(posebench.CODE_NAMES)):
+    if codes.shape != (len(stated), len(posecodes.CODE_NAMES)):
         raise ValueError(f"posecode_reward: codes of shape {codes.shape}, expected ({len(stated)}, "
-                         f"{len(posebench.CODE_NAMES)})")
-    col = {c: i for i, c in enumerate(posebench.CODE_NAMES)}
+                         f"{len(posecodes.CODE_NAMES)})")
+    col = {c: i for i, c in enumerate(posecodes.CODE_NAMES)}
     return torch.tensor([float(np.mean([codes[i, col[c]] for c in s])) if s else 0.0 for i, s in enumerate(stated)])

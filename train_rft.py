@@ -96,6 +96,7 @@ import data
 import hygrpo
 import model as M
 import plumbing
+import posecodes
 import posebench
 import presets
 import realdata
@@ -306,8 +307,7 @@ def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where:
     R_caption (pose_to_text: the reward retriever's cos of the generated caption and the input pose)
     and R_posecode (pose_to_text: share of the caption's stated posecodes true of the input pose;
     pose_edit: share of the instruction's posecodes true of the sampled pose, on the rows `edit_scored`).
-    Posecodes are measured on the body model's joints of the pose (posebench.posecodes)."""
-    import posebench
+    Posecodes are measured on the body model's joints of the pose (posecodes.posecodes)."""
 
     n = len(samples)
     r["caption"], r["posecode"] = torch.zeros(n), torch.zeros(n)
@@ -315,17 +315,17 @@ def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where:
 
     def codes_of(pose6d):  # (M, P) -> (M, C) posecodes of the pose's canonical joints
         j = bodymodel.forward_rot6d(pose6d.float().to(bodymodel.device)).joints
-        return posebench.posecodes((j - j[:, :1]).double().cpu().numpy())
+        return posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
 
     if describe.any():
         idx = torch.nonzero(describe).flatten().tolist()
         texts = [ro.texts[i] if ro.texts[i].strip() else "." for i in idx]
         poses = torch.as_tensor(np.stack([samples[i].pose_input for i in idx])).reshape(len(idx), -1)
         r["caption"][idx] = R.semantic_reward(texts, poses, retriever).float().cpu()
-        r["posecode"][idx] = R.posecode_reward([posebench.stated_codes(t) for t in texts], codes_of(poses))
+        r["posecode"][idx] = R.posecode_reward([posecodes.stated_codes(t) for t in texts], codes_of(poses))
     if edit_scored.any():
         idx = torch.nonzero(edit_scored).flatten().tolist()
-        stated = [posebench.stated_codes(samples[i].text, "edit") for i in idx]
+        stated = [posecodes.stated_codes(samples[i].text, "edit") for i in idx]
         r["posecode"][idx] = R.posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
 
 

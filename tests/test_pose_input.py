@@ -5,9 +5,11 @@ pose-to-text and editing samples, and collate."""
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import data
 import model as M
+import posecodes
 import posebench as pb
 import presets
 from test_model import force_pose
@@ -26,7 +28,7 @@ def ds():
 
 
 def tiny(tok, seed=0, **overrides):
-    cfg = presets.build_config(M.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    cfg = presets.build_config(transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **presets.TINY["lm"]),
                          tok, image_size=32)
     for k, v in overrides.items():
@@ -233,12 +235,12 @@ def test_edit_pairs_and_instructions_are_consistent(split):
     assert len(e) > 0 and len(set(e.source.tolist())) == len(e)
     for a, b, codes, texts in zip(e.source, e.target, e.codes, e.instructions):
         assert a != b and d.archetype[a] == d.archetype[b]
-        assert 1 <= len(codes) <= pb.EDIT_MAX_CODES
-        col = [pb.CODE_NAMES.index(c) for c in codes]
+        assert 1 <= len(codes) <= posecodes.EDIT_MAX_CODES
+        col = [posecodes.CODE_NAMES.index(c) for c in codes]
         assert not d.codes[a, col].any() and d.codes[b, col].all()  # every named posecode: false of A, true of B
-        assert set(codes) == {pb.CODE_NAMES[c] for c in np.flatnonzero(d.codes[b] & ~d.codes[a])}
+        assert set(codes) == {posecodes.CODE_NAMES[c] for c in np.flatnonzero(d.codes[b] & ~d.codes[a])}
         for t in texts:
-            assert sorted(pb.stated_codes(t, "edit")) == sorted(codes) and t.endswith(".") and t[0].isupper()
+            assert sorted(posecodes.stated_codes(t, "edit")) == sorted(codes) and t.endswith(".") and t[0].isupper()
     # B is the nearest candidate (slow reference: every pose of the split)
     for a, b in zip(e.source[:10], e.target[:10]):
         gained = (d.codes & ~d.codes[a]).sum(1)
@@ -253,10 +255,10 @@ def test_every_caption_parses_to_its_posecodes():
     d = pb.load_split("val", CFG)
     for caps, used in zip(d.captions, d.caption_codes):
         for c, u in zip(caps, used):
-            assert sorted(pb.stated_codes(c)) == sorted(u)
-    assert pb.stated_codes("The left hand is raised over the head and the left hand is raised.") == [
+            assert sorted(posecodes.stated_codes(c)) == sorted(u)
+    assert posecodes.stated_codes("The left hand is raised over the head and the left hand is raised.") == [
         "left_hand_above_head", "left_hand_raised"]  # the longer phrase first, each code once
-    assert pb.stated_codes("Nothing to see here.") == []
+    assert posecodes.stated_codes("Nothing to see here.") == []
 
 
 def test_pose_input_samples(ds):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import body
+import posecodes
 import posebench as pb
 import render
 
@@ -25,7 +26,7 @@ def splits():
 
 def slow_codes(J: np.ndarray) -> set:
     """The posecodes of one pose (24, 3), written out one statement at a time with math."""
-    t = pb.THRESH
+    t = posecodes.THRESH
     P = {n: J[i] for i, n in enumerate(body.SMPL_JOINT_NAMES)}
 
     def dist(a, b):
@@ -83,7 +84,7 @@ def slow_codes(J: np.ndarray) -> set:
 def test_posecodes_match_slow_reference(splits):
     test = splits["test"]
     for i in range(len(test)):
-        fast = {c for c, v in zip(pb.CODE_NAMES, test.codes[i]) if v}
+        fast = {c for c, v in zip(posecodes.CODE_NAMES, test.codes[i]) if v}
         assert fast == slow_codes(test.joints[i].astype(np.float64)), i
 
 
@@ -95,7 +96,7 @@ def test_every_caption_and_vqa_answer_holds_for_its_pose(splits):
             for text, used in zip(split.captions[i], split.caption_codes[i]):
                 assert set(used) <= truth, (split.name, i, text)
                 for c in used:  # the caption says each of its posecodes, in one of its phrasings
-                    assert any(v.lower() in text.lower() for v in pb.CODE_TEXT[c][0]), (text, c)
+                    assert any(v.lower() in text.lower() for v in posecodes.CODE_TEXT[c][0]), (text, c)
             for qa in split.vqa[i]:
                 assert qa["value"] == (qa["code"] in truth)
                 assert qa["answer"].startswith("Yes" if qa["value"] else "No")

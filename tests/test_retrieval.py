@@ -16,6 +16,7 @@ import torch
 
 import body
 import plumbing
+import posecodes
 import posebench
 import retrieval as R
 import sentences
@@ -340,7 +341,7 @@ def captioned_poses(n: int, seed: int):
     with torch.no_grad():
         j = body.BodyModel()(torch.as_tensor(aa[:, 0], dtype=torch.float32),
                              torch.as_tensor(aa[:, 1:], dtype=torch.float32)).joints.numpy()
-    captions, _ = posebench.make_captions(posebench.posecodes(j - j[:, :1]), 3, rng)
+    captions, _ = posecodes.make_captions(posecodes.posecodes(j - j[:, :1]), 3, rng)
     return aa, captions
 
 
