@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import figures
 import evaluate as E
 import plumbing
 import posebench
@@ -155,9 +156,9 @@ def test_runner_reruns_changed_and_stale_stages(tmp_path):
 def test_figure4_aligns_seeds_by_step():
     """A seed that skipped a logging step (NaN rewards) is compared step by step, not row by row."""
     rows = lambda steps, v: [{"step": t, "rewards/joint": v * t, "rewards/semantic": None} for t in steps]  # noqa: E731
-    steps, vals = report.seed_curves([rows([1, 2, 3, 4], 1.0), rows([1, 3, 4], 2.0)], "joint")
+    steps, vals = figures.seed_curves([rows([1, 2, 3, 4], 1.0), rows([1, 3, 4], 2.0)], "joint")
     assert steps.tolist() == [1, 3, 4] and vals.tolist() == [[1.0, 3.0, 4.0], [2.0, 6.0, 8.0]]
-    assert np.isnan(report.seed_curves([rows([1], 1.0)], "semantic")[1]).all()
+    assert np.isnan(figures.seed_curves([rows([1], 1.0)], "semantic")[1]).all()
 
 
 def test_runner_never_takes_a_failed_rerun_for_complete(tmp_path):
