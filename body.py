@@ -530,7 +530,8 @@ class BodyModel(torch.nn.Module):
         else:
             betas = check_tensor(betas, "betas", (NUM_BETAS,), "BodyModel.forward")
             if betas.dim() != 2 or betas.shape[0] != B:
-                raise ValueError(f"BodyModel.forward: betas has shape {tuple(betas.shape)}, expected ({B}, {NUM_BETAS})")
+                raise ValueError(f"BodyModel.forward: betas has shape {tuple(betas.shape)}, "
+                                 f"expected ({B}, {NUM_BETAS})")
         out = self.smpl(global_orient=go.to(dtype), body_pose=bp.to(dtype), betas=betas.to(dtype), pose2rot=False)
         return BodyOutput(joints=out.joints[:, :NUM_JOINTS], vertices=out.vertices)
 

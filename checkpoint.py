@@ -166,8 +166,8 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
     train_state.pt for --resume). Stops naming each damaged file and the fix. Resuming over a damaged
     latest step (or a LATEST that names none) goes on from the newest intact step before it, saying so."""
     if not os.path.isdir(os.path.join(run_dir, "base")):
-        raise SystemExit(f"{flag} {run_dir}: " + ("no such directory" if not os.path.isdir(run_dir) else "no base/ in it")
-                         + "; point it at a run of train_sft.py or train_rft.py (its --out_dir)")
+        what = "no such directory" if not os.path.isdir(run_dir) else "no base/ in it"
+        raise SystemExit(f"{flag} {run_dir}: {what}; point it at a run of train_sft.py or train_rft.py (its --out_dir)")
     base = base_problems(os.path.join(run_dir, "base"))
     if base:
         raise SystemExit(f"{flag} {run_dir}: its base model is damaged: {'; '.join(base)}. Restore base/ from a copy, "
@@ -188,8 +188,8 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
         what = f"its latest checkpoint {name} is damaged: {'; '.join(why)}"
     else:
         what = f"{latest} holds {name[:40]!r}, not the name of a step directory such as step-000100"
-    steps = sorted((d for d in os.listdir(run_dir) if STEP_NAME.fullmatch(d) and (d < name or not STEP_NAME.fullmatch(name))),
-                   reverse=True)
+    before = lambda d: d < name or not STEP_NAME.fullmatch(name)  # noqa: E731 - older than the damaged step
+    steps = sorted((d for d in os.listdir(run_dir) if STEP_NAME.fullmatch(d) and before(d)), reverse=True)
     earlier = next((d for d in steps if not step_problems(os.path.join(run_dir, d), resume)), None)
     if resume and earlier:
         print(f"resume: {what}; resuming from {earlier}, the newest intact checkpoint before it")
@@ -205,8 +205,8 @@ def load_train_state(step_dir: str, map_location=None) -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch reports a damaged archive as RuntimeError, EOFError, UnpicklingError, ...
-        raise SystemExit(f"{path} does not load ({type(e).__name__}: {str(e)[:200]}): truncated or corrupt; "
-                         "resume from an earlier step (write its name into the run's LATEST) or start a new run") from None
+        raise SystemExit(f"{path} does not load ({type(e).__name__}: {str(e)[:200]}): truncated or corrupt; resume "
+                         "from an earlier step (write its name into the run's LATEST) or start a new run") from None
 
 
 def last_good(out_dir: str) -> str:
@@ -368,9 +368,9 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         if not _no_space(e, out_dir):
             raise
-        raise SystemExit(f"no space left on the device of {out_dir} while writing {getattr(e, 'filename', None) or final} "
-                         f"({e}); step {step} was not saved, {last_good(out_dir)}. Free space there and rerun with "
-                         "--resume") from None
+        where = getattr(e, "filename", None) or final
+        raise SystemExit(f"no space left on the device of {out_dir} while writing {where} ({e}); step {step} was not "
+                         f"saved, {last_good(out_dir)}. Free space there and rerun with --resume") from None
     return final
 
 

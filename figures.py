@@ -35,13 +35,15 @@ def seed_curves(seeds: list, name: str):
     for NaN rewards in one seed is left out of all); NaN where the reward was not measured."""
     by_step = [{r["step"]: r for r in rows} for rows in seeds]
     steps = sorted(set.intersection(*(set(b) for b in by_step)))
-    vals = [[np.nan if b[t].get(f"rewards/{name}") is None else b[t][f"rewards/{name}"] for t in steps] for b in by_step]
+    key = f"rewards/{name}"
+    vals = [[np.nan if b[t].get(key) is None else b[t][key] for t in steps] for b in by_step]
     return np.array(steps), np.array(vals, dtype=float).reshape(len(seeds), len(steps))
 
 
 def plot_figure4(curves: dict, png: str, names=("joint", "semantic", "format", "text")) -> None:
     """Figure 4: reward curves of GRPO vs HyGRPO. curves {label: [rows of each seed]} -> PNG, one panel
-    per reward of `names` (the paper's four, rewards.REWARD_NAMES): the moving average over a tenth of the run, mean over seeds with a ± std band."""
+    per reward of `names` (the paper's four, rewards.REWARD_NAMES): the moving average over a tenth of the
+    run, mean over seeds with a ± std band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

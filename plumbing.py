@@ -64,7 +64,8 @@ def setup_distributed():
         local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if backend == "nccl" and local_rank >= gpus:
             raise SystemExit(f"torchrun started local rank {local_rank} but this node has {gpus} GPU(s): pass "
-                             f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on CPU (gloo)")
+                             f"--nproc_per_node={gpus} (one process per GPU), or CUDA_VISIBLE_DEVICES= to run on "
+                             "CPU (gloo)")
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")

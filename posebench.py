@@ -263,7 +263,8 @@ def make_edits(split: PoseBenchSplit, k: int, seed: int) -> PoseEdits:
     for a in src:
         gained = [posecodes.CODE_NAMES[c] for c in np.flatnonzero(split.codes[pairs[a]] & ~split.codes[a])]
         codes.append(gained)
-        texts.append([posecodes.join_clauses([posecodes.EDIT_TEXT[c][int(rng.integers(len(posecodes.EDIT_TEXT[c])))] for c in gained])
+        wordings = [posecodes.EDIT_TEXT[c] for c in gained]
+        texts.append([posecodes.join_clauses([w[int(rng.integers(len(w)))] for w in wordings])
                       for _ in range(k)])
     return PoseEdits(source=src, target=pairs[src], codes=codes, instructions=texts)
 
@@ -401,7 +402,8 @@ def build(cfg: BenchConfig, force: bool = False) -> str:
                 with open(os.path.join(tmp, f"{split}_text.json"), "w") as fh:
                     json.dump(d.pop("text"), fh)
                 np.savez(os.path.join(tmp, f"{split}.npz"), **d)
-        meta = {"config": dataclasses.asdict(cfg), "version": POSEBENCH_VERSION, "code_names": list(posecodes.CODE_NAMES),
+        meta = {"config": dataclasses.asdict(cfg), "version": POSEBENCH_VERSION,
+                "code_names": list(posecodes.CODE_NAMES),
                 "archetype_names": list(ARCHETYPE_NAMES), "build_seconds": round(time.time() - t0, 1)}
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
@@ -515,7 +517,8 @@ def main(argv=None):
           f"(median {np.median(amb):.0f}, {100 * amb.mean() / len(test):.1f} % of the split); "
           f"{100 * (amb == 1).mean():.1f} % of captions fit only their own pose")
     freq = test.codes.mean(0)
-    print("  posecode frequency (test): " + ", ".join(f"{c} {100 * f:.0f}%" for c, f in zip(posecodes.CODE_NAMES, freq)))
+    shares = ", ".join(f"{c} {100 * f:.0f}%" for c, f in zip(posecodes.CODE_NAMES, freq))
+    print(f"  posecode frequency (test): {shares}")
     if args.preview:
         print(f"  preview: {write_preview(test, args.preview)}")
 

@@ -514,10 +514,10 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(Args, description=__doc__).parse_args_into_dataclasses(args=argv)
-    checkpoint.check_flags(args, "retrieval.py", dict(epochs=1, batch_size=1, num_threads=1, embed_dim=1, hidden_dim=1,
-                                                      encode_batch_size=1, captions_per_pose_train=1, n_train=1,
-                                                      n_test=1, n_val=1, random_protocol_repeats=0, weight_decay=0.0,
-                                                      dropout=0.0), positive=("lr", "logit_scale_init", "logit_scale_max"))
+    at_least = dict(epochs=1, batch_size=1, num_threads=1, embed_dim=1, hidden_dim=1, encode_batch_size=1,
+                    captions_per_pose_train=1, n_train=1, n_test=1, n_val=1, random_protocol_repeats=0,
+                    weight_decay=0.0, dropout=0.0)
+    checkpoint.check_flags(args, "retrieval.py", at_least, positive=("lr", "logit_scale_init", "logit_scale_max"))
     if bool(args.posescript_dir) != bool(args.amass_dir):
         raise SystemExit("retrieval.py: --posescript_dir and --amass_dir go together (PoseScript's captions name AMASS "
                          "poses); give both, or neither for posebench")
@@ -540,7 +540,8 @@ def main(argv=None):
         print(f"  benchmark {bench_key} (train {bench.n_train}, test {bench.n_test})")
         train = posebench.load_split("train", bench)
         # Frozen text side: every caption encoded once (cached on disk for the next run).
-        train_sent, train_index = sentences.caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)  # (U,E) (N,K)
+        # (U, E) sentence embeddings, (N, K) rows of each pose's captions
+        train_sent, train_index = sentences.caption_embeddings(train, bench_key, args.captions_per_pose_train, **enc)
         train_action = action_from_axis_angle(train.pose_aa)  # (N, J, 6)
         features = {"rot6d": lambda sl: pose_features(train_action[sl], "rot6d"),
                     "joints": lambda sl: pose_features(torch.as_tensor(train.joints[sl]), "joints")}  # stored joints

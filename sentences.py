@@ -102,7 +102,8 @@ def caption_embeddings(split: posebench.PoseBenchSplit, bench_key: str, captions
         raise ValueError(f"caption_embeddings: captions_per_pose must be in 1..{k_max}, got {K}")
     path = os.path.join(plumbing.cache_dir(), "retrieval",
                         f"{bench_key}-{split.name}-k{K}-{encoder_identity(text_encoder, bf16)}.npz")
-    return _cached_embeddings([c[:K] for c in split.captions], path, split.name, text_encoder, bf16, batch_size, progress)
+    caps = [c[:K] for c in split.captions]
+    return _cached_embeddings(caps, path, split.name, text_encoder, bf16, batch_size, progress)
 
 
 def text_embeddings(captions: list, name: str, text_encoder: str = "", bf16: bool = True, batch_size: int = 128,
@@ -111,7 +112,8 @@ def text_embeddings(captions: list, name: str, text_encoder: str = "", bf16: boo
     keyed by `name`, a hash of the captions and `encoder_identity`. Returns emb (U, E) and index (N, K),
     K the most captions of a pose, -1 past a pose's own."""
     digest = hashlib.sha1(json.dumps(captions).encode()).hexdigest()[:12]
-    path = os.path.join(plumbing.cache_dir(), "retrieval", f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
+    path = os.path.join(plumbing.cache_dir(), "retrieval",
+                        f"{name}-{digest}-{encoder_identity(text_encoder, bf16)}.npz")
     return _cached_embeddings(captions, path, name, text_encoder, bf16, batch_size, progress)
 
 

@@ -134,7 +134,8 @@ def clip(model, train, tokenizer, args, device, log):
         loss.backward()
         opt.step()
     if steps:  # (0 epochs: the tower stays as initialised)
-        log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": (logits.argmax(1) == labels).float().mean().item()})
+        top1 = (logits.argmax(1) == labels).float().mean().item()
+        log({"stage0/clip_loss": loss.item(), "stage0/clip_batch_top1": top1})
 
 
 def lm_texts(cfg: posebench.BenchConfig) -> list:

@@ -24,7 +24,8 @@ def metric_keys(retrievers: Iterable[str] = ("eval", "reward")) -> list:
     for task in data.POSE_TASKS:
         keys += [f"{task}/mpjpe_mm", f"{task}/pa_mpjpe_mm", f"{task}/root_error_deg", f"{task}/gross_state_correct"]
     for r in retrievers:
-        keys += [f"text_to_pose/{r}_retriever/{p}/R{d}@{k}" for p in PROTOCOLS for d in DIRECTIONS for k in RETRIEVAL_KS]
+        keys += [f"text_to_pose/{r}_retriever/{p}/R{d}@{k}"
+                 for p in PROTOCOLS for d in DIRECTIONS for k in RETRIEVAL_KS]
     keys += [f"{t}/format_valid" for t in data.TASKS] + [f"{t}/answer_similarity" for t in data.TASKS]
     keys += ["vqa/yes_no_accuracy"]
     for task in data.POSE_TASKS:

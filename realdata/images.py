@@ -83,7 +83,8 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, name: str, npz_path: str, img_dir: str, image_size: int = 336, bodymodel=None,
                  scale_in_200px: bool = False, seed: int = 0, require_pose: bool = True):
-        self.name, self.npz_path, self.image_size, self.bodymodel, self.seed = name, npz_path, image_size, bodymodel, seed
+        self.name, self.npz_path, self.image_size = name, npz_path, image_size
+        self.bodymodel, self.seed = bodymodel, seed
         _need(name, npz_path, "annotation file", HMR2_DATA_SOURCE)
         self.img_dir = _need(name, img_dir, "image directory", HMR2_DATA_SOURCE)
         with _load_npz(name, npz_path, "annotation file", HMR2_DATA_SOURCE) as z:
@@ -169,7 +170,8 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
                 or not (self.box_wh[r] > 0).all():
             raise DataFormatError(f"{_where(self.name, self.npz_path, r)} ({rel}): non-finite pose or center, or a "
                                   f"box size <= 0 ({self.box_wh[r]})")
-        image = _load_rgb(self.name, os.path.join(self.img_dir, rel), f"record {r} of {self.npz_path}", HMR2_DATA_SOURCE)
+        image = _load_rgb(self.name, os.path.join(self.img_dir, rel), f"record {r} of {self.npz_path}",
+                          HMR2_DATA_SOURCE)
         crop = crop_person(image, a["center"][r], self.box_wh[r], self.image_size)
         pose6d = joints = None
         if pose is not None:
@@ -300,8 +302,9 @@ class BEDLAMScript(torch.utils.data.Dataset):
                 self.items.append((img, human, _checked_captions(self.NAME, cap_path, key, list(texts), cut)))
                 data_id += 1
         if not self.items:
-            raise DataFormatError(f"{self.NAME}: {sel_path} selects no human" + (
-                "" if captioned is None else f" among the {len(captioned)} data ids {os.path.basename(cap_path)} describes"))
+            among = "" if captioned is None else \
+                f" among the {len(captioned)} data ids {os.path.basename(cap_path)} describes"
+            raise DataFormatError(f"{self.NAME}: {sel_path} selects no human{among}")
         if isinstance(caps, dict) and len(caps) != len(self.items):
             raise DataFormatError(f"{_where(self.NAME, cap_path)}: {len(caps)} captioned humans, but the selection "
                                   f"and farther sampling give {len(self.items)}; the files come from different runs")
@@ -323,8 +326,8 @@ class BEDLAMScript(torch.utils.data.Dataset):
         for i, (img, human, _) in enumerate(self.items):
             if np.size(human.get("smplx_global_orient", ())) != 3:
                 raise DataFormatError(f"{_where(self.NAME, self.ann_path, img)}: captioned human {i} has no "
-                                      "smplx_global_orient (3 values); the text-to-pose pose needs the world orientation "
-                                      f"that {BEDLAM_SCRIPT_SOURCE} (step 2) writes")
+                                      "smplx_global_orient (3 values); the text-to-pose pose needs the world "
+                                      f"orientation that {BEDLAM_SCRIPT_SOURCE} (step 2) writes")
             orient = _Y_UP.T @ body.axis_angle_to_matrix(torch.as_tensor(
                 np.asarray(human["smplx_global_orient"], dtype=np.float64).reshape(1, 3))).numpy()[0]
             out[i, 0] = text_pose_frame(body.matrix_to_axis_angle(torch.as_tensor(orient[None])).numpy())[0]
@@ -350,7 +353,8 @@ class BEDLAMScript(torch.utils.data.Dataset):
             image = np.asarray(Image.fromarray(image).transpose(Image.Transpose.ROTATE_270))
         x1, y1, x2, y2 = np.asarray(human["smplx_tight_bbox"], dtype=np.float64)
         pad = (self.scale_factor - 1) * np.hypot(x2 - x1, y2 - y1) / 2  # PoseEmbroider's get_scaled_bbox margin
-        crop = crop_person(image, ((x1 + x2) / 2, (y1 + y2) / 2), (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad), self.image_size)
+        centre, size = ((x1 + x2) / 2, (y1 + y2) / 2), (x2 - x1 + 2 * pad, y2 - y1 + 2 * pad)
+        crop = crop_person(image, centre, size, self.image_size)
         text = texts[caption]
         if self.task == "describe":
             return Sample("vqa", DESCRIBE_PROMPT, text, image=crop, index=i, text=DESCRIBE_PROMPT.split("\n", 1)[1])

@@ -40,7 +40,8 @@ class LLaVAInstruct(torch.utils.data.Dataset):
             for t in range(0, len(conv), 2):
                 q, a = conv[t], conv[t + 1]
                 if not (isinstance(q, dict) and isinstance(a, dict) and q.get("from") == "human"
-                        and a.get("from") == "gpt" and isinstance(q.get("value"), str) and isinstance(a.get("value"), str)):
+                        and a.get("from") == "gpt" and isinstance(q.get("value"), str)
+                        and isinstance(a.get("value"), str)):
                     raise DataFormatError(f"{_where(self.NAME, json_path, rid)}: turn {t} is not a human/gpt pair "
                                           f"with string values; expected {schema}")
                 if not isinstance(rec.get("image", ""), str):
@@ -57,7 +58,8 @@ class LLaVAInstruct(torch.utils.data.Dataset):
     def preflight(self) -> list:
         """Problems of the images of IMAGE_SAMPLE records spread over those that name one: missing files."""
         named = [(k, image) for k, image, _, _ in self.turns if image is not None]
-        return _missing_images(self.NAME, self.image_dir, [named[i] for i in _spread(len(named))], LLAVA_INSTRUCT_SOURCE)
+        sample = [named[i] for i in _spread(len(named))]
+        return _missing_images(self.NAME, self.image_dir, sample, LLAVA_INSTRUCT_SOURCE)
 
     def draw(self, i: int, rng: np.random.Generator) -> Sample:
         """Turn i (nothing to draw: `Mixture`'s interface)."""

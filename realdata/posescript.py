@@ -178,8 +178,9 @@ class PoseScript(torch.utils.data.Dataset):
                 continue
             bad = [(pid, f) for pid, f in asked if not 0 <= f < shape[0]]
             if bad:
-                problems.append(f"{_where(self.NAME, path, bad[0][0])}: frame {bad[0][1]} out of range for {shape[0]} "
-                                f"frames ({len(bad)} pose(s)); the release and the AMASS files are of different versions")
+                problems.append(f"{_where(self.NAME, path, bad[0][0])}: frame {bad[0][1]} out of range for "
+                                f"{shape[0]} frames ({len(bad)} pose(s)); the release and the AMASS files are of "
+                                "different versions")
         return problems
 
     def pose_aa(self, i: int) -> np.ndarray:
@@ -218,7 +219,8 @@ class PoseScript(torch.utils.data.Dataset):
 
     def draw(self, i: int, rng: np.random.Generator) -> Sample:
         """Pose i with a caption and a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
-        return self.sample(int(i), int(rng.integers(len(self.captions[i]))), int(rng.integers(len(PROMPTS["text_to_pose"]))))
+        caption = int(rng.integers(len(self.captions[i])))
+        return self.sample(int(i), caption, int(rng.integers(len(PROMPTS["text_to_pose"]))))
 
     def sample(self, i: int, caption: int = 0, paraphrase: int = 0) -> Sample:
         """Pose i with its caption `caption`, in prompt paraphrase `paraphrase`."""

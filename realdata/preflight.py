@@ -22,7 +22,8 @@ def check_real_assets(args, script: str) -> None:
     problems = []
 
     def need(flag, path, source, is_dir=False, inside=""):
-        ok = path and (os.path.isdir(path) if is_dir else os.path.isfile(os.path.join(path, inside) if inside else path))
+        where = os.path.join(path, inside) if inside else path
+        ok = path and (os.path.isdir(path) if is_dir else os.path.isfile(where))
         if not ok:
             what = "not given" if not path else f"no {inside} in it" if inside else "not found"
             problems.append(f"--{flag} {path!r}: {what}; {source}")
@@ -69,7 +70,8 @@ def real_image_size(args, script: str, problems: list) -> int | None:
 
     path = args.llava_path if script == "sft" else os.path.join(args.sft_dir, "base", "model")
     flag = "--llava_path" if script == "sft" else "--sft_dir"
-    fix = f"download it again: {presets.LLAVA_SOURCE}" if script == "sft" else "run train_sft.py again into another --out_dir"
+    fix = (f"download it again: {presets.LLAVA_SOURCE}" if script == "sft" else
+           "run train_sft.py again into another --out_dir")
     size = None
     try:  # RFT's base holds PoseLlava's config, which AutoConfig does not know: read by its own class
         size = int(AutoConfig.from_pretrained(path).vision_config.image_size if script == "sft" else
