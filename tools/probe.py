@@ -83,7 +83,8 @@ def parse_args(argv=None):
                    help="training states cached, the split's first (default: %(default)s; every val pose is used)")
     p.add_argument("--score_states", type=int, default=250,
                    help="val states of the score diagnostics (default: %(default)s)")
-    p.add_argument("--n_train", type=int, default=20000, help="posebench training poses, as SFT's (default: %(default)s)")
+    p.add_argument("--n_train", type=int, default=20000,
+                   help="posebench training poses, as SFT's (default: %(default)s)")
     p.add_argument("--n_val", type=int, default=1000, help="posebench val poses (default: %(default)s)")
     p.add_argument("--n_test", type=int, default=1000, help="posebench test poses (default: %(default)s)")
     p.add_argument("--eval_every", type=int, default=250, help="val evaluation interval (default: %(default)s)")
@@ -97,7 +98,8 @@ def parse_args(argv=None):
         p.error(f"--n_states {args.n_states}: the linear root probes need at least 10 training states (they choose "
                 f"their lambda on a fifth of them)")
     if not os.path.isdir(args.sft_dir):
-        p.error(f"--sft_dir {args.sft_dir} does not exist; train one with `python train_sft.py --out_dir {args.sft_dir}`")
+        p.error(f"--sft_dir {args.sft_dir} does not exist; train one with "
+                f"`python train_sft.py --out_dir {args.sft_dir}`")
     return args
 
 
@@ -287,7 +289,8 @@ def main(argv=None):
     print(f"{step_dir}: {len(train['h'])} train / {len(val['h'])} val states cached in {time.time() - t0:.0f} s; "
           f"root error on val:\n  {'the SFT head mean:':52s}{describe(root)}", flush=True)
     for where, what in (("pose_states", "<POSE> states"), ("pose_encoder", "the pose encoder's tokens f_b(x)")):
-        print(f"  {'a linear probe of ' + what + ':':52s}{describe(probes[where])} (ridge lambda {probes[where]['lambda']:g})")
+        label = f"a linear probe of {what}:"
+        print(f"  {label:52s}{describe(probes[where])} (ridge lambda {probes[where]['lambda']:g})")
     score = score_diagnostics(sft_head, val, bodymodel, args.pose_temperature, args.score_states)
     print(f"pose score at tau = {args.pose_temperature:g}, {score['states']} val states: "
           f"{100 * score['fisher_share_unseen']:.1f} % of its expected squared norm lies in the 72 directions no "
@@ -304,7 +307,8 @@ def main(argv=None):
     print(f"{'objective':16s} {'MPJPE':>8s} {'PA-MPJPE':>9s}")
     for name, curve in results["curves"].items():
         end = curve[-1][1]
-        print(f"{name:16s} {end['mpjpe_mm'] - start['mpjpe_mm']:+8.2f} {end['pa_mpjpe_mm'] - start['pa_mpjpe_mm']:+9.2f}")
+        d_mpjpe, d_pa = end["mpjpe_mm"] - start["mpjpe_mm"], end["pa_mpjpe_mm"] - start["pa_mpjpe_mm"]
+        print(f"{name:16s} {d_mpjpe:+8.2f} {d_pa:+9.2f}")
     print(f"({time.time() - t0:.0f} s)")
     if args.out:
         plumbing.atomic_write(args.out, lambda fh: json.dump(results, fh, indent=1))

@@ -42,12 +42,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts it tries
 BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
 SFT = BENCH + ["--stage0_pose_epochs", "1", "--stage0_clip_epochs", "1", "--stage0_lm_steps", "3", "--stage0_batch",
-               "16", "--batch_size", "8", "--steps", "4", "--warmup_steps", "1", "--log_every", "2", "--save_every", "2",
+               "16", "--batch_size", "8", "--steps", "4", "--warmup_steps", "1", "--log_every", "2",
+               "--save_every", "2",
                "--eval_samples", "8", "--eval_generate", "2", "--head_fit_steps", "10", "--head_fit_samples", "16",
                "--threads", "1"]
 RFT = BENCH + ["--steps", "2", "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "8", "--log_every", "1",
                "--eval_samples", "0", "--threads", "1", "--warmup_steps", "1"]
-RETRIEVAL = BENCH + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16", "--num_threads", "1"]
+RETRIEVAL = BENCH + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
+                     "--num_threads", "1"]
 OUTCOMES = ("clear error", "handled", "unclear error", "traceback", "silent or lossy")
 
 
@@ -107,7 +109,7 @@ def build_assets(d: str) -> None:
     for argv in (["train_sft.py", *SFT, "--out_dir", f"{d}/sft"], ["retrieval.py", *RETRIEVAL, "--out_dir", d]):
         code, text = run_script(argv)
         if code:
-            raise SystemExit(f"tools/reliability.py: building the assets failed ({' '.join(argv[:1])}):\n{text[-3000:]}")
+            raise SystemExit(f"tools/reliability.py: building the assets failed ({argv[0]}):\n{text[-3000:]}")
     from PIL import Image
 
     import body
@@ -116,7 +118,8 @@ def build_assets(d: str) -> None:
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)).save(f"{d}/images/img_{i}.png")
     kp3d = np.concatenate([rng.normal(0, 0.3, (4, 19, 3)), np.ones((4, 19, 1))], -1)
-    np.savez(f"{d}/eval.npz", imgname=np.array([f"img_{i}.png" for i in range(4)]), center=np.tile([100.0, 80.0], (4, 1)),
+    np.savez(f"{d}/eval.npz", imgname=np.array([f"img_{i}.png" for i in range(4)]),
+             center=np.tile([100.0, 80.0], (4, 1)),
              scale=np.full(4, 120.0), extra_keypoints_3d=kp3d)
     reg = rng.random((19, body.BodyModel().num_vertices))  # a J19 regressor of the procedural mesh
     np.save(f"{d}/J19.npy", reg / reg.sum(1, keepdims=True))
@@ -160,7 +163,8 @@ def tries(d: str) -> list:
             return True
         with open(f"{run}/LATEST") as fh:
             step = fh.read().strip()
-        return all(bool(torch.isfinite(t).all()) for t in load_file(f"{run}/{step}/adapter/adapter_model.safetensors").values())
+        weights = load_file(f"{run}/{step}/adapter/adapter_model.safetensors")
+        return all(bool(torch.isfinite(t).all()) for t in weights.values())
 
     def latest_is(run: str, step: str) -> Callable:
         return lambda: open(f"{run}/LATEST").read() == step and not checkpoint.step_problems(f"{run}/{step}")
@@ -202,7 +206,8 @@ def tries(d: str) -> list:
             ("retrieval.py", RETRIEVAL, "num_threads", "0", "--num_threads 0: must be >= 1"),
             ("retrieval.py", RETRIEVAL, "epochs", "0", "--epochs 0: must be >= 1")):
         o = out()
-        T.append(Try(f"{script} --{flag} {value}", [script, *base, "--out_dir", o, f"--{flag}", *value.split()], (says,),
+        argv = [script, *base, "--out_dir", o, f"--{flag}", *value.split()]
+        T.append(Try(f"{script} --{flag} {value}", argv, (says,),
                      check=lambda o=o: not os.path.exists(o)))
     # unwritable outputs: fail at once, before the work
     for script, base in (("train_sft.py", SFT), ("train_rft.py", rft[1:]), ("evaluate.py", ev[1:] + [ckpt, sft]),
@@ -239,7 +244,8 @@ def tries(d: str) -> list:
                                                               "--out_dir", e],
                  ("not the name of a step directory", "resuming from step-000004"), stops=False,
                  check=latest_is(e, "step-000006"), setup=lambda: open(f"{e}/LATEST", "wb").write(b"\xff\x00\xfe" * 9)))
-    T.append(Try("--resume --steps 2 on a step-4 run", ["train_sft.py", *SFT, "--resume", "--steps", "2", "--out_dir", f],
+    T.append(Try("--resume --steps 2 on a step-4 run",
+                 ["train_sft.py", *SFT, "--resume", "--steps", "2", "--out_dir", f],
                  ("the checkpoint is at step 4, past --steps 2",)))
     T.append(Try("a full disk while saving", ["train_sft.py", *SFT, "--resume", "--steps", "6", "--out_dir", g],
                  ("no space left on the device", "train_state.pt", "the last good checkpoint is"),
@@ -247,17 +253,18 @@ def tries(d: str) -> list:
     T.append(Try("--resume over a truncated base model", ["train_sft.py", *SFT, "--resume", "--out_dir", h],
                  ("its base model is damaged", "model.safetensors is truncated"),
                  setup=lambda: truncate(f"{h}/base/model/model.safetensors", 0.9)))
+    adapter = "step-000004/adapter/adapter_model.safetensors"
     damaged = {"evaluate.py: LATEST of garbage bytes": (lambda r: open(f"{r}/LATEST", "wb").write(b"\x80" * 12),
                                                          "not the name of a step directory"),
-               "evaluate.py: truncated adapter": (lambda r: truncate(f"{r}/step-000004/adapter/adapter_model.safetensors"),
+               "evaluate.py: truncated adapter": (lambda r: truncate(f"{r}/{adapter}"),
                                                   "the newest intact one is step-000002"),
-               "evaluate.py: deleted adapter file": (lambda r: os.remove(f"{r}/step-000004/adapter/adapter_model.safetensors"),
+               "evaluate.py: deleted adapter file": (lambda r: os.remove(f"{r}/{adapter}"),
                                                      "adapter_model.safetensors"),
                "evaluate.py: truncated base model": (lambda r: truncate(f"{r}/base/model/model.safetensors", 0.9),
                                                      "its base model is damaged"),
                "evaluate.py: truncated train_state.pt": (lambda r: truncate(f"{r}/step-000004/train_state.pt"),
                                                          "train_state.pt does not load"),
-               "train_rft.py: truncated SFT adapter": (lambda r: truncate(f"{r}/step-000004/adapter/adapter_model.safetensors"),
+               "train_rft.py: truncated SFT adapter": (lambda r: truncate(f"{r}/{adapter}"),
                                                        "--sft_dir")}
     for name, (damage, says) in damaged.items():
         r = copy(sft)
@@ -267,7 +274,8 @@ def tries(d: str) -> list:
     T.append(Try("evaluate.py: truncated retriever", [*ev, ckpt, sft, "--eval_retriever", rr], ("is truncated",),
                  setup=lambda: truncate(f"{rr}/model.safetensors")))
     o = out()
-    T.append(Try("train_rft.py: truncated retriever", [*rft, "--eval_retriever", rr, "--eval_samples", "4", "--out_dir", o],
+    T.append(Try("train_rft.py: truncated retriever",
+                 [*rft, "--eval_retriever", rr, "--eval_samples", "4", "--out_dir", o],
                  ("--eval_retriever", "is truncated"), check=lambda: not os.path.exists(o)))
     T.append(Try("train_rft.py --n_train of another benchmark", [*rft, "--n_train", "40", "--out_dir", out()],
                  ("--n_train 40: the SFT run", "pass --n_train 48")))
@@ -294,7 +302,8 @@ def tries(d: str) -> list:
     ps_args = ["--amass_dir", f"{d}/amass", *ret]
     for name, captions, says, stops in (
             ("a PoseScript caption file that is a list", ["The knee is bent."] * 36, "holds a list", True),
-            ("an empty caption", {**{str(i): "Bent." for i in range(36)}, "3": ""}, "record '3': an empty caption", True),
+            ("an empty caption", {**{str(i): "Bent." for i in range(36)}, "3": ""}, "record '3': an empty caption",
+             True),
             ("four 100,000-character captions", {**{str(i): "Bent." for i in range(36)},
                                                  **{str(i): "The left knee is bent. " * 4400 for i in range(4)}},
              "4 caption(s) longer than 2000 characters cut to 2000", False)):  # then to the tiny model's positions
@@ -352,7 +361,8 @@ def cache_env(path: str):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="run only the tries whose name holds this text")
-    p.add_argument("--keep", default="", help="build the assets and keep them in this directory (default: a temporary one)")
+    p.add_argument("--keep", default="",
+                   help="build the assets and keep them in this directory (default: a temporary one)")
     args = p.parse_args(argv)
     d = args.keep or tempfile.mkdtemp(prefix="pose_rft_reliability_")
     os.makedirs(d, exist_ok=True)
@@ -380,7 +390,8 @@ def main(argv=None) -> dict:
         if result in ("traceback", "unclear error", "silent or lossy"):
             print("    " + text[-1500:].replace("\n", "\n    "))
     print(f"\n| inputs tried | clear errors | handled | unclear errors | tracebacks | silent or lossy |\n"
-          f"|---|---|---|---|---|---|\n| {sum(counts.values())} | " + " | ".join(str(counts[k]) for k in OUTCOMES) + " |")
+          f"|---|---|---|---|---|---|\n| {sum(counts.values())} | "
+          + " | ".join(str(counts[k]) for k in OUTCOMES) + " |")
     print(f"wall time {time.time() - t0:.0f} s")
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)

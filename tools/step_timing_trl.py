@@ -32,12 +32,12 @@ ours / TRL of the medians. Our parts are hygrpo_step's own `time/*`; TRL's come 
 trainer (nothing of TRL is changed): generate = `_generate` (tokenize, `generate`, decode), rewards =
 `_calculate_rewards`, reference = `_get_per_token_logps_and_entropies` without gradient, policy = `training_step`
 less its `_prepare_inputs` (forward, loss, backward), optimizer = from the end of `training_step` to the optimizer
-step's callback (gradient clipping and the step). A step is one iteration of the loop: ours as tools/step_timing.py times it,
-TRL's from one `on_step_end` callback to the next, less our step in between (so its data loading and bookkeeping
+step's callback (gradient clipping and the step). A step is one iteration of the loop: ours as
+tools/step_timing.py times it, TRL's from one `on_step_end` callback to the next, less our step in between (so its data loading and bookkeeping
 count). "other" is the step less its parts (the median of that difference, like every column).
 
 Run:
-    python tools/step_timing_trl.py                 # B 8 x G 8, 24 new tokens, beta 0.04, 20 timed steps a side after 2, 1 thread
+    python tools/step_timing_trl.py   # B 8 x G 8, 24 new tokens, beta 0.04, 20 timed steps a side after 2, 1 thread
 """
 from __future__ import annotations
 
@@ -92,14 +92,15 @@ def trl_prompt(tok, sample: data.Sample) -> str:
 
 
 def our_step(tok, samples, args: Args):
-    """Our step as tools/step_timing.py runs it, with --hybrid false: a function of the step's index -> its seconds by part."""
+    """Our step as tools/step_timing.py runs it, with --hybrid false: a function of the step's index -> its
+    seconds by part."""
     torch.manual_seed(args.seed)
     policy = presets.apply_lora(presets.build_tiny(tok))
     params = [p for p in policy.parameters() if p.requires_grad]
     rft = train_rft.Args(hybrid=False, batch_size=args.batch_size, group_size=args.group_size,
                          max_new_tokens=args.max_new_tokens, beta=args.beta)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as tools/step_timing.py's default
+    retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as step_timing.py's
     ctx = train_rft.StepContext(policy, tok, opt, params, R.TextSimilarity(""), retriever, body.BodyModel(),
                                 hygrpo.make_loss(None), train_rft.suppressed_tokens(policy, tok))
     B, G = args.batch_size, args.group_size
