@@ -34,7 +34,8 @@ trainer (nothing of TRL is changed): generate = `_generate` (tokenize, `generate
 less its `_prepare_inputs` (forward, loss, backward), optimizer = from the end of `training_step` to the optimizer
 step's callback (gradient clipping and the step). A step is one iteration of the loop: ours as
 tools/step_timing.py times it, TRL's from one `on_step_end` callback to the next, less our step in between (so
-its data loading and bookkeeping count). "other" is the step less its parts (the median of that difference, like every column).
+its data loading and bookkeeping count). "other" is the step less its parts (the median of that difference,
+like every column).
 
 Run:
     python tools/step_timing_trl.py   # B 8 x G 8, 24 new tokens, beta 0.04, 20 timed steps a side after 2, 1 thread
