@@ -833,6 +833,12 @@ def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: 
     return policy
 
 
+def reference(policy):
+    """A context in which `policy` is pi_ref, the policy RFT started from: the model without its adapter
+    (`disable_adapter()`)."""
+    return policy.disable_adapter()
+
+
 # ---- Saving and loading ---------------------------------------------------------------------
 
 def save_base(model: PoseLlavaForConditionalGeneration, tokenizer, path: str, preset: str) -> None:

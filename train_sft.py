@@ -121,6 +121,13 @@ class Args:
         "help": "SFT steps; default by preset: 1200, llava-1.5-7b 10000 (Table 4)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "global batch; default by preset: 32, llava-1.5-7b 80 (Table 4)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step, N: each process runs --batch_size / (processes x N) samples at a "
+                "time and one step applies their summed gradient, so the global batch stays --batch_size (fewer "
+                "GPUs or less memory: raise N; memory.py --grad_accum N says what fits)"})
+    num_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes reading and cropping the samples (0: the main process); the samples "
+                "are the same whatever the number"})
     lr: float | None = field(default=None, metadata={
         "help": "peak learning rate; default by preset: 1e-3, llava-1.5-7b 3e-4 (Table 4)"})
     max_length: int | None = field(default=None, metadata={
@@ -163,6 +170,8 @@ class Args:
     max_bad_steps: int = field(default=5, metadata={
         "help": "abort after this many consecutive steps skipped for a NaN/inf loss or gradient"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log metrics.jsonl's records to none, tensorboard, wandb or trackio (each an optional install)"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (README, "Real runs on GPUs")
     llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {M.LLAVA_SOURCE}"})
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
@@ -193,7 +202,7 @@ PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
 
 # flags every training script needs >= a minimum or > 0 (checkpoint.check_flags; a script adds its own)
 AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
-                keep_checkpoints=0,
+                keep_checkpoints=0, grad_accum=1, num_workers=0,
                 n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
                 stop_after=0, max_length=0, weight_decay=0.0)
 POSITIVE = ("lr", "grad_clip")
@@ -428,6 +437,49 @@ def sync_gradients(params, ddp: bool, average: bool = False):
         n = g.numel()
         p.grad = flat[i:i + n].view_as(g).clone()
         i += n
+
+
+def check_batch(batch_size: int, world: int, grad_accum: int, what: str = "--batch_size") -> None:
+    """Stop unless the global batch splits evenly over the processes and the micro-batches."""
+    if batch_size % (world * grad_accum):
+        raise SystemExit(f"{what} {batch_size} must be divisible by the number of processes ({world}) x --grad_accum "
+                         f"({grad_accum}) = {world * grad_accum}: pass a --batch_size or --grad_accum that divides")
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The dataset indices this rank reads for steps start..steps-1, as grad_accum micro-batches a step.
+    A step's global batch depends on (seed, step) alone: batch_size indices drawn with replacement,
+    rank r taking every world-th from r on, cut into grad_accum consecutive micro-batches. So resuming
+    at any step replays the uninterrupted run, and the micro-batches of a step together are exactly
+    the one batch of grad_accum = 1."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1,
+                 grad_accum: int = 1):
+        self.n, self.batch_size, self.seed, self.start, self.steps = n, batch_size, seed, start, steps
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.grad_accum
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randint(self.n, (self.batch_size,), generator=g)[self.rank::self.world].tolist()
+            m = len(idx) // self.grad_accum
+            for k in range(self.grad_accum):
+                yield idx[k * m:(k + 1) * m]
+
+
+def step_loader(tasks, args, start: int, rank: int, world: int, seed: int):
+    """An iterator over this rank's micro-batches (lists of samples) for steps start..args.steps-1, read by
+    torch's DataLoader with args.num_workers processes (StepBatches' indices: every sample is a function of
+    its index, so the workers change nothing but the time). Its own generator: the loader draws no number
+    from the global random streams, which the training step's sampling uses."""
+    sampler = StepBatches(len(tasks), args.batch_size, seed, start, args.steps, rank, world, args.grad_accum)
+    loader = torch.utils.data.DataLoader(tasks, batch_sampler=sampler, collate_fn=list, num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         prefetch_factor=2 if args.num_workers else None)
+    return iter(loader)
 
 
 def make_logger(out_dir: str, master: bool):
@@ -857,8 +909,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
+    check_batch(args.batch_size, world, args.grad_accum)
     if args.stage0_only:  # report.py: the stage both SFT runs of a seed share
         if real or ddp:
             raise SystemExit("--stage0_only: stage 0 exists for the built-in presets only, in one process")
@@ -945,31 +996,43 @@ def main(argv=None):
     # ---- ALGO: SFT steps
     from tqdm import tqdm
     t_loop = time.time()
+    # The global batch of a step depends on the step alone (StepBatches): resuming replays it exactly.
+    batches = step_loader(tasks, args, start, rank, world, args.seed)
     for step in tqdm(range(start, args.steps), desc="SFT", disable=None if master else True,
                      initial=start, total=args.steps):
-        # The global batch of this step depends on the step alone: resuming replays it exactly.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()
-        b = data.collate([tasks[i] for i in idx], tokenizer, n_img, max_length=args.max_length or None).to(device)
-        counts = torch.tensor([(b.labels[:, 1:] != -100).sum().item(), b.pose_valid.sum().item()],
-                              dtype=torch.float64, device=device)
+        micro = [data.collate(next(batches), tokenizer, n_img, max_length=args.max_length or None)
+                 for _ in range(args.grad_accum)]
+        # every loss is a sum over the step's micro-batches and ranks divided by their global counts: the
+        # summed gradients are the one-batch gradient, whatever --grad_accum and the number of processes
+        counts = torch.tensor([sum((b.labels[:, 1:] != -100).sum().item() for b in micro),
+                               sum(b.pose_valid.sum().item() for b in micro)], dtype=torch.float64, device=device)
         n_tokens, n_poses = all_reduce_sum(counts, ddp).clamp_min(1).tolist()
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, args.steps, args.lr, args.warmup_steps)
-        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
-                                                pose_values=b.pose_values)
-        loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
-        what = "loss"  # a NaN/inf loss, gradient or weight skips the step (count_bad_step)
-        if on_every_rank(bool(torch.isfinite(loss)), ddp, device):
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        what, total, stats, stds = None, 0.0, {}, []  # a NaN/inf loss, gradient or weight skips the step
+        for b in micro:
+            b = b.to(device)
+            logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                                    pose_values=b.pose_values)
+            loss, part = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
+            if not on_every_rank(bool(torch.isfinite(loss)), ddp, device):
+                what = "loss"  # (count_bad_step)
+                break
             loss.backward()
+            total += loss.item()
+            stats = {k: stats.get(k, 0.0) + v for k, v in part.items()}
+            if not args.deterministic_head:
+                stds.append(dist.stddev.detach())
+            del logits, dist, loss
+        if what is None:
             what, gnorm = apply_gradients(opt, params, args.grad_clip, ddp, device)
         done = step + 1
         bad = count_bad_step(bad, what, done, args, log)
         if what is None and (done % args.log_every == 0 or done == args.steps):
             if not args.deterministic_head:
-                stats["charts/pose_std_mean"] = dist.stddev.mean().item()
-            log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
+                stats["charts/pose_std_mean"] = torch.cat(stds).mean().item()
+            log({**stats, "losses/total": total, "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
                  "charts/steps_per_s": (done - start) / (time.time() - t_loop), **gpu_peak(device)}, done)
         if done == args.steps and args.head_fit_steps and not real:
