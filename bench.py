@@ -55,14 +55,14 @@ def bench(preset: str, args: Args) -> dict:
     if args.sft_dir:
         import checkpoint
 
-        sft, tok, _ = M.load_policy(args.sft_dir, preset, step_dir=checkpoint.run_step(args.sft_dir, "--sft_dir"))
-        base = sft.merge_and_unload()
+        policy, tok = M.rft_policy(args.sft_dir, checkpoint.run_step(args.sft_dir, "--sft_dir"), preset)  # as train_rft.py
     elif preset == "tiny":
         tok = data.tiny_tokenizer(cfg)
-        base = M.build_tiny(tok)
+        policy = M.apply_lora(M.build_tiny(tok))
     else:
         base, tok = M.build_smol()
-    policy = M.apply_lora(base).to(device)
+        policy = M.apply_lora(base)
+    policy = policy.to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
     if args.reward_retriever:
         retriever = retrieval.load_retriever(args.reward_retriever, device)

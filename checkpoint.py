@@ -341,7 +341,7 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
     tmp = os.path.join(out_dir, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        policy.save_pretrained(os.path.join(tmp, "adapter"))
+        policy.save_pretrained(os.path.join(tmp, "adapter"), selected_adapters=["default"])  # (RFT: not its reference)
         torch.save({"step": step, "optimizer": opt.state_dict(), "param_names": param_names,
                     "args": dataclasses.asdict(args), "rng": rng}, os.path.join(tmp, "train_state.pt"))
         shutil.rmtree(final, ignore_errors=True)

@@ -156,9 +156,11 @@ def memory_rows(args: Args) -> list:
            ("RFT update", "logits bf16 (all positions) + fp32 log-softmax of the answers",
             f"{V} x (2 B x {tok_r} tok + 8 B x {seqs * args.max_new_tokens} answer tok)",
             V * (2 * tok_r + 8 * seqs * args.max_new_tokens))]
+    ref = [("RFT", "the SFT adapter kept frozen for pi_ref (LoRA + trained modules), fp32",
+            f"({heads / 1e6:.1f} M + {c['LoRA'] / 1e6:.1f} M) x 4 B", (heads + c["LoRA"]) * 4)]
     peak_sft = fixed + sum(r[3] for r in sft)
-    peak_rft = fixed + max(sum(r[3] for r in gen), sum(r[3] for r in upd))
-    return rows + sft + gen + upd, {"SFT peak": peak_sft, "RFT peak (max of generate, update)": peak_rft}, c
+    peak_rft = fixed + ref[0][3] + max(sum(r[3] for r in gen), sum(r[3] for r in upd))
+    return rows + sft + ref + gen + upd, {"SFT peak": peak_sft, "RFT peak (max of generate, update)": peak_rft}, c
 
 
 def main(argv=None):

@@ -12,11 +12,10 @@ One step costs one sampling loop, one reference forward without gradient, and on
 backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
 (model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
-same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
-adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
-the merged SFT model, pi_init = pi_ref (Algorithm 1, line 3). On the small presets (float32) the
-merged model is the SFT policy to ~1e-6; on llava-1.5-7b the merge rounds the SFT update into the
-bf16 weights (README, "Real runs on GPUs", known gaps).
+same network with its frozen SFT adapter alone (model.reference). The policy starts from an SFT
+checkpoint: the SFT run's base with the SFT adapter kept frozen beside a fresh LoRA whose update is
+added to it (model.rft_policy; nothing merged, no copy of the base: the run's base/ links to the SFT
+run's), so pi_init = pi_ref = the SFT policy bit for bit on every preset (Algorithm 1, line 3).
 
 Ablations, defaults = the paper:
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
@@ -566,19 +565,17 @@ def main(argv=None):
 
     log = train_sft.make_logger(args.out_dir, master)
 
-    # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
-    base_dir = os.path.join(args.out_dir, "base")
+    # ---- BOILERPLATE: pi_init (the SFT adapter frozen) + a fresh adapter; rewards' models; data
     if args.resume:
         step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
         policy, tokenizer, step_dir = M.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
         state = checkpoint.load_train_state(step_dir)
-    else:
-        sft, tokenizer, _ = M.load_policy(args.sft_dir, args.preset, step_dir=sft_step)
-        base = sft.merge_and_unload()  # pi_init: the SFT weights, no adapter
+    else:  # pi_init = pi_ref = the SFT policy bit for bit: its adapter frozen beside a fresh one (M.rft_policy)
         if master:
-            M.save_base(base, tokenizer, base_dir, args.preset)
+            M.write_rft_start(args.sft_dir, sft_step, args.out_dir)  # base/ -> the SFT run's, reference/: its adapter
         torch.manual_seed(args.seed)  # the adapter's init, the same on every rank
-        policy, state = M.apply_lora(base, args.lora_rank, args.lora_alpha), None
+        policy, tokenizer = M.rft_policy(args.sft_dir, sft_step, args.preset, args.lora_rank, args.lora_alpha)
+        state = None
     torch.manual_seed(args.seed + rank)  # sampling differs by rank
     policy.to(device).train()
     inner = policy.get_base_model()

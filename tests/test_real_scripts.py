@@ -148,6 +148,9 @@ def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
     rows = [json.loads(x) for x in (d / "rft" / "metrics.jsonl").read_text().splitlines()]
     step = [r for r in rows if "losses/total" in r]
     assert len(step) == 1 and np.isfinite(step[0]["losses/total"]) and "charts/pose_std_mean" in step[0]
+    # no second base model: base/ links to the SFT run's, beside a copy of the SFT adapter (pi_ref)
+    assert os.path.realpath(d / "rft" / "base") == os.path.realpath(d / "sft" / "base")
+    assert (d / "rft" / M.REFERENCE / "adapter_model.safetensors").exists()
 
 
 def test_real_data_loader_workers_and_resume_exact(assets, monkeypatch):
