@@ -563,7 +563,7 @@ def main(argv=None):
     checkpoint.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
-    log = train_sft.make_logger(args.out_dir, master)
+    log = train_sft.make_logger(args.out_dir, master, args.report_to, args)
 
     # ---- BOILERPLATE: pi_init (the SFT adapter frozen) + a fresh adapter; rewards' models; data
     if args.resume:
@@ -653,6 +653,7 @@ def main(argv=None):
             for k in res:
                 if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:
                     print(f"  {k:48s} {num(init[k])} -> {num(res[k])}")
+    log.close()  # the --report_to tracker
     if ddp:
         torch.distributed.destroy_process_group()
 

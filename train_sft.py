@@ -61,6 +61,7 @@ Run:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -215,6 +216,7 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
     """Stop before any work or write, naming every flag that cannot run (checkpoint.check_flags) and the
     inputs read only later: --mix, --real_mix, --smpl_path."""
     checkpoint.check_flags(args, script, at_least, positive)
+    check_report_to(getattr(args, "report_to", "none"), script)
     w = np.asarray(args.mix, dtype=np.float64)
     if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
         raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
@@ -482,10 +484,60 @@ def step_loader(tasks, args, start: int, rank: int, world: int, seed: int):
     return iter(loader)
 
 
-def make_logger(out_dir: str, master: bool):
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report_to: its package
+
+
+def check_report_to(value: str, script: str) -> None:
+    """Stop before any work unless --report_to names a known tracker whose package is installed."""
+    if value not in REPORT_TO:
+        raise SystemExit(f"{script}: --report_to {value}: expected one of {', '.join(REPORT_TO)}")
+    package = REPORT_TO[value]
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"{script}: --report_to {value} needs the {package} package, which is not installed: "
+                             f"pip install {package} (an optional install, not in requirements.txt), or drop the flag")
+
+
+def make_tracker(report_to: str, out_dir: str, args=None):
+    """(log(scalars, step), close()) of --report_to's tracker; None for none. TensorBoard writes to
+    out_dir/tensorboard; W&B and trackio log to project pose-rft, run named after out_dir, the flags as its
+    config (a resumed run goes on in the run its first start made, by the id kept in out_dir)."""
+    if report_to == "none":
+        return None
+    config = dataclasses.asdict(args) if args is not None else {}
+    name = os.path.basename(os.path.abspath(out_dir))
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+        def log(scalars, step):
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return log, writer.close
+    id_file = os.path.join(out_dir, f"{report_to}_run_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else f"{name}-{int(time.time())}"
+    body.atomic_write(id_file, lambda fh: fh.write(run_id))
+    if report_to == "wandb":
+        import wandb
+
+        run = wandb.init(project="pose-rft", name=name, id=run_id, resume="allow", dir=out_dir, config=config)
+        return (lambda scalars, step: run.log(scalars, step=step)), run.finish
+    import trackio
+
+    trackio.init(project="pose-rft", name=run_id, config=config, resume="allow")
+    return (lambda scalars, step: trackio.log(scalars, step=step)), trackio.finish
+
+
+def make_logger(out_dir: str, master: bool, report_to: str = "none", args=None):
     """log(metrics, step): one JSON object per call, printed and appended to out_dir/metrics.jsonl
-    (rank 0 only)."""
+    (rank 0 only), and its numbers sent to --report_to's tracker (make_tracker; records without a
+    step, such as stage 0's, at step 0). log.close() closes the tracker."""
     t_start = time.time()
+    tracker = make_tracker(report_to, out_dir, args) if master else None
 
     def log(d, step=None):
         if master:
@@ -493,6 +545,11 @@ def make_logger(out_dir: str, master: bool):
             print(json.dumps(rec), flush=True)
             with open(os.path.join(out_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            scalars = {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if tracker and scalars:
+                tracker[0](scalars, step or 0)
+
+    log.close = tracker[1] if tracker else (lambda: None)
     return log
 
 
@@ -935,7 +992,7 @@ def main(argv=None):
             import torch.distributed as dist
             dist.barrier()
 
-    log = make_logger(args.out_dir, master)
+    log = make_logger(args.out_dir, master, args.report_to, args)
 
     # ---- BOILERPLATE: data, stage 0 (once, on rank 0), the base model on every rank
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
@@ -1065,6 +1122,7 @@ def main(argv=None):
                       f"   | mean training pose: MPJPE {res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE "
                       f"{res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}   | answer format valid {pct(res[task + '/format_valid'])}")
             print(f"  vqa            yes/no accuracy {pct(res['vqa/yes_no_accuracy'])}")
+    log.close()  # the --report_to tracker
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
