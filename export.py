@@ -23,7 +23,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-import torch
 
 import checkpoint
 import model as M

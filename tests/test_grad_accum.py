@@ -16,7 +16,6 @@ import data
 import hygrpo
 import model as M
 import posebench
-import retrieval
 import train_rft
 import train_sft
 from test_train_sft import TINY_RUN
