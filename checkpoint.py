@@ -149,6 +149,11 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
     """The step directory of a run to load, its files checked first (base/, LATEST and its step: adapter, and
     train_state.pt for --resume). Stops naming each damaged file and the fix. Resuming over a damaged
     latest step (or a LATEST that names none) goes on from the newest intact step before it, saying so."""
+    link = os.path.join(run_dir, "base")
+    if os.path.islink(link) and not os.path.isdir(link):  # an RFT run: base/ links to its SFT run's (model.write_rft_start)
+        raise SystemExit(f"{flag} {run_dir}: its base/ links to {os.readlink(link)}, which is gone: the SFT run this "
+                         f"run started from must stay where it was, or link base/ to where it is now "
+                         f"(ln -sfn NEW_SFT_DIR/base {link})")
     if not os.path.isdir(os.path.join(run_dir, "base")):
         raise SystemExit(f"{flag} {run_dir}: " + ("no such directory" if not os.path.isdir(run_dir) else "no base/ in it")
                          + "; point it at a run of train_sft.py or train_rft.py (its --out_dir)")

@@ -102,3 +102,14 @@ def test_the_former_merge_is_not_the_sft_policy_on_the_7b_preset(sft_run, capsys
         print(f"\nmerged SFT adapter, 7B preset at toy width: max |log-prob difference| {diff:.3g}, "
               f"max |pose log-density difference| {(got[1] - want[1]).abs().max().item():.3g}")
     assert diff > 0
+
+
+def test_a_moved_sft_run_is_named_with_the_fix(tmp_path):
+    import checkpoint
+
+    os.makedirs(tmp_path / "sft" / "base")
+    os.makedirs(tmp_path / "rft")
+    os.symlink(str(tmp_path / "sft" / "base"), str(tmp_path / "rft" / "base"))
+    os.rename(tmp_path / "sft", tmp_path / "sft_moved")
+    with pytest.raises(SystemExit, match=r"its base/ links to .*sft/base, which is gone: the SFT run .*\(ln -sfn"):
+        checkpoint.run_step(str(tmp_path / "rft"), "--ckpt")
