@@ -165,6 +165,11 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
     """The step directory of a run to load, its files checked first (base/, LATEST and its step: adapter, and
     train_state.pt for --resume). Stops naming each damaged file and the fix. Resuming over a damaged
     latest step (or a LATEST that names none) goes on from the newest intact step before it, saying so."""
+    link = os.path.join(run_dir, "base")
+    if os.path.islink(link) and not os.path.isdir(link):  # an RFT run: base/ links to its SFT run's (presets.write_rft_start)
+        raise SystemExit(f"{flag} {run_dir}: its base/ links to {os.readlink(link)}, which is gone: the SFT run this "
+                         f"run started from must stay where it was, or link base/ to where it is now "
+                         f"(ln -sfn NEW_SFT_DIR/base {link})")
     if not os.path.isdir(os.path.join(run_dir, "base")):
         what = "no such directory" if not os.path.isdir(run_dir) else "no base/ in it"
         raise SystemExit(f"{flag} {run_dir}: {what}; point it at a run of train_sft.py or train_rft.py (its --out_dir)")
@@ -357,7 +362,7 @@ def save_checkpoint(out_dir, step, policy, opt, args, param_names, ddp: bool = F
     tmp = os.path.join(out_dir, f".tmp-step-{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        policy.save_pretrained(os.path.join(tmp, "adapter"))
+        policy.save_pretrained(os.path.join(tmp, "adapter"), selected_adapters=["default"])  # (RFT: not its reference)
         torch.save({"step": step, "optimizer": opt.state_dict(), "param_names": param_names,
                     "args": dataclasses.asdict(args), "rng": rng}, os.path.join(tmp, "train_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
@@ -394,7 +399,7 @@ def count_bad_step(bad: int, what: str | None, done: int, args, log) -> int:
 
 # flags every training script needs >= a minimum or > 0 (check_flags; a script adds its own)
 AT_LEAST = dict(steps=1, batch_size=1, threads=1, log_every=1, save_every=1, max_bad_steps=1, seed=0, n_train=1,
-                keep_checkpoints=0,
+                keep_checkpoints=0, grad_accum=1, num_workers=0,
                 n_val=1, n_test=1, warmup_steps=0, lora_rank=1, lora_alpha=1, eval_samples=0, eval_generate=0,
                 stop_after=0, max_length=0, weight_decay=0.0)
 
@@ -406,6 +411,7 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
     """Stop before any work or write, naming every flag that cannot run (check_flags) and the
     inputs read only later: --mix, --real_mix, --smpl_path."""
     check_flags(args, script, at_least, positive)
+    plumbing.check_report_to(getattr(args, "report_to", "none"), script)
     w = np.asarray(args.mix, dtype=np.float64)
     if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
         raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "

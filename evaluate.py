@@ -86,8 +86,8 @@ import data
 import metrics
 import model as M
 import plumbing
-import posecodes
 import posebench
+import posecodes
 import presets
 import realdata
 import retrieval

@@ -147,15 +147,22 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return total / count.clamp(min=1)  # an empty slice: 0 / 1 = 0, never NaN
 
 
-def _prompt_then_batch_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _prompt_then_batch_mean(x: torch.Tensor, valid: torch.Tensor, n_posed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, G) -> (): mean over each prompt's valid samples, then over prompts with any.
 
     Departure 3: divides by the number of prompts with >= 1 valid sample (not by B); a prompt
-    with none adds 0 to the sum and 0 to the count. No valid sample at all gives 0.
+    with none adds 0 to the sum and 0 to the count. No valid sample at all gives 0. `n_posed`, if
+    given, is that number over the whole step (gradient accumulation: the micro-batches' sums add up).
     """
     per_prompt = _masked_mean(x, valid, dim=1)  # (B,)  (1/V) sum_{i in V}
     has_any = valid.any(dim=1)  # (B,)
-    return per_prompt.sum() / has_any.sum().to(x.dtype).clamp(min=1)
+    return per_prompt.sum() / (has_any.sum() if n_posed is None else n_posed).to(x.dtype).clamp(min=1)
+
+
+def _batch_mean(x: torch.Tensor, n_prompts: Optional[int] = None) -> torch.Tensor:
+    """(B, G) -> (): the mean over all B G samples, or their sum over n_prompts x G (a micro-batch's share
+    of a step of n_prompts prompts)."""
+    return x.mean() if n_prompts is None else x.sum() / (n_prompts * x.shape[1])
 
 
 def _clipped_surrogate_loss(ratio: torch.Tensor, adv: torch.Tensor, eps_clip: float) -> torch.Tensor:
@@ -178,6 +185,8 @@ def hygrpo_loss(
     adv_c: torch.Tensor,
     eps_clip: float = 0.2,
     beta: float = 0.04,
+    n_prompts: Optional[int] = None,
+    n_posed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Stats]:
     """The HyGRPO loss, -(J_d + J_c - beta KL) (Eq. 6 = Eq. 21), and its statistics.
 
@@ -198,6 +207,10 @@ def hygrpo_loss(
         adv_c: (B, G) continuous advantages Delta_i (group_advantages of R_c).
         eps_clip: PPO clip range epsilon of Eq. 21 (the paper gives no value; 0.2 as PPO/GRPO).
         beta: KL coefficient of Eq. 21 (the paper gives no value; 0.04 as GRPO and VLM-R1).
+        n_prompts, n_posed: the step's number of prompts and of prompts with a valid pose, when this
+            call scores one micro-batch of it (gradient accumulation): the batch means then divide by
+            the step's counts, so the micro-batches' losses (and their gradients) sum to the loss of
+            the step's whole batch. None: this call's own B and prompts with a valid pose.
 
     Returns:
         loss: () to minimise; loss = pg_discrete + pg_continuous + beta * (kl_token + kl_pose).
@@ -233,7 +246,7 @@ def hygrpo_loss(
     ratio_d = torch.exp(log_ratio_d)  # (B, G, T); the paper's sequence r_d, taken per token (departure 2)
     # Eq. 21, first sum: -min(r_d F, clip(r_d, 1 - eps, 1 + eps) F), per token
     pg_tok = _clipped_surrogate_loss(ratio_d, adv_d[:, :, None], eps_clip)  # (B, G, T)
-    pg_discrete = _masked_mean(pg_tok, token_mask, dim=2).mean()  # (1/|a_i|) sum_t, then (1/(B G)) sum_{b,i}
+    pg_discrete = _batch_mean(_masked_mean(pg_tok, token_mask, dim=2), n_prompts)  # (1/|a_i|) sum_t, then (1/(B G)) sum_{b,i}
 
     # -- continuous part, J_c (Eq. 21, second sum)
     # Eq. 20: r_d does not depend on the pose head's own parameters and the text of a posed
@@ -243,13 +256,13 @@ def hygrpo_loss(
     # Eq. 21, second sum: -min(r_c Delta, clip(r_c, 1 - eps, 1 + eps) Delta), clipped apart from r_d
     pg_pose = _clipped_surrogate_loss(ratio_c, adv_c, eps_clip)  # (B, G)
     # (1/V) sum_{i in V} per prompt, then the mean over prompts with V >= 1 (departure 3)
-    pg_continuous = _prompt_then_batch_mean(pg_pose, pose_valid)
+    pg_continuous = _prompt_then_batch_mean(pg_pose, pose_valid, n_posed)
 
     # -- KL to pi_ref (departure 4)
     d_ref = torch.where(token_mask, ref_token_logp - token_logp, zeros_t)  # (B, G, T) log(pi_ref / pi_theta)
     k3 = torch.exp(d_ref) - d_ref - 1.0  # (B, G, T) k3 >= 0; unbiased for KL(pi_theta || pi_ref) on-policy
-    kl_token = _masked_mean(k3, token_mask, dim=2).mean()
-    kl_pose = _prompt_then_batch_mean(torch.where(pose_valid, pose_kl, zeros_p), pose_valid)
+    kl_token = _batch_mean(_masked_mean(k3, token_mask, dim=2), n_prompts)
+    kl_pose = _prompt_then_batch_mean(torch.where(pose_valid, pose_kl, zeros_p), pose_valid, n_posed)
 
     # Eq. 6 / 21: J_HyGRPO = J_d + J_c - beta KL; we minimise its negative.
     loss = pg_discrete + pg_continuous + beta * (kl_token + kl_pose)

@@ -438,6 +438,18 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return logits, self.pose_head.distribution(state), state  # the head runs in float32, outside autocast
 
 
+def register_auto_classes() -> None:
+    """Let transformers' Auto classes load the `pose_llava` model type (export.py's directories, a run's
+    base/model): AutoConfig, AutoModelForImageTextToText. Runs when model.py is imported."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    AutoConfig.register(PoseLlavaConfig.model_type, PoseLlavaConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(PoseLlavaConfig, PoseLlavaForConditionalGeneration, exist_ok=True)
+
+
+register_auto_classes()
+
+
 def input_only_tokens(config) -> list:
     """The placeholders a model reads but never emits: the image's and, with pose input, the input pose's."""
     return [config.image_token_id] + ([config.pose_input_token_id] if config.pose_input_tokens else [])

@@ -13,6 +13,7 @@ and the metrics log. Nothing here knows the paper; the scripts read as the paper
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -168,10 +169,103 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def make_logger(out_dir: str, master: bool):
+def check_batch(batch_size: int, world: int, grad_accum: int, what: str = "--batch_size") -> None:
+    """Stop unless the global batch splits evenly over the processes and the micro-batches."""
+    if batch_size % (world * grad_accum):
+        raise SystemExit(f"{what} {batch_size} must be divisible by the number of processes ({world}) x --grad_accum "
+                         f"({grad_accum}) = {world * grad_accum}: pass a --batch_size or --grad_accum that divides")
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The dataset indices this rank reads for steps start..steps-1, as grad_accum micro-batches a step.
+    A step's global batch depends on (seed, step) alone: batch_size indices drawn with replacement,
+    rank r taking every world-th from r on, cut into grad_accum consecutive micro-batches. So resuming
+    at any step replays the uninterrupted run, and the micro-batches of a step together are exactly
+    the one batch of grad_accum = 1."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1,
+                 grad_accum: int = 1):
+        self.n, self.batch_size, self.seed, self.start, self.steps = n, batch_size, seed, start, steps
+        self.rank, self.world, self.grad_accum = rank, world, grad_accum
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.grad_accum
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randint(self.n, (self.batch_size,), generator=g)[self.rank::self.world].tolist()
+            m = len(idx) // self.grad_accum
+            for k in range(self.grad_accum):
+                yield idx[k * m:(k + 1) * m]
+
+
+def step_loader(tasks, args, start: int, rank: int, world: int, seed: int):
+    """An iterator over this rank's micro-batches (lists of samples) for steps start..args.steps-1, read by
+    torch's DataLoader with args.num_workers processes (StepBatches' indices: every sample is a function of
+    its index, so the workers change nothing but the time). Its own generator: the loader draws no number
+    from the global random streams, which the training step's sampling uses."""
+    sampler = StepBatches(len(tasks), args.batch_size, seed, start, args.steps, rank, world, args.grad_accum)
+    loader = torch.utils.data.DataLoader(tasks, batch_sampler=sampler, collate_fn=list, num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         prefetch_factor=2 if args.num_workers else None)
+    return iter(loader)
+
+
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report_to: its package
+
+
+def check_report_to(value: str, script: str) -> None:
+    """Stop before any work unless --report_to names a known tracker whose package is installed."""
+    if value not in REPORT_TO:
+        raise SystemExit(f"{script}: --report_to {value}: expected one of {', '.join(REPORT_TO)}")
+    package = REPORT_TO[value]
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"{script}: --report_to {value} needs the {package} package, which is not installed: "
+                             f"pip install {package} (an optional install, not in requirements.txt), or drop the flag")
+
+
+def make_tracker(report_to: str, out_dir: str, args=None):
+    """(log(scalars, step), close()) of --report_to's tracker; None for none. TensorBoard writes to
+    out_dir/tensorboard; W&B and trackio log to project pose-rft, run named after out_dir, the flags as its
+    config (a resumed run goes on in the run its first start made, by the id kept in out_dir)."""
+    if report_to == "none":
+        return None
+    config = dataclasses.asdict(args) if args is not None else {}
+    name = os.path.basename(os.path.abspath(out_dir))
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+        def log(scalars, step):
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return log, writer.close
+    id_file = os.path.join(out_dir, f"{report_to}_run_id")
+    run_id = open(id_file).read().strip() if os.path.exists(id_file) else f"{name}-{int(time.time())}"
+    atomic_write(id_file, lambda fh: fh.write(run_id))
+    if report_to == "wandb":
+        import wandb
+
+        run = wandb.init(project="pose-rft", name=name, id=run_id, resume="allow", dir=out_dir, config=config)
+        return (lambda scalars, step: run.log(scalars, step=step)), run.finish
+    import trackio
+
+    trackio.init(project="pose-rft", name=run_id, config=config, resume="allow")
+    return (lambda scalars, step: trackio.log(scalars, step=step)), trackio.finish
+
+
+def make_logger(out_dir: str, master: bool, report_to: str = "none", args=None):
     """log(metrics, step): one JSON object per call, printed and appended to out_dir/metrics.jsonl
-    (rank 0 only)."""
+    (rank 0 only), and its numbers sent to --report_to's tracker (make_tracker; records without a
+    step, such as stage 0's, at step 0). log.close() closes the tracker."""
     t_start = time.time()
+    tracker = make_tracker(report_to, out_dir, args) if master else None
 
     def log(d, step=None):
         if master:
@@ -179,6 +273,11 @@ def make_logger(out_dir: str, master: bool):
             print(json.dumps(rec), flush=True)
             with open(os.path.join(out_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            scalars = {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if tracker and scalars:
+                tracker[0](scalars, step or 0)
+
+    log.close = tracker[1] if tracker else (lambda: None)
     return log
 
 

@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 import body
-import posecodes
 import plumbing
+import posecodes
 from render import face_colours, render, view_rotation
 
 POSEBENCH_VERSION = 1  # bump when sampling, captions or rendering change: part of the cache key

@@ -5,6 +5,7 @@ The model itself (the classes, the pose head, the grouped forward and the sampli
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -261,6 +262,100 @@ def apply_lora(model: PoseLlavaForConditionalGeneration, rank: int = 16, alpha: 
     return policy
 
 
+REFERENCE = "reference"  # an RFT policy's frozen SFT adapter, beside its own ("default"): pi_ref = pi_init
+
+
+def _activate(policy, lora: list, modules: str) -> None:
+    """Make the LoRA adapters `lora` (their updates summed, in that order) and the `modules` adapter's copies
+    of the trained modules and token rows (one at a time in peft) the ones the forward uses."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for m in policy.modules():
+        if isinstance(m, LoraLayer):
+            m.set_adapter(lora)
+        elif isinstance(m, AuxiliaryTrainingWrapper):
+            m.set_adapter(modules)
+
+
+def _is_reference(name: str) -> bool:
+    return f".{REFERENCE}." in name or name.endswith(f".{REFERENCE}")
+
+
+def stack_on_reference(policy, trainable: bool) -> None:
+    """An RFT policy's forward: the frozen SFT LoRA and the RFT LoRA summed (base + SFT update + RFT update,
+    so a fresh RFT LoRA, whose B is zero, adds exactly 0), with the RFT adapter's trained modules and token
+    rows; only the RFT adapter trains (when `trainable`)."""
+    _activate(policy, [REFERENCE, "default"], "default")
+    for name, p in policy.named_parameters():
+        if _is_reference(name):
+            p.requires_grad_(False)
+        elif ".default." in name or name.endswith(".default"):
+            p.requires_grad_(trainable)
+
+
+@contextlib.contextmanager
+def reference(policy):
+    """A context in which `policy` is pi_ref, the policy RFT started from. An RFT policy (rft_policy, or
+    load_policy of an RFT run) computes it with its frozen SFT adapter alone: exactly the SFT policy's
+    weights and code path. Any other peft policy: the model without its adapter (`disable_adapter()`)."""
+    if REFERENCE not in policy.peft_config:
+        with policy.disable_adapter():
+            yield
+        return
+    grads = [(p, p.requires_grad) for p in policy.parameters()]
+    _activate(policy, [REFERENCE], REFERENCE)
+    try:
+        yield
+    finally:
+        _activate(policy, [REFERENCE, "default"], "default")
+        for p, g in grads:
+            p.requires_grad_(g)
+
+
+def rft_policy(sft_run: str, step_dir: str, preset: str | None, rank: int = 16, alpha: int = 32):
+    """RFT's starting policy (Algorithm 1, line 3: pi_init = pi_ref = the SFT policy), without a merged copy:
+    the SFT run's base with its adapter loaded frozen as REFERENCE, and a fresh LoRA ("default", rank / alpha)
+    summed with it, whose copies of the trained modules and token rows start as the SFT adapter's. Its
+    forward is the SFT policy's bit for bit until the first update, and `reference(policy)` is the SFT
+    policy bit for bit throughout, on every preset (bf16 included: nothing is merged into rounded weights).
+    Seed torch before calling it for a reproducible LoRA init. Returns (policy, tokenizer)."""
+    from peft import PeftModel
+
+    base, tok, _ = load_base(os.path.join(sft_run, "base"), preset)
+    freeze_encoders(base)
+    policy = PeftModel.from_pretrained(base, os.path.join(step_dir, "adapter"), adapter_name=REFERENCE)
+    policy.add_adapter("default", lora_config(base, rank, alpha))
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    with torch.no_grad():
+        for m in policy.modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                m.modules_to_save["default"].load_state_dict(m.modules_to_save[REFERENCE].state_dict())
+            elif isinstance(m, TrainableTokensWrapper):
+                rows = m.token_adapter.trainable_tokens_delta
+                rows["default"].data = rows[REFERENCE].data.clone()
+    stack_on_reference(policy, trainable=True)
+    upcast_trainable(policy)
+    return policy, tok
+
+
+def write_rft_start(sft_run: str, step_dir: str, out_dir: str) -> None:
+    """An RFT run's record of where it started, instead of a copy of the base model: base/ links to the SFT
+    run's base/ (it must stay where it is), and reference/ holds a copy of the SFT adapter (pi_ref)."""
+    import shutil
+
+    link = os.path.join(out_dir, "base")
+    if os.path.lexists(link):
+        os.remove(link) if os.path.islink(link) else shutil.rmtree(link)
+    os.symlink(os.path.abspath(os.path.join(sft_run, "base")), link, target_is_directory=True)
+    ref = os.path.join(out_dir, REFERENCE)
+    shutil.rmtree(ref + ".tmp", ignore_errors=True)
+    shutil.copytree(os.path.join(step_dir, "adapter"), ref + ".tmp")
+    shutil.rmtree(ref, ignore_errors=True)
+    os.replace(ref + ".tmp", ref)
+
+
 # ---- Saving and loading ---------------------------------------------------------------------
 
 def save_base(model: PoseLlavaForConditionalGeneration, tokenizer, path: str, preset: str) -> None:
@@ -333,7 +428,13 @@ def load_policy(run_dir: str, preset: str | None = None, trainable: bool = False
     if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter} holds no adapter (adapter_config.json missing)")
     freeze_encoders(base)
-    policy = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    reference = os.path.join(run_dir, REFERENCE)  # an RFT run: the SFT adapter, frozen beside its own (rft_policy)
+    if os.path.isfile(os.path.join(reference, "adapter_config.json")):
+        policy = PeftModel.from_pretrained(base, reference, adapter_name=REFERENCE)
+        policy.load_adapter(adapter, adapter_name="default", is_trainable=trainable)
+        stack_on_reference(policy, trainable)
+    else:
+        policy = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     if trainable:
         upcast_trainable(policy)
     return policy, tok, step_dir

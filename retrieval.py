@@ -94,8 +94,8 @@ from torch import nn
 import body
 import checkpoint
 import metrics
-import posecodes
 import posebench
+import posecodes
 import realdata
 import sentences
 

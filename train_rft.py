@@ -12,11 +12,10 @@ One step costs one sampling loop, one reference forward without gradient, and on
 backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
 (model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
 num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
-same network under peft's `disable_adapter()`. The policy starts from an SFT checkpoint: its
-adapter is merged into the weights and a fresh LoRA is added, so `disable_adapter()` is exactly
-the merged SFT model, pi_init = pi_ref (Algorithm 1, line 3). On the small presets (float32) the
-merged model is the SFT policy to ~1e-6; on llava-1.5-7b the merge rounds the SFT update into the
-bf16 weights (docs/REAL_RUNS.md, "Gaps, known").
+same network with its frozen SFT adapter alone (presets.reference). The policy starts from an SFT
+checkpoint: the SFT run's base with the SFT adapter kept frozen beside a fresh LoRA whose update is
+added to it (presets.rft_policy; nothing merged, no copy of the base: the run's base/ links to the SFT
+run's), so pi_init = pi_ref = the SFT policy bit for bit on every preset (Algorithm 1, line 3).
 
 Ablations, defaults = the paper:
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
@@ -96,8 +95,8 @@ import data
 import hygrpo
 import model as M
 import plumbing
-import posecodes
 import posebench
+import posecodes
 import presets
 import realdata
 import retrieval
@@ -125,6 +124,13 @@ class Args:
     batch_size: int | None = field(default=None, metadata={
         "help": "prompts per step, B; default by preset: 8, llava-1.5-7b 16 (Table 4)"})
     group_size: int = field(default=8, metadata={"help": "samples per prompt, G (>= 2)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step, N: each process samples, scores and backpropagates "
+                "--batch_size / (processes x N) prompts (whole groups) at a time, and one update applies their "
+                "summed gradient: the update of the whole batch (fewer GPUs or less memory: raise N)"})
+    num_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes reading and cropping the prompts (0: the main process); the prompts "
+                "are the same whatever the number"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate; default by preset: 1e-4, llava-1.5-7b 1e-6 (Table 4)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
     num_iterations: int = field(default=1, metadata={"help": "updates per sampled batch (pi_old = the sampling policy)"})
@@ -177,6 +183,8 @@ class Args:
     eval_generate: int = field(default=200, metadata={"help": "test prompts per task answered by greedy generation"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after this many steps; 0: run all"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log metrics.jsonl's records to none, tensorboard, wandb or trackio (each an optional install)"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (docs/REAL_RUNS.md)
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file (https://smpl.is.tue.mpg.de): joints of the joint reward and the real "
@@ -394,62 +402,92 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     with the time of each part, or {"skipped": what} for NaN/inf rewards ("reward"), a NaN/inf loss or
     gradient norm ("loss", "gradient": that update is not applied; with num_iterations > 1 the step's
     earlier updates stay) on any rank, or NaN/inf weights after an update ("weight", which the caller
-    stops on: plumbing.apply_gradients)."""
+    stops on: plumbing.apply_gradients).
+
+    With --grad_accum N the B prompts are N micro-batches of B / N whole groups, each sampled, scored and
+    read by its own forward passes; the advantages are each group's (Eq. 16, as in one batch), and the
+    losses divide by the step's counts (hygrpo_loss's n_prompts, n_posed), so the one update of each
+    iteration applies the gradient of the whole batch."""
     policy, device = ctx.policy, next(ctx.policy.parameters()).device
+    n_micro = getattr(args, "grad_accum", 1)
+    Bm = B // n_micro  # prompts per micro-batch
+    parts = [samples[k * Bm * G:(k + 1) * Bm * G] for k in range(n_micro)]
     t0 = time.time()
-    policy.eval()
-    ro = rollout(policy, ctx.tokenizer, samples, args, device)  # line 6
-    policy.train()
-    t1 = time.time()
-    r, r_d, r_c, valid, where = score(ro, samples, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
-                                      pose_rewards=args.hybrid or logged)  # line 7
+    ros, scored, t_gen = [], [], 0.0
+    for part in parts:
+        t = time.time()
+        policy.eval()
+        ros.append(rollout(policy, ctx.tokenizer, part, args, device))  # line 6
+        policy.train()
+        t_gen += time.time() - t
+        scored.append(score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
+                            pose_rewards=args.hybrid or logged))  # line 7
     t2 = time.time()
+    r_d, r_c, valid = (torch.cat([s[i] for s in scored]) for i in (1, 2, 3))
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
     if not plumbing.on_every_rank(finite, ctx.ddp, device):
         return {"skipped": "reward"}
     adv_d = hygrpo.group_advantages(r_d.view(B, G)).to(device)                          # line 8: F_i
     adv_c = hygrpo.group_advantages(r_c.view(B, G), valid=valid.view(B, G)).to(device)  # Delta_i
     pose_valid = (valid.to(device) & args.hybrid).view(B, G)  # --hybrid false: no continuous term
-    with torch.no_grad(), policy.disable_adapter():  # pi_ref = pi_init, the same weights
-        ref_token_logp, ref_dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+    refs = []
+    for ro in ros:
+        with torch.no_grad(), presets.reference(policy):  # pi_ref = pi_init: the SFT policy (presets.reference)
+            refs.append(logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature))
     t3 = time.time()
-    old_token_logp = old_pose_logp = None
+    olds = [None] * n_micro  # pi_old's log-probs of each micro-batch
     t_opt = 0.0
-    basis = pose_basis(ro, args)  # None: the paper's ratio and KL over all 144 parameters
+    bases = [pose_basis(ro, args) for ro in ros]  # None: the paper's ratio and KL over all 144 parameters
+    # one batch: its own means; N micro-batches: each divides by the step's counts, and their losses add up
+    norm = {} if n_micro == 1 else {"n_prompts": B, "n_posed": pose_valid.any(1).sum()}
     for _ in range(args.num_iterations):  # line 9
-        token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
-        pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, basis)  # (N,)
-        kl_c = pose_kl(dist, ref_dist, basis)  # closed form, (N,)
-        if old_token_logp is None:  # pi_old: the sampling policy = this first forward, detached
-            old_token_logp, old_pose_logp = token_logp.detach(), pose_logp.detach()
-        shape3 = (B, G, -1)
-        loss, stats = ctx.loss_fn(token_logp.view(shape3), old_token_logp.view(shape3),
-                                  ref_token_logp.view(shape3), ro.completion_mask.view(shape3),
-                                  pose_logp.view(B, G), old_pose_logp.view(B, G), kl_c.view(B, G), pose_valid,
-                                  adv_d, adv_c, eps_clip=args.eps_clip, beta=args.beta)
-        if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
-            return {"skipped": "loss"}
         ctx.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, sums, stds = 0.0, None, []
+        for k, ro in enumerate(ros):
+            rows = slice(k * Bm, (k + 1) * Bm)
+            token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+            pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, bases[k])  # (N,)
+            kl_c = pose_kl(dist, refs[k][1], bases[k])  # closed form, (N,)
+            if olds[k] is None:  # pi_old: the sampling policy = the first iteration's forward, detached
+                olds[k] = token_logp.detach(), pose_logp.detach()
+            shape3 = (Bm, G, -1)
+            loss, stats = ctx.loss_fn(token_logp.view(shape3), olds[k][0].view(shape3),
+                                      refs[k][0].view(shape3), ro.completion_mask.view(shape3),
+                                      pose_logp.view(Bm, G), olds[k][1].view(Bm, G), kl_c.view(Bm, G),
+                                      pose_valid[rows], adv_d[rows], adv_c[rows], eps_clip=args.eps_clip,
+                                      beta=args.beta, **norm)
+            if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
+                return {"skipped": "loss"}
+            loss.backward()
+            total += loss.item()
+            sums = stats if sums is None else {key: sums[key] + v for key, v in stats.items()}
+            vk = valid[k * Bm * G:(k + 1) * Bm * G].to(device)
+            stds.append(dist.stddev[vk].detach())
         t_a = time.time()
         bad, _ = plumbing.apply_gradients(ctx.opt, ctx.params, args.grad_clip, ctx.ddp, device, average=True)
         t_opt += time.time() - t_a
         if bad:
             return {"skipped": bad}
+    # the losses' terms add up over the micro-batches; the fractions and the mean ratio are their means
+    stats = {key: v / n_micro if n_micro > 1 and key.startswith(("clipfrac", "ratio", "approx")) else v
+             for key, v in sums.items()}
     t4 = time.time()
     v = valid.float()
+    names = list(dict.fromkeys(key for s in scored for key in s[0]))  # + the pose-input tasks', where a micro-batch had them
+    r = {key: torch.cat([s[0].get(key, torch.zeros(len(s[1]))) for s in scored]) for key in names}
+    where = {key: torch.cat([s[4].get(key, torch.zeros(len(s[1]), dtype=torch.bool)) for s in scored]) for key in names}
     rec = {f"rewards/{k}": (x[where[k]].mean().item() if where[k].any() else None) for k, x in r.items()}
     rec.update({"rewards/discrete": r_d.mean().item(),
                 "rewards/continuous": (r_c * v).sum().item() / max(1, v.sum().item()),
                 **{f"losses/{k}": stats[k].item() for k in ("pg_discrete", "pg_continuous", "kl_token", "kl_pose")},
-                "losses/total": loss.item(),
+                "losses/total": total,
                 "charts/clipfrac_discrete": stats["clipfrac_discrete"].item(),
                 "charts/clipfrac_continuous": stats["clipfrac_continuous"].item(),
                 "charts/ratio_pose_mean": stats["ratio_pose_mean"].item(),
                 "charts/frac_zero_std_groups": hygrpo.frac_zero_std_groups(r_d.view(B, G)),
                 "charts/frac_valid_pose": v.mean().item(),
-                "charts/pose_std_mean": dist.stddev[valid.to(device)].mean().item() if valid.any() else None,
-                "time/generate_s": t1 - t0, "time/rewards_s": t2 - t1, "time/reference_s": t3 - t2,
+                "charts/pose_std_mean": torch.cat(stds).mean().item() if valid.any() else None,
+                "time/generate_s": t_gen, "time/rewards_s": t2 - t0 - t_gen, "time/reference_s": t3 - t2,
                 "time/policy_s": t4 - t3 - t_opt, "time/optimizer_s": t_opt, "time/total_s": time.time() - t0})
     return rec
 
@@ -502,8 +540,7 @@ def main(argv=None):
     tasks = realdata.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
     ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0
-    if args.batch_size % world:
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
+    plumbing.check_batch(args.batch_size, world, args.grad_accum)
     torch.set_num_threads(args.threads)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -527,21 +564,19 @@ def main(argv=None):
     checkpoint.prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
 
-    log = plumbing.make_logger(args.out_dir, master)
+    log = plumbing.make_logger(args.out_dir, master, args.report_to, args)
 
-    # ---- BOILERPLATE: pi_init (SFT merged) + a fresh adapter; rewards' models; data
-    base_dir = os.path.join(args.out_dir, "base")
+    # ---- BOILERPLATE: pi_init (the SFT adapter frozen) + a fresh adapter; rewards' models; data
     if args.resume:
         step_dir = checkpoint.run_step(args.out_dir, "--out_dir", resume=True)
         policy, tokenizer, step_dir = presets.load_policy(args.out_dir, args.preset, trainable=True, step_dir=step_dir)
         state = checkpoint.load_train_state(step_dir)
-    else:
-        sft, tokenizer, _ = presets.load_policy(args.sft_dir, args.preset, step_dir=sft_step)
-        base = sft.merge_and_unload()  # pi_init: the SFT weights, no adapter
+    else:  # pi_init = pi_ref = the SFT policy bit for bit: its adapter frozen beside a fresh one (presets.rft_policy)
         if master:
-            presets.save_base(base, tokenizer, base_dir, args.preset)
+            presets.write_rft_start(args.sft_dir, sft_step, args.out_dir)  # base/ -> the SFT run's, reference/: its adapter
         torch.manual_seed(args.seed)  # the adapter's init, the same on every rank
-        policy, state = presets.apply_lora(base, args.lora_rank, args.lora_alpha), None
+        policy, tokenizer = presets.rft_policy(args.sft_dir, sft_step, args.preset, args.lora_rank, args.lora_alpha)
+        state = None
     torch.manual_seed(args.seed + rank)  # sampling differs by rank
     policy.to(device).train()
     inner = policy.get_base_model()
@@ -574,11 +609,11 @@ def main(argv=None):
     # ---- ALGO: Algorithm 1, lines 4-10
     from tqdm import tqdm
     ctx = StepContext(policy, tokenizer, opt, params, similarity, retriever, bodymodel, loss_fn, suppressed, ddp)
+    batches = plumbing.step_loader(tasks, args, start, rank, world, args.seed)  # a step's prompts: its (seed, step)
     for step in tqdm(range(start, args.steps), desc="RFT", disable=None if master else True,
                      initial=start, total=args.steps):
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()  # line 5
-        samples = [tasks[i] for i in idx for _ in range(G)]  # (B * G) rows, prompt-major
+        prompts = [s for _ in range(args.grad_accum) for s in next(batches)]  # line 5: the step's B, micro-batch-major
+        samples = [s for s in prompts for _ in range(G)]  # (B * G) rows, prompt-major
         for pg in opt.param_groups:
             pg["lr"] = plumbing.cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         done = step + 1
@@ -610,7 +645,7 @@ def main(argv=None):
                                    n_generate=args.eval_generate, similarity=similarity,
                                    retrievers={"eval": evaluator, "reward": retriever})
         res = evaluate()
-        with policy.disable_adapter():  # pi_init = the SFT model, by the same evaluation
+        with presets.reference(policy):  # pi_init = the SFT model, by the same evaluation
             init = evaluate()
         split = args.eval_split  # test/*, or val/* when tuning: never a val number under a test name
         log({**{f"{split}/{k}": v for k, v in res.items()}, **{f"{split}_init/{k}": v for k, v in init.items()}},
@@ -623,6 +658,7 @@ def main(argv=None):
             for k in res:
                 if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:
                     print(f"  {k:48s} {num(init[k])} -> {num(res[k])}")
+    log.close()  # the --report_to tracker
     if ddp:
         torch.distributed.destroy_process_group()
 

@@ -107,6 +107,13 @@ class Args:
         "help": "SFT steps; default by preset: 1200, llava-1.5-7b 10000 (Table 4)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "global batch; default by preset: 32, llava-1.5-7b 80 (Table 4)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step, N: each process runs --batch_size / (processes x N) samples at a "
+                "time and one step applies their summed gradient, so the global batch stays --batch_size (fewer "
+                "GPUs or less memory: raise N; tools/gpu_memory.py --grad_accum N says what fits)"})
+    num_workers: int = field(default=0, metadata={
+        "help": "DataLoader worker processes reading and cropping the samples (0: the main process); the samples "
+                "are the same whatever the number"})
     lr: float | None = field(default=None, metadata={
         "help": "peak learning rate; default by preset: 1e-3, llava-1.5-7b 3e-4 (Table 4)"})
     max_length: int | None = field(default=None, metadata={
@@ -149,6 +156,8 @@ class Args:
     max_bad_steps: int = field(default=5, metadata={
         "help": "abort after this many consecutive steps skipped for a NaN/inf loss or gradient"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads per process"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log metrics.jsonl's records to none, tensorboard, wandb or trackio (each an optional install)"})
     # real runs (--preset llava-1.5-7b): assets and datasets by path (docs/REAL_RUNS.md)
     llava_path: str = field(default="", metadata={"help": f"LLaVA-1.5-7B directory: {presets.LLAVA_SOURCE}"})
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
@@ -343,8 +352,7 @@ def main(argv=None):
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the number of processes ({world})")
+    plumbing.check_batch(args.batch_size, world, args.grad_accum)
     if args.stage0_only:  # report.py: the stage both SFT runs of a seed share
         if real or ddp:
             raise SystemExit("--stage0_only: stage 0 exists for the built-in presets only, in one process")
@@ -370,7 +378,7 @@ def main(argv=None):
             import torch.distributed as dist
             dist.barrier()
 
-    log = plumbing.make_logger(args.out_dir, master)
+    log = plumbing.make_logger(args.out_dir, master, args.report_to, args)
 
     # ---- BOILERPLATE: data, stage 0 (once, on rank 0), the base model on every rank
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
@@ -431,31 +439,43 @@ def main(argv=None):
     # ---- ALGO: SFT steps
     from tqdm import tqdm
     t_loop = time.time()
+    # The global batch of a step depends on the step alone (StepBatches): resuming replays it exactly.
+    batches = plumbing.step_loader(tasks, args, start, rank, world, args.seed)
     for step in tqdm(range(start, args.steps), desc="SFT", disable=None if master else True,
                      initial=start, total=args.steps):
-        # The global batch of this step depends on the step alone: resuming replays it exactly.
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        idx = torch.randint(len(tasks), (args.batch_size,), generator=g)[rank::world].tolist()
-        b = data.collate([tasks[i] for i in idx], tokenizer, n_img, max_length=args.max_length or None).to(device)
-        counts = torch.tensor([(b.labels[:, 1:] != -100).sum().item(), b.pose_valid.sum().item()],
-                              dtype=torch.float64, device=device)
+        micro = [data.collate(next(batches), tokenizer, n_img, max_length=args.max_length or None)
+                 for _ in range(args.grad_accum)]
+        # every loss is a sum over the step's micro-batches and ranks divided by their global counts: the
+        # summed gradients are the one-batch gradient, whatever --grad_accum and the number of processes
+        counts = torch.tensor([sum((b.labels[:, 1:] != -100).sum().item() for b in micro),
+                               sum(b.pose_valid.sum().item() for b in micro)], dtype=torch.float64, device=device)
         n_tokens, n_poses = plumbing.all_reduce_sum(counts, ddp).clamp_min(1).tolist()
         for pg in opt.param_groups:
             pg["lr"] = plumbing.cosine_lr(step, args.steps, args.lr, args.warmup_steps)
-        logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
-                                                pose_values=b.pose_values)
-        loss, stats = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
-        what = "loss"  # a NaN/inf loss, gradient or weight skips the step (checkpoint.count_bad_step)
-        if plumbing.on_every_rank(bool(torch.isfinite(loss)), ddp, device):
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
+        what, total, stats, stds = None, 0.0, {}, []  # a NaN/inf loss, gradient or weight skips the step
+        for b in micro:
+            b = b.to(device)
+            logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
+                                                    pose_values=b.pose_values)
+            loss, part = sft_loss(logits, b.labels, dist, b, args, n_tokens, n_poses, bodymodel)
+            if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ddp, device):
+                what = "loss"  # (count_bad_step)
+                break
             loss.backward()
+            total += loss.item()
+            stats = {k: stats.get(k, 0.0) + v for k, v in part.items()}
+            if not args.deterministic_head:
+                stds.append(dist.stddev.detach())
+            del logits, dist, loss
+        if what is None:
             what, gnorm = plumbing.apply_gradients(opt, params, args.grad_clip, ddp, device)
         done = step + 1
         bad = checkpoint.count_bad_step(bad, what, done, args, log)
         if what is None and (done % args.log_every == 0 or done == args.steps):
             if not args.deterministic_head:
-                stats["charts/pose_std_mean"] = dist.stddev.mean().item()
-            log({**stats, "losses/total": loss.item(), "charts/grad_norm": gnorm.item(),
+                stats["charts/pose_std_mean"] = torch.cat(stds).mean().item()
+            log({**stats, "losses/total": total, "charts/grad_norm": gnorm.item(),
                  "charts/lr": opt.param_groups[0]["lr"],
                  "charts/steps_per_s": (done - start) / (time.time() - t_loop), **plumbing.gpu_peak(device)}, done)
         if done == args.steps and args.head_fit_steps and not real:
@@ -488,6 +508,7 @@ def main(argv=None):
                       f"   | mean training pose: MPJPE {res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE "
                       f"{res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}   | answer format valid {pct(res[task + '/format_valid'])}")
             print(f"  vqa            yes/no accuracy {pct(res['vqa/yes_no_accuracy'])}")
+    log.close()  # the --report_to tracker
     if ddp:
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import data
-import figures
 import evaluate as E
+import figures
 import plumbing
 import posebench
 import presets

@@ -395,3 +395,45 @@ def test_group_advantages_with_a_valid_mask_against_a_loop():
                 ref = (rewards[b, i].item() - mean) / (std + 1e-6)
             assert abs(adv[b, i].item() - ref) < 1e-9, (b, i)
     assert torch.equal(group_advantages(rewards[:1], valid=valid[:1]), group_advantages(rewards[:1]))
+
+
+@pytest.mark.parametrize("cuts", [(0, 2, 5), (0, 1, 3, 5)])
+def test_micro_batch_losses_with_the_steps_counts_add_up_to_the_whole_batch(cuts):
+    """Gradient accumulation (train_rft.py --grad_accum): the batch cut into micro-batches of whole groups,
+    each loss divided by the step's counts (n_prompts, n_posed), sums to the slow loop's loss of the whole
+    batch, and so do the gradients; without the step's counts the micro-batches' losses do not."""
+    x = make_inputs(0)  # B = 5: a prompt without a valid pose, zero-std groups, an empty completion
+    ref_loss, ref_stats = slow_hygrpo(as_lists(x))
+    B = x["token_logp"].shape[0]
+    n_posed = x["pose_valid"].any(1).sum()
+
+    def grads(loss_of):
+        leaves = {k: x[k].clone().requires_grad_(True) for k in ("token_logp", "pose_logp", "pose_kl")}
+        loss = loss_of({**x, **leaves})
+        loss.backward()
+        return loss, {k: torch.nan_to_num(v.grad) for k, v in leaves.items()}
+
+    whole, g_whole = grads(lambda y: hygrpo_loss(**y, eps_clip=EPS_CLIP, beta=BETA)[0])
+    assert whole.item() == pytest.approx(ref_loss, abs=1e-9, rel=0)
+
+    def micro(y, counts=True):
+        total, stats_sum = 0.0, {}
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            part = {k: v[a:b] for k, v in y.items()}
+            loss, stats = hygrpo_loss(**part, eps_clip=EPS_CLIP, beta=BETA,
+                                      **(dict(n_prompts=B, n_posed=n_posed) if counts else {}))
+            total = total + loss
+            for k in ("pg_discrete", "pg_continuous", "kl_token", "kl_pose"):
+                stats_sum[k] = stats_sum.get(k, 0.0) + stats[k].item()
+        micro.stats = stats_sum
+        return total
+
+    summed, g_summed = grads(micro)
+    assert summed.item() == pytest.approx(ref_loss, abs=1e-9, rel=0)
+    for k in ("pg_discrete", "pg_continuous", "kl_token", "kl_pose"):
+        assert micro.stats[k] == pytest.approx(ref_stats[k], abs=1e-9, rel=0), k
+    for k in g_whole:
+        assert torch.allclose(g_summed[k], g_whole[k], atol=1e-12, rtol=0), k
+    assert any(g.abs().max() > 1e-3 for g in g_whole.values())
+    naive, _ = grads(lambda y: micro(y, counts=False))  # each micro-batch's own means: not the batch's loss
+    assert abs(naive.item() - ref_loss) > 1e-3

@@ -9,8 +9,8 @@ import transformers
 
 import data
 import model as M
-import posecodes
 import posebench as pb
+import posecodes
 import presets
 from test_model import force_pose
 

@@ -9,8 +9,8 @@ import data
 import evaluate
 import hygrpo
 import model as M
-import posecodes
 import posebench as pb
+import posecodes
 import presets
 import rewards as R
 import train_rft

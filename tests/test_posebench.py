@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import body
-import posecodes
 import posebench as pb
+import posecodes
 import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -148,6 +148,37 @@ def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
     rows = [json.loads(x) for x in (d / "rft" / "metrics.jsonl").read_text().splitlines()]
     step = [r for r in rows if "losses/total" in r]
     assert len(step) == 1 and np.isfinite(step[0]["losses/total"]) and "charts/pose_std_mean" in step[0]
+    # no second base model: base/ links to the SFT run's, beside a copy of the SFT adapter (pi_ref)
+    assert os.path.realpath(d / "rft" / "base") == os.path.realpath(d / "sft" / "base")
+    assert (d / "rft" / presets.REFERENCE / "adapter_model.safetensors").exists()
+
+
+def test_real_data_loader_workers_and_resume_exact(assets, monkeypatch):
+    """The real data through the DataLoader: 2 worker processes and 2 micro-batches a step, stopped after
+    step 1 and resumed, give step 2's weights and optimizer state bit for bit as the uninterrupted run
+    read in the main process."""
+    import torch
+    from safetensors.torch import load_file
+
+    d, data_flags = assets
+    monkeypatch.setattr(posevit, "VIT_H", TOY_VIT)
+    sft = ["--preset", "llava-1.5-7b", "--llava_path", str(d / "llava"), "--hmr2_ckpt", str(d / "hmr2.ckpt"),
+           "--steps", "2", "--batch_size", "4", "--grad_accum", "2", "--warmup_steps", "1", "--head_rank", "2",
+           "--save_every", "1", "--keep_checkpoints", "0", *data_flags]
+    train_sft.main(sft + ["--out_dir", str(d / "whole"), "--num_workers", "0"])
+    train_sft.main(sft + ["--out_dir", str(d / "parts"), "--num_workers", "2", "--stop_after", "1"])
+    assert (d / "parts" / "LATEST").read_text() == "step-000001"
+    train_sft.main(sft + ["--out_dir", str(d / "parts"), "--num_workers", "2", "--resume"])
+    for step in ("step-000001", "step-000002"):
+        a = load_file(d / "whole" / step / "adapter" / "adapter_model.safetensors")
+        b = load_file(d / "parts" / step / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+        sa, sb = (torch.load(x / step / "train_state.pt", weights_only=False)["optimizer"]["state"]
+                  for x in (d / "whole", d / "parts"))
+        assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in ("exp_avg", "exp_avg_sq")), step
+    w1 = load_file(d / "whole" / "step-000001" / "adapter" / "adapter_model.safetensors")
+    w2 = load_file(d / "whole" / "step-000002" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # step 2 trained: the comparison can fail
 
 
 def test_memory_table_counts_and_arithmetic(capsys):
@@ -164,3 +195,32 @@ def test_memory_table_counts_and_arithmetic(capsys):
     tok = 10 * (768 + 48)  # SFT: 80 / 8 samples of 816 tokens
     assert by[("SFT", "layer inputs kept by checkpointing")] == 32 * 4096 * 2 * tok
     assert peaks["SFT peak"] == sum(b for p, _, _, b in rows if p in ("both", "SFT"))
+
+
+def test_memory_takes_grad_accum_and_measured_text_length(assets, capsys):
+    """tools/gpu_memory.py --grad_accum N: a GPU holds batch / (gpus x N) samples; --llava_instruct_json: the text length
+    is the file's longest turn as data.collate encodes it (counted here by collate itself)."""
+    import data
+    import memory
+    import realdata
+    from transformers import AutoTokenizer
+
+    d, _ = assets
+    rows, _ = memory.main(["--gpus", "4", "--grad_accum", "2"])
+    by = {(p, i): b for p, i, _, b in rows}
+    assert by[("SFT", "layer inputs kept by checkpointing")] == 32 * 4096 * 2 * 10 * (768 + 48)  # 80 / (4 x 2)
+    assert by[("RFT update", "layer inputs kept by checkpointing")] == 32 * 4096 * 2 * 16 * (768 + 48 + 24)  # 2 x G
+    args = memory.Args(llava_path=str(d / "llava"), llava_instruct_json=str(d / "llava_instruct_150k.json"))
+    rows, _, counts = memory.memory_rows(args)
+    tok = AutoTokenizer.from_pretrained(str(d / "llava"))
+    sample = realdata.LLaVAInstruct(str(d / "llava_instruct_150k.json"), str(d / "coco"), 32)[0]
+    b = data.collate([sample], tok, 1)  # one image placeholder: the rest is text
+    want = b.input_ids.shape[1] - 1
+    assert f"--text_tokens {want}" in capsys.readouterr().out
+    assert args.text_tokens == want
+    h, L = memory.llava_7b_config(str(d / "llava")).text_config.hidden_size, memory.llava_7b_config(
+        str(d / "llava")).text_config.num_hidden_layers
+    by = {(p, i): n for p, i, _, n in rows}
+    assert by[("SFT", "layer inputs kept by checkpointing")] == L * h * 2 * 10 * (counts["num_image_tokens"] + want)
+    with pytest.raises(SystemExit, match="divisible by --gpus"):
+        memory.main(["--gpus", "3"])

@@ -86,6 +86,7 @@ def test_readme_real_run_commands_under_torchrun(tmp_path):
                   "--bedlam_script_dir", p["bedlam"], "--bedlam_img_dir", p["bedlam_img"],
                   "--llava_instruct_json", p["instruct"], "--coco_dir", p["coco"], "--smpl_path", p["smpl"]]
     small = ["--threads", "1", "--lora_rank", "4", "--log_every", "1", "--warmup_steps", "1"]
+    accum = ["--grad_accum", "2", "--num_workers", "2", "--keep_checkpoints", "2"]  # the paper's hardware flags
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
@@ -97,20 +98,25 @@ def test_readme_real_run_commands_under_torchrun(tmp_path):
 
     run([*torchrun, os.path.join(ROOT, "tests", "toy_width.py"), os.path.join(ROOT, "train_sft.py"),
          "--preset", "llava-1.5-7b", "--out_dir", "ckpt/sft_7b", "--llava_path", p["llava"], "--hmr2_ckpt", p["hmr2"],
-         *data_flags, "--steps", "2", "--batch_size", "4", "--head_rank", "2", *small])
+         *data_flags, "--steps", "3", "--batch_size", "4", "--head_rank", "2", "--save_every", "1", *accum, *small])
     out = run([sys.executable, os.path.join(ROOT, "retrieval.py"), "--posescript_dir", p["posescript"],
                "--amass_dir", p["amass"], "--bedlam_script_dir", p["bedlam"], "--smpl_path", p["smpl"],
                "--epochs", "2", "--batch_size", "8", "--hidden_dim", "32", "--embed_dim", "16", "--num_threads", "1"])
     assert "PoseScript-H2" in out
     run([*torchrun, os.path.join(ROOT, "train_rft.py"), "--preset", "llava-1.5-7b", "--sft_dir", "ckpt/sft_7b",
-         "--out_dir", "ckpt/rft_7b", *data_flags, "--steps", "1", "--batch_size", "2", "--group_size", "2",
-         "--max_new_tokens", "4", *small])
+         "--out_dir", "ckpt/rft_7b", *data_flags, "--steps", "2", "--batch_size", "4", "--group_size", "2",
+         "--max_new_tokens", "4", "--save_every", "1", *accum, *small])
     run([*torchrun, os.path.join(ROOT, "evaluate.py"), "--preset", "llava-1.5-7b", "--ckpt", "ckpt/rft_7b",
          "--eval_npz", f"3DPW={p['eval_npz']}={p['pw3d']}", "--joint_regressor", p["regressor"], "--smpl_path", p["smpl"],
          "--posescript_dir", p["posescript"], "--amass_dir", p["amass"], "--eval_retriever", "ckpt/retriever_eval",
          "--reward_retriever", "ckpt/retriever_reward", "--threads", "1", "--batch_size", "4"])
+    run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "ckpt/rft_7b", "--out", "exported/rft_7b"])
+    assert (tmp_path / "exported/rft_7b/config.json").exists()
+    for run_dir, steps in (("ckpt/sft_7b", ["step-000002", "step-000003"]), ("ckpt/rft_7b", ["step-000001", "step-000002"])):
+        assert sorted(x.name for x in (tmp_path / run_dir).glob("step-*")) == steps  # --keep_checkpoints 2
+    assert (tmp_path / "ckpt/rft_7b/base").is_symlink()  # no second base model
     sft = [json.loads(x) for x in (tmp_path / "ckpt/sft_7b/metrics.jsonl").read_text().splitlines()]
-    assert sum("losses/total" in r for r in sft) == 2 and all(np.isfinite(r["losses/total"]) for r in sft if "losses/total" in r)
+    assert sum("losses/total" in r for r in sft) == 3 and all(np.isfinite(r["losses/total"]) for r in sft if "losses/total" in r)
     rft = [json.loads(x) for x in (tmp_path / "ckpt/rft_7b/metrics.jsonl").read_text().splitlines()]
     assert any("losses/total" in r and np.isfinite(r["losses/total"]) for r in rft)
     res = json.loads((tmp_path / "ckpt/rft_7b/eval_real/results.json").read_text())

@@ -16,8 +16,8 @@ import torch
 
 import body
 import plumbing
-import posecodes
 import posebench
+import posecodes
 import retrieval as R
 import sentences
 

@@ -61,14 +61,15 @@ def bench(preset: str, args: Args) -> dict:
     if args.sft_dir:
         import checkpoint
 
-        sft, tok, _ = presets.load_policy(args.sft_dir, preset, step_dir=checkpoint.run_step(args.sft_dir, "--sft_dir"))
-        base = sft.merge_and_unload()
+        # as train_rft.py starts from an SFT run
+        policy, tok = presets.rft_policy(args.sft_dir, checkpoint.run_step(args.sft_dir, "--sft_dir"), preset)
     elif preset == "tiny":
         tok = data.tiny_tokenizer(cfg)
-        base = presets.build_tiny(tok)
+        policy = presets.apply_lora(presets.build_tiny(tok))
     else:
         base, tok = presets.build_smol()
-    policy = presets.apply_lora(base).to(device)
+        policy = presets.apply_lora(base)
+    policy = policy.to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
     if args.reward_retriever:
         retriever = retrieval.load_retriever(args.reward_retriever, device)
