@@ -9,7 +9,7 @@ model.py is imported (it registers the `pose_llava` model type); nothing of the 
     tokenizer = AutoTokenizer.from_pretrained("exported")
 
 The weights are merged and saved in float32 and the export runs in float32 (no bf16 autocast): merging a
-LoRA update into bf16 weights would round it away in part (README, "Real runs on GPUs"). So the exported
+LoRA update into bf16 weights would round it away in part (docs/REAL_RUNS.md). So the exported
 7B policy is the trained one without bf16 rounding, which evaluate.py's bf16-autocast path has; the small
 presets (float32 throughout) give evaluate.py's poses to float rounding (tests/test_export.py).
 
@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-
 
 import checkpoint
 import presets
