@@ -198,29 +198,29 @@ def test_memory_table_counts_and_arithmetic(capsys):
 
 
 def test_memory_takes_grad_accum_and_measured_text_length(assets, capsys):
-    """tools/gpu_memory.py --grad_accum N: a GPU holds batch / (gpus x N) samples; --llava_instruct_json: the text length
-    is the file's longest turn as data.collate encodes it (counted here by collate itself)."""
+    """tools/gpu_memory.py --grad_accum N: a GPU holds batch / (gpus x N) samples; --llava_instruct_json: the
+    text length is the file's longest turn as data.collate encodes it (counted here by collate itself)."""
     import data
-    import memory
+    from tools import gpu_memory
     import realdata
     from transformers import AutoTokenizer
 
     d, _ = assets
-    rows, _ = memory.main(["--gpus", "4", "--grad_accum", "2"])
+    rows, _ = gpu_memory.main(["--gpus", "4", "--grad_accum", "2"])
     by = {(p, i): b for p, i, _, b in rows}
     assert by[("SFT", "layer inputs kept by checkpointing")] == 32 * 4096 * 2 * 10 * (768 + 48)  # 80 / (4 x 2)
     assert by[("RFT update", "layer inputs kept by checkpointing")] == 32 * 4096 * 2 * 16 * (768 + 48 + 24)  # 2 x G
-    args = memory.Args(llava_path=str(d / "llava"), llava_instruct_json=str(d / "llava_instruct_150k.json"))
-    rows, _, counts = memory.memory_rows(args)
+    args = gpu_memory.Args(llava_path=str(d / "llava"), llava_instruct_json=str(d / "llava_instruct_150k.json"))
+    rows, _, counts = gpu_memory.memory_rows(args)
     tok = AutoTokenizer.from_pretrained(str(d / "llava"))
     sample = realdata.LLaVAInstruct(str(d / "llava_instruct_150k.json"), str(d / "coco"), 32)[0]
     b = data.collate([sample], tok, 1)  # one image placeholder: the rest is text
     want = b.input_ids.shape[1] - 1
     assert f"--text_tokens {want}" in capsys.readouterr().out
     assert args.text_tokens == want
-    h, L = memory.llava_7b_config(str(d / "llava")).text_config.hidden_size, memory.llava_7b_config(
+    h, L = gpu_memory.llava_7b_config(str(d / "llava")).text_config.hidden_size, gpu_memory.llava_7b_config(
         str(d / "llava")).text_config.num_hidden_layers
     by = {(p, i): n for p, i, _, n in rows}
     assert by[("SFT", "layer inputs kept by checkpointing")] == L * h * 2 * 10 * (counts["num_image_tokens"] + want)
     with pytest.raises(SystemExit, match="divisible by --gpus"):
-        memory.main(["--gpus", "3"])
+        gpu_memory.main(["--gpus", "3"])
