@@ -249,3 +249,42 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
                                 (j - j[:, :1]).reshape(1, -1).double().numpy(), evaluate.ARCHETYPE_KNN)[0]
     arch = np.array([x.archetype for x in ev.eval_samples(TASK)])
     assert res[f"{TASK}/archetype_accuracy"] == pytest.approx(float((arch == guess).mean()))
+
+
+def test_sft_rft_and_evaluate_with_the_abstract_task(tmp_path, capsys):
+    """SFT with --mix of 6 weights (the default run's stage 0, shared), RFT (HyGRPO) on it with its rewards
+    logged, evaluate.py finding the task from the run's flags; RFT refuses a --reasoning other than SFT's
+    and too few new tokens for a reasoning."""
+    import json
+
+    import retrieval
+    import train_sft
+    from test_train_sft import TINY_RUN
+    bench = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]
+    six = ["--mix", "0.2", "0.2", "0.1", "0", "0", "0.5"]
+    train_sft.main(TINY_RUN + six + ["--out_dir", str(tmp_path / "sft")])
+    with open(tmp_path / "sft" / "test_metrics.json") as fh:
+        res = json.load(fh)
+    assert res[f"{TASK}/archetype_accuracy_true_poses"] is not None and f"{TASK}/pose_rate" in res
+    with open(tmp_path / "sft" / "base" / train_sft.BASE_FLAGS) as fh:
+        assert json.load(fh)["abstract"] is True
+    retrieval.main(bench + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
+                            "--out_dir", str(tmp_path), "--num_threads", "1"])
+    rft = bench + ["--mix", "0", "0", "0", "0", "0", "1", "--steps", "2", "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "48",
+                         "--log_every", "1", "--eval_samples", "0", "--threads", "1", "--warmup_steps", "1",
+                         "--sft_dir", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "rft"),
+                         "--reward_retriever", str(tmp_path / "retriever_reward"),
+                         "--eval_retriever", str(tmp_path / "retriever_eval")]
+    for bad, what in ((["--reasoning", "false"], "--reasoning"), (["--max_new_tokens", "24"], "--max_new_tokens")):
+        with pytest.raises(SystemExit, match=what):
+            train_rft.main(rft + bad)
+    train_rft.main(rft)
+    rows = [json.loads(x) for x in open(tmp_path / "rft" / "metrics.jsonl")]
+    train = [r for r in rows if "losses/total" in r]
+    assert len(train) == 2 and all(r["rewards/plausible"] is not None and "rewards/reasoning" in r for r in train)
+    evaluate.main(["--ckpt", str(tmp_path / "rft"), "--eval_samples", "16", "--eval_generate", "2", "--threads", "1",
+                   "--reward_retriever", str(tmp_path / "retriever_reward"),
+                   "--eval_retriever", str(tmp_path / "retriever_eval"), "--split", "val"])
+    with open(tmp_path / "rft" / "eval" / "results.json") as fh:
+        got = json.load(fh)["metrics"]
+    assert f"{TASK}/eval_retriever/archetype_similarity" in got and f"{TASK}/nearest_mpjpe_mm" in got
