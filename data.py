@@ -18,6 +18,14 @@ Pose as input (issue 21; UniPose, PoseLLaVA, PoseFix), built-in only, not in the
 | `pose_to_text`  | "Describe this pose: <pose_input>"    | one of the pose's posebench captions            |
 | `pose_edit`     | pose A at <pose_input> + instruction  | POSE_ANSWER, target pose B (posebench.load_edits) |
 
+Abstract prompts (issue 22; CoT-Pose), built-in only, behind a sixth --mix weight (MIX_TASKS):
+
+| task               | input                                  | answer                                        |
+|--------------------|----------------------------------------|-----------------------------------------------|
+| `abstract_to_pose` | "Generate the pose of someone kneeling." (posebench.ARCHETYPE_PHRASES, 3 templates) | a caption of the target pose (the reasoning), then POSE_ANSWER; `reasoning=False`: POSE_ANSWER alone |
+
+Its vocabulary is `tiny_tokenizer(cfg, abstract=True)`, the pose-input one extended (every id kept).
+
 `<pose_input>` becomes POSE_INPUT_LEN placeholder ids that model.PoseInputEncoder fills; the input
 poses travel in `Batch.pose_values`. The tiny preset then speaks `tiny_tokenizer(cfg, pose_input=True)`,
 the default vocabulary with the new token and words appended (every default id unchanged).

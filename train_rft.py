@@ -93,6 +93,9 @@ Metrics (metrics.jsonl, one JSON object per logged step; README explains each):
 
 Run:
     python train_rft.py --sft_dir ckpt/sft                      # tiny preset, CPU
+    python train_rft.py --sft_dir ckpt/sft --algo direct        # DrPose-style direct reward fine-tuning
+    python train_rft.py --sft_dir ckpt/sft_abs --mix 0.4 0.4 0.2 0 0 0.4 --max_new_tokens 48   # + abstract prompts
+        # (an SFT run with the same 6 weights; both with --reasoning false for the control without reasoning)
     torchrun --nproc_per_node=8 train_rft.py --preset smol ...  # whole groups stay on one rank
     torchrun --nproc_per_node=8 train_rft.py --preset llava-1.5-7b --sft_dir ckpt/sft_7b --smpl_path SMPL_NEUTRAL.pkl \
         --posescript_dir ... --amass_dir ... --image_npz ... --text_encoder /models/bge-m3   # README

@@ -56,6 +56,7 @@ Run:
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
     python train_sft.py --mix 0.3 0.3 0.2 0.1 0.1         # + pose_to_text, pose_edit (pose as input; README)
+    python train_sft.py --mix 0.4 0.4 0.2 0 0 0.4         # + abstract_to_pose (CoT-Pose; --reasoning false: no reasoning)
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
         --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp ...   # README
 """
