@@ -413,10 +413,11 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
     check_flags(args, script, at_least, positive)
     plumbing.check_report_to(getattr(args, "report_to", "none"), script)
     w = np.asarray(args.mix, dtype=np.float64)
-    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS)) or (w < 0).any() or w.sum() <= 0:
+    if len(w) not in (len(data.TASKS), len(data.ALL_TASKS), len(data.MIX_TASKS)) or (w < 0).any() or w.sum() <= 0:
         raise SystemExit(f"{script}: --mix {' '.join(map(str, args.mix))}: expected {len(data.TASKS)} non-negative "
                          f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
-                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)})")
+                         f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)}), or {len(data.MIX_TASKS)} with "
+                         f"{data.ABSTRACT_TASK} too")
     if len(args.real_mix) != 4 or min(args.real_mix) < 0:
         raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
                          "(text-to-pose, image-to-pose, image-text, VQA)")

@@ -18,6 +18,14 @@ Pose as input (UniPose, PoseLLaVA, PoseFix), built-in only, not in the default m
 | `pose_to_text`  | "Describe this pose: <pose_input>"    | one of the pose's posebench captions            |
 | `pose_edit`     | pose A at <pose_input> + instruction  | POSE_ANSWER, target pose B (posebench.load_edits) |
 
+Abstract prompts (issue 22; CoT-Pose), built-in only, behind a sixth --mix weight (MIX_TASKS):
+
+| task               | input                                  | answer                                        |
+|--------------------|----------------------------------------|-----------------------------------------------|
+| `abstract_to_pose` | "Generate the pose of someone kneeling." (posebench.ARCHETYPE_PHRASES, 3 templates) | a caption of the target pose (the reasoning), then POSE_ANSWER; `reasoning=False`: POSE_ANSWER alone |
+
+Its vocabulary is `tiny_tokenizer(cfg, abstract=True)`, the pose-input one extended (every id kept).
+
 `<pose_input>` becomes POSE_INPUT_LEN placeholder ids that model.PoseInputEncoder fills; the input
 poses travel in `Batch.pose_values`. The tiny preset then speaks `tiny_tokenizer(cfg, pose_input=True)`,
 the default vocabulary with the new token and words appended (every default id unchanged).
@@ -86,7 +94,11 @@ POSE_TASKS = ("image_to_pose", "text_to_pose")  # tasks whose answer holds <POSE
 # default mixture; with them the tiny preset speaks an extended vocabulary (`tiny_tokenizer`).
 POSE_INPUT_TASKS = ("pose_to_text", "pose_edit")
 ALL_TASKS = TASKS + POSE_INPUT_TASKS
-POSE_ANSWER_TASKS = POSE_TASKS + ("pose_edit",)  # every task whose answer holds <POSE>
+# Abstract prompts (issue 22; CoT-Pose): "Generate the pose of someone kneeling" -> a reasoning (a caption
+# of the target pose) then POSE_ANSWER. Not in the default mixture: --mix with 6 weights (MIX_TASKS).
+ABSTRACT_TASK = "abstract_to_pose"
+MIX_TASKS = ALL_TASKS + (ABSTRACT_TASK,)
+POSE_ANSWER_TASKS = POSE_TASKS + ("pose_edit", ABSTRACT_TASK)  # every task whose answer holds <POSE>
 IMAGE_TOKEN = "<image>"
 POSE_TOKEN = "<POSE>"
 POSE_INPUT_TOKEN = "<pose_input>"  # the input pose's placeholder: POSE_INPUT_LEN ids, filled by the pose encoder
@@ -142,7 +154,25 @@ PROMPTS = {  # paraphrases, one drawn per sample; image prompts hold IMAGE_TOKEN
         "Here is a pose: <pose_input> Adjust it as follows: {instruction}",
         "{instruction} Apply this change to the pose <pose_input> and give the new SMPL pose.",
     ],
+    "abstract_to_pose": [  # answer: a caption of the target pose, then POSE_ANSWER (abstract_answer)
+        "Generate the pose of {phrase}.",
+        "What is the SMPL pose of {phrase}?",
+        "Show the body pose of {phrase} in SMPL format.",
+    ],
 }
+
+
+def abstract_answer(caption: str, reasoning: bool = True) -> str:
+    """The abstract-prompt task's answer: the reasoning (a caption of the target pose) and then the pose,
+    "{caption} The SMPL pose of this person is <POSE>."; without reasoning (the control), POSE_ANSWER."""
+    return f"{caption} {POSE_ANSWER}" if reasoning else POSE_ANSWER
+
+
+def reasoning_of(answer: str) -> str:
+    """The reasoning of a (generated) abstract-prompt answer: its text before the pose sentence ("The SMPL
+    pose of this person is"), stripped; the whole text when that sentence is absent."""
+    m = re.search(r"The\s+SMPL\s+pose\s+of\s+this\s+person\s+is", answer)
+    return (answer[:m.start()] if m else answer).strip()
 
 
 def chat_text(prompt: str, answer: str | None) -> str:
@@ -170,6 +200,7 @@ class Sample:
     pose_input: np.ndarray | None = None  # (J, 6) float32 the input pose (pose_to_text, pose_edit: A); the
     #                                  prompt then holds POSE_INPUT_TOKEN once
     source_index: int = -1           # pose_edit: row of A in its split
+    archetype: int = -1              # abstract_to_pose: the prompt's archetype (posebench.ARCHETYPE_NAMES)
 
 
 def pose_aa_to_6d(pose_aa: np.ndarray) -> np.ndarray:
@@ -214,6 +245,8 @@ class PoseBenchTasks(torch.utils.data.Dataset):
             among the poses that have a B).
         mix: one non-negative weight per entry of `tasks` (normalised to sum 1).
         seed: seed of the mixture (not of the benchmark, which `cfg.seed` fixes).
+        reasoning: abstract_to_pose's answers reason before the pose (CoT-Pose; false: the control that
+            answers straight with the pose, POSE_ANSWER).
         length: number of samples (default: the number of poses N in the split). Sample i is one fixed
             draw, so indices drawn from range(N) form a fixed pool that reaches about 1 - exp(-w) of
             the poses for a task of weight w (a third at 0.4; docs/RESULTS.md, "Data coverage"); a larger
@@ -221,11 +254,12 @@ class PoseBenchTasks(torch.utils.data.Dataset):
     """
 
     def __init__(self, split: str, cfg: posebench.BenchConfig | None = None, tasks: Sequence[str] = TASKS,
-                 mix: Sequence[float] = (0.4, 0.4, 0.2), seed: int = 0, length: int | None = None):
+                 mix: Sequence[float] = (0.4, 0.4, 0.2), seed: int = 0, length: int | None = None,
+                 reasoning: bool = True):
         tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-        unknown = [t for t in tasks if t not in ALL_TASKS]
+        unknown = [t for t in tasks if t not in MIX_TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
-            raise ValueError(f"PoseBenchTasks: tasks must be distinct names from {ALL_TASKS}, got {tasks}"
+            raise ValueError(f"PoseBenchTasks: tasks must be distinct names from {MIX_TASKS}, got {tasks}"
                              + (f" (unknown task {unknown[0]!r})" if unknown else ""))
         w = np.asarray(mix, dtype=np.float64)
         if w.ndim != 1 or len(w) != len(tasks):
@@ -237,7 +271,7 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         if length is not None and length < 1:
             raise ValueError(f"PoseBenchTasks: length must be >= 1, got {length}")
         self.tasks, self.mix, self.seed = tasks, w / w.sum(), seed
-        self.cfg = cfg
+        self.cfg, self.reasoning = cfg, reasoning
         self._edits = None  # posebench.PoseEdits, loaded on first use (`edits`)
         self.data = posebench.load_split(split, cfg)
         n = len(self.data)
@@ -271,20 +305,35 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         else:
             idx = int(rng.integers(len(self.data)))
             n_texts = {"text_to_pose": len(self.data.captions[idx]), "vqa": len(self.data.vqa[idx]),
-                       "pose_to_text": len(self.data.captions[idx])}.get(task, 1)
+                       "pose_to_text": len(self.data.captions[idx]),
+                       ABSTRACT_TASK: len(self.data.captions[idx])}.get(task, 1)
         text_choice = int(rng.integers(n_texts))  # caption or question (image_to_pose: none)
         paraphrase = int(rng.integers(len(PROMPTS[task])))
+        if task == ABSTRACT_TASK:  # then the archetype's phrase (a draw the other tasks do not make)
+            name = posebench.ARCHETYPE_NAMES[self.data.archetype[idx]]
+            return self._sample(task, idx, text_choice, paraphrase,
+                                int(rng.integers(len(posebench.ARCHETYPE_PHRASES[name]))))
         return self._sample(task, idx, text_choice, paraphrase)
 
     def eval_samples(self, task: str) -> list[Sample]:
         """One sample per pose of the split for `task` (first caption or question, first paraphrase);
-        pose_edit: one per editing pair, in the order of its poses A."""
-        if task not in ALL_TASKS:
-            raise ValueError(f"eval_samples: unknown task {task!r}; expected one of {ALL_TASKS}")
+        pose_edit: one per editing pair, in the order of its poses A. abstract_to_pose: one per archetype of
+        the split and phrase of it (posebench.ARCHETYPE_PHRASES; 57 prompts when the split holds all 19
+        archetypes, CoT-Pose judged 50), its target the archetype's first pose of the split (first caption,
+        first paraphrase); metrics judge the pose against all of the archetype's poses."""
+        if task not in MIX_TASKS:
+            raise ValueError(f"eval_samples: unknown task {task!r}; expected one of {MIX_TASKS}")
+        if task == ABSTRACT_TASK:
+            out = []
+            for a, name in enumerate(posebench.ARCHETYPE_NAMES):
+                first = np.flatnonzero(self.data.archetype == a)
+                out += [self._sample(task, int(first[0]), 0, 0, k) for k in range(
+                    len(posebench.ARCHETYPE_PHRASES[name]))] if len(first) else []
+            return out
         n = len(self.edits) if task == "pose_edit" else len(self.data)
         return [self._sample(task, idx, 0, 0) for idx in range(n)]
 
-    def _sample(self, task: str, idx: int, text_choice: int, paraphrase: int) -> Sample:
+    def _sample(self, task: str, idx: int, text_choice: int, paraphrase: int, phrase: int = 0) -> Sample:
         template = PROMPTS[task][paraphrase]
         d = self.data
         if task == "image_to_pose":
@@ -297,6 +346,13 @@ class PoseBenchTasks(torch.utils.data.Dataset):
         if task == "pose_to_text":
             caption = d.captions[idx][text_choice]
             return Sample(task, template, caption, pose_input=self.pose6d[idx].copy(), index=idx, text=caption)
+        if task == ABSTRACT_TASK:  # the archetype's phrase asks; a caption of pose idx reasons, pose idx answers
+            a = int(d.archetype[idx])
+            text = posebench.ARCHETYPE_PHRASES[posebench.ARCHETYPE_NAMES[a]][phrase]
+            return Sample(task, fill_template(template, phrase=text),
+                          abstract_answer(d.captions[idx][text_choice], self.reasoning),
+                          pose6d=self.pose6d[idx].copy(), joints=d.joints[idx].copy(), index=idx, text=text,
+                          archetype=a)
         if task == "pose_edit":  # idx: the pair
             e = self.edits
             a, b = int(e.source[idx]), int(e.target[idx])
@@ -401,6 +457,13 @@ def pose_input_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[
     return sorted(texts)
 
 
+def abstract_texts() -> list[str]:
+    """The abstract-prompt task's texts: every prompt template filled with every archetype phrase (its
+    answers are captions and POSE_ANSWER, already `benchmark_texts`'). Sorted."""
+    return sorted({fill_template(p, phrase=ph) for phrases in posebench.ARCHETYPE_PHRASES.values()
+                   for ph in phrases for p in PROMPTS[ABSTRACT_TASK]})
+
+
 def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
     """The texts of the benchmark `cfg`: the templates, every prompt of the given splits with each
     of its captions or questions filled in, every answer. The tokenizer's vocabulary reads every
@@ -422,7 +485,8 @@ def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[s
     return sorted(texts)
 
 
-def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = False) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = False,
+                   abstract: bool = False) -> PreTrainedTokenizerFast:
     """`build_tokenizer(benchmark_texts(cfg))`, built once per benchmark configuration and cached
     at <cache_dir>/tokenizers/<config_key>/tokenizer.json (written atomically).
 
@@ -430,18 +494,25 @@ def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = 
     (`extend_tokenizer(..., pose_input_texts(cfg))`, cached beside it as tokenizer_pose_input.json):
     the default vocabulary, and so the default model, stays as it was without them.
 
+    abstract (implies pose_input; --mix with 6 weights): the pose-input tokenizer extended by the
+    abstract prompts' words (`abstract_texts`), cached as tokenizer_abstract.json: every id of the two
+    smaller vocabularies keeps its meaning.
+
     A cached file that cannot encode this file's templates (they changed since it was written)
     is rebuilt.
     """
     cfg = cfg or posebench.BenchConfig()
     folder = os.path.join(plumbing.cache_dir(), "tokenizers", posebench.config_key(cfg))
-    path = os.path.join(folder, "tokenizer_pose_input.json" if pose_input else "tokenizer.json")
-    templates = _template_texts(ALL_TASKS if pose_input else TASKS)
+    name = "tokenizer_abstract.json" if abstract else "tokenizer_pose_input.json" if pose_input else "tokenizer.json"
+    path = os.path.join(folder, name)
+    templates = _template_texts(MIX_TASKS if abstract else ALL_TASKS if pose_input else TASKS)
     if os.path.exists(path):
         tok = _wrap(Tokenizer.from_file(path))
         if tok.unk_token_id not in sum(tok(templates, add_special_tokens=False)["input_ids"], []):
             return tok
-    if pose_input:
+    if abstract:
+        tok = extend_tokenizer(tiny_tokenizer(cfg, pose_input=True), abstract_texts())
+    elif pose_input:
         tok = extend_tokenizer(tiny_tokenizer(cfg), pose_input_texts(cfg))
     else:
         tok = build_tokenizer(benchmark_texts(cfg))
@@ -638,5 +709,5 @@ def clean_answer(text: str, tokenizer) -> str:
 
 def mix_tasks(mix) -> tuple:
     """The posebench tasks a --mix of weights covers: TASKS for 3 weights, ALL_TASKS (the pose-input
-    tasks too) for 5."""
-    return ALL_TASKS if len(mix) == len(ALL_TASKS) else TASKS
+    tasks too) for 5, MIX_TASKS (abstract_to_pose too) for 6."""
+    return {len(ALL_TASKS): ALL_TASKS, len(MIX_TASKS): MIX_TASKS}.get(len(mix), TASKS)

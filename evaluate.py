@@ -44,6 +44,29 @@ With pose as input (a model with the pose encoder: train_sft.py --mix with 5 wei
                                                  the true B among groups of 100 pairs by retriever r's pose
                                                  embedding (metrics.pose_recall_at_k)
 
+With the abstract-prompt task (CoT-Pose; train_sft.py --mix with 6 weights, `abstract_metrics`): the
+split's 57 prompts (each archetype's three phrases, data.PoseBenchTasks.eval_samples) answered greedily,
+the pose the head's mean at the `<POSE>` state reached after the policy's own generated reasoning (never
+the reference's):
+
+    abstract_to_pose/format_valid                share of answers of the trained form (reasoning, then the pose
+                                                 sentence; --reasoning false: the pose sentence alone)
+    abstract_to_pose/pose_rate                   share of answers with a <POSE> (the pose metrics below are
+                                                 over those; the archetype accuracy counts the others wrong)
+    abstract_to_pose/archetype_accuracy          share of prompts whose pose a 10-nearest-neighbour classifier
+                                                 on canonical joints (posebench's training split) assigns to
+                                                 the prompt's archetype; .../archetype_accuracy_true_poses: the
+                                                 same classifier on the split's own poses (its ceiling)
+    abstract_to_pose/consistency                 share of the reasoning's stated posecodes true of the pose
+    abstract_to_pose/plausible                   share of the reasoning's stated posecodes plausible for the
+                                                 archetype (rewards.ArchetypeStats)
+    abstract_to_pose/{r}_retriever/reasoning_similarity   cos(phi_t(reasoning), phi_p(pose)) under retriever r
+    abstract_to_pose/{r}_retriever/archetype_similarity   cos(archetype prototype, phi_p(pose)) (both variants)
+    abstract_to_pose/{r}_retriever/pfd           CoT-Pose's PFD to the nearest pose of the archetype in the split
+                                                 (metrics.nearest_pfd: unit pose features of retriever r)
+    abstract_to_pose/nearest_mpjpe_mm            MPJPE to that archetype's nearest pose, root aligned
+(the reasoning metrics are None for the --reasoning false control.)
+
 Real test sets (`evaluate_real`; the llava-1.5-7b preset, or any checkpoint given the flags):
 
     image_to_pose/{NAME}/mpjpe_mm, .../pa_mpjpe_mm   NAME = each --eval_npz set (3DPW, H36M, ...): HMR2.0's
@@ -94,8 +117,9 @@ import retrieval
 import rewards as R
 import sentences
 import tables
-from metrics import (bleu4, gross_state_correct, mpjpe_mm, pa_mpjpe_mm, pose_recall_at_k, posecode_truth, r_precision,
-                     recall_at_k, recall_at_k_random, root_error_deg, rouge_l)
+from metrics import (bleu4, gross_state_correct, knn_predict, mpjpe_mm, nearest_mpjpe_mm, nearest_pfd, pa_mpjpe_mm,
+                     pose_recall_at_k, posecode_truth, r_precision, recall_at_k, recall_at_k_random, root_error_deg,
+                     rouge_l)
 from render import view_rotation
 
 __all__ = ["evaluate_policy", "evaluate_real"]
@@ -244,7 +268,7 @@ def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, f
 def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, bodymodel, device, n: int,
                     batch_size: int = 64, n_generate: int = 200, retrievers: dict | None = None, similarity=None,
                     sample_pose: bool = False, seed: int = 0, return_predictions: bool = False,
-                    pose_temperature: float = 1.0):
+                    pose_temperature: float = 1.0, abstract_reasoning: bool | None = None):
     """Runs a policy on a split and returns its metrics (names: the module docstring).
 
     Pose metrics use the first `n` poses of the split per pose task (teacher-forced `<POSE>`
@@ -261,6 +285,8 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         sample_pose, seed: sample the pose from the head, with noise seeded by (seed, task, pose index).
         pose_temperature: the sampled head's temperature tau (its covariance scaled by tau^2; RFT's policy).
         return_predictions: also return {task: {"index": (N,), "pose6d": (N, P)}, "answers": {task: [str]}}.
+        abstract_reasoning: None: no abstract-prompt task; True / False: the policy was trained on it with /
+            without reasoning (`abstract_metrics`).
     Returns:
         metrics {name: float or None}, or (metrics, predictions).
     Raises:
@@ -304,8 +330,98 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         res.update(more)
         preds["answers"].update(more_preds.pop("answers"))
         preds.update(more_preds)
+    if abstract_reasoning is not None:
+        more, more_preds = abstract_metrics(policy, tokenizer, split_tasks, train, bodymodel, device, retrievers or {},
+                                            abstract_reasoning, batch_size)
+        res.update(more)
+        preds["answers"].update(more_preds.pop("answers"))
+        preds.update(more_preds)
     policy.train(was_training)
     return (res, preds) if return_predictions else res
+
+
+ABSTRACT_TOKENS = 64  # new tokens for a reasoning and the pose sentence
+ARCHETYPE_KNN = 10
+
+
+@torch.no_grad()
+def generate_with_poses(policy, tokenizer, samples, device, max_new_tokens: int = ABSTRACT_TOKENS):
+    """Greedy answers and the head's mean at the `<POSE>` state reached while generating them (model.sample):
+    the pose follows the policy's own text, not the reference answer. Returns (texts, pose6d (N, P) zeros
+    where there is no <POSE>, has_pose (N,) bool), on the CPU."""
+    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
+    out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values)
+    texts = [data.clean_answer(t, tokenizer) for t in
+             tokenizer.batch_decode(out.sequences[:, b.input_ids.shape[1]:], skip_special_tokens=False)]
+    mean = inner.pose_head.distribution(out.states).mean.float()
+    has = out.has_pose
+    return texts, torch.where(has[:, None], mean, torch.zeros_like(mean)).cpu(), has.cpu()
+
+
+@torch.no_grad()
+def abstract_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, bodymodel, device, retrievers: dict,
+                     reasoning: bool = True, batch_size: int = 64):
+    """The abstract-prompt task's metrics (the module docstring's abstract_to_pose/*), sharded like
+    `evaluate_policy`. `train`: the training PoseBenchSplit (the classifier, the plausibility table, the
+    prototypes). Returns (metrics, {"abstract_to_pose": {"index", "archetype", "pose6d", "has_pose"},
+    "answers": {"abstract_to_pose": [str]}})."""
+    task = data.ABSTRACT_TASK
+    rank, world = plumbing.rank_and_world()
+    samples = split_tasks.eval_samples(task)
+    local, texts, poses, has = samples[rank::world], [], [], []
+    for i in range(0, len(local), batch_size):
+        t, p, h = generate_with_poses(policy, tokenizer, local[i:i + batch_size], device)
+        texts, poses, has = texts + t, poses + [p], has + [h]
+    texts = plumbing.gather_shards(texts, world)
+    pose6d = plumbing.gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *poses]), world)
+    has = plumbing.gather_shards(torch.cat([torch.zeros(0, dtype=torch.bool), *has]), world)
+    arch = np.array([s.archetype for s in samples])
+    stats = R.ArchetypeStats(train)
+    res = {f"{task}/format_valid": R.format_reward(
+        texts, [task] * len(texts), [data.abstract_answer("A reasoning.", reasoning)] * len(texts)).mean().item(),
+        f"{task}/pose_rate": has.float().mean().item()}
+    joints_of = lambda p: torch.cat([bodymodel.forward_rot6d(p[i:i + 256].to(device)).joints.cpu()  # noqa: E731
+                                     for i in range(0, len(p), 256)]) if len(p) else torch.zeros(0, 24, 3)
+    centred = lambda j: (j - j[:, :1]).reshape(len(j), -1).double().numpy()  # noqa: E731
+    train_x = train.joints.reshape(len(train), -1)  # canonical, pelvis-centred
+    pred_joints = joints_of(pose6d[has])
+    guess = knn_predict(train_x, train.archetype, centred(pred_joints), ARCHETYPE_KNN) if has.any() else np.zeros(0)
+    right = np.zeros(len(samples), bool)
+    right[has.numpy()] = guess == arch[has.numpy()]
+    d = split_tasks.data
+    res[f"{task}/archetype_accuracy"] = float(right.mean())
+    res[f"{task}/archetype_accuracy_true_poses"] = float(
+        (knn_predict(train_x, train.archetype, d.joints.reshape(len(d), -1), ARCHETYPE_KNN) == d.archetype).mean())
+    stated = [posecodes.stated_codes(data.reasoning_of(t)) for t, h in zip(texts, has.tolist()) if h]
+    if reasoning:
+        pred_codes = posecodes.posecodes((pred_joints - pred_joints[:, :1]).double().numpy())
+        res[f"{task}/consistency"] = posecode_truth(stated, pred_codes, posecodes.CODE_NAMES) if stated else None
+        res[f"{task}/plausible"] = posecode_truth(stated, stats.plausible[arch[has.numpy()]],
+                                                  posecodes.CODE_NAMES) if stated else None
+    else:
+        res[f"{task}/consistency"] = res[f"{task}/plausible"] = None
+    cand6d = torch.as_tensor(data.pose_aa_to_6d(d.pose_aa)).reshape(len(d), -1)
+    q, qa = pose6d[has], arch[has.numpy()]
+    for name, r in retrievers.items():
+        key = f"{task}/{name}_retriever"
+        if not len(q):
+            res.update(dict.fromkeys([f"{key}/reasoning_similarity", f"{key}/archetype_similarity", f"{key}/pfd"]))
+            continue
+        emb = torch.nn.functional.normalize(r.embed_pose(q.to(device)).float().cpu(), dim=-1)
+        reasons = [data.reasoning_of(t) or "." for t, h in zip(texts, has.tolist()) if h]
+        res[f"{key}/reasoning_similarity"] = (R.semantic_reward(reasons, q.to(device), r).mean().item()
+                                              if reasoning else None)
+        res[f"{key}/archetype_similarity"] = (stats.prototypes(r)[torch.as_tensor(qa, dtype=torch.long)] * emb
+                                              ).sum(-1).mean().item()
+        res[f"{key}/pfd"] = nearest_pfd(q, qa, cand6d, d.archetype,
+                                        lambda p: r.embed_pose(p.to(device)).float().cpu()).nanmean().item()
+    res[f"{task}/nearest_mpjpe_mm"] = (nearest_mpjpe_mm(q, qa, cand6d, d.archetype, joints_of).nanmean().item()
+                                       if len(q) else None)
+    preds = {task: {"index": torch.tensor([s.index for s in samples]), "archetype": torch.as_tensor(arch),
+                    "pose6d": pose6d, "has_pose": has}, "answers": {task: texts}}
+    return res, preds
 
 
 CAPTION_TOKENS = 48  # new tokens for a generated caption (posebench's longest is about 35 words and marks)
@@ -503,6 +619,12 @@ def check_run_dir(path: str) -> Tuple[str, str]:
         return step_dir, json.load(fh)["preset"]
 
 
+def trained_abstract(trained: dict) -> bool | None:
+    """Whether the run (its `trained_args`) trained the abstract-prompt task: None (no), else its --reasoning."""
+    mix = trained.get("mix") or []
+    return trained.get("reasoning", True) if len(mix) == len(data.MIX_TASKS) and mix[-1] > 0 else None
+
+
 def bench_config(args: Args, trained: dict) -> posebench.BenchConfig:
     """The benchmark of the evaluation: the flags, else the checkpoint's training arguments (`trained_args`),
     else the default."""
@@ -657,7 +779,7 @@ def main(argv=None):
             policy, tokenizer, data.PoseBenchTasks(args.split, cfg), posebench.load_split("train", cfg),
             body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples, args.batch_size, args.eval_generate,
             retrievers, R.TextSimilarity(args.text_encoder, str(device)), args.sample_pose, args.seed,
-            return_predictions=True, pose_temperature=tau)
+            return_predictions=True, pose_temperature=tau, abstract_reasoning=trained_abstract(trained))
         info = {"bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
                 "bench_key": posebench.config_key(cfg), "eval_samples": len(preds["image_to_pose"]["index"]),
                 "eval_generate": len(preds["answers"]["vqa"]),

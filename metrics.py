@@ -16,6 +16,9 @@ tools/probe.py call them directly. Each has a slow reference in tests/test_metri
 - Pose editing (UniPose Table 5, PoseLLaVA Table 3): MPJPE / PA-MPJPE of the edited pose, the
   instruction's posecode truth (`posecode_truth`) and R@K of the edited pose among the true ones
   (`pose_recall_at_k`).
+- Abstract prompts (CoT-Pose, issue 22): PFD and MPJPE of a generated pose to the nearest pose of the
+  prompt's archetype (`nearest_pfd`, `nearest_mpjpe_mm`, CoT-Pose's Table 1 metrics with the root aligned
+  to the candidate's), and archetype accuracy by a k-nearest-neighbour classifier on joints (`knn_predict`).
 
 Shape letters: N = samples (queries / candidates), J = joints.
 """
@@ -33,7 +36,8 @@ import body
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 __all__ = ["mpjpe_mm", "pa_mpjpe_mm", "procrustes_align", "recall_at_k", "recall_at_k_random", "r_precision", "bleu4",
-           "rouge_l", "posecode_truth", "pose_recall_at_k"]
+           "rouge_l", "posecode_truth", "pose_recall_at_k", "with_root", "nearest_pfd", "nearest_mpjpe_mm",
+           "knn_predict"]
 
 M_TO_MM = 1000.0
 
@@ -597,3 +601,71 @@ def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
     if p.shape != g.shape:
         raise ValueError(f"lsp14_mpjpe_mm: pred {tuple(p.shape)} and gt {tuple(g.shape)} differ")
     return (p - g.to(p.device)).norm(dim=-1).mean(-1) * 1000.0
+
+
+# --------------------------------------------------------------------------------------
+# Abstract prompts (CoT-Pose): distances to the nearest pose of the archetype, archetype accuracy
+# --------------------------------------------------------------------------------------
+def with_root(pose6d: torch.Tensor, root6d: torch.Tensor) -> torch.Tensor:
+    """(N, P) 6D poses with their global orientation (the first 6 numbers) replaced by root6d (N, 6):
+    CoT-Pose aligns "the global root rotation of the predicted pose with that of the ground-truth"
+    before every metric."""
+    return torch.cat([root6d.to(pose6d), pose6d[:, 6:]], 1)
+
+
+def _nearest(fn: str, pred6d, groups, cand6d, cand_groups, distance) -> torch.Tensor:
+    pred6d, cand6d = torch.as_tensor(pred6d).float(), torch.as_tensor(cand6d).float()
+    groups, cand_groups = np.asarray(groups), np.asarray(cand_groups)
+    if pred6d.dim() != 2 or cand6d.dim() != 2 or pred6d.shape[1] != cand6d.shape[1] or pred6d.shape[1] % 6:
+        raise ValueError(f"{fn}: pred6d {_shape(pred6d)} and cand6d {_shape(cand6d)} must be (N, P) and (M, P), P = 6 J")
+    if len(groups) != len(pred6d) or len(cand_groups) != len(cand6d):
+        raise ValueError(f"{fn}: {len(groups)} groups for {len(pred6d)} poses and {len(cand_groups)} for {len(cand6d)} "
+                         "candidates; expected one each")
+    out = torch.full((len(pred6d),), float("nan"))
+    for i in range(len(pred6d)):
+        c = cand6d[torch.as_tensor(np.flatnonzero(cand_groups == groups[i]))]
+        if len(c):  # the prediction once per candidate, with that candidate's root
+            out[i] = distance(with_root(pred6d[i:i + 1].expand(len(c), -1), c[:, :6]), c).min()
+    return out
+
+
+def nearest_pfd(pred6d: ArrayLike, groups, cand6d: ArrayLike, cand_groups, embed_pose) -> torch.Tensor:
+    """Pose feature distance (CoT-Pose, Table 1): "the distance between features extracted from
+    ground-truth and generated poses using the pose encoder of the retrieval network", here the Euclidean
+    distance between unit pose embeddings (`embed_pose`: (M, P) -> (M, D), normalised here) of the generated
+    pose, its root aligned to the candidate's (`with_root`), and the candidate; the candidates are the poses
+    of the same group (the prompt's archetype), and the nearest one counts (an abstract prompt has no single
+    ground truth). In [0, 2]. Returns (N,); NaN where a group has no candidate."""
+    def distance(a, b):
+        ea, eb = (torch.nn.functional.normalize(torch.as_tensor(embed_pose(x)).float(), dim=-1) for x in (a, b))
+        return (ea - eb).norm(dim=-1)
+    return _nearest("nearest_pfd", pred6d, groups, cand6d, cand_groups, distance)
+
+
+def nearest_mpjpe_mm(pred6d: ArrayLike, groups, cand6d: ArrayLike, cand_groups, joints_of) -> torch.Tensor:
+    """MPJPE (mm, pelvis-centred) of the generated pose, its root aligned to the candidate's (`with_root`),
+    to the nearest candidate of its group, `joints_of`: (M, P) 6D -> (M, J, 3) metres (the body model).
+    Returns (N,); NaN where a group has no candidate."""
+    def distance(a, b):
+        return mpjpe_mm(torch.as_tensor(joints_of(a)).float(), torch.as_tensor(joints_of(b)).float())
+    return _nearest("nearest_mpjpe_mm", pred6d, groups, cand6d, cand_groups, distance)
+
+
+def knn_predict(train_x: ArrayLike, train_y, x: ArrayLike, k: int = 10, chunk: int = 512) -> np.ndarray:
+    """k-nearest-neighbour classifier (Euclidean): the most frequent label among the k training rows
+    nearest to each row of x (a tie: the label of the nearest of the tied), (N,). The abstract-prompt
+    task's archetype classifier, on flattened canonical pelvis-centred joints of posebench's training split."""
+    train_x, x = torch.as_tensor(np.asarray(train_x)).double(), torch.as_tensor(np.asarray(x)).double()
+    train_y = np.asarray(train_y)
+    if train_x.dim() != 2 or x.dim() != 2 or train_x.shape[1] != x.shape[1] or len(train_y) != len(train_x):
+        raise ValueError(f"knn_predict: train_x {_shape(train_x)}, train_y ({len(train_y)},) and x {_shape(x)}: "
+                         "expected (N, D), (N,) and (M, D)")
+    k = min(_check_positive_int("knn_predict", "k", k), len(train_x))
+    out = []
+    for i in range(0, len(x), chunk):
+        near = torch.cdist(x[i:i + chunk], train_x).topk(k, largest=False).indices.numpy()  # (m, k) nearest first
+        for row in train_y[near]:
+            labels, counts = np.unique(row, return_counts=True)
+            best = set(labels[counts == counts.max()])
+            out.append(next(y for y in row if y in best))
+    return np.asarray(out, dtype=train_y.dtype)

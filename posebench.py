@@ -21,6 +21,9 @@ difficulty: one input fits many poses.
 - Pose editing: pairs (A, B) within a split, B the nearest pose of A's archetype that
   gains 1-4 posecodes, and instructions naming exactly the gained posecodes (`load_edits`, cached
   beside the split); `stated_codes` parses a caption or an instruction back to its posecodes.
+- Abstract prompts (issue 22, CoT-Pose): three phrases per archetype (`ARCHETYPE_PHRASES`, "someone
+  kneeling") and how often each posecode is true of an archetype's poses (`archetype_code_freq`):
+  what a reasoning about the archetype may plausibly state.
 - Splits by pose, each from its own random stream (no pose is in two splits; the test split
   does not change when the training size does), cached on disk keyed by the configuration.
 
@@ -286,6 +289,50 @@ def load_edits(split: str, cfg: BenchConfig | None = None) -> PoseEdits:
     plumbing.atomic_write(path, lambda fh: json.dump({"source": e.source.tolist(), "target": e.target.tolist(),
                                                   "codes": e.codes, "instructions": e.instructions}, fh))
     return e
+
+
+# ---- Abstract prompts (CoT-Pose, issue 22): the archetype as the whole prompt ------------------
+# "Generate the pose of someone kneeling" names an action, not a posture: the answer must first say what
+# such a body looks like (a caption, the reasoning) and then give a pose. Each archetype has three
+# phrases; data.PROMPTS["abstract_to_pose"] paraphrases the request around them.
+
+ARCHETYPE_PHRASES = {
+    "standing": ["someone standing", "a person standing still", "a person who stands at rest"],
+    "walking": ["someone walking", "a person taking a step while walking", "a person out for a walk"],
+    "running": ["someone running", "a person running fast", "a runner in full stride"],
+    "sitting": ["someone sitting", "a person sitting on a chair", "a seated person"],
+    "squatting": ["someone squatting", "a person crouching in a deep squat", "a person squatting down"],
+    "kneeling": ["someone kneeling", "a person kneeling on both knees", "a person down on the knees"],
+    "kneeling_on_one_knee": ["someone kneeling on one knee", "a person down on one knee",
+                             "a person proposing on one knee"],
+    "lying_on_back": ["someone lying on the back", "a person lying face up", "a person resting on the back"],
+    "lying_on_side": ["someone lying on the side", "a person lying sideways", "a person resting on one side"],
+    "lying_on_front": ["someone lying on the stomach", "a person lying face down", "a person resting on the belly"],
+    "bending_forward": ["someone bending forward", "a person bowing down", "a person leaning over to the front"],
+    "arms_raised": ["someone raising both arms", "a person with both arms up", "a person cheering with arms up"],
+    "t_pose": ["someone in a T-pose", "a person with the arms held out to the sides", "a person posing as a T"],
+    "reaching_forward": ["someone reaching forward", "a person reaching out with one arm",
+                         "a person grabbing something in front"],
+    "kicking": ["someone kicking", "a person kicking a ball", "a person kicking forward with one leg"],
+    "raising_one_hand": ["someone raising one hand", "a person raising a hand to ask a question",
+                         "a person waving one hand up"],
+    "lunging": ["someone lunging", "a person doing a forward lunge", "a person stepping into a lunge"],
+    "clapping": ["someone clapping", "a person clapping the hands", "a person applauding"],
+    "star_jump": ["someone doing a star jump", "a person in a jumping jack", "a person spreading arms and legs"],
+}
+assert set(ARCHETYPE_PHRASES) == set(ARCHETYPE_NAMES)
+PLAUSIBLE_MIN = 0.1  # a posecode is plausible for an archetype when true of at least this share of its poses
+
+
+def archetype_code_freq(split: "PoseBenchSplit") -> np.ndarray:
+    """(A, C): for each archetype, the share of the split's poses of that archetype of which each
+    posecode is true (0 for an archetype the split does not hold). Rewards use the training split's."""
+    freq = np.zeros((len(ARCHETYPE_NAMES), len(posecodes.CODE_NAMES)))
+    for a in range(len(ARCHETYPE_NAMES)):
+        rows = split.codes[split.archetype == a]
+        if len(rows):
+            freq[a] = rows.mean(0)
+    return freq
 
 
 # ---- Building, caching, loading -------------------------------------------------------------

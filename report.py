@@ -24,6 +24,13 @@ zero-masked: `--zero_reward NAME`), Table 6 (RFT rewarded by the evaluator retri
 measured by both retrievers) and three seeds for every run, reported as mean ± std (sample std over
 seeds). `--seeds 0 1 2` alone gives the default runs over three seeds.
 
+The neighbours' runs, behind flags (each adds about 10 to 20 min a seed; the default report is unchanged):
+    --direct true     rft_direct_s<seed>: `train_rft.py --algo direct` from sft (DrPose-style direct reward
+                      fine-tuning) and a table of it beside HyGRPO, by both retrievers
+    --abstract true   sft_abs_s<seed>, sft_abs_nr_s<seed> (`train_sft.py --mix 0.4 0.4 0.2 0 0 0.4`, with and
+                      without `--reasoning`), rft_abs_s<seed>, rft_abs_nr_s<seed> (HyGRPO from each), and the
+                      abstract-prompt table (CoT-Pose's task; evaluate.py's abstract_to_pose/* metrics)
+
 Training scripts run with their defaults (their default step counts); their own final
 evaluation is switched off (`--eval_samples 0`): the eval stages run the same code path
 (evaluate.evaluate_policy) with both retrievers. `--sft_args`, `--rft_args`, `--retrieval_args`
@@ -74,6 +81,14 @@ FULL_RUNS = {
     **{f"rft_zero_{r}": ("train_rft.py", ["--zero_reward", r], "sft") for r in REWARD_NAMES},
     "rft_xret": ("train_rft.py", [], "sft"),  # rewarded by the evaluator retriever (Table 6)
 }
+DIRECT_RUNS = {"rft_direct": ("train_rft.py", ["--algo", "direct"], "sft")}  # --direct (issue 22)
+ABSTRACT_MIX = ["--mix", "0.4", "0.4", "0.2", "0", "0", "0.4"]  # the default mixture + abstract_to_pose
+ABSTRACT_RUNS = {  # --abstract (issue 22): CoT-Pose's abstract prompts, with reasoning and the control without
+    "sft_abs": ("train_sft.py", ABSTRACT_MIX, None),
+    "sft_abs_nr": ("train_sft.py", [*ABSTRACT_MIX, "--reasoning", "false"], None),
+    "rft_abs": ("train_rft.py", [*ABSTRACT_MIX, "--max_new_tokens", "48"], "sft_abs"),
+    "rft_abs_nr": ("train_rft.py", [*ABSTRACT_MIX, "--reasoning", "false", "--max_new_tokens", "48"], "sft_abs_nr"),
+}
 
 
 @dataclass
@@ -95,6 +110,10 @@ class Args:
     retrieval_args: str = field(default="", metadata={"help": "extra flags for retrieval.py"})
     eval_args: str = field(default="", metadata={"help": "extra flags for every evaluate.py --ckpt"})
     n_figure: int = field(default=6, metadata={"help": "test examples per task in Figures 5 and 6"})
+    direct: bool = field(default=False, metadata={
+        "help": "add `train_rft.py --algo direct` from sft (DrPose-style) and its table beside HyGRPO"})
+    abstract: bool = field(default=False, metadata={
+        "help": "add the abstract-prompt runs (SFT and HyGRPO, with and without reasoning) and their table"})
 
 
 # ---- Stages: plan, skip, run ----------------------------------------------------------------
@@ -115,7 +134,8 @@ def seeds_of(args: Args) -> list:
 
 
 def run_kinds(args: Args) -> dict:
-    return {**RUNS, **(FULL_RUNS if args.full else {})}
+    return {**RUNS, **(FULL_RUNS if args.full else {}), **(DIRECT_RUNS if args.direct else {}),
+            **(ABSTRACT_RUNS if args.abstract else {})}
 
 
 def plan(args: Args) -> list:
@@ -310,6 +330,32 @@ def pose_columns() -> list:
 POSE_HEADER = ["image-to-pose MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "text-to-pose mRecall T2P (%) ↑", "mRecall P2T (%) ↑"]
 
 
+def direct_table(columns: list) -> str:
+    """--algo direct beside HyGRPO and SFT. columns: [(label, [metrics of each seed])]; rows: the pose
+    metrics, then text-to-pose R@10 by the evaluator and by the reward retriever (the one the direct gradient
+    follows), so that gaming the reward retriever shows as a gap between the two."""
+    keys = ["image_to_pose/mpjpe_mm", "image_to_pose/pa_mpjpe_mm", "text_to_pose/mpjpe_mm", "text_to_pose/pa_mpjpe_mm"]
+    keys += [f"text_to_pose/{r}_retriever/full/R{d}@10" for d in tables.DIRECTIONS for r in ("eval", "reward")]
+    return tables.metrics_table(columns, keys, first="metric (R@10: full protocol)")
+
+
+ABSTRACT_KEYS = ["format_valid", "pose_rate", "archetype_accuracy", "consistency", "plausible",
+                 "eval_retriever/reasoning_similarity", "reward_retriever/reasoning_similarity",
+                 "eval_retriever/archetype_similarity", "reward_retriever/archetype_similarity",
+                 "eval_retriever/pfd", "reward_retriever/pfd", "nearest_mpjpe_mm"]
+
+
+def abstract_table(columns: list) -> str:
+    """The abstract-prompt task (CoT-Pose), columns [(label, [metrics of each seed])], rows
+    evaluate.py's abstract_to_pose/* metrics; the classifier's own accuracy on the split's true poses (its
+    ceiling) follows the table."""
+    keys = [f"abstract_to_pose/{k}" for k in ABSTRACT_KEYS]
+    ceiling = [m.get("abstract_to_pose/archetype_accuracy_true_poses") for _, ms in columns for m in ms]
+    return (tables.metrics_table(columns, keys, first="metric") + "\nThe archetype classifier (10 nearest training poses "
+            f"by joints) names the true poses of the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling: "
+            "the archetypes' poses overlap.\n")
+
+
 # ---- The machine ----------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -481,6 +527,18 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                                                                    for k in tables.RETRIEVAL_KS], t6)
                      + "\nFull-retrieval protocol. The paper measures its RFT model with an independent retriever "
                        "(PoseEmbroider); here each RFT run is measured by both of ours.\n")
+
+    if args.direct:
+        parts.append("## Direct reward fine-tuning (DrPose-style) beside HyGRPO\n\n" + direct_table(
+            [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]), ("direct (`--algo direct`)", runs["rft_direct"])])
+            + "\nThe direct run follows the exact gradient of the reward retriever's similarity (text-to-pose) and of "
+              "Eq. 7 (image-to-pose) through a reparameterised sample; the evaluator retriever gave no reward.\n")
+    if args.abstract:
+        parts.append("## Abstract prompts (CoT-Pose's task): reasoning before the pose, and without\n\n" + abstract_table(
+            [("SFT", runs["sft_abs"]), ("HyGRPO", runs["rft_abs"]), ("SFT, `--reasoning false`", runs["sft_abs_nr"]),
+             ("HyGRPO, `--reasoning false`", runs["rft_abs_nr"])])
+            + "\n57 prompts (each archetype's three phrases), answered greedily; the pose is read at `<POSE>` after the "
+              "generated reasoning. PFD and MPJPE are to the nearest test pose of the archetype, root aligned.\n")
 
     # Stage times and the machine.
     def measured_in(d: dict) -> str:

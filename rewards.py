@@ -15,6 +15,16 @@ Pose as input (ours, the paper has neither task):
                   + R_posecode (the share of the caption's stated posecodes true of the input pose)
     pose_edit     R_d = R_format (the pose answer); R_c = R_joint (Eq. 7 against the target pose B)
                   + R_posecode (the share of the instruction's posecodes true of the predicted pose)
+Abstract prompts (issue 22; CoT-Pose, whose own training is supervised only): "Generate the pose of
+someone kneeling" -> a reasoning (a caption) then the pose, read at `<POSE>` after the generated reasoning:
+    R_d = R_format (reasoning sentence + the pose answer) + R_plausible (the share of the reasoning's stated
+          posecodes plausible for the prompt's archetype: true of >= posebench.PLAUSIBLE_MIN of the training
+          split's poses of it, `ArchetypeStats`)
+    R_c = R_reasoning (the reward retriever's cos(phi_t(generated reasoning), phi_p(pose))) + R_posecode (the
+          share of the reasoning's stated posecodes true of the pose)
+    The control without reasoning (train_sft.py --reasoning false) has no reasoning to score: R_d = R_format,
+    R_c = R_archetype, the reward retriever's cos(the archetype's prototype, phi_p(pose)), the prototype
+    being the normalised mean of phi_t over training captions of the archetype (`ArchetypeStats`).
 
 Departures from the paper:
 1. Eq. 7 divides by the bare distance; we add eps (1 cm by default) so that a perfect pose
@@ -31,6 +41,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,11 +52,15 @@ import sentences
 VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,[^.<>]*\w[^.<>]*\.\s*")  # no special token, not empty
 FREE_ANSWER_PATTERN = re.compile(r"\s*[^<>\s][^<>]*")  # a free-form VQA answer: not empty, no special token
 CAPTION_ANSWER_PATTERN = re.compile(r"\s*[A-Z][^<>.]*\w[^<>.]*\.\s*")  # one sentence, no special token
+# abstract_to_pose: one sentence of reasoning, then the pose answer (data.abstract_answer)
+ABSTRACT_ANSWER_PATTERN = re.compile(r"\s*[A-Z][^<>.]*\w[^<>.]*\.\s*"
+                                     + data.POSE_ANSWER_PATTERN.pattern.replace(r"\A\s*", "", 1))
 FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": data.POSE_ANSWER_PATTERN,
                    "vqa": VQA_ANSWER_PATTERN, "pose_to_text": CAPTION_ANSWER_PATTERN,
-                   "pose_edit": data.POSE_ANSWER_PATTERN}
+                   "pose_edit": data.POSE_ANSWER_PATTERN, data.ABSTRACT_TASK: ABSTRACT_ANSWER_PATTERN}
 REWARD_NAMES = ("joint", "semantic", "format", "text")
 POSE_INPUT_REWARD_NAMES = ("caption", "posecode")  # the pose-input tasks' own (train_rft.score_pose_input)
+ABSTRACT_REWARD_NAMES = ("plausible", "reasoning", "archetype")  # abstract_to_pose's (train_rft.score_abstract)
 
 
 JOINT_ALIGNMENTS = ("pelvis", "procrustes")
@@ -86,17 +101,20 @@ def joint_reward(pred_joints: torch.Tensor, gt_joints: torch.Tensor, eps_m: floa
     return 1.0 / (joint_distance_m(pred_joints, gt_joints, align) + eps_m)
 
 
-def semantic_reward(texts: Sequence[str], poses: torch.Tensor, retriever) -> torch.Tensor:
+def semantic_reward(texts: Sequence[str], poses: torch.Tensor, retriever, differentiable: bool = False) -> torch.Tensor:
     """Eq. 8: R_semantic = cos(phi_t(q), phi_p(p)) under the reward retriever (retrieval.py).
 
     Args:
         texts: N descriptions (the text-to-pose prompts' captions).
         poses: (N, 144) or (N, 24, 6) pose actions.
+        differentiable: keep the graph from the poses (train_rft.py --algo direct follows this gradient;
+            the text side is always constant).
     Returns:
         (N,) cosine similarities in [-1, 1].
     """
     with torch.no_grad():
         t = retriever.embed_text(list(texts))
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         p = retriever.embed_pose(poses.float())
     return (F.normalize(t, dim=-1) * F.normalize(p, dim=-1)).sum(-1)
 
@@ -107,7 +125,8 @@ def format_reward(completions: Sequence[str], tasks: Sequence[str],
 
     With `references` (the reference answers), a VQA sample whose reference is not in the "Yes, ..." /
     "No, ..." form (real free-form data) is held to FREE_ANSWER_PATTERN instead: the Yes/No template
-    would reward short answers over right ones there.
+    would reward short answers over right ones there; an abstract-prompt sample whose reference does not
+    reason (the --reasoning false control) is held to the pose answer alone.
     """
     if len(completions) != len(tasks) or (references is not None and len(references) != len(tasks)):
         raise ValueError(f"format_reward: {len(completions)} completions but {len(tasks)} tasks"
@@ -117,6 +136,7 @@ def format_reward(completions: Sequence[str], tasks: Sequence[str],
         raise ValueError(f"format_reward: unknown task(s) {unknown}; expected one of {sorted(FORMAT_PATTERNS)}")
     refs = references if references is not None else [None] * len(tasks)
     patterns = [FREE_ANSWER_PATTERN if t == "vqa" and r is not None and not VQA_ANSWER_PATTERN.fullmatch(r)
+                else data.POSE_ANSWER_PATTERN if t == data.ABSTRACT_TASK and r is not None and not reasons(r)
                 else FORMAT_PATTERNS[t] for t, r in zip(tasks, refs)]
     return torch.tensor([float(bool(p.fullmatch(c))) for c, p in zip(completions, patterns)])
 
@@ -177,3 +197,67 @@ def posecode_reward(stated: Sequence[Sequence[str]], codes) -> torch.Tensor:
                          f"{len(posecodes.CODE_NAMES)})")
     col = {c: i for i, c in enumerate(posecodes.CODE_NAMES)}
     return torch.tensor([float(np.mean([codes[i, col[c]] for c in s])) if s else 0.0 for i, s in enumerate(stated)])
+
+
+def reasons(answer: str) -> bool:
+    """An abstract-prompt answer reasons before the pose (data.abstract_answer); the control's does not."""
+    return bool(data.reasoning_of(answer))
+
+
+class ArchetypeStats:
+    """What the abstract-prompt rewards and metrics know of each archetype, from the training split.
+
+    freq (A, C): posebench.archetype_code_freq, the share of the archetype's training poses of which each
+        posecode is true; `plausible` = freq >= posebench.PLAUSIBLE_MIN.
+    prototypes(retriever) (A, D): the normalised mean of phi_t over the first caption of up to
+        `per_archetype` training poses of each archetype (computed once per retriever); the
+        --reasoning false control's pose reward and the archetype-similarity metric.
+    """
+
+    def __init__(self, train, per_archetype: int = 200):
+        import posebench
+        self.freq = posebench.archetype_code_freq(train)
+        self.plausible = self.freq >= posebench.PLAUSIBLE_MIN
+        self.captions = [[train.captions[i][0] for i in np.flatnonzero(train.archetype == a)[:per_archetype]]
+                         for a in range(len(posebench.ARCHETYPE_NAMES))]
+        self._prototypes = {}
+
+    @torch.no_grad()
+    def prototypes(self, retriever) -> torch.Tensor:
+        if id(retriever) not in self._prototypes:
+            rows = [F.normalize(retriever.embed_text(c).float(), dim=-1).mean(0) if c else
+                    torch.zeros(retriever.embed_text(["."]).shape[-1]) for c in self.captions]
+            self._prototypes[id(retriever)] = F.normalize(torch.stack(rows).cpu(), dim=-1)
+        return self._prototypes[id(retriever)]
+
+
+def plausibility_reward(stated: Sequence[Sequence[str]], archetypes: Sequence[int], plausible) -> torch.Tensor:
+    """R_plausible: per reasoning, the share of its stated posecodes (posecodes.stated_codes) plausible for
+    its prompt's archetype; 0 for a reasoning that states none.
+
+    Args:
+        stated: N lists of posecode names. archetypes: N archetype ids. plausible: (A, C) bool
+            (ArchetypeStats.plausible), columns in posecodes.CODE_NAMES order.
+    Returns:
+        (N,) in [0, 1].
+    """
+    import posebench
+    import posecodes
+
+    plausible = np.asarray(plausible, dtype=bool)
+    if len(stated) != len(archetypes) or plausible.shape != (len(posebench.ARCHETYPE_NAMES), len(posecodes.CODE_NAMES)):
+        raise ValueError(f"plausibility_reward: {len(stated)} texts, {len(archetypes)} archetypes, a table of shape "
+                         f"{plausible.shape}; expected one archetype per text and ({len(posebench.ARCHETYPE_NAMES)}, "
+                         f"{len(posecodes.CODE_NAMES)})")
+    rows = plausible[np.asarray(archetypes, dtype=np.int64)] if len(stated) else np.zeros((0, plausible.shape[1]), bool)
+    return posecode_reward(stated, rows)
+
+
+def archetype_reward(poses: torch.Tensor, archetypes: Sequence[int], prototypes: torch.Tensor, retriever,
+                     differentiable: bool = False) -> torch.Tensor:
+    """R_archetype: cos(prototype of the prompt's archetype, phi_p(p)) under `retriever` (the prototypes:
+    ArchetypeStats.prototypes(retriever)); `differentiable` as semantic_reward. (N,) in [-1, 1]."""
+    proto = prototypes[torch.as_tensor(list(archetypes), dtype=torch.long)]
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        p = retriever.embed_pose(poses.float())
+    return (proto.to(p) * F.normalize(p, dim=-1)).sum(-1)

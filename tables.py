@@ -44,8 +44,13 @@ def metric_format(key: str) -> Tuple[str, float, int]:
     cosines with 3 decimals; the arrow says which way is better."""
     if key.endswith("_mm"):
         unit, scale, decimals, better = "mm", 1.0, 1, "↓"
-    elif key.endswith(("format_valid", "yes_no_accuracy", "gross_state_correct")):
+    elif key.endswith(("format_valid", "yes_no_accuracy", "gross_state_correct", "pose_rate", "archetype_accuracy",
+                       "archetype_accuracy_true_poses", "consistency", "plausible")):
         unit, scale, decimals, better = "%", 100.0, 1, "↑"
+    elif key.endswith("/pfd"):
+        unit, scale, decimals, better = "distance", 1.0, 3, "↓"
+    elif key.endswith("_similarity") and "abstract" in key:
+        unit, scale, decimals, better = "cos", 1.0, 3, "↑"
     elif key.endswith("_deg"):
         unit, scale, decimals, better = "deg", 1.0, 1, "↓"
     elif key.endswith("answer_similarity"):

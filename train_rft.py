@@ -18,6 +18,7 @@ added to it (presets.rft_policy; nothing merged, no copy of the base: the run's 
 run's), so pi_init = pi_ref = the SFT policy bit for bit on every preset (Algorithm 1, line 3).
 
 Ablations, defaults = the paper:
+    --algo direct           DrPose-style direct reward fine-tuning of the pose instead of HyGRPO (below)
     --hybrid false          plain GRPO (Fig. 4): only the text is optimised, the pose is the head's mean
     --zero_reward NAME      zero-mask one reward (Table 5): joint, semantic, format or text (caption, posecode:
                             the pose-input tasks')
@@ -32,6 +33,22 @@ Ours, a variance reduction (docs/FINDINGS.md, finding 6):
 
 Departures from the paper: see hygrpo.py (ratio against pi_old; per-token r_d; the V average) and
 rewards.py (eps in Eq. 7; MiniLM for Eq. 10, BGE-M3 by --text_encoder).
+
+--algo direct (ours, beside HyGRPO; DrPose's direct reward fine-tuning). DrPose fine-tunes its generator by
+backpropagating a differentiable reward (its PoseScore) into the weights, with a KL to the frozen initial
+model, instead of sampling and scoring groups. Here, on the same prompts, budget (B prompts x G sampled
+answers a step), beta, learning rate and pose temperature as HyGRPO, with the same Gaussian head:
+
+    loss = -R(p) + beta KL(pi_theta(. | q, a) || pi_ref(. | q, a)),   p = mu + tau L eps,  eps ~ N(0, I)
+
+where L L^T = Sigma is the head's covariance at the <POSE> state (read after the sampled text a, as
+HyGRPO's), tau the pose temperature, R the part of HyGRPO's R_c that is differentiable in the pose (Eq. 7
+through the body model, Eq. 8 through the reward retriever's pose encoder; abstract_to_pose's R_reasoning
+or R_archetype), and KL the closed-form Gaussian KL of HyGRPO's continuous term (`direct_loss`: both averaged
+per prompt over its posed samples, then over prompts). The gradient reaches mu, L and the LoRA below the
+<POSE> state through p: no group, no advantage, no ratio. The text branch is not trained: no token
+log-probability enters the loss (the text is sampled only to reach <POSE>; the shared LoRA moves by the pose's
+gradient alone), so R_format, R_text and the step-function rewards (R_posecode, R_plausible) are not used.
 
 Defaults by preset (applied only to flags not given): --steps, --batch_size, --lr, --eval_samples and
 --pose_temperature are 600 / 8 / 1e-4 / 1000 / 0.3 for tiny and smol (sizes a 2-core CPU finishes),
@@ -67,13 +84,17 @@ needs --smpl_path (the joint reward), and checks every asset and data file befor
 or written (realdata.preflight_real), naming every problem with its flag, file, record and fix.
 
 Metrics (metrics.jsonl, one JSON object per logged step; docs/TRAINING.md explains each):
-    rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous,
+    rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous, (abstract_to_pose:
+    rewards/{plausible,reasoning,posecode,archetype}; --algo direct: losses/direct_reward, rewards/abstract_pose)
     losses/{pg_discrete,pg_continuous,kl_token,kl_pose,total}, charts/{clipfrac_discrete,
     clipfrac_continuous,frac_zero_std_groups,frac_valid_pose,pose_std_mean,ratio_pose_mean,lr,
     gpu_peak_gib (CUDA only)}, time/{generate,rewards,reference,policy,optimizer,total}_s
 
 Run:
     python train_rft.py --sft_dir ckpt/sft                      # tiny preset, CPU
+    python train_rft.py --sft_dir ckpt/sft --algo direct        # DrPose-style direct reward fine-tuning
+    python train_rft.py --sft_dir ckpt/sft_abs --mix 0.4 0.4 0.2 0 0 0.4 --max_new_tokens 48   # + abstract prompts
+        # (an SFT run with the same 6 weights; both with --reasoning false for the control without reasoning)
     torchrun --nproc_per_node=8 train_rft.py --preset smol ...  # whole groups stay on one rank
     torchrun --nproc_per_node=8 train_rft.py --preset llava-1.5-7b --sft_dir ckpt/sft_7b --smpl_path SMPL_NEUTRAL.pkl \
         --posescript_dir ... --amass_dir ... --image_npz ... --text_encoder /models/bge-m3   # README
@@ -167,6 +188,12 @@ class Args:
     fresh_samples: bool = field(default=True, metadata={
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
+    algo: str = field(default="hygrpo", metadata={
+        "help": "hygrpo (the paper's), or direct (DrPose-style, ours: -R(mu + tau L eps) + beta KL by the reward's "
+                "own gradient, on the same prompts, budget and beta; the text is not trained; module docstring)"})
+    reasoning: bool = field(default=True, metadata={
+        "help": "abstract_to_pose (--mix with 6 weights): the answers reason before the pose (CoT-Pose); false: the "
+                "control answering straight with the pose; must match the SFT run's"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the loss: auto (CUDA yes, CPU no), yes, no"})
     max_bad_steps: int = field(default=5, metadata={
         "help": "abort after this many consecutive steps skipped for NaN/inf rewards, loss or gradients"})
@@ -211,6 +238,8 @@ SMALL = dict(steps=600, batch_size=8, lr=1e-4, eval_samples=1000, pose_temperatu
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,  # Table 4:
                    "llava-1.5-7b": dict(steps=1000, batch_size=16, lr=1e-6, eval_samples=0, pose_temperature=1.0)}
 POSE_SPACES = ("params", "rotations")  # --pose_space
+ALGOS = ("hygrpo", "direct")  # --algo
+ABSTRACT_NEW_TOKENS = 48  # --max_new_tokens at least this with abstract_to_pose in the mixture
 RFT_AT_LEAST = dict(checkpoint.AT_LEAST, group_size=2, num_iterations=1, max_new_tokens=1, lora_rank=1, beta=0.0,
                     eps_clip=0.0)
 
@@ -269,19 +298,20 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
 
-def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True):
+def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True, archetypes=None):
     """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V.
     `pose_rewards` False: R_c's rewards (Eq. 7, 8; pose_edit's R_posecode) are not computed (zero,
     defined nowhere): plain GRPO (--hybrid false) uses no R_c, and scores them only on the steps it
-    logs (Figure 4's curves)."""
+    logs (Figure 4's curves). `archetypes`: rewards.ArchetypeStats of the training split (abstract_to_pose)."""
     tasks = [s.task for s in samples]
     image = torch.tensor([t == "image_to_pose" for t in tasks])
     text = torch.tensor([t == "text_to_pose" for t in tasks])
     edit = torch.tensor([t == "pose_edit" for t in tasks])  # pose as input (score_pose_input)
     describe = torch.tensor([t == "pose_to_text" for t in tasks])
-    valid = ro.has_pose.cpu() & (image | text | edit)  # V: a pose task whose answer produced a <POSE> state
+    abstract = torch.tensor([t == data.ABSTRACT_TASK for t in tasks])  # score_abstract
+    valid = ro.has_pose.cpu() & (image | text | edit | abstract)  # V: a pose task whose answer produced a <POSE> state
     scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
-    qa = ~(image | text | edit | describe)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
+    qa = ~(image | text | edit | describe | abstract)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
     r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
     if qa.any():  # Eq. 10 on the QA samples
@@ -300,13 +330,18 @@ def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rew
              "joint": scored & (image | edit), "semantic": scored & text}  # the rows each reward is defined on
     if (describe | edit).any():  # R_caption, R_posecode (rewards.py)
         score_pose_input(ro, samples, retriever, bodymodel, r, where, scored & edit, describe)
+    if abstract.any():  # R_plausible, R_reasoning, R_posecode, R_archetype (rewards.py)
+        score_abstract(ro, samples, retriever, bodymodel, r, where, scored & abstract, abstract, archetypes)
     if args.zero_reward in r:  # Table 5: one reward zero-masked (caption, posecode: on the pose-input tasks only)
         r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
     r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
     r_c = torch.where(image | edit, r["joint"], r["semantic"])    # R_c scores the pose p_i
-    if "posecode" in r:  # pose_to_text: the caption is the answer; pose_edit: the instruction's posecodes
+    if "caption" in r:  # pose_to_text: the caption is the answer; pose_edit: the instruction's posecodes
         r_d = r_d + r["caption"] + torch.where(describe, r["posecode"], 0.0)
         r_c = r_c + torch.where(edit, r["posecode"], 0.0)
+    if abstract.any():  # the reasoning is text (R_d); the pose is judged against it or, without one, the archetype
+        r_d = r_d + r["plausible"]
+        r_c = torch.where(abstract, r["reasoning"] + r["posecode"] + r["archetype"], r_c)
     return r, r_d, r_c, valid, where
 
 
@@ -335,6 +370,45 @@ def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where:
         idx = torch.nonzero(edit_scored).flatten().tolist()
         stated = [posecodes.stated_codes(samples[i].text, "edit") for i in idx]
         r["posecode"][idx] = R.posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
+
+
+def score_abstract(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, scored, abstract,
+                   archetypes) -> None:
+    """abstract_to_pose's rewards (rewards.py), added to `r` and `where` (rows elsewhere 0 / False). On the
+    rows that reason: R_plausible (text: the reasoning's stated posecodes plausible for the archetype) and,
+    on `scored` (a pose read at <POSE> after that generated reasoning), R_reasoning (the reward retriever's
+    cos(phi_t(reasoning), phi_p(pose))) and R_posecode (the reasoning's stated posecodes true of the pose).
+    On the control's rows (a reference without reasoning) R_archetype (cos(prototype, phi_p(pose)), on
+    `scored`) and R_format alone for the text."""
+
+    if archetypes is None:
+        raise ValueError("score: abstract_to_pose samples need archetypes=rewards.ArchetypeStats(training split)")
+    n = len(samples)
+    for k in ("plausible", "reasoning", "archetype"):
+        r[k] = torch.zeros(n)
+    r.setdefault("posecode", torch.zeros(n))
+    where.setdefault("posecode", torch.zeros(n, dtype=torch.bool))
+    reasoned = abstract & torch.tensor([R.reasons(s.answer) for s in samples])
+    control = abstract & ~reasoned
+    where.update(plausible=reasoned.clone(), reasoning=scored & reasoned, archetype=scored & control)
+    where["posecode"] = where["posecode"] | (scored & reasoned)
+    pose = ro.pose.float().cpu()
+    if reasoned.any():
+        idx = torch.nonzero(reasoned).flatten().tolist()
+        texts = [data.reasoning_of(ro.texts[i]) or "." for i in idx]
+        stated = [posecodes.stated_codes(t) for t in texts]
+        r["plausible"][idx] = R.plausibility_reward(stated, [samples[i].archetype for i in idx], archetypes.plausible)
+        keep = [k for k, i in enumerate(idx) if scored[i]]
+        if keep:
+            rows = [idx[k] for k in keep]
+            r["reasoning"][rows] = R.semantic_reward([texts[k] for k in keep], pose[rows], retriever).float().cpu()
+            j = bodymodel.forward_rot6d(pose[rows].to(bodymodel.device)).joints
+            codes = posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
+            r["posecode"][rows] = R.posecode_reward([stated[k] for k in keep], codes)
+    if (scored & control).any():
+        rows = torch.nonzero(scored & control).flatten().tolist()
+        r["archetype"][rows] = R.archetype_reward(pose[rows], [samples[i].archetype for i in rows],
+                                                  archetypes.prototypes(retriever), retriever).float().cpu()
 
 
 # ---- ALGO: the log-probabilities HyGRPO needs -----------------------------------------------
@@ -394,6 +468,7 @@ class StepContext:
     loss_fn: object
     suppressed: list
     ddp: bool = False
+    archetypes: object = None  # rewards.ArchetypeStats of the training split (abstract_to_pose)
 
 
 def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = True) -> dict:
@@ -421,7 +496,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
         policy.train()
         t_gen += time.time() - t
         scored.append(score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
-                            pose_rewards=args.hybrid or logged))  # line 7
+                            pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
     t2 = time.time()
     r_d, r_c, valid = (torch.cat([s[i] for s in scored]) for i in (1, 2, 3))
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
@@ -492,6 +567,121 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     return rec
 
 
+# ---- ALGO: --algo direct (DrPose-style direct reward fine-tuning; the module docstring) -----------
+
+def pose_reward_differentiable(pose: torch.Tensor, samples, texts, retriever, bodymodel, args, archetypes=None):
+    """R_c of every row (N,) as a differentiable function of the poses (N, P), for --algo direct: Eq. 7
+    (image_to_pose, and pose_edit against B) through the body model, Eq. 8 (text_to_pose) through the reward
+    retriever's pose encoder, and abstract_to_pose's R_reasoning (or the control's R_archetype). The parts of
+    HyGRPO's R_c that are step functions of the pose (R_posecode of pose_edit and abstract_to_pose) have no
+    gradient and are left out. Rows of other tasks: 0. Returns (rewards (N,), {name: rows it is defined on})."""
+    tasks = [s.task for s in samples]
+    out = pose.new_zeros(len(samples))
+    rows = {k: [i for i, t in enumerate(tasks) if t in v] for k, v in (
+        ("joint", ("image_to_pose", "pose_edit")), ("semantic", ("text_to_pose",)), ("abstract", (data.ABSTRACT_TASK,)))}
+    if rows["joint"]:
+        idx = rows["joint"]
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx]), device=bodymodel.device)
+        joints = bodymodel.forward_rot6d(pose[idx].float().to(bodymodel.device)).joints
+        out = out.index_put((torch.tensor(idx),), R.joint_reward(joints, gt, align=args.joint_reward_align).to(out))
+    if rows["semantic"]:
+        idx = rows["semantic"]
+        r = R.semantic_reward([samples[i].text for i in idx], pose[idx], retriever, differentiable=True)
+        out = out.index_put((torch.tensor(idx),), r.to(out))
+    if rows["abstract"]:
+        reasoned = [i for i in rows["abstract"] if R.reasons(samples[i].answer)]
+        control = [i for i in rows["abstract"] if not R.reasons(samples[i].answer)]
+        if reasoned:
+            r = R.semantic_reward([data.reasoning_of(texts[i]) or "." for i in reasoned], pose[reasoned], retriever,
+                                  differentiable=True)
+            out = out.index_put((torch.tensor(reasoned),), r.to(out))
+        if control:
+            r = R.archetype_reward(pose[control], [samples[i].archetype for i in control],
+                                   archetypes.prototypes(retriever), retriever, differentiable=True)
+            out = out.index_put((torch.tensor(control),), r.to(out))
+    return out, {k: torch.tensor([i in set(v) for i in range(len(samples))], dtype=torch.bool) for k, v in rows.items()}
+
+
+def direct_loss(dist, ref_dist, reward_fn, valid: torch.Tensor, B: int, G: int, beta: float,
+                explore_root: bool = True, basis: torch.Tensor | None = None):
+    """The direct objective: loss = -R(mu + L eps) + beta KL(pi_theta || pi_ref), averaged like HyGRPO's
+    continuous term (per prompt over its V posed samples, then over the prompts with any: hygrpo.py,
+    departure 3), so that beta weighs the same KL as in HyGRPO.
+
+    Args:
+        dist: the pose policy pi_theta at the <POSE> states (N rows, tempered: Sigma scaled by tau^2, so that
+            rsample is mu + tau L eps, L the Cholesky factor of the head's Sigma). ref_dist: pi_ref's (no grad).
+        reward_fn: (N, P) poses -> (N,) rewards, differentiable in the poses (pose_reward_differentiable).
+        valid: (N,) bool, the rows with a pose (V). B, G: prompts and samples per prompt (N = B * G).
+        explore_root: false: the root's 6D is the head's mean, not sampled (as rollout does).
+        basis: --pose_space rotations' U (N, P, K): the KL of the marginals on U (as HyGRPO's).
+    Returns:
+        loss (), stats {reward, kl_pose, pose: the sample (N, P), detached}.
+    """
+    p = dist.rsample()  # (N, P) mu + L eps, eps ~ N(0, I): the gradient reaches mu (and L) through p
+    if not explore_root:
+        p = torch.cat([dist.mean[:, :M.ROOT_DIMS], p[:, M.ROOT_DIMS:]], 1)
+    r = reward_fn(p)  # (N,)
+    kl = pose_kl(dist, ref_dist, basis)  # (N,) closed form
+    v = valid.to(p.device).view(B, G)
+    mean_r = hygrpo._prompt_then_batch_mean(torch.where(v, r.view(B, G), torch.zeros_like(r.view(B, G))), v)
+    mean_kl = hygrpo._prompt_then_batch_mean(torch.where(v, kl.view(B, G), torch.zeros_like(kl.view(B, G))), v)
+    return -mean_r + beta * mean_kl, {"reward": mean_r.detach(), "kl_pose": mean_kl.detach(), "pose": p.detach()}
+
+
+def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = True) -> dict:
+    """One step of --algo direct on the prompts and budget of a HyGRPO step: the same B prompts x G answers
+    sampled (model.sample; the <POSE> state read after the generated text), then one policy forward with
+    gradient, a reparameterised pose per answer and `direct_loss`. No token log-probability enters the loss:
+    the text branch is not trained (the LoRA it shares with the pose path moves only by the pose's
+    gradient). Returns the logged metrics, or {"skipped": what} as hygrpo_step."""
+    policy, device = ctx.policy, next(ctx.policy.parameters()).device
+    t0 = time.time()
+    policy.eval()
+    ro = rollout(policy, ctx.tokenizer, samples, args, device)
+    policy.train()
+    t1 = time.time()
+    pose_task = torch.tensor([s.task in data.POSE_ANSWER_TASKS for s in samples])
+    valid = ro.has_pose.cpu() & pose_task
+    with torch.no_grad(), presets.reference(policy):  # pi_ref = pi_init: the SFT policy
+        _, ref_dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+    t2 = time.time()
+    _, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+    where = {}
+
+    def reward_fn(p):
+        r, rows = pose_reward_differentiable(p, samples, ro.texts, ctx.retriever, ctx.bodymodel, args, ctx.archetypes)
+        where.update(rows)
+        return r
+
+    loss, stats = direct_loss(dist, ref_dist, reward_fn, valid, B, G, args.beta, args.explore_root,
+                              pose_basis(ro, args))
+    if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
+        return {"skipped": "loss"}
+    ctx.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t_a = time.time()
+    bad, _ = plumbing.apply_gradients(ctx.opt, ctx.params, args.grad_clip, ctx.ddp, device, average=True)
+    t_opt = time.time() - t_a
+    if bad:
+        return {"skipped": bad}
+    rec = {"rewards/format": R.format_reward(ro.texts, [s.task for s in samples], [s.answer for s in samples]).mean().item(),
+           "rewards/text": None, "rewards/continuous": stats["reward"].item(),
+           "losses/direct_reward": -stats["reward"].item(), "losses/kl_pose": stats["kl_pose"].item(),
+           "losses/total": loss.item(), "charts/frac_valid_pose": valid.float().mean().item(),
+           "charts/pose_std_mean": dist.stddev[valid.to(device)].mean().item() if valid.any() else None,
+           "time/generate_s": t1 - t0, "time/reference_s": t2 - t1, "time/policy_s": time.time() - t2 - t_opt,
+           "time/optimizer_s": t_opt, "time/total_s": time.time() - t0}
+    if logged:  # the rewards by name, of the sampled poses (Eq. 7 and 8 as HyGRPO logs them)
+        with torch.no_grad():
+            r, _ = pose_reward_differentiable(stats["pose"], samples, ro.texts, ctx.retriever, ctx.bodymodel, args,
+                                              ctx.archetypes)
+        for name, key in (("joint", "joint"), ("semantic", "semantic"), ("abstract_pose", "abstract")):
+            m = where.get(key, torch.zeros(len(samples), dtype=torch.bool)) & valid
+            rec[f"rewards/{name}"] = r.cpu()[m].mean().item() if m.any() else None
+    return rec
+
+
 def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
     """The reward curves (Fig. 4 style) from metrics.jsonl."""
     import matplotlib
@@ -526,17 +716,31 @@ def main(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     checkpoint.check_args(args, "train_rft.py", RFT_AT_LEAST, checkpoint.POSITIVE + ("temperature", "pose_temperature"))
-    if args.zero_reward and args.zero_reward not in R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES:
-        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of "
-                         f"{', '.join(R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES)}")
+    reward_names = R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES + R.ABSTRACT_REWARD_NAMES
+    if args.zero_reward and args.zero_reward not in reward_names:
+        raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(reward_names)}")
     if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
         raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
                          f"{', '.join(R.JOINT_ALIGNMENTS)}")
+    if args.algo not in ALGOS:
+        raise SystemExit(f"--algo {args.algo}: expected one of {', '.join(ALGOS)}")
+    if args.algo == "direct" and (not args.hybrid or args.deterministic_head):
+        raise SystemExit("--algo direct trains the pose by the reward's gradient through the head's reparameterised "
+                         "sample: it has no --hybrid false (no pose) nor --deterministic_head variant")
+    if args.algo == "direct" and args.grad_accum > 1:
+        raise SystemExit("--algo direct reads the step's batch in one pass; --grad_accum is HyGRPO's (pass 1)")
+    abstract_on = len(args.mix) == len(data.MIX_TASKS) and args.mix[-1] > 0
+    if abstract_on and args.max_new_tokens < ABSTRACT_NEW_TOKENS:
+        raise SystemExit(f"--max_new_tokens {args.max_new_tokens}: abstract_to_pose's answers (a caption, then the "
+                         f"pose) take up to about 45 tokens; pass --max_new_tokens {ABSTRACT_NEW_TOKENS}")
     if args.pose_space not in POSE_SPACES:
         raise SystemExit(f"--pose_space {args.pose_space}: expected one of {', '.join(POSE_SPACES)}")
     if args.preset not in presets.PRESETS:
         raise SystemExit(f"--preset {args.preset}: train_rft.py knows {', '.join(presets.PRESETS)}")
     real = args.preset == "llava-1.5-7b"
+    if real and abstract_on:
+        raise SystemExit("train_rft.py: abstract_to_pose (--mix with 6 weights) is posebench's; the real-data mixture "
+                         "has none")
     tasks = realdata.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
     ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0
@@ -557,6 +761,9 @@ def main(argv=None):
                   "`python retrieval.py --posescript_dir ... --amass_dir ... --smpl_path ...`")
     sft_step = None if args.resume else checkpoint.run_step(args.sft_dir, "--sft_dir")
     sft_bench = {} if real or sft_step is None else checkpoint.trained_args(sft_step)
+    if sft_bench.get("reasoning", True) != args.reasoning:
+        raise SystemExit(f"--reasoning {str(args.reasoning).lower()}: the SFT run {args.sft_dir} was trained with "
+                         f"--reasoning {str(sft_bench['reasoning']).lower()}; pass that")
     if sft_bench.get("n_train", args.n_train) != args.n_train:
         raise SystemExit(f"--n_train {args.n_train}: the SFT run {args.sft_dir} was trained on the benchmark of "
                          f"--n_train {sft_bench['n_train']}, whose poses and prompts RFT must use too; pass --n_train "
@@ -593,7 +800,7 @@ def main(argv=None):
     if not real:  # (real: the same --smpl_path body makes the targets' joints and scores the poses, Eq. 7)
         tasks = data.PoseBenchTasks("train", cfg, tasks=data.mix_tasks(args.mix), mix=args.mix,
                                     seed=args.seed + 1,  # other prompts than SFT's order
-                                    length=data.FRESH_DRAWS if args.fresh_samples else None)
+                                    length=data.FRESH_DRAWS if args.fresh_samples else None, reasoning=args.reasoning)
         # the training captions' sentence embeddings, as the retriever was trained on them: no encoder call
         # for a text-to-pose caption in the step (Eq. 8 then costs the retriever's two MLPs)
         retriever.know_sentences(sentences.caption_table(tasks.data, posebench.config_key(cfg),
@@ -608,7 +815,9 @@ def main(argv=None):
 
     # ---- ALGO: Algorithm 1, lines 4-10
     from tqdm import tqdm
-    ctx = StepContext(policy, tokenizer, opt, params, similarity, retriever, bodymodel, loss_fn, suppressed, ddp)
+    ctx = StepContext(policy, tokenizer, opt, params, similarity, retriever, bodymodel, loss_fn, suppressed, ddp,
+                      R.ArchetypeStats(tasks.data) if abstract_on else None)
+    step_fn = direct_step if args.algo == "direct" else hygrpo_step
     batches = plumbing.step_loader(tasks, args, start, rank, world, args.seed)  # a step's prompts: its (seed, step)
     for step in tqdm(range(start, args.steps), desc="RFT", disable=None if master else True,
                      initial=start, total=args.steps):
@@ -618,7 +827,7 @@ def main(argv=None):
             pg["lr"] = plumbing.cosine_lr(step, args.steps, args.lr, args.warmup_steps)
         done = step + 1
         logged = done % args.log_every == 0 or done == args.steps
-        rec = hygrpo_step(ctx, samples, B, G, args, logged)  # lines 6-9
+        rec = step_fn(ctx, samples, B, G, args, logged)  # lines 6-9 (--algo direct: direct_step)
         # a skipped step: no update; the step still counts (and saves when due)
         bad = checkpoint.count_bad_step(bad, rec.get("skipped"), done, args, log)
         if "skipped" not in rec and logged:
@@ -631,6 +840,7 @@ def main(argv=None):
 
     if master:
         plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
+                     "direct reward fine-tuning" if args.algo == "direct" else
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and real:
         print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (docs/REAL_RUNS.md: "
@@ -643,7 +853,8 @@ def main(argv=None):
         def evaluate():
             return evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
                                    n_generate=args.eval_generate, similarity=similarity,
-                                   retrievers={"eval": evaluator, "reward": retriever})
+                                   retrievers={"eval": evaluator, "reward": retriever},
+                                   abstract_reasoning=args.reasoning if abstract_on else None)
         res = evaluate()
         with presets.reference(policy):  # pi_init = the SFT model, by the same evaluation
             init = evaluate()

@@ -44,6 +44,7 @@ Run:
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
     python train_sft.py --mix 0.3 0.3 0.2 0.1 0.1         # + pose_to_text, pose_edit (pose as input)
+    python train_sft.py --mix 0.4 0.4 0.2 0 0 0.4         # + abstract_to_pose (CoT-Pose; --reasoning false: no reasoning)
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
         --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp ...   # docs/REAL_RUNS.md
 """
@@ -140,7 +141,11 @@ class Args:
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2], metadata={
         "help": "task mixture weights: image_to_pose, text_to_pose, vqa; 5 weights add pose_to_text and pose_edit "
-                "(pose as input: the extended vocabulary and the pose encoder, data.POSE_INPUT_TASKS)"})
+                "(pose as input: the extended vocabulary and the pose encoder, data.POSE_INPUT_TASKS); 6 add "
+                "abstract_to_pose (CoT-Pose's abstract prompts, data.ABSTRACT_TASK)"})
+    reasoning: bool = field(default=True, metadata={
+        "help": "abstract_to_pose (--mix with 6 weights): the answer reasons (a caption of the pose) before the pose, "
+                "CoT-Pose; false: the control that answers straight with the pose"})
     fresh_samples: bool = field(default=True, metadata={
         "help": "posebench: true draws every training sample afresh (task, pose, caption, paraphrase); false draws "
                 "them from a fixed pool of n_train draws, which reaches about a third of each pose task's poses"})
@@ -195,7 +200,12 @@ SFT_AT_LEAST = dict(checkpoint.AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epo
 def pose_input_on(args) -> bool:
     """The pose-input tasks are in the mixture (--mix with 5 weights): the tiny preset then speaks the
     extended vocabulary, and every preset's model has the pose encoder."""
-    return len(args.mix) == len(data.ALL_TASKS)
+    return len(args.mix) >= len(data.ALL_TASKS)
+
+
+def abstract_on(args) -> bool:
+    """--mix with 6 weights: abstract_to_pose is in the mixture (the tiny preset's vocabulary extended further)."""
+    return len(args.mix) == len(data.MIX_TASKS)
 
 
 BASE_FLAGS = "built_by.json"  # in base/: the flags that shaped it
@@ -207,7 +217,8 @@ def base_flags(args) -> dict:
     keys = ["preset", "head_rank", "deterministic_head", "n_train", "n_val", "n_test", "seed"]
     keys += ["llava_path", "hmr2_ckpt"] if args.preset == "llava-1.5-7b" else \
         sorted(k for k in vars(args) if k.startswith("stage0_") and k != "stage0_only")
-    return {k: getattr(args, k) for k in keys} | ({"pose_input": True} if pose_input_on(args) else {})
+    return {k: getattr(args, k) for k in keys} | ({"pose_input": True} if pose_input_on(args) else {}) | (
+        {"abstract": True} if abstract_on(args) else {})
 
 
 def check_base_flags(base_dir: str, built: dict) -> None:
@@ -231,7 +242,7 @@ def build_base(args, cfg: posebench.BenchConfig):
     one with the Gaussian head for stage 0, tokenizer)."""
     pose_input = pose_input_on(args)
     if args.preset == "tiny":
-        tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input)
+        tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input, abstract=abstract_on(args))
         return (presets.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
                 lambda: presets.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
     base, tokenizer = presets.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
@@ -429,7 +440,7 @@ def main(argv=None):
         log({"resumed_from": step_dir}, start)
     if not real:
         tasks = data.PoseBenchTasks("train", cfg, tasks=data.mix_tasks(args.mix), mix=args.mix, seed=args.seed,
-                                    length=data.FRESH_DRAWS if args.fresh_samples else None)
+                                    length=data.FRESH_DRAWS if args.fresh_samples else None, reasoning=args.reasoning)
     n_img = inner.num_image_tokens
     if master:
         n_train = sum(p.numel() for p in params)
@@ -497,7 +508,8 @@ def main(argv=None):
     if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
         res = evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
-                              n_generate=args.eval_generate)
+                              n_generate=args.eval_generate,
+                              abstract_reasoning=args.reasoning if abstract_on(args) and args.mix[-1] > 0 else None)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
         if master:
             plumbing.atomic_write(os.path.join(args.out_dir, "test_metrics.json"), lambda fh: json.dump(res, fh, indent=1))

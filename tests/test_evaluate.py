@@ -85,6 +85,44 @@ def test_report_skips_complete_stages(results, capsys):
     assert (results / "stages" / "rft_s0.json").read_text() == before
 
 
+def test_report_direct_and_abstract_tables(results, tmp_path):
+    """--direct and --abstract (issue 22): their stages (flags and SFT starts) and tables, written from copies of
+    the tiny runs' results with hand-set abstract_to_pose metrics (no training: the stages are marked done)."""
+    args = report.Args(out_dir=str(tmp_path / "r"), direct=True, abstract=True, n_train=48, n_val=16, n_test=40,
+                       n_figure=2)
+    stages = report.plan(args)
+    cmd = {s.name: s.cmd for s in stages}
+    assert cmd["rft_direct_s0"][cmd["rft_direct_s0"].index("--algo") + 1] == "direct"
+    assert cmd["rft_abs_nr_s0"][cmd["rft_abs_nr_s0"].index("--sft_dir") + 1].endswith("sft_abs_nr_s0")
+    assert "--reasoning" in cmd["sft_abs_nr_s0"] and "--reasoning" not in cmd["sft_abs_s0"]
+    assert cmd["rft_abs_s0"][cmd["rft_abs_s0"].index("--mix") + 6] == "0.4" and "48" in cmd["rft_abs_s0"]
+    assert len(report.plan(report.Args(out_dir=str(tmp_path / "d")))) == len(stages) - 2 * 5  # default: as it was
+    hand = {"abstract_to_pose/archetype_accuracy": 0.25, "abstract_to_pose/eval_retriever/pfd": 0.6162,
+            "abstract_to_pose/nearest_mpjpe_mm": 124.91, "abstract_to_pose/consistency": None,
+            "abstract_to_pose/archetype_accuracy_true_poses": 0.5}
+    for kind in report.run_kinds(args):
+        src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
+        dst = tmp_path / "r" / "eval" / f"{kind}_s0"
+        shutil.copytree(src, dst)
+        rec = json.loads((dst / "results.json").read_text())
+        rec["metrics"].update(hand if "abs" in kind else {})
+        (dst / "results.json").write_text(json.dumps(rec))
+        if kind.startswith("rft"):
+            (tmp_path / "r" / "ckpt" / f"{kind}_s0").mkdir(parents=True)
+            shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "r" / "ckpt" / f"{kind}_s0")
+    (tmp_path / "r" / "ckpt" / "stage0_s0").mkdir(parents=True)
+    shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "r" / "ckpt" / "stage0_s0")
+    done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
+    text = open(report.write_report(args, done, stages, 0.0, ["--direct", "true"])).read()
+    assert "## Direct reward fine-tuning (DrPose-style) beside HyGRPO" in text and "## Abstract prompts" in text
+    rft = json.loads((results / "eval" / "rft_s0" / "results.json").read_text())["metrics"]
+    key = "text_to_pose/reward_retriever/full/Rt2p@10"
+    assert f"| `{key}` (%) ↑ | " in text and f"| {rft[key]:.1f} | {rft[key]:.1f} |" in text
+    assert "| `abstract_to_pose/archetype_accuracy` (%) ↑ | 25.0 | 25.0 | 25.0 | 25.0 |" in text
+    assert "| `abstract_to_pose/eval_retriever/pfd` (distance) ↓ | 0.616 |" in text
+    assert "| `abstract_to_pose/consistency` (%) ↑ | - | - | - | - |" in text and "at 50.0 %, its ceiling" in text
+
+
 def test_full_report_tables_and_seeds(results, tmp_path):
     """--full's Tables 5 and 6 and the mean ± std over seeds, written from copies of the tiny runs'
     results (no training: the stages are marked done)."""

@@ -297,3 +297,18 @@ def test_inputs_are_checked_before_any_write(assets, tmp_path):
                                          r".*model.safetensors is truncated"):
         train_rft.main(rft_args(assets, out, "--eval_retriever", str(broken)))
     assert not out.exists()
+
+
+def test_algo_direct(assets, tmp_path):
+    """--algo direct (DrPose-style) on HyGRPO's prompts and budget: its own losses, a zero KL at the first
+    step, every step applied; and the variants it has no meaning for are refused."""
+    run(["train_rft.py"], rft_args(assets, tmp_path / "d", "--algo", "direct", "--steps", "3", "--eval_samples", "0"))
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in rows if "losses/direct_reward" in x]
+    assert len(train) == 3 and not any("losses/pg_continuous" in x for x in rows)
+    assert train[0]["losses/kl_pose"] == pytest.approx(0.0, abs=1e-4)
+    assert all(np.isfinite(x["losses/total"]) for x in train)
+    assert (tmp_path / "d" / "LATEST").read_text() == "step-000003"
+    for bad in (["--hybrid", "false"], ["--algo", "ppo"]):
+        r = run(["train_rft.py"], rft_args(assets, tmp_path / "x", "--algo", "direct", *bad), check=False)
+        assert r.returncode != 0 and "--algo" in r.stderr + r.stdout
