@@ -24,10 +24,10 @@ Abstract prompts (issue 22; CoT-Pose), built-in only, behind a sixth --mix weigh
 |--------------------|----------------------------------------|-----------------------------------------------|
 | `abstract_to_pose` | "Generate the pose of someone kneeling." (posebench.ARCHETYPE_PHRASES, 3 templates) | a caption of the target pose (the reasoning), then POSE_ANSWER; `reasoning=False`: POSE_ANSWER alone |
 
-Its vocabulary is `tiny_tokenizer(cfg, abstract=True)`, the pose-input one extended (every id kept).
+Its vocabulary is `vocab.tiny_tokenizer(cfg, abstract=True)`, the pose-input one extended (every id kept).
 
 `<pose_input>` becomes POSE_INPUT_LEN placeholder ids that model.PoseInputEncoder fills; the input
-poses travel in `Batch.pose_values`. The tiny preset then speaks `tiny_tokenizer(cfg, pose_input=True)`,
+poses travel in `Batch.pose_values`. The tiny preset then speaks `vocab.tiny_tokenizer(cfg, pose_input=True)`,
 the default vocabulary with the new token and words appended (every default id unchanged).
 
 `PoseBenchTasks` mixes the built-in benchmark's three tasks into one deterministic `Dataset`;
@@ -69,17 +69,15 @@ Run:
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import body
@@ -91,7 +89,7 @@ import posebench
 TASKS = ("image_to_pose", "text_to_pose", "vqa")
 POSE_TASKS = ("image_to_pose", "text_to_pose")  # tasks whose answer holds <POSE> and whose target is a pose
 # Pose as input (UniPose / PoseLLaVA / PoseFix): a pose in the prompt at POSE_INPUT_TOKEN. Not in the
-# default mixture; with them the tiny preset speaks an extended vocabulary (`tiny_tokenizer`).
+# default mixture; with them the tiny preset speaks an extended vocabulary (`vocab.tiny_tokenizer`).
 POSE_INPUT_TASKS = ("pose_to_text", "pose_edit")
 ALL_TASKS = TASKS + POSE_INPUT_TASKS
 # Abstract prompts (issue 22; CoT-Pose): "Generate the pose of someone kneeling" -> a reasoning (a caption
@@ -365,161 +363,6 @@ class PoseBenchTasks(torch.utils.data.Dataset):
                       image=np.array(d.images[idx]), index=idx, text=qa["question"])
 
 
-# ---- The tiny preset's tokenizer: word-level, built from every benchmark text ---------------
-
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, POSE_TOKEN)  # ids 0..5 in this order
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)) + ")")
-
-
-def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    """The transformers tokenizer around a `tokenizers` one, with the special tokens named;
-    `image_token_id` and `pose_token_id` (and `pose_input_token_id`, where the vocabulary has it)
-    become attributes. No bos/eos are added on encode."""
-    named = {"image_token": IMAGE_TOKEN, "pose_token": POSE_TOKEN}
-    if tok.token_to_id(POSE_INPUT_TOKEN) is not None:
-        named["pose_input_token"] = POSE_INPUT_TOKEN
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens=named, clean_up_tokenization_spaces=True)  # decode "pose ." as "pose."
-
-
-def _pre_tokenizer():
-    """Whitespace, then every punctuation character alone: the word-level tokenizer's split."""
-    return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-
-
-def _count_words(texts: Iterable[str]) -> collections.Counter:
-    """How often each word (the word-level split) occurs in `texts`, the special tokens left out."""
-    pre = _pre_tokenizer()
-    chunks = collections.Counter()  # whitespace-separated chunks first: few distinct ones, fast
-    for text in texts:
-        for piece in _SPECIAL_SPLIT.split(text):
-            if piece not in SPECIAL_TOKENS and piece != POSE_INPUT_TOKEN:
-                chunks.update(piece.split())
-    counts = collections.Counter()
-    for chunk, n in chunks.items():
-        for word, _ in pre.pre_tokenize_str(chunk):
-            counts[word] += n
-    return counts
-
-
-def extend_tokenizer(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """`tok` with POSE_INPUT_TOKEN (special) and every word of `texts` it lacks appended: every id
-    of `tok` keeps its meaning, the new ones follow (POSE_INPUT_TOKEN first, then the words by
-    frequency, then alphabetically). The pose-input tasks' vocabulary (`tiny_tokenizer`)."""
-    vocab = dict(tok.get_vocab())
-    counts = _count_words(texts)
-    new = sorted((w for w in counts if w not in vocab), key=lambda w: (-counts[w], w))
-    for t in (POSE_INPUT_TOKEN, *new):
-        vocab.setdefault(t, len(vocab))
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError("extend_tokenizer: the tokenizer's ids are not 0..V-1")
-    out = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    out.pre_tokenizer = _pre_tokenizer()
-    out.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in SPECIAL_TOKENS + (POSE_INPUT_TOKEN,)])
-    return _wrap(out)
-
-
-def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is every word and punctuation mark of `texts`.
-
-    Text splits on whitespace, then every punctuation character is its own token; case is kept.
-    The special tokens (`SPECIAL_TOKENS`, ids 0-5) are matched before that split, so "<POSE>"
-    and "<image>" are single ids. Words are ordered by frequency, then alphabetically, so the
-    same texts (in any order) give the same ids. Being special, <POSE> is dropped by
-    `decode(..., skip_special_tokens=True)`: decode generated answers (cut at eos) without it
-    before the format reward's regex.
-    """
-    counts = _count_words(texts)
-    words = sorted(counts, key=lambda word: (-counts[word], word))
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = _pre_tokenizer()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return _wrap(tok)
-
-
-def _template_texts(tasks: Sequence[str] = TASKS) -> list[str]:
-    """The fixed words of every template of `tasks` (fields left out)."""
-    fixed = [re.sub(r"\{\w+\}", " ", p) for t in tasks for p in PROMPTS[t]]
-    return fixed + [POSE_ANSWER, chat_text("", None)]
-
-
-def pose_input_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
-    """The pose-input tasks' texts of the given splits: their templates, every instruction alone
-    and in every editing prompt (the captions, their answers, are `benchmark_texts`'). Sorted."""
-    texts = set(_template_texts(POSE_INPUT_TASKS)) | set(PROMPTS["pose_to_text"])
-    for split in splits:
-        for ins in posebench.load_edits(split, cfg).instructions:
-            texts.update(ins)
-            texts.update(fill_template(p, instruction=i) for i in ins for p in PROMPTS["pose_edit"])
-    return sorted(texts)
-
-
-def abstract_texts() -> list[str]:
-    """The abstract-prompt task's texts: every prompt template filled with every archetype phrase (its
-    answers are captions and POSE_ANSWER, already `benchmark_texts`'). Sorted."""
-    return sorted({fill_template(p, phrase=ph) for phrases in posebench.ARCHETYPE_PHRASES.values()
-                   for ph in phrases for p in PROMPTS[ABSTRACT_TASK]})
-
-
-def benchmark_texts(cfg: posebench.BenchConfig | None = None, splits: Sequence[str] = posebench.SPLITS) -> list[str]:
-    """The texts of the benchmark `cfg`: the templates, every prompt of the given splits with each
-    of its captions or questions filled in, every answer. The tokenizer's vocabulary reads every
-    split (a word-level vocabulary must cover the test words); stage 0's LM pretraining reads the
-    training split only. Returns the distinct texts, sorted."""
-    unknown = [s for s in splits if s not in posebench.SPLITS]
-    if unknown:
-        raise ValueError(f"benchmark_texts: unknown split {unknown[0]!r}; expected some of {posebench.SPLITS}")
-    texts = set(_template_texts())
-    for split in splits:
-        d = posebench.load_split(split, cfg)
-        texts.update(PROMPTS["image_to_pose"])
-        for captions in d.captions:
-            texts.update(fill_template(p, caption=c) for c in captions for p in PROMPTS["text_to_pose"])
-        for qas in d.vqa:
-            texts.update(fill_template(p, question=qa["question"]) for qa in qas for p in PROMPTS["vqa"])
-            texts.update(qa["answer"] for qa in qas)
-    texts.add(POSE_ANSWER)
-    return sorted(texts)
-
-
-def tiny_tokenizer(cfg: posebench.BenchConfig | None = None, pose_input: bool = False,
-                   abstract: bool = False) -> PreTrainedTokenizerFast:
-    """`build_tokenizer(benchmark_texts(cfg))`, built once per benchmark configuration and cached
-    at <cache_dir>/tokenizers/<config_key>/tokenizer.json (written atomically).
-
-    pose_input: that tokenizer extended by the pose-input tasks' token and words
-    (`extend_tokenizer(..., pose_input_texts(cfg))`, cached beside it as tokenizer_pose_input.json):
-    the default vocabulary, and so the default model, stays as it was without them.
-
-    abstract (implies pose_input; --mix with 6 weights): the pose-input tokenizer extended by the
-    abstract prompts' words (`abstract_texts`), cached as tokenizer_abstract.json: every id of the two
-    smaller vocabularies keeps its meaning.
-
-    A cached file that cannot encode this file's templates (they changed since it was written)
-    is rebuilt.
-    """
-    cfg = cfg or posebench.BenchConfig()
-    folder = os.path.join(plumbing.cache_dir(), "tokenizers", posebench.config_key(cfg))
-    name = "tokenizer_abstract.json" if abstract else "tokenizer_pose_input.json" if pose_input else "tokenizer.json"
-    path = os.path.join(folder, name)
-    templates = _template_texts(MIX_TASKS if abstract else ALL_TASKS if pose_input else TASKS)
-    if os.path.exists(path):
-        tok = _wrap(Tokenizer.from_file(path))
-        if tok.unk_token_id not in sum(tok(templates, add_special_tokens=False)["input_ids"], []):
-            return tok
-    if abstract:
-        tok = extend_tokenizer(tiny_tokenizer(cfg, pose_input=True), abstract_texts())
-    elif pose_input:
-        tok = extend_tokenizer(tiny_tokenizer(cfg), pose_input_texts(cfg))
-    else:
-        tok = build_tokenizer(benchmark_texts(cfg))
-    plumbing.atomic_write(path, lambda fh: fh.write(tok.backend_tokenizer.to_str()))
-    return tok
-
-
 # ---- Collate: samples -> one padded batch ---------------------------------------------------
 
 @dataclass
@@ -610,7 +453,7 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
         s.pose_input is not None for s in samples) else None
     if pose_input_id in (None, tokenizer.unk_token_id) and any(s.pose_input is not None for s in samples):
         raise ValueError(f"collate: the tokenizer has no {POSE_INPUT_TOKEN} token; the pose-input tasks need "
-                         "data.tiny_tokenizer(cfg, pose_input=True) (train_sft.py: --mix with 5 weights)")
+                         "vocab.tiny_tokenizer(cfg, pose_input=True) (train_sft.py: --mix with 5 weights)")
     prompts = [s.prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
                .replace(POSE_INPUT_TOKEN, POSE_INPUT_TOKEN * num_pose_input_tokens) for s in samples]
     prompt_ids = tokenizer([chat_text(p, None) for p in prompts], add_special_tokens=False)["input_ids"]
@@ -677,6 +520,19 @@ def collate(samples: list[Sample], tokenizer: PreTrainedTokenizerFast, num_image
                  pose_values=torch.stack(inputs) if inputs else None)
 
 
+def clean_answer(text: str, tokenizer) -> str:
+    """A decoded completion cut at the first eos / pad token, stripped."""
+    for t in (tokenizer.eos_token, tokenizer.pad_token):
+        text = text.split(t)[0] if t and t in text else text
+    return text.strip()
+
+
+def mix_tasks(mix) -> tuple:
+    """The posebench tasks a --mix of weights covers: TASKS for 3 weights, ALL_TASKS (the pose-input
+    tasks too) for 5, MIX_TASKS (abstract_to_pose too) for 6."""
+    return {len(ALL_TASKS): ALL_TASKS, len(MIX_TASKS): MIX_TASKS}.get(len(mix), TASKS)
+
+
 # ---- BOILERPLATE: python data.py ------------------------------------------------------------
 
 def main(argv=None):
@@ -684,7 +540,9 @@ def main(argv=None):
 
     (cfg,) = HfArgumentParser(posebench.BenchConfig, description=__doc__).parse_args_into_dataclasses(args=argv)
     t0 = time.time()
-    tok = tiny_tokenizer(cfg)
+    import vocab
+
+    tok = vocab.tiny_tokenizer(cfg)
     print(f"tiny tokenizer: {len(tok)} ids (6 special), {time.time() - t0:.1f} s "
           f"({os.path.join(plumbing.cache_dir(), 'tokenizers', posebench.config_key(cfg))})")
     ds = PoseBenchTasks("train", cfg)
@@ -698,16 +556,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def clean_answer(text: str, tokenizer) -> str:
-    """A decoded completion cut at the first eos / pad token, stripped."""
-    for t in (tokenizer.eos_token, tokenizer.pad_token):
-        text = text.split(t)[0] if t and t in text else text
-    return text.strip()
-
-
-def mix_tasks(mix) -> tuple:
-    """The posebench tasks a --mix of weights covers: TASKS for 3 weights, ALL_TASKS (the pose-input
-    tasks too) for 5, MIX_TASKS (abstract_to_pose too) for 6."""
-    return {len(ALL_TASKS): ALL_TASKS, len(MIX_TASKS): MIX_TASKS}.get(len(mix), TASKS)

@@ -106,7 +106,6 @@ import torch
 import body
 import checkpoint
 import data
-import metrics
 import model as M
 import plumbing
 import posebench
@@ -510,7 +509,7 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         image_sets: {NAME: realdata.HMR2ImageDataset} cropped at the CLIP tower's input size (3DPW, H36M).
         text_set: realdata.PoseScript(root, amass, "test", captions=("human",)) (PoseScript-H2), or None.
         bodymodel: body.BodyModel on `device` (SMPL, posed with the mean shape). regressor: (17 or 19, V)
-            `metrics.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
+            `realdata.load_joint_regressor`, V = bodymodel.num_vertices. Both unused without image_sets.
         retrievers: {name: TextPoseRetriever} for the text set's Recall@K (none: no recall fields).
         max_samples: the first N samples of each set (<= 0: all). batch_size, sample_pose, seed,
             pose_temperature: as `evaluate_policy`.
@@ -531,11 +530,11 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
     res, preds = {}, {}
     for name, ds in image_sets.items():
         pose6d = predict(ds)  # (N, P)
-        pred = torch.cat([metrics.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
+        pred = torch.cat([realdata.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
                                                    regressor).cpu()
                           for i in range(0, len(pose6d), 256)])  # (N, 14, 3) m, minus the regressor's pelvis
         gt = torch.as_tensor(ds.gt_lsp14()[:len(pose6d)])  # (N, 14, 3) m, pelvis-relative
-        res[f"image_to_pose/{name}/mpjpe_mm"] = metrics.lsp14_mpjpe_mm(pred, gt).mean().item()
+        res[f"image_to_pose/{name}/mpjpe_mm"] = realdata.lsp14_mpjpe_mm(pred, gt).mean().item()
         res[f"image_to_pose/{name}/pa_mpjpe_mm"] = pa_mpjpe_mm(pred, gt).mean().item()
         preds[f"image_to_pose/{name}"] = {"index": torch.arange(len(pose6d)), "pose6d": pose6d}
     if text_set is not None:
@@ -678,7 +677,7 @@ def real_eval_inputs(args: Args, device) -> dict:
             ds.gt_lsp14()  # its ground truth is there
         if args.eval_npz:
             out["bodymodel"] = body.BodyModel(args.smpl_path).to(device)
-            out["regressor"] = metrics.load_joint_regressor(args.joint_regressor)  # (K, V)
+            out["regressor"] = realdata.load_joint_regressor(args.joint_regressor)  # (K, V)
             if out["regressor"].shape[0] != 19:  # the npz's extra_keypoints_3d are J19 joints (HMR2.0's protocol)
                 raise ValueError(f"--joint_regressor {args.joint_regressor} regresses {out['regressor'].shape[0]} joints; "
                                  "the ground truth of 4D-Humans' eval npz (extra_keypoints_3d) are J19 joints, which "

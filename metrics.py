@@ -16,7 +16,7 @@ tools/probe.py call them directly. Each has a slow reference in tests/test_metri
 - Pose editing (UniPose Table 5, PoseLLaVA Table 3): MPJPE / PA-MPJPE of the edited pose, the
   instruction's posecode truth (`posecode_truth`) and R@K of the edited pose among the true ones
   (`pose_recall_at_k`).
-- Abstract prompts (CoT-Pose, issue 22): PFD and MPJPE of a generated pose to the nearest pose of the
+- Abstract prompts (CoT-Pose): PFD and MPJPE of a generated pose to the nearest pose of the
   prompt's archetype (`nearest_pfd`, `nearest_mpjpe_mm`, CoT-Pose's Table 1 metrics with the root aligned
   to the candidate's), and archetype accuracy by a k-nearest-neighbour classifier on joints (`knn_predict`).
 
@@ -25,7 +25,6 @@ Shape letters: N = samples (queries / candidates), J = joints.
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Dict, Iterable, Tuple, Union
 
 import numpy as np
@@ -546,61 +545,6 @@ def pose_recall_at_k(sim: ArrayLike, ks: Union[int, Iterable[int]] = (1, 5, 10),
     res = [recall_at_k(s[i:i + size, i:i + size], ks) for i in range(0, n - size + 1, size)]
     return {k: float(np.mean([r[k] for r in res])) for k in ks}
 
-
-
-# ---- Evaluation joints: HMR2.0's 3DPW / Human3.6M protocol ----------------------------------
-# 14 LSP joints (ankles, knees, hips, wrists, elbows, shoulders, neck, head) regressed from the
-# mesh by a user-supplied regressor, minus the regressor's pelvis, errors in millimetres. Two
-# regressor files are common: SPIN's J_regressor_h36m.npy (17 H36M joints, pelvis = 0) and
-# 4D-Humans' SMPL_to_J19.pkl (19 extra joints, pelvis = 14; HMR2.0's eval keypoints 25..37 and 43
-# minus keypoint 39). Both map the official SMPL mesh (6890 vertices), not the procedural one.
-# Against 4D-Humans' eval npz (its extra_keypoints_3d are J19 joints) only the second is the
-# protocol; evaluate.py refuses the first there.
-
-H36M_TO_LSP14 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10)  # SPIN's H36M_TO_J14
-J19_TO_LSP14 = tuple(range(13)) + (18,)
-REGRESSOR_LAYOUTS = {17: ("H36M", H36M_TO_LSP14, 0), 19: ("J19", J19_TO_LSP14, 14)}  # rows: (name, LSP14, pelvis)
-
-
-def load_joint_regressor(path: str) -> np.ndarray:
-    """A joint regressor file (.npy, or a numpy/scipy-sparse pickle read without scipy) -> (K, V)
-    float64, K in REGRESSOR_LAYOUTS (17: J_regressor_h36m.npy; 19: SMPL_to_J19.pkl)."""
-    from smpl_pickle import _SMPLUnpickler, _SparseStandIn, _sparse_to_dense
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"joint regressor {path} not found; J_regressor_h36m.npy comes from SPIN's "
-                                "fetch_data.sh (github.com/nkolot/SPIN), SMPL_to_J19.pkl from 4D-Humans' hmr2_data")
-    if path.endswith(".npy"):
-        reg = np.load(path, allow_pickle=False)
-    else:
-        with open(path, "rb") as fh:
-            reg = _SMPLUnpickler(fh, path).load()
-        reg = _sparse_to_dense(reg, "regressor", path) if isinstance(reg, _SparseStandIn) else np.asarray(reg)
-    if reg.ndim != 2 or reg.shape[0] not in REGRESSOR_LAYOUTS:
-        raise ValueError(f"{path}: regressor has shape {reg.shape}; expected (17, V) (H36M) or (19, V) (HMR2.0's J19)")
-    return reg.astype(np.float64)
-
-
-def lsp14_from_vertices(vertices, regressor: np.ndarray) -> torch.Tensor:
-    """(B, V, 3) mesh vertices, metres -> (B, 14, 3) LSP joints minus the regressor's pelvis, metres."""
-    v = body.check_tensor(vertices, "vertices", (3,), "lsp14_from_vertices")
-    reg = torch.as_tensor(np.asarray(regressor), dtype=v.dtype, device=v.device)
-    if v.dim() != 3 or reg.dim() != 2 or reg.shape[1] != v.shape[1] or reg.shape[0] not in REGRESSOR_LAYOUTS:
-        raise ValueError(f"lsp14_from_vertices: vertices {tuple(v.shape)} and regressor {tuple(reg.shape)}; expected "
-                         "(B, V, 3) and (17 or 19, V) with the same V (the official SMPL mesh has 6890)")
-    _, lsp, pelvis = REGRESSOR_LAYOUTS[reg.shape[0]]
-    joints = torch.einsum("kv,bvc->bkc", reg, v)  # (B, K, 3)
-    return joints[:, list(lsp)] - joints[:, pelvis:pelvis + 1]
-
-
-def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
-    """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or realdata.HMR2ImageDataset.gt_lsp14),
-    no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: metrics.pa_mpjpe_mm."""
-    p = body.check_tensor(pred, "pred", (14, 3), "lsp14_mpjpe_mm").double()
-    g = body.check_tensor(gt, "gt", (14, 3), "lsp14_mpjpe_mm").double()
-    if p.shape != g.shape:
-        raise ValueError(f"lsp14_mpjpe_mm: pred {tuple(p.shape)} and gt {tuple(g.shape)} differ")
-    return (p - g.to(p.device)).norm(dim=-1).mean(-1) * 1000.0
 
 
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import body
 import data
+import vocab
 import model as M
 import plumbing
 import posebench
@@ -140,7 +141,7 @@ def clip(model, train, tokenizer, args, device, log):
 
 def lm_texts(cfg: posebench.BenchConfig) -> list:
     """The LM pretraining texts: the training split's prompts and answers without image placeholders."""
-    return [t for t in data.benchmark_texts(cfg, splits=("train",)) if data.IMAGE_TOKEN not in t]
+    return [t for t in vocab.benchmark_texts(cfg, splits=("train",)) if data.IMAGE_TOKEN not in t]
 
 
 def lm(model, tokenizer, cfg, args, device, log):
@@ -253,10 +254,10 @@ def pretrain_for_pose_input(base, args, cfg, device, log) -> dict:
     """Stage 0 of a tiny-preset run with the pose-input tasks: the default run's own (built, keyed and
     cached from the default vocabulary's model, so the two runs share one cache entry and the
     pose-input tasks add no stage-0 training), copied into `base`; the language model's input and
-    output embeddings are copied into the first rows of the extended vocabulary (data.extend_tokenizer
+    output embeddings are copied into the first rows of the extended vocabulary (vocab.extend_tokenizer
     keeps every default id), whose new rows (the input-pose placeholder, the instructions' words) keep
     their initialisation. Returns the encoder's metrics, as `stage0`."""
-    tok0 = data.tiny_tokenizer(cfg)
+    tok0 = vocab.tiny_tokenizer(cfg)
     default = presets.build_tiny(tok0, rank=args.head_rank, deterministic=args.deterministic_head)
     res = pretrain(default, lambda: presets.build_tiny(tok0, rank=args.head_rank), tok0, cfg, args, device, log)
     src, dst = parts(default, args.preset), parts(base, args.preset)

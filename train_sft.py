@@ -63,6 +63,7 @@ import torch.nn.functional as F
 import body
 import checkpoint
 import data
+import vocab
 from checkpoint import prepare_out_dir, restore_train_state, save_checkpoint, trainable_params
 import model as M
 import plumbing
@@ -242,7 +243,7 @@ def build_base(args, cfg: posebench.BenchConfig):
     one with the Gaussian head for stage 0, tokenizer)."""
     pose_input = pose_input_on(args)
     if args.preset == "tiny":
-        tokenizer = data.tiny_tokenizer(cfg, pose_input=pose_input, abstract=abstract_on(args))
+        tokenizer = vocab.tiny_tokenizer(cfg, pose_input=pose_input, abstract=abstract_on(args))
         return (presets.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
                 lambda: presets.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
     base, tokenizer = presets.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)

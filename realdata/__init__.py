@@ -14,14 +14,15 @@ paper does not say how it is used); LLaVA-Instruct's multi-turn conversations be
 single-turn samples.
 
 Modules: common (sources, DataFormatError, checked readers), posescript (PoseScript, the text-to-pose
-frame), images (HMR2.0-style npz sets, BEDLAM-Script, person crops), instruct (LLaVA-Instruct, Mixture),
+frame), images (HMR2.0-style npz sets and their LSP14 evaluation joints, BEDLAM-Script, person crops), instruct (LLaVA-Instruct, Mixture),
 preflight (every asset and file of a real run checked before anything is built). Their public names
 are importable from the package itself, as `realdata.PoseScript`.
 """
 from realdata.common import (AMASS_SOURCE, BEDLAM_SCRIPT_SOURCE, DESCRIBE_PROMPT, HMR2_DATA_SOURCE,
                              LLAVA_INSTRUCT_SOURCE, MAX_CAPTION_CHARS, POSESCRIPT_SOURCE, DataFormatError,
                              fit_captions, npz_headers)
-from realdata.images import BEDLAMScript, HMR2ImageDataset, crop_person, expand_to_aspect, pad_to_square
+from realdata.images import (REGRESSOR_LAYOUTS, BEDLAMScript, HMR2ImageDataset, crop_person, expand_to_aspect,
+                             load_joint_regressor, lsp14_from_vertices, lsp14_mpjpe_mm, pad_to_square)
 from realdata.instruct import LLaVAInstruct, Mixture
 from realdata.posescript import PoseScript, posescript_normalize, smplh_to_smpl24, text_pose_frame
 from realdata.preflight import check_real_assets, preflight_real, real_image_size
@@ -30,4 +31,5 @@ __all__ = ["AMASS_SOURCE", "BEDLAM_SCRIPT_SOURCE", "DESCRIBE_PROMPT", "HMR2_DATA
            "MAX_CAPTION_CHARS", "POSESCRIPT_SOURCE", "DataFormatError", "fit_captions", "npz_headers", "BEDLAMScript",
            "HMR2ImageDataset", "crop_person", "expand_to_aspect", "pad_to_square", "LLaVAInstruct", "Mixture",
            "PoseScript", "posescript_normalize", "smplh_to_smpl24", "text_pose_frame", "check_real_assets",
-           "preflight_real", "real_image_size"]
+           "preflight_real", "real_image_size", "REGRESSOR_LAYOUTS", "load_joint_regressor",
+           "lsp14_from_vertices", "lsp14_mpjpe_mm"]

@@ -1,5 +1,5 @@
-"""Image datasets: HMR2.0-style npz sets (3DPW, Human3.6M, MPI-INF-3DHP, ...) for image-to-pose, and
-BEDLAM-Script's images with descriptions; the person crops both use."""
+"""Image datasets: HMR2.0-style npz sets (3DPW, Human3.6M, MPI-INF-3DHP, ...) for image-to-pose with
+HMR2.0's LSP14 evaluation joints, and BEDLAM-Script's images with descriptions; the person crops both use."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 import body
-import metrics
 from data import POSE_ANSWER, PROMPTS, Sample
 from realdata.common import (BEDLAM_SCRIPT_SOURCE, _checked_captions, DataFormatError, DESCRIBE_PROMPT,
                              HMR2_DATA_SOURCE, _load_npz, _missing_images, _need, _read_pickle, _spread, _warn_cut,
@@ -187,14 +186,14 @@ class HMR2ImageDataset(torch.utils.data.Dataset):
         (N, 14, 3) in the order of this dataset's samples."""
         if "extra_keypoints_3d" not in self.arr:
             raise DataFormatError(f"{_where(self.name, self.npz_path)}: no extra_keypoints_3d (N, 19, 4); HMR2.0's "
-                                  "protocol reads its 3D ground truth there (else use metrics.lsp14_from_vertices)")
+                                  "protocol reads its 3D ground truth there (else use lsp14_from_vertices)")
         kp = self.arr["extra_keypoints_3d"][self.rows, :, :3].astype(np.float64)  # (N, 19, 3) m
         bad = self.rows[~np.isfinite(kp).all(axis=(1, 2))]
         if len(bad):
             raise DataFormatError(f"{_where(self.name, self.npz_path, int(bad[0]))}: NaN/inf ground-truth keypoints "
                                   f"(extra_keypoints_3d) in {len(bad)} record(s), first {bad[:5].tolist()}; remove "
                                   "those records from the npz or use the original file")
-        _, lsp14, pelvis = metrics.REGRESSOR_LAYOUTS[19]
+        _, lsp14, pelvis = REGRESSOR_LAYOUTS[19]
         return kp[:, list(lsp14)] - kp[:, pelvis:pelvis + 1]
 
 
@@ -376,3 +375,58 @@ def pad_to_square(image: np.ndarray, size: int, fill=(122, 116, 104)) -> np.ndar
     canvas = Image.new("RGB", (S, S), tuple(fill))
     canvas.paste(Image.fromarray(image), ((S - W) // 2, (S - H) // 2))
     return np.asarray(canvas.resize((size, size), Image.BICUBIC))
+
+
+# ---- Evaluation joints: HMR2.0's 3DPW / Human3.6M protocol ----------------------------------
+# 14 LSP joints (ankles, knees, hips, wrists, elbows, shoulders, neck, head) regressed from the
+# mesh by a user-supplied regressor, minus the regressor's pelvis, errors in millimetres. Two
+# regressor files are common: SPIN's J_regressor_h36m.npy (17 H36M joints, pelvis = 0) and
+# 4D-Humans' SMPL_to_J19.pkl (19 extra joints, pelvis = 14; HMR2.0's eval keypoints 25..37 and 43
+# minus keypoint 39). Both map the official SMPL mesh (6890 vertices), not the procedural one.
+# Against 4D-Humans' eval npz (its extra_keypoints_3d are J19 joints) only the second is the
+# protocol; evaluate.py refuses the first there.
+
+H36M_TO_LSP14 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10)  # SPIN's H36M_TO_J14
+J19_TO_LSP14 = tuple(range(13)) + (18,)
+REGRESSOR_LAYOUTS = {17: ("H36M", H36M_TO_LSP14, 0), 19: ("J19", J19_TO_LSP14, 14)}  # rows: (name, LSP14, pelvis)
+
+
+def load_joint_regressor(path: str) -> np.ndarray:
+    """A joint regressor file (.npy, or a numpy/scipy-sparse pickle read without scipy) -> (K, V)
+    float64, K in REGRESSOR_LAYOUTS (17: J_regressor_h36m.npy; 19: SMPL_to_J19.pkl)."""
+    from smpl_pickle import _SMPLUnpickler, _SparseStandIn, _sparse_to_dense
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"joint regressor {path} not found; J_regressor_h36m.npy comes from SPIN's "
+                                "fetch_data.sh (github.com/nkolot/SPIN), SMPL_to_J19.pkl from 4D-Humans' hmr2_data")
+    if path.endswith(".npy"):
+        reg = np.load(path, allow_pickle=False)
+    else:
+        with open(path, "rb") as fh:
+            reg = _SMPLUnpickler(fh, path).load()
+        reg = _sparse_to_dense(reg, "regressor", path) if isinstance(reg, _SparseStandIn) else np.asarray(reg)
+    if reg.ndim != 2 or reg.shape[0] not in REGRESSOR_LAYOUTS:
+        raise ValueError(f"{path}: regressor has shape {reg.shape}; expected (17, V) (H36M) or (19, V) (HMR2.0's J19)")
+    return reg.astype(np.float64)
+
+
+def lsp14_from_vertices(vertices, regressor: np.ndarray) -> torch.Tensor:
+    """(B, V, 3) mesh vertices, metres -> (B, 14, 3) LSP joints minus the regressor's pelvis, metres."""
+    v = body.check_tensor(vertices, "vertices", (3,), "lsp14_from_vertices")
+    reg = torch.as_tensor(np.asarray(regressor), dtype=v.dtype, device=v.device)
+    if v.dim() != 3 or reg.dim() != 2 or reg.shape[1] != v.shape[1] or reg.shape[0] not in REGRESSOR_LAYOUTS:
+        raise ValueError(f"lsp14_from_vertices: vertices {tuple(v.shape)} and regressor {tuple(reg.shape)}; expected "
+                         "(B, V, 3) and (17 or 19, V) with the same V (the official SMPL mesh has 6890)")
+    _, lsp, pelvis = REGRESSOR_LAYOUTS[reg.shape[0]]
+    joints = torch.einsum("kv,bvc->bkc", reg, v)  # (B, K, 3)
+    return joints[:, list(lsp)] - joints[:, pelvis:pelvis + 1]
+
+
+def lsp14_mpjpe_mm(pred, gt) -> torch.Tensor:
+    """MPJPE of pelvis-aligned LSP joints (from `lsp14_from_vertices` or realdata.HMR2ImageDataset.gt_lsp14),
+    no further alignment: (B, 14, 3), (B, 14, 3) metres -> (B,) millimetres. PA-MPJPE: metrics.pa_mpjpe_mm."""
+    p = body.check_tensor(pred, "pred", (14, 3), "lsp14_mpjpe_mm").double()
+    g = body.check_tensor(gt, "gt", (14, 3), "lsp14_mpjpe_mm").double()
+    if p.shape != g.shape:
+        raise ValueError(f"lsp14_mpjpe_mm: pred {tuple(p.shape)} and gt {tuple(g.shape)} differ")
+    return (p - g.to(p.device)).norm(dim=-1).mean(-1) * 1000.0

@@ -7,6 +7,7 @@ import torch
 
 import body
 import data
+import vocab
 import evaluate
 import metrics
 import model as M
@@ -65,11 +66,11 @@ def test_samples_answer_with_a_caption_of_their_pose_then_the_pose(tasks):
 
 
 def test_the_abstract_vocabulary_extends_the_pose_input_one(tasks):
-    small, mid, big = (data.tiny_tokenizer(CFG), data.tiny_tokenizer(CFG, pose_input=True),
-                       data.tiny_tokenizer(CFG, abstract=True))
+    small, mid, big = (vocab.tiny_tokenizer(CFG), vocab.tiny_tokenizer(CFG, pose_input=True),
+                       vocab.tiny_tokenizer(CFG, abstract=True))
     assert len(small) < len(mid) < len(big)
-    vocab = big.get_vocab()
-    assert all(vocab[w] == i for w, i in mid.get_vocab().items())  # every smaller id keeps its meaning
+    words = big.get_vocab()
+    assert all(words[w] == i for w, i in mid.get_vocab().items())  # every smaller id keeps its meaning
     ids = big(tasks[0].prompt + " " + tasks[0].answer, add_special_tokens=False)["input_ids"]
     assert big.unk_token_id not in ids
     b = data.collate([tasks[i] for i in range(4)], big, 2)
@@ -217,7 +218,7 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     """Evaluation (evaluate.generate_with_poses, abstract_metrics) and RFT (train_rft.rollout) read <POSE>
     after the text the policy generated: forced here to a reasoning other than the reference's, the pose
     is the teacher-forced one of that text, not of the reference."""
-    tok = data.tiny_tokenizer(CFG, abstract=True)
+    tok = vocab.tiny_tokenizer(CFG, abstract=True)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32)).eval()
     s = tasks[0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import vocab
 import posebench
 import presets
 
@@ -29,7 +29,7 @@ class Flags:
 def run(tmp_path_factory):
     """A tiny run directory with two saved steps, and its policy and optimizer."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    tok = data.tiny_tokenizer(CFG)
+    tok = vocab.tiny_tokenizer(CFG)
     torch.manual_seed(0)
     base = presets.build_tiny(tok)
     presets.save_base(base, tok, str(out / "base"), "tiny")

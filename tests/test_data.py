@@ -10,6 +10,7 @@ import torch
 
 import body
 import data
+import vocab
 import plumbing
 import posebench as pb
 
@@ -23,7 +24,7 @@ def ds():
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.tiny_tokenizer(TINY)
+    return vocab.tiny_tokenizer(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_normalize_text():
 # ---- Tokenizer --------------------------------------------------------------------------------
 
 def test_tokenizer_round_trip(tok):
-    texts = data.benchmark_texts(TINY)
+    texts = vocab.benchmark_texts(TINY)
     d = pb.load_split("test", TINY)
     assert data.POSE_ANSWER in texts and d.vqa[0][0]["answer"] in texts
     assert data.PROMPTS["text_to_pose"][1].replace("{caption}", d.captions[0][2]) in texts
@@ -168,7 +169,7 @@ def test_tokenizer_round_trip(tok):
 
 
 def test_tokenizer_specials(tok):
-    assert [tok.convert_tokens_to_ids(t) for t in data.SPECIAL_TOKENS] == list(range(6))
+    assert [tok.convert_tokens_to_ids(t) for t in vocab.SPECIAL_TOKENS] == list(range(6))
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert (tok.image_token_id, tok.pose_token_id) == (4, 5)
     assert tok("is<POSE>.", add_special_tokens=False)["input_ids"] == tok.convert_tokens_to_ids(["is", "<POSE>", "."])
@@ -181,9 +182,9 @@ def test_tiny_tokenizer_is_cached_and_deterministic(tok):
     path = os.path.join(plumbing.cache_dir(), "tokenizers", pb.config_key(TINY), "tokenizer.json")
     assert os.path.exists(path)
     mtime = os.stat(path).st_mtime_ns
-    assert data.tiny_tokenizer(TINY).get_vocab() == tok.get_vocab() and os.stat(path).st_mtime_ns == mtime
-    texts = data.benchmark_texts(TINY)
-    assert data.build_tokenizer(texts[::-1]).get_vocab() == tok.get_vocab()
+    assert vocab.tiny_tokenizer(TINY).get_vocab() == tok.get_vocab() and os.stat(path).st_mtime_ns == mtime
+    texts = vocab.benchmark_texts(TINY)
+    assert vocab.build_tokenizer(texts[::-1]).get_vocab() == tok.get_vocab()
 
 
 # ---- Collate ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 
 import body
 import data
+import vocab
 import model as M
 import posebench as pb
 import presets
@@ -155,7 +156,7 @@ class NotHere:
 def test_one_direct_step_trains_the_pose_path_only(monkeypatch):
     """A tiny policy, image-to-pose prompts with the pose answer forced: the KL is 0 at the first step, the
     pose head and LoRA move; HyGRPO's loss (the token log-probabilities' surrogate) and Eq. 10 are never used."""
-    tok = data.tiny_tokenizer(CFG)
+    tok = vocab.tiny_tokenizer(CFG)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32))
     names, params = train_rft.checkpoint.trainable_params(policy)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import vocab
 import evaluate as E
 import figures
 import plumbing
@@ -416,7 +417,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 def tiny_run(tmp_path):
     """An untrained tiny run directory (base, one adapter step) and untrained retrievers."""
     import retrieval
-    tok = data.tiny_tokenizer(CFG)
+    tok = vocab.tiny_tokenizer(CFG)
     torch.manual_seed(0)
     base = presets.build_tiny(tok)
     presets.save_base(base, tok, str(tmp_path / "run" / "base"), "tiny")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import body
 import data
+import vocab
 import hygrpo
 import posebench
 import presets
@@ -71,7 +72,7 @@ def test_rft_micro_batches_equal_one_batch(monkeypatch, n_micro):
     as one batch and as n_micro micro-batches, on the same rollouts and rewards: one sampled rollout and
     seeded rewards with a pose on most samples, cut by rows for the micro-batches."""
     B, G = 4, 3
-    tok = data.tiny_tokenizer(CFG)
+    tok = vocab.tiny_tokenizer(CFG)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok))
     tasks = data.PoseBenchTasks("train", CFG, tasks=("text_to_pose",), mix=(1.0,), seed=0)

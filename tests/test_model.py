@@ -8,6 +8,7 @@ import torch
 
 import body
 import data
+import vocab
 import model as M
 import posebench
 import presets
@@ -17,7 +18,7 @@ CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.tiny_tokenizer(CFG)
+    return vocab.tiny_tokenizer(CFG)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import data
+import vocab
 import model as M
 import posebench as pb
 import posecodes
@@ -19,7 +20,7 @@ CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.tiny_tokenizer(CFG, pose_input=True)
+    return vocab.tiny_tokenizer(CFG, pose_input=True)
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +220,11 @@ def test_grouped_forward_with_input_poses_equals_the_full_one(tok, ds):
 # ---- Tokenizer, pairs, samples, collate -------------------------------------------------------------
 
 def test_extended_tokenizer_keeps_every_default_id(tok):
-    base = data.tiny_tokenizer(CFG)
+    base = vocab.tiny_tokenizer(CFG)
     assert all(tok.get_vocab()[w] == i for w, i in base.get_vocab().items())
     assert tok.pose_input_token_id == len(base) and len(tok) > len(base) + 1
     assert data.POSE_INPUT_TOKEN not in base.get_vocab()
-    ids = tok(data.pose_input_texts(CFG, ("val",)), add_special_tokens=False)["input_ids"]
+    ids = tok(vocab.pose_input_texts(CFG, ("val",)), add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in sum(ids, [])
     assert tok("Describe this pose: <pose_input>", add_special_tokens=False)["input_ids"].count(tok.pose_input_token_id) == 1
 
@@ -280,7 +281,7 @@ def test_pose_input_samples(ds):
 def test_collate_checks_the_pose_input(ds, tok):
     s = by_task(ds, "pose_to_text", 1)[0]
     with pytest.raises(ValueError, match="no <pose_input> token"):
-        data.collate([s], data.tiny_tokenizer(CFG), 32)
+        data.collate([s], vocab.tiny_tokenizer(CFG), 32)
     bad = data.Sample("pose_to_text", "Describe this pose.", "x", pose_input=s.pose_input)
     with pytest.raises(ValueError, match="input pose but its prompt holds 0"):
         data.collate([bad], tok, 32)

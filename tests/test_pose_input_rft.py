@@ -6,6 +6,7 @@ import torch
 
 import body
 import data
+import vocab
 import evaluate
 import hygrpo
 import model as M
@@ -106,7 +107,7 @@ def test_posecode_reward_against_a_loop():
 
 @pytest.mark.parametrize("task", ["pose_to_text", "pose_edit"])
 def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypatch):
-    tok = data.tiny_tokenizer(CFG, pose_input=True)
+    tok = vocab.tiny_tokenizer(CFG, pose_input=True)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32))
     names, params = train_rft.checkpoint.trainable_params(policy)
@@ -134,7 +135,7 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
 
 
 def test_evaluation_of_the_pose_input_tasks(tasks):
-    tok = data.tiny_tokenizer(CFG, pose_input=True)
+    tok = vocab.tiny_tokenizer(CFG, pose_input=True)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32)).eval()
     val = data.PoseBenchTasks("val", CFG)

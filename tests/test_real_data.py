@@ -12,12 +12,12 @@ from PIL import Image
 
 import body
 import data
-import metrics
+import vocab
 import realdata
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-TOK = data.build_tokenizer(["The SMPL pose of this person is <POSE>.", "USER: ASSISTANT:"])  # collate needs no vocabulary
+TOK = vocab.build_tokenizer(["The SMPL pose of this person is <POSE>.", "USER: ASSISTANT:"])  # collate needs no vocabulary
 
 
 def rot(axis: str, a: float) -> np.ndarray:
@@ -577,9 +577,9 @@ def test_lsp14_protocol_matches_hmr2_keypoints(tmp_path):
     np.save(tmp_path / "j19.npy", j19)
     with open(tmp_path / "j19.pkl", "wb") as fh:
         pickle.dump(j19, fh)
-    assert np.array_equal(metrics.load_joint_regressor(str(tmp_path / "j19.pkl")), j19)
-    reg = metrics.load_joint_regressor(str(tmp_path / "j19.npy"))
-    ours = metrics.lsp14_from_vertices(verts, reg)
+    assert np.array_equal(realdata.load_joint_regressor(str(tmp_path / "j19.pkl")), j19)
+    reg = realdata.load_joint_regressor(str(tmp_path / "j19.npy"))
+    ours = realdata.lsp14_from_vertices(verts, reg)
     kp = torch.einsum("kv,bvc->bkc", torch.as_tensor(j19), verts).numpy()
     extra = np.concatenate([kp, np.ones((2, 19, 1))], -1)
     ds = realdata.HMR2ImageDataset.__new__(realdata.HMR2ImageDataset)  # only the keypoints are needed
@@ -587,14 +587,14 @@ def test_lsp14_protocol_matches_hmr2_keypoints(tmp_path):
     assert np.allclose(ours.numpy(), ds.gt_lsp14(), atol=1e-9)
     h36m = rng.random((17, V))
     j = torch.einsum("kv,bvc->bkc", torch.as_tensor(h36m), verts)
-    out = metrics.lsp14_from_vertices(verts, h36m)
+    out = realdata.lsp14_from_vertices(verts, h36m)
     assert torch.allclose(out[:, 0], j[:, 6] - j[:, 0]) and torch.allclose(out[:, 13], j[:, 10] - j[:, 0])
-    err = metrics.lsp14_mpjpe_mm(out, out + torch.tensor([0.003, 0.004, 0.0], dtype=torch.float64))
+    err = realdata.lsp14_mpjpe_mm(out, out + torch.tensor([0.003, 0.004, 0.0], dtype=torch.float64))
     assert torch.allclose(err, torch.full((2,), 5.0, dtype=torch.float64))
     np.save(tmp_path / "bad.npy", np.zeros((24, V)))
     with pytest.raises(ValueError, match=r"shape \(24, .*expected \(17, V\)"):
-        metrics.load_joint_regressor(str(tmp_path / "bad.npy"))
+        realdata.load_joint_regressor(str(tmp_path / "bad.npy"))
     with pytest.raises(ValueError, match="the same V"):
-        metrics.lsp14_from_vertices(verts, np.zeros((17, 6890)))
+        realdata.lsp14_from_vertices(verts, np.zeros((17, 6890)))
     with pytest.raises(FileNotFoundError, match="J_regressor_h36m.npy comes from SPIN"):
-        metrics.load_joint_regressor(str(tmp_path / "absent.npy"))
+        realdata.load_joint_regressor(str(tmp_path / "absent.npy"))

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import vocab
 import posebench
 import presets
 import train_rft
@@ -127,7 +128,7 @@ def test_token_logprobs_are_those_of_the_sampling_policy(temperature, monkeypatc
     softmax(logits / temperature), suppressed tokens masked."""
     import model as M
     cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
-    tok = data.tiny_tokenizer(cfg)
+    tok = vocab.tiny_tokenizer(cfg)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok)).eval()
     tasks = data.PoseBenchTasks("train", cfg, seed=0)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import body
 import data
+import vocab
 import model as M
 import plumbing
 import posebench
@@ -38,7 +39,7 @@ def run(args, **kw):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.tiny_tokenizer(CFG)
+    return vocab.tiny_tokenizer(CFG)
 
 
 def test_sft_loss_matches_slow_reference(tok):
@@ -198,7 +199,7 @@ def test_stage0_is_cached_and_invalidated(tok, capsys):
     """One training per key: a second call reads the cache (same weights); another benchmark or
     another encoder configuration trains anew."""
     def call(cfg, **kw):
-        tokenizer = data.tiny_tokenizer(cfg)
+        tokenizer = vocab.tiny_tokenizer(cfg)
         base = presets.build_tiny(tokenizer, deterministic=kw.pop("deterministic", False))
         args = train_sft.Args(**{**STAGE0, **kw})
         stage0.pretrain(base, lambda: presets.build_tiny(tokenizer), tokenizer, cfg, args, "cpu", lambda m: None)

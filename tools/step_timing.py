@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data
+import vocab
 import hygrpo
 import posebench
 import presets
@@ -64,7 +65,7 @@ def bench(preset: str, args: Args) -> dict:
         # as train_rft.py starts from an SFT run
         policy, tok = presets.rft_policy(args.sft_dir, checkpoint.run_step(args.sft_dir, "--sft_dir"), preset)
     elif preset == "tiny":
-        tok = data.tiny_tokenizer(cfg)
+        tok = vocab.tiny_tokenizer(cfg)
         policy = presets.apply_lora(presets.build_tiny(tok))
     else:
         base, tok = presets.build_smol()

@@ -4,7 +4,7 @@ Optional: needs `trl`, installed without touching torch, transformers or peft:
     pip install --no-deps -r requirements-trl.txt
 
 The same work on both sides:
-  - the tiny preset's model (presets.build_tiny, data.tiny_tokenizer), fresh and with the same initial weights, with
+  - the tiny preset's model (presets.build_tiny, vocab.tiny_tokenizer), fresh and with the same initial weights, with
     the same LoRA (presets.lora_config: ours through presets.apply_lora, TRL's through its `peft_config`) but for one
     row: TRL's log-probs go through its fused LM head, which reads `lm_head.weight` and `.bias` directly and fails
     on peft's trainable-token wrapper, so TRL's adapter leaves the LM head's `<POSE>` row frozen (ours trains it:
@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data
+import vocab
 import hygrpo
 import posebench
 import presets
@@ -84,7 +85,7 @@ def prompts(args: Args, cfg: posebench.BenchConfig | None = None):
     """The tokenizer and the text-to-pose samples of every step, (warmup + steps) * B of them, in order."""
     cfg = cfg or posebench.BenchConfig(n_train=args.n_train)
     tasks = data.PoseBenchTasks("train", cfg, tasks=("text_to_pose",), mix=(1.0,))
-    return data.tiny_tokenizer(cfg), [tasks[i] for i in range((args.warmup + args.steps) * args.batch_size)]
+    return vocab.tiny_tokenizer(cfg), [tasks[i] for i in range((args.warmup + args.steps) * args.batch_size)]
 
 
 def trl_prompt(tok, sample: data.Sample) -> str:
