@@ -1,6 +1,6 @@
-"""The report's figures: Figure 4 (reward curves, GRPO vs HyGRPO, mean over seeds) from the runs'
-metrics.jsonl, and Figures 5 and 6 (rendered poses: ground truth, SFT, Pose-RFT) from the evaluations'
-predictions.npz."""
+"""The figures: Figure 4 (reward curves, GRPO vs HyGRPO, mean over seeds) from the runs'
+metrics.jsonl, one run's reward curves (train_rft.py), and Figures 5 and 6 (rendered poses: ground
+truth, SFT, Pose-RFT) from the evaluations' predictions.npz."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,8 @@ import textwrap
 import warnings
 
 import numpy as np
+
+PAPER_REWARDS = ("joint", "semantic", "format", "text")  # rewards.REWARD_NAMES: Figure 4's panels
 
 
 def reward_rows(metrics_path: str) -> list:
@@ -40,7 +42,7 @@ def seed_curves(seeds: list, name: str):
     return np.array(steps), np.array(vals, dtype=float).reshape(len(seeds), len(steps))
 
 
-def plot_figure4(curves: dict, png: str, names=("joint", "semantic", "format", "text")) -> None:
+def plot_figure4(curves: dict, png: str, names=PAPER_REWARDS) -> None:
     """Figure 4: reward curves of GRPO vs HyGRPO. curves {label: [rows of each seed]} -> PNG, one panel
     per reward of `names` (the paper's four, rewards.REWARD_NAMES): the moving average over a tenth of the
     run, mean over seeds with a ± std band."""
@@ -149,3 +151,30 @@ def pose_figures(args, seed: int) -> dict:
                                             f"(seed {seed}; the pose is the head's mean)")
         out[task] = png
     return out
+
+
+def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
+    """A training run's reward curves (Fig. 4 style) from its metrics.jsonl: train_rft.py draws them at the end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path) if '"rewards/' in line]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+    for ax, name in zip(axes, PAPER_REWARDS):
+        steps = [r["step"] for r in rows]
+        values = np.array([np.nan if r.get(f"rewards/{name}") is None else r[f"rewards/{name}"] for r in rows])
+        ax.plot(steps, values, alpha=0.3, label="per logged step")
+        k = max(1, len(values) // 10)  # moving average over a tenth of the run
+        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
+        means = [w[~np.isnan(w)].mean() if (~np.isnan(w)).any() else np.nan for w in windows]  # no empty-mean warning
+        ax.plot(steps, means, label=f"mean of {k}")
+        ax.set_title(f"rewards/{name}")
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import body
 import data
+import posecodes
 import sentences
 
 VQA_ANSWER_PATTERN = re.compile(r"\s*(Yes|No)\s*,[^.<>]*\w[^.<>]*\.\s*")  # no special token, not empty
@@ -188,9 +189,6 @@ def posecode_reward(stated: Sequence[Sequence[str]], codes) -> torch.Tensor:
     """
     import numpy as np
 
-    import posecodes
-
-
     codes = np.asarray(codes, dtype=bool)
     if codes.shape != (len(stated), len(posecodes.CODE_NAMES)):
         raise ValueError(f"posecode_reward: codes of shape {codes.shape}, expected ({len(stated)}, "
@@ -242,7 +240,6 @@ def plausibility_reward(stated: Sequence[Sequence[str]], archetypes: Sequence[in
         (N,) in [0, 1].
     """
     import posebench
-    import posecodes
 
     plausible = np.asarray(plausible, dtype=bool)
     if len(stated) != len(archetypes) or plausible.shape != (len(posebench.ARCHETYPE_NAMES), len(posecodes.CODE_NAMES)):
@@ -261,3 +258,118 @@ def archetype_reward(poses: torch.Tensor, archetypes: Sequence[int], prototypes:
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         p = retriever.embed_pose(poses.float())
     return (proto.to(p) * F.normalize(p, dim=-1)).sum(-1)
+
+
+# ---- Algorithm 1, line 7: the rewards of a rollout (train_rft.py) ---------------------------
+
+def score(ro, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True, archetypes=None):
+    """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V.
+    `pose_rewards` False: R_c's rewards (Eq. 7, 8; pose_edit's R_posecode) are not computed (zero,
+    defined nowhere): plain GRPO (--hybrid false) uses no R_c, and scores them only on the steps it
+    logs (Figure 4's curves). `archetypes`: rewards.ArchetypeStats of the training split (abstract_to_pose)."""
+    tasks = [s.task for s in samples]
+    image = torch.tensor([t == "image_to_pose" for t in tasks])
+    text = torch.tensor([t == "text_to_pose" for t in tasks])
+    edit = torch.tensor([t == "pose_edit" for t in tasks])  # pose as input (score_pose_input)
+    describe = torch.tensor([t == "pose_to_text" for t in tasks])
+    abstract = torch.tensor([t == data.ABSTRACT_TASK for t in tasks])  # score_abstract
+    valid = ro.has_pose.cpu() & (image | text | edit | abstract)  # V: a pose task whose answer produced a <POSE> state
+    scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
+    qa = ~(image | text | edit | describe | abstract)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
+    r = {"format": format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
+         "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
+    if qa.any():  # Eq. 10 on the QA samples
+        idx = torch.nonzero(qa).flatten().tolist()
+        r["text"][idx] = text_reward([ro.texts[i] for i in idx], [samples[i].answer for i in idx], similarity)
+    pose = ro.pose.float().cpu()
+    if (scored & (image | edit)).any():  # Eq. 7 on the image-to-pose (and pose-editing: against B) samples in V
+        idx = torch.nonzero(scored & (image | edit)).flatten()
+        joints = bodymodel.forward_rot6d(pose[idx].to(bodymodel.device)).joints  # on the GPU when training there
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=bodymodel.device)
+        r["joint"][idx] = joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
+    if (scored & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
+        idx = torch.nonzero(scored & text).flatten()
+        r["semantic"][idx] = semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
+    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
+             "joint": scored & (image | edit), "semantic": scored & text}  # the rows each reward is defined on
+    if (describe | edit).any():  # R_caption, R_posecode (rewards.py)
+        score_pose_input(ro, samples, retriever, bodymodel, r, where, scored & edit, describe)
+    if abstract.any():  # R_plausible, R_reasoning, R_posecode, R_archetype (rewards.py)
+        score_abstract(ro, samples, retriever, bodymodel, r, where, scored & abstract, abstract, archetypes)
+    if args.zero_reward in r:  # Table 5: one reward zero-masked (caption, posecode: on the pose-input tasks only)
+        r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
+    r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
+    r_c = torch.where(image | edit, r["joint"], r["semantic"])    # R_c scores the pose p_i
+    if "caption" in r:  # pose_to_text: the caption is the answer; pose_edit: the instruction's posecodes
+        r_d = r_d + r["caption"] + torch.where(describe, r["posecode"], 0.0)
+        r_c = r_c + torch.where(edit, r["posecode"], 0.0)
+    if abstract.any():  # the reasoning is text (R_d); the pose is judged against it or, without one, the archetype
+        r_d = r_d + r["plausible"]
+        r_c = torch.where(abstract, r["reasoning"] + r["posecode"] + r["archetype"], r_c)
+    return r, r_d, r_c, valid, where
+
+
+def score_pose_input(ro, samples, retriever, bodymodel, r: dict, where: dict, edit_scored, describe) -> None:
+    """The pose-input tasks' own rewards, added to `r` and `where` (rows elsewhere 0 / False):
+    R_caption (pose_to_text: the reward retriever's cos of the generated caption and the input pose)
+    and R_posecode (pose_to_text: share of the caption's stated posecodes true of the input pose;
+    pose_edit: share of the instruction's posecodes true of the sampled pose, on the rows `edit_scored`).
+    Posecodes are measured on the body model's joints of the pose (posecodes.posecodes)."""
+
+    n = len(samples)
+    r["caption"], r["posecode"] = torch.zeros(n), torch.zeros(n)
+    where["caption"], where["posecode"] = describe.clone(), describe | edit_scored
+
+    def codes_of(pose6d):  # (M, P) -> (M, C) posecodes of the pose's canonical joints
+        j = bodymodel.forward_rot6d(pose6d.float().to(bodymodel.device)).joints
+        return posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
+
+    if describe.any():
+        idx = torch.nonzero(describe).flatten().tolist()
+        texts = [ro.texts[i] if ro.texts[i].strip() else "." for i in idx]
+        poses = torch.as_tensor(np.stack([samples[i].pose_input for i in idx])).reshape(len(idx), -1)
+        r["caption"][idx] = semantic_reward(texts, poses, retriever).float().cpu()
+        r["posecode"][idx] = posecode_reward([posecodes.stated_codes(t) for t in texts], codes_of(poses))
+    if edit_scored.any():
+        idx = torch.nonzero(edit_scored).flatten().tolist()
+        stated = [posecodes.stated_codes(samples[i].text, "edit") for i in idx]
+        r["posecode"][idx] = posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
+
+
+def score_abstract(ro, samples, retriever, bodymodel, r: dict, where: dict, scored, abstract,
+                   archetypes) -> None:
+    """abstract_to_pose's rewards (rewards.py), added to `r` and `where` (rows elsewhere 0 / False). On the
+    rows that reason: R_plausible (text: the reasoning's stated posecodes plausible for the archetype) and,
+    on `scored` (a pose read at <POSE> after that generated reasoning), R_reasoning (the reward retriever's
+    cos(phi_t(reasoning), phi_p(pose))) and R_posecode (the reasoning's stated posecodes true of the pose).
+    On the control's rows (a reference without reasoning) R_archetype (cos(prototype, phi_p(pose)), on
+    `scored`) and R_format alone for the text."""
+
+    if archetypes is None:
+        raise ValueError("score: abstract_to_pose samples need archetypes=rewards.ArchetypeStats(training split)")
+    n = len(samples)
+    for k in ("plausible", "reasoning", "archetype"):
+        r[k] = torch.zeros(n)
+    r.setdefault("posecode", torch.zeros(n))
+    where.setdefault("posecode", torch.zeros(n, dtype=torch.bool))
+    reasoned = abstract & torch.tensor([reasons(s.answer) for s in samples])
+    control = abstract & ~reasoned
+    where.update(plausible=reasoned.clone(), reasoning=scored & reasoned, archetype=scored & control)
+    where["posecode"] = where["posecode"] | (scored & reasoned)
+    pose = ro.pose.float().cpu()
+    if reasoned.any():
+        idx = torch.nonzero(reasoned).flatten().tolist()
+        texts = [data.reasoning_of(ro.texts[i]) or "." for i in idx]
+        stated = [posecodes.stated_codes(t) for t in texts]
+        r["plausible"][idx] = plausibility_reward(stated, [samples[i].archetype for i in idx], archetypes.plausible)
+        keep = [k for k, i in enumerate(idx) if scored[i]]
+        if keep:
+            rows = [idx[k] for k in keep]
+            r["reasoning"][rows] = semantic_reward([texts[k] for k in keep], pose[rows], retriever).float().cpu()
+            j = bodymodel.forward_rot6d(pose[rows].to(bodymodel.device)).joints
+            codes = posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
+            r["posecode"][rows] = posecode_reward([stated[k] for k in keep], codes)
+    if (scored & control).any():
+        rows = torch.nonzero(scored & control).flatten().tolist()
+        r["archetype"][rows] = archetype_reward(pose[rows], [samples[i].archetype for i in rows],
+                                                  archetypes.prototypes(retriever), retriever).float().cpu()

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 import body
 import data
-import vocab
 import model as M
 import plumbing
 import posebench
 import presets
+import vocab
 from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, root_error_deg
 from render import view_rotation
 

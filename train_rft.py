@@ -10,8 +10,8 @@
 
 One step costs one sampling loop, one reference forward without gradient, and one policy forward +
 backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
-(model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first iteration's, detached (with
-num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
+(model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first
+iteration's, detached (with num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
 same network with its frozen SFT adapter alone (presets.reference). The policy starts from an SFT
 checkpoint: the SFT run's base with the SFT adapter kept frozen beside a fresh LoRA whose update is
 added to it (presets.rft_policy; nothing merged, no copy of the base: the run's base/ links to the SFT
@@ -54,32 +54,22 @@ Defaults by preset (applied only to flags not given): --steps, --batch_size, --l
 --pose_temperature are 600 / 8 / 1e-4 / 1000 / 0.3 for tiny and smol (sizes a 2-core CPU finishes),
 Table 4's 1000 / 16 / 1e-6 (no posebench evaluation, temperature 1) for llava-1.5-7b.
 
-The pose temperature (ours; the paper samples the head's Gaussian as it is). Measured on the tiny
-preset's val split (seed 0, SFT -> RFT): at tau = 1 RFT made every metric worse (image MPJPE 301.8 ->
-310.9 mm, evaluator text-to-pose R@10 21.7 -> 20.8 %, 200 steps); at tau = 0.3 they improved (600
-steps: 301.8 -> 292.0 mm, R@10 21.7 -> 23.8 %; PA-MPJPE 153.6 -> 154.3). The SFT covariance is very
-uneven (beta-NLL puts sigma at its floor e^-5 in the 6D directions no rotation depends on, and at
-0.3-0.6 on the root): at tau = 1 the average sampled image-to-pose pose scored 412 mm against 313 for
-the head's mean, so the rewards rank samples by how badly the noise broke them. Scaling the spread
-down keeps the samples local, and their rewards then say which way is better. In a head-only probe on
-cached `<POSE>` states, the semantic reward at tau = 0.3 raised the evaluator's R@10 as much with beta
-divided by 11 (the KL grows by 1 / tau^2): the gain comes from the local samples, not from a stronger
-KL. The cosine between the policy gradient of the mean (G = 8) and the true gradient of the expected
-joint reward was 0.01-0.02 at both temperatures: the estimate is noisy either way.
+The pose temperature (ours; the paper samples the head's Gaussian as it is): poses are sampled, and their
+ratios and KL taken, at N(mu, tau^2 Sigma). The SFT covariance is very uneven (beta-NLL puts sigma at its
+floor in the 6D directions no rotation depends on, and far higher on the root), so at tau = 1 the noise
+breaks the samples and the rewards rank them by how badly; a smaller spread keeps them local, and their
+rewards then say which way is better (docs/FINDINGS.md, finding 2, has the measurements).
 
 The pose space (ours, `--pose_space rotations`; the default `params` is Eq. 2 as written). The rewards
 see a pose only through its rotations, and Gram-Schmidt makes each joint's rotation blind to half of
 its 6D (either column's length, the second column's component along the first). That is where the SFT
 head is most certain (sigma at its floor), so the score Sigma^-1 (p - mu) of a sample, which the
-advantage multiplies, is mostly noise no reward can see: 97 % of its expected squared norm on the
-tiny preset's val states, and the cosine quoted above. `rotations` takes the pose ratio and KL of the
-Gaussian's marginal on the 72 directions that change a rotation (model.rotation_basis, at the
-sampling mean): to first order the score's expectation given the rotations, the same gradient in
-expectation without that noise (cosine 0.11). tools/probe.py measures both; docs/FINDINGS.md finding 6 has what it
-does to RFT.
+advantage multiplies, is mostly noise no reward can see. `rotations` takes the pose ratio and KL of the
+Gaussian's marginal on the 72 directions that change a rotation (model.rotation_basis, at the sampling
+mean): to first order the score's expectation given the rotations, the same gradient in expectation
+without that noise (tools/probe.py measures both; docs/FINDINGS.md, finding 6).
 
-The 7B preset starts from a `train_sft.py --preset
-llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
+The 7B preset starts from a `train_sft.py --preset llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
 needs --smpl_path (the joint reward), and checks every asset and data file before anything is loaded
 or written (realdata.preflight_real), naming every problem with its flag, file, record and fix.
 
@@ -97,7 +87,7 @@ Run:
         # (an SFT run with the same 6 weights; both with --reasoning false for the control without reasoning)
     torchrun --nproc_per_node=8 train_rft.py --preset smol ...  # whole groups stay on one rank
     torchrun --nproc_per_node=8 train_rft.py --preset llava-1.5-7b --sft_dir ckpt/sft_7b --smpl_path SMPL_NEUTRAL.pkl \
-        --posescript_dir ... --amass_dir ... --image_npz ... --text_encoder /models/bge-m3   # README
+        --posescript_dir ... --amass_dir ... --image_npz ... --text_encoder /models/bge-m3   # docs/REAL_RUNS.md
 """
 from __future__ import annotations
 
@@ -113,15 +103,16 @@ import torch
 import body
 import checkpoint
 import data
+import figures
 import hygrpo
 import model as M
 import plumbing
 import posebench
-import posecodes
 import presets
 import realdata
 import retrieval
 import rewards as R
+import rollout
 import sentences
 from evaluate import evaluate_policy
 
@@ -246,213 +237,11 @@ RFT_AT_LEAST = dict(checkpoint.AT_LEAST, group_size=2, num_iterations=1, max_new
 
 # ---- ALGO: Algorithm 1, line 6 (sampling) ---------------------------------------------------
 
-@dataclass
-class Rollout:
-    """G samples of B prompts, flattened to N = B * G rows (row b * G + i is sample i of prompt b)."""
-    sequences: torch.Tensor       # (N, T_p + T) prompt (left-padded) + completion
-    attention_mask: torch.Tensor  # (N, T_p + T) prompt mask, then 1 up to and including the first eos
-    completion_mask: torch.Tensor  # (N, T) the completion's tokens (what the discrete policy chose)
-    pixel_values: torch.Tensor | None
-    prompt_len: int               # T_p
-    pose_pos: torch.Tensor        # (N,) index of <POSE> in `sequences` (-1: none)
-    has_pose: torch.Tensor        # (N,) bool: a <POSE> state exists (the set V before task checks)
-    pose: torch.Tensor            # (N, P) the sampled action p_i (zeros where there is none)
-    texts: list                   # N decoded answers
-    pose_mean: torch.Tensor | None = None  # (N, P) the mean of the Gaussian p_i was drawn from
-    group: int = 1                # G (the rows are B prompts repeated G times each)
-    pose_values: torch.Tensor | None = None  # (K, J, 6) the input poses of the rows that have one (data.Batch)
-
-
-def suppressed_tokens(policy, tokenizer) -> list:
-    """Tokens the policy never emits: the input placeholders (image, input pose), padding and bos (never
-    eos, which a tokenizer may use as padding). Masked alike in sampling and in the log-probs, so the
-    policy that samples is exactly the one that is scored."""
-    ids = {*M.input_only_tokens(policy.get_base_model().config), tokenizer.pad_token_id, tokenizer.bos_token_id}
-    return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
-
-
-@torch.no_grad()
-def rollout(policy, tokenizer, samples, args, device) -> Rollout:
-    """Generate G hybrid outputs per prompt; `samples` already holds each prompt G times."""
-    inner = policy.get_base_model()
-    b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
-    T_p = b.input_ids.shape[1]
-    gen = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, args.max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer), args.temperature, args.group_size,
-                   pose_values=b.pose_values)
-    states, has_pose, pose_pos = gen.states, gen.has_pose, gen.pose_pos
-    new = gen.sequences[:, T_p:]  # (N, T)
-    is_eos = new == tokenizer.eos_token_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # tokens generated after the first eos
-    completion_mask = ~after_eos
-    dist = M.tempered(inner.pose_head.distribution(states), args.pose_temperature)
-    # Eq. 2: p_i ~ N(mu, Sigma) (HyGRPO); plain GRPO keeps the head's mean (Fig. 4's baseline)
-    pose = dist.sample() if args.hybrid else dist.mean
-    if not args.explore_root:  # --explore_root false: the root stays at the head's mean
-        pose[:, :M.ROOT_DIMS] = dist.mean[:, :M.ROOT_DIMS]
-    pose = torch.where(has_pose[:, None], pose, torch.zeros_like(pose))
-    texts = [data.clean_answer(t, tokenizer) for t in tokenizer.batch_decode(new, skip_special_tokens=False)]
-    return Rollout(gen.sequences, torch.cat([b.attention_mask, completion_mask.long()], 1), completion_mask,
-                   b.pixel_values, T_p, pose_pos, has_pose, pose, texts, dist.mean, args.group_size, b.pose_values)
-
 
 # ---- ALGO: Algorithm 1, line 7 (rewards) ----------------------------------------------------
 
-def score(ro: Rollout, samples, similarity, retriever, bodymodel, args, pose_rewards: bool = True, archetypes=None):
-    """Rewards of every sample (N,), the text reward R_d and pose reward R_c, and the valid set V.
-    `pose_rewards` False: R_c's rewards (Eq. 7, 8; pose_edit's R_posecode) are not computed (zero,
-    defined nowhere): plain GRPO (--hybrid false) uses no R_c, and scores them only on the steps it
-    logs (Figure 4's curves). `archetypes`: rewards.ArchetypeStats of the training split (abstract_to_pose)."""
-    tasks = [s.task for s in samples]
-    image = torch.tensor([t == "image_to_pose" for t in tasks])
-    text = torch.tensor([t == "text_to_pose" for t in tasks])
-    edit = torch.tensor([t == "pose_edit" for t in tasks])  # pose as input (score_pose_input)
-    describe = torch.tensor([t == "pose_to_text" for t in tasks])
-    abstract = torch.tensor([t == data.ABSTRACT_TASK for t in tasks])  # score_abstract
-    valid = ro.has_pose.cpu() & (image | text | edit | abstract)  # V: a pose task whose answer produced a <POSE> state
-    scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
-    qa = ~(image | text | edit | describe | abstract)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
-    r = {"format": R.format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
-         "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
-    if qa.any():  # Eq. 10 on the QA samples
-        idx = torch.nonzero(qa).flatten().tolist()
-        r["text"][idx] = R.text_reward([ro.texts[i] for i in idx], [samples[i].answer for i in idx], similarity)
-    pose = ro.pose.float().cpu()
-    if (scored & (image | edit)).any():  # Eq. 7 on the image-to-pose (and pose-editing: against B) samples in V
-        idx = torch.nonzero(scored & (image | edit)).flatten()
-        joints = bodymodel.forward_rot6d(pose[idx].to(bodymodel.device)).joints  # on the GPU when training there
-        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx.tolist()]), device=bodymodel.device)
-        r["joint"][idx] = R.joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
-    if (scored & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
-        idx = torch.nonzero(scored & text).flatten()
-        r["semantic"][idx] = R.semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
-    where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
-             "joint": scored & (image | edit), "semantic": scored & text}  # the rows each reward is defined on
-    if (describe | edit).any():  # R_caption, R_posecode (rewards.py)
-        score_pose_input(ro, samples, retriever, bodymodel, r, where, scored & edit, describe)
-    if abstract.any():  # R_plausible, R_reasoning, R_posecode, R_archetype (rewards.py)
-        score_abstract(ro, samples, retriever, bodymodel, r, where, scored & abstract, abstract, archetypes)
-    if args.zero_reward in r:  # Table 5: one reward zero-masked (caption, posecode: on the pose-input tasks only)
-        r[args.zero_reward] = torch.zeros_like(r[args.zero_reward])
-    r_d = r["format"] + r["text"]                                 # R_d scores the text a_i
-    r_c = torch.where(image | edit, r["joint"], r["semantic"])    # R_c scores the pose p_i
-    if "caption" in r:  # pose_to_text: the caption is the answer; pose_edit: the instruction's posecodes
-        r_d = r_d + r["caption"] + torch.where(describe, r["posecode"], 0.0)
-        r_c = r_c + torch.where(edit, r["posecode"], 0.0)
-    if abstract.any():  # the reasoning is text (R_d); the pose is judged against it or, without one, the archetype
-        r_d = r_d + r["plausible"]
-        r_c = torch.where(abstract, r["reasoning"] + r["posecode"] + r["archetype"], r_c)
-    return r, r_d, r_c, valid, where
-
-
-def score_pose_input(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, edit_scored, describe) -> None:
-    """The pose-input tasks' own rewards, added to `r` and `where` (rows elsewhere 0 / False):
-    R_caption (pose_to_text: the reward retriever's cos of the generated caption and the input pose)
-    and R_posecode (pose_to_text: share of the caption's stated posecodes true of the input pose;
-    pose_edit: share of the instruction's posecodes true of the sampled pose, on the rows `edit_scored`).
-    Posecodes are measured on the body model's joints of the pose (posecodes.posecodes)."""
-
-    n = len(samples)
-    r["caption"], r["posecode"] = torch.zeros(n), torch.zeros(n)
-    where["caption"], where["posecode"] = describe.clone(), describe | edit_scored
-
-    def codes_of(pose6d):  # (M, P) -> (M, C) posecodes of the pose's canonical joints
-        j = bodymodel.forward_rot6d(pose6d.float().to(bodymodel.device)).joints
-        return posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
-
-    if describe.any():
-        idx = torch.nonzero(describe).flatten().tolist()
-        texts = [ro.texts[i] if ro.texts[i].strip() else "." for i in idx]
-        poses = torch.as_tensor(np.stack([samples[i].pose_input for i in idx])).reshape(len(idx), -1)
-        r["caption"][idx] = R.semantic_reward(texts, poses, retriever).float().cpu()
-        r["posecode"][idx] = R.posecode_reward([posecodes.stated_codes(t) for t in texts], codes_of(poses))
-    if edit_scored.any():
-        idx = torch.nonzero(edit_scored).flatten().tolist()
-        stated = [posecodes.stated_codes(samples[i].text, "edit") for i in idx]
-        r["posecode"][idx] = R.posecode_reward(stated, codes_of(ro.pose[idx].float().cpu()))
-
-
-def score_abstract(ro: Rollout, samples, retriever, bodymodel, r: dict, where: dict, scored, abstract,
-                   archetypes) -> None:
-    """abstract_to_pose's rewards (rewards.py), added to `r` and `where` (rows elsewhere 0 / False). On the
-    rows that reason: R_plausible (text: the reasoning's stated posecodes plausible for the archetype) and,
-    on `scored` (a pose read at <POSE> after that generated reasoning), R_reasoning (the reward retriever's
-    cos(phi_t(reasoning), phi_p(pose))) and R_posecode (the reasoning's stated posecodes true of the pose).
-    On the control's rows (a reference without reasoning) R_archetype (cos(prototype, phi_p(pose)), on
-    `scored`) and R_format alone for the text."""
-
-    if archetypes is None:
-        raise ValueError("score: abstract_to_pose samples need archetypes=rewards.ArchetypeStats(training split)")
-    n = len(samples)
-    for k in ("plausible", "reasoning", "archetype"):
-        r[k] = torch.zeros(n)
-    r.setdefault("posecode", torch.zeros(n))
-    where.setdefault("posecode", torch.zeros(n, dtype=torch.bool))
-    reasoned = abstract & torch.tensor([R.reasons(s.answer) for s in samples])
-    control = abstract & ~reasoned
-    where.update(plausible=reasoned.clone(), reasoning=scored & reasoned, archetype=scored & control)
-    where["posecode"] = where["posecode"] | (scored & reasoned)
-    pose = ro.pose.float().cpu()
-    if reasoned.any():
-        idx = torch.nonzero(reasoned).flatten().tolist()
-        texts = [data.reasoning_of(ro.texts[i]) or "." for i in idx]
-        stated = [posecodes.stated_codes(t) for t in texts]
-        r["plausible"][idx] = R.plausibility_reward(stated, [samples[i].archetype for i in idx], archetypes.plausible)
-        keep = [k for k, i in enumerate(idx) if scored[i]]
-        if keep:
-            rows = [idx[k] for k in keep]
-            r["reasoning"][rows] = R.semantic_reward([texts[k] for k in keep], pose[rows], retriever).float().cpu()
-            j = bodymodel.forward_rot6d(pose[rows].to(bodymodel.device)).joints
-            codes = posecodes.posecodes((j - j[:, :1]).double().cpu().numpy())
-            r["posecode"][rows] = R.posecode_reward([stated[k] for k in keep], codes)
-    if (scored & control).any():
-        rows = torch.nonzero(scored & control).flatten().tolist()
-        r["archetype"][rows] = R.archetype_reward(pose[rows], [samples[i].archetype for i in rows],
-                                                  archetypes.prototypes(retriever), retriever).float().cpu()
-
 
 # ---- ALGO: the log-probabilities HyGRPO needs -----------------------------------------------
-
-def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.0, temperature: float = 1.0):
-    """Teacher-forced token log-probs of the completion (N, T) under the text policy that sampled it
-    (softmax of logits / `temperature`, the suppressed tokens masked), and the pose policy (N, P), the
-    head's Gaussian at `pose_temperature` (model.tempered)."""
-    T_p = ro.prompt_len
-    logits, dist, _ = M.forward_grouped(policy.get_base_model(), ro.sequences, ro.attention_mask, ro.pixel_values,
-                                        T_p, ro.group, ro.pose_pos, ro.pose_values)  # each prompt read once
-    logits = logits.float() / temperature  # (N, T, V): position t predicts answer token t
-    logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
-    logp = torch.log_softmax(logits, -1)
-    token_logp = logp.gather(-1, ro.sequences[:, T_p:, None]).squeeze(-1)  # (N, T)
-    return token_logp, M.tempered(dist, pose_temperature)
-
-
-def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """log pi(p_i) of the sampled poses (N,); with the root not explored, the log-density of the
-    body's 138 dimensions under their marginal (the root is then a deterministic function of the
-    state, not part of the sampled action). With a rotation basis U (--pose_space rotations), the
-    log-density of U^T p_i under the marginal N(U^T mu, U^T Sigma U)."""
-    if basis is not None:
-        return M.projected(dist, basis).log_prob((basis.transpose(-1, -2) @ pose[..., None])[..., 0])
-    if explore_root:
-        return dist.log_prob(pose)
-    return M.marginal(dist, M.ROOT_DIMS).log_prob(pose[:, M.ROOT_DIMS:])
-
-
-def pose_kl(dist, ref_dist, basis: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) closed-form KL(pi_theta || pi_ref) of the pose Gaussians, or of their marginals on U."""
-    if basis is None:
-        return torch.distributions.kl_divergence(dist, ref_dist)
-    return torch.distributions.kl_divergence(M.projected(dist, basis), M.projected(ref_dist, basis))
-
-
-def pose_basis(ro: Rollout, args) -> torch.Tensor | None:
-    """--pose_space rotations: U (N, P, K) at the sampling mean (fixed for the step, so pi_old, pi_theta
-    and pi_ref are compared on the same directions); the root's three are left out when it is not
-    explored. None for --pose_space params."""
-    if args.pose_space != "rotations":
-        return None
-    return M.rotation_basis(ro.pose_mean.float(), start=0 if args.explore_root else 1)
 
 
 @dataclass
@@ -492,10 +281,10 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     for part in parts:
         t = time.time()
         policy.eval()
-        ros.append(rollout(policy, ctx.tokenizer, part, args, device))  # line 6
+        ros.append(rollout.rollout(policy, ctx.tokenizer, part, args, device))  # line 6
         policy.train()
         t_gen += time.time() - t
-        scored.append(score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
+        scored.append(R.score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
                             pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
     t2 = time.time()
     r_d, r_c, valid = (torch.cat([s[i] for s in scored]) for i in (1, 2, 3))
@@ -508,11 +297,11 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     refs = []
     for ro in ros:
         with torch.no_grad(), presets.reference(policy):  # pi_ref = pi_init: the SFT policy (presets.reference)
-            refs.append(logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature))
+            refs.append(rollout.logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature))
     t3 = time.time()
     olds = [None] * n_micro  # pi_old's log-probs of each micro-batch
     t_opt = 0.0
-    bases = [pose_basis(ro, args) for ro in ros]  # None: the paper's ratio and KL over all 144 parameters
+    bases = [rollout.pose_basis(ro, args) for ro in ros]  # None: the paper's ratio and KL over all 144 parameters
     # one batch: its own means; N micro-batches: each divides by the step's counts, and their losses add up
     norm = {} if n_micro == 1 else {"n_prompts": B, "n_posed": pose_valid.any(1).sum()}
     for _ in range(args.num_iterations):  # line 9
@@ -520,9 +309,9 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
         total, sums, stds = 0.0, None, []
         for k, ro in enumerate(ros):
             rows = slice(k * Bm, (k + 1) * Bm)
-            token_logp, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
-            pose_logp = pose_log_prob(dist, ro.pose.float(), args.explore_root, bases[k])  # (N,)
-            kl_c = pose_kl(dist, refs[k][1], bases[k])  # closed form, (N,)
+            token_logp, dist = rollout.logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+            pose_logp = rollout.pose_log_prob(dist, ro.pose.float(), args.explore_root, bases[k])  # (N,)
+            kl_c = rollout.pose_kl(dist, refs[k][1], bases[k])  # closed form, (N,)
             if olds[k] is None:  # pi_old: the sampling policy = the first iteration's forward, detached
                 olds[k] = token_logp.detach(), pose_logp.detach()
             shape3 = (Bm, G, -1)
@@ -622,7 +411,7 @@ def direct_loss(dist, ref_dist, reward_fn, valid: torch.Tensor, B: int, G: int, 
     if not explore_root:
         p = torch.cat([dist.mean[:, :M.ROOT_DIMS], p[:, M.ROOT_DIMS:]], 1)
     r = reward_fn(p)  # (N,)
-    kl = pose_kl(dist, ref_dist, basis)  # (N,) closed form
+    kl = rollout.pose_kl(dist, ref_dist, basis)  # (N,) closed form
     v = valid.to(p.device).view(B, G)
     mean_r = hygrpo._prompt_then_batch_mean(torch.where(v, r.view(B, G), torch.zeros_like(r.view(B, G))), v)
     mean_kl = hygrpo._prompt_then_batch_mean(torch.where(v, kl.view(B, G), torch.zeros_like(kl.view(B, G))), v)
@@ -638,15 +427,15 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     policy, device = ctx.policy, next(ctx.policy.parameters()).device
     t0 = time.time()
     policy.eval()
-    ro = rollout(policy, ctx.tokenizer, samples, args, device)
+    ro = rollout.rollout(policy, ctx.tokenizer, samples, args, device)
     policy.train()
     t1 = time.time()
     pose_task = torch.tensor([s.task in data.POSE_ANSWER_TASKS for s in samples])
     valid = ro.has_pose.cpu() & pose_task
     with torch.no_grad(), presets.reference(policy):  # pi_ref = pi_init: the SFT policy
-        _, ref_dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+        _, ref_dist = rollout.logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
     t2 = time.time()
-    _, dist = logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
+    _, dist = rollout.logprobs(policy, ro, ctx.suppressed, args.pose_temperature, args.temperature)
     where = {}
 
     def reward_fn(p):
@@ -655,7 +444,7 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
         return r
 
     loss, stats = direct_loss(dist, ref_dist, reward_fn, valid, B, G, args.beta, args.explore_root,
-                              pose_basis(ro, args))
+                              rollout.pose_basis(ro, args))
     if not plumbing.on_every_rank(bool(torch.isfinite(loss)), ctx.ddp, device):
         return {"skipped": "loss"}
     ctx.opt.zero_grad(set_to_none=True)
@@ -680,33 +469,6 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
             m = where.get(key, torch.zeros(len(samples), dtype=torch.bool)) & valid
             rec[f"rewards/{name}"] = r.cpu()[m].mean().item() if m.any() else None
     return rec
-
-
-def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
-    """The reward curves (Fig. 4 style) from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_path) if '"rewards/' in line]
-    if not rows:
-        return
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3))
-    for ax, name in zip(axes, R.REWARD_NAMES):
-        steps = [r["step"] for r in rows]
-        values = np.array([np.nan if r[f"rewards/{name}"] is None else r[f"rewards/{name}"] for r in rows])
-        ax.plot(steps, values, alpha=0.3, label="per logged step")
-        k = max(1, len(values) // 10)  # moving average over a tenth of the run
-        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
-        smooth = [w[~np.isnan(w)].mean() if (~np.isnan(w)).any() else np.nan for w in windows]  # no empty-mean warning
-        ax.plot(steps, smooth, label=f"mean of {k}")
-        ax.set_title(f"rewards/{name}")
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -811,7 +573,7 @@ def main(argv=None):
     start = checkpoint.restore_train_state(opt, state, args, rank, world) if state is not None else 0
     bad = 0
     B, G = args.batch_size // world, args.group_size  # prompts on this rank; whole groups per rank
-    suppressed = suppressed_tokens(policy, tokenizer)
+    suppressed = rollout.suppressed_tokens(policy, tokenizer)
 
     # ---- ALGO: Algorithm 1, lines 4-10
     from tqdm import tqdm
@@ -839,7 +601,7 @@ def main(argv=None):
             break
 
     if master:
-        plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
+        figures.plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
                      "direct reward fine-tuning" if args.algo == "direct" else
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and real:

@@ -7,8 +7,8 @@ import torch
 
 import body
 import data
-import vocab
 import evaluate
+import evaluate_tasks
 import metrics
 import model as M
 import posebench as pb
@@ -16,6 +16,7 @@ import posecodes
 import presets
 import rewards as R
 import train_rft
+import vocab
 
 CFG = pb.BenchConfig(n_train=200, n_val=40, n_test=80, image_size=32)
 TASK = data.ABSTRACT_TASK
@@ -215,7 +216,7 @@ def teacher_forced_mean(policy, tok, sample, answer):
 
 
 def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
-    """Evaluation (evaluate.generate_with_poses, abstract_metrics) and RFT (train_rft.rollout) read <POSE>
+    """Evaluation (evaluate_tasks.generate_with_poses, abstract_metrics) and RFT (train_rft.rollout) read <POSE>
     after the text the policy generated: forced here to a reasoning other than the reference's, the pose
     is the teacher-forced one of that text, not of the reference."""
     tok = vocab.tiny_tokenizer(CFG, abstract=True)
@@ -227,7 +228,7 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     ids = tok(" " + generated, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     sample = M.sample
     monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(ids)))
-    texts, pose, has = evaluate.generate_with_poses(policy, tok, [s], "cpu")
+    texts, pose, has = evaluate_tasks.generate_with_poses(policy, tok, [s], "cpu")
     assert has.tolist() == [True] and data.normalize_text(texts[0]) == data.normalize_text(generated)
     want, reference = teacher_forced_mean(policy, tok, s, generated), teacher_forced_mean(policy, tok, s, s.answer)
     assert not torch.allclose(want, reference, atol=1e-4)
@@ -237,7 +238,7 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     assert ro.has_pose.all() and torch.allclose(ro.pose_mean, want[None].expand(2, -1), atol=1e-4)
     # abstract_metrics scores that pose: its consistency is the share of `other`'s codes true of it
     ev = data.PoseBenchTasks("val", CFG)
-    res, preds = evaluate.abstract_metrics(policy, tok, ev, tasks.data, body.BodyModel(), "cpu", {"eval": FakeRetriever()})
+    res, preds = evaluate_tasks.abstract_metrics(policy, tok, ev, tasks.data, body.BodyModel(), "cpu", {"eval": FakeRetriever()})
     n = len(ev.eval_samples(TASK))
     assert len(preds["answers"][TASK]) == n and res[f"{TASK}/pose_rate"] == 1.0 and res[f"{TASK}/format_valid"] == 1.0
     bm = body.BodyModel()
@@ -249,7 +250,7 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
         assert res[f"{TASK}/{k}"] is not None and np.isfinite(res[f"{TASK}/{k}"]), k
     # every prompt got the same forced answer, so one pose: the archetype accuracy is the share of prompts of its class
     guess = metrics.knn_predict(tasks.data.joints.reshape(len(tasks.data), -1), tasks.data.archetype,
-                                (j - j[:, :1]).reshape(1, -1).double().numpy(), evaluate.ARCHETYPE_KNN)[0]
+                                (j - j[:, :1]).reshape(1, -1).double().numpy(), evaluate_tasks.ARCHETYPE_KNN)[0]
     arch = np.array([x.archetype for x in ev.eval_samples(TASK)])
     assert res[f"{TASK}/archetype_accuracy"] == pytest.approx(float((arch == guess).mean()))
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import checkpoint
-import vocab
 import posebench
 import presets
+import vocab
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 

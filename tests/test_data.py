@@ -10,9 +10,9 @@ import torch
 
 import body
 import data
-import vocab
 import plumbing
 import posebench as pb
+import vocab
 
 TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 

@@ -7,12 +7,12 @@ import torch
 
 import body
 import data
-import vocab
 import model as M
 import posebench as pb
 import presets
 import rewards as R
 import train_rft
+import vocab
 
 CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import data
-import vocab
 import evaluate as E
 import figures
 import plumbing
@@ -26,6 +25,7 @@ import posebench
 import presets
 import report
 import tables
+import vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 import body
 import data
-import vocab
 import hygrpo
 import posebench
 import presets
 import train_rft
 import train_sft
+import vocab
 from test_train_sft import TINY_RUN
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)

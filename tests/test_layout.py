@@ -45,3 +45,14 @@ def test_the_import_reader_sees_nested_imports(tmp_path):
     p = tmp_path / "x.py"
     p.write_text("import os\ndef f():\n    import train_sft\n    from train_rft import main\nfrom . import y\n")
     assert imported(str(p)) == {"os", "train_sft", "train_rft"}
+
+
+def test_no_file_over_650_lines():
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))
+    long = {}
+    for path in files:
+        with open(path) as fh:
+            n = sum(1 for _ in fh)
+        if n > 650:
+            long[os.path.relpath(path, ROOT)] = n
+    assert not long, "split these files"

@@ -8,10 +8,10 @@ import torch
 
 import body
 import data
-import vocab
 import model as M
 import posebench
 import presets
+import vocab
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
 

@@ -8,11 +8,11 @@ import torch
 import transformers
 
 import data
-import vocab
 import model as M
 import posebench as pb
 import posecodes
 import presets
+import vocab
 from test_model import force_pose
 
 CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)

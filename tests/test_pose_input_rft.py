@@ -6,8 +6,7 @@ import torch
 
 import body
 import data
-import vocab
-import evaluate
+import evaluate_tasks
 import hygrpo
 import model as M
 import posebench as pb
@@ -15,6 +14,7 @@ import posecodes
 import presets
 import rewards as R
 import train_rft
+import vocab
 
 CFG = pb.BenchConfig(n_train=48, n_val=40, n_test=40, image_size=32)
 
@@ -139,7 +139,7 @@ def test_evaluation_of_the_pose_input_tasks(tasks):
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32)).eval()
     val = data.PoseBenchTasks("val", CFG)
-    res, preds = evaluate.pose_input_metrics(policy, tok, val, body.BodyModel(), "cpu", 40, 32,
+    res, preds = evaluate_tasks.pose_input_metrics(policy, tok, val, body.BodyModel(), "cpu", 40, 32,
                                              {"eval": FakeRetriever()}, batch_size=16)
     assert len(preds["answers"]["pose_to_text"]) == 32 and len(preds["pose_edit"]["index"]) == min(40, len(val.edits))
     for k in ("pose_to_text/eval_retriever/R-precision@1", "pose_to_text/eval_retriever/reference_R-precision@3",

@@ -12,8 +12,8 @@ from PIL import Image
 
 import body
 import data
-import vocab
 import realdata
+import vocab
 
 # ---- helpers ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from transformers import HfArgumentParser
 
 import body
 import evaluate as E
+import evaluate_tasks
 import metrics
 import model as M
 import plumbing
@@ -111,8 +112,8 @@ def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
     policy, tok, _ = presets.load_policy(str(d / "run"), "llava-1.5-7b")
     (args,) = HfArgumentParser(E.Args).parse_args_into_dataclasses(flags)
     inputs = E.real_eval_inputs(args, "cpu")
-    _, full = E.evaluate_real(policy, tok, batch_size=1, **inputs)
-    m, capped = E.evaluate_real(policy, tok, max_samples=2, batch_size=1, **inputs)
+    _, full = evaluate_tasks.evaluate_real(policy, tok, batch_size=1, **inputs)
+    m, capped = evaluate_tasks.evaluate_real(policy, tok, max_samples=2, batch_size=1, **inputs)
     assert {k: len(v["index"]) for k, v in capped.items()} == dict.fromkeys(full, 2)
     assert m["text_to_pose/PoseScript-H2/eval_retriever/random/Rt2p@5"] is None  # N = 2 < 32
     for k in full:
@@ -121,7 +122,7 @@ def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
     monkeypatch.setattr(plumbing, "gather_shards", lambda local, world: local)
     for r in range(2):
         monkeypatch.setattr(plumbing, "rank_and_world", lambda r=r: (r, 2))
-        shards.append(E.evaluate_real(policy, tok, batch_size=1, **inputs)[1])
+        shards.append(evaluate_tasks.evaluate_real(policy, tok, batch_size=1, **inputs)[1])
     for k in full:
         assert torch.equal(plumbing.interleave([s[k]["pose6d"] for s in shards]), full[k]["pose6d"]), k
 

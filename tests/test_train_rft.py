@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import vocab
 import posebench
 import presets
 import train_rft
+import vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = ["--n_train", "48", "--n_val", "16", "--n_test", "40"]

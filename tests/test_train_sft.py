@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 
 import body
 import data
-import vocab
 import model as M
 import plumbing
 import posebench
 import presets
 import stage0
 import train_sft
+import vocab
 from evaluate import evaluate_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -56,13 +56,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import body
 import data
-import vocab
 import hygrpo
 import posebench
 import presets
 import retrieval
 import rewards as R
 import train_rft
+import vocab
 
 PARTS = ("generate", "rewards", "reference", "policy", "optimizer")
 
