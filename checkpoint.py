@@ -166,7 +166,8 @@ def run_step(run_dir: str, flag: str, resume: bool = False) -> str:
     train_state.pt for --resume). Stops naming each damaged file and the fix. Resuming over a damaged
     latest step (or a LATEST that names none) goes on from the newest intact step before it, saying so."""
     link = os.path.join(run_dir, "base")
-    if os.path.islink(link) and not os.path.isdir(link):  # an RFT run: base/ links to its SFT run's (presets.write_rft_start)
+    # an RFT run: base/ links to its SFT run's (presets.write_rft_start)
+    if os.path.islink(link) and not os.path.isdir(link):
         raise SystemExit(f"{flag} {run_dir}: its base/ links to {os.readlink(link)}, which is gone: the SFT run this "
                          f"run started from must stay where it was, or link base/ to where it is now "
                          f"(ln -sfn NEW_SFT_DIR/base {link})")

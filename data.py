@@ -20,9 +20,10 @@ Pose as input (UniPose, PoseLLaVA, PoseFix), built-in only, not in the default m
 
 Abstract prompts (issue 22; CoT-Pose), built-in only, behind a sixth --mix weight (MIX_TASKS):
 
-| task               | input                                  | answer                                        |
-|--------------------|----------------------------------------|-----------------------------------------------|
-| `abstract_to_pose` | "Generate the pose of someone kneeling." (posebench.ARCHETYPE_PHRASES, 3 templates) | a caption of the target pose (the reasoning), then POSE_ANSWER; `reasoning=False`: POSE_ANSWER alone |
+| task               | input                                     | answer                                           |
+|--------------------|-------------------------------------------|--------------------------------------------------|
+| `abstract_to_pose` | "Generate the pose of someone kneeling."  | a caption of the target pose (the reasoning),    |
+|                    | (posebench.ARCHETYPE_PHRASES, 3 templates) | then POSE_ANSWER; `reasoning=False`: POSE_ANSWER |
 
 Its vocabulary is `vocab.tiny_tokenizer(cfg, abstract=True)`, the pose-input one extended (every id kept).
 

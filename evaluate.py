@@ -252,7 +252,8 @@ def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, f
         res["vqa/yes_no_accuracy"] = None
     if not answers:
         return res
-    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers), [s.answer for s in samples]).mean().item()
+    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers),
+                                                  [s.answer for s in samples]).mean().item()
     res[f"{task}/answer_similarity"] = R.text_reward(answers, [s.answer for s in samples], similarity).mean().item()
     if task == "vqa":
         res["vqa/yes_no_accuracy"] = float(np.mean([a.strip().split(",")[0] == s.answer.split(",")[0]
@@ -299,7 +300,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
             raise ValueError(f"evaluate_policy: no {task} samples to evaluate (n = {n}, {len(split_tasks.data)} poses "
                              f"in the {split_tasks.data.name} split); pass n >= 1 and a non-empty split")
         pose6d = plumbing.gather_shards(predict_poses(policy, tokenizer, samples[rank::world], device, batch_size,
-                                             sample_pose, seed, pose_temperature), world)  # (N, P)
+                                                      sample_pose, seed, pose_temperature), world)  # (N, P)
         view_rot = None
         if task == "image_to_pose":  # each image's camera, to judge the gross state upright in the world
             cam = torch.as_tensor(split_tasks.data.camera[[s.index for s in samples]])  # (N, 3) yaw, elevation, m
@@ -353,15 +354,20 @@ REGRESSOR_SOURCE = "SMPL_to_J19.pkl from 4D-Humans' hmr2_data (the J19 joints of
 
 @dataclass
 class Args:
-    ckpt: str = field(default="", metadata={"help": "a train_sft.py / train_rft.py output directory (base/, LATEST, step-*/adapter)"})
+    ckpt: str = field(default="", metadata={
+        "help": "a train_sft.py / train_rft.py output directory (base/, LATEST, step-*/adapter)"})
     out_dir: str = field(default="", metadata={
-        "help": "where results.json, results.md, predictions.npz go ('' : <ckpt>/eval, real test sets <ckpt>/eval_real)"})
+        "help": "where results.json, results.md, predictions.npz go ('' : <ckpt>/eval, real test sets "
+                "<ckpt>/eval_real)"})
     preset: str = field(default="", metadata={"help": "expected preset of the checkpoint ('' : whatever it holds)"})
     eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "retrieval.py's evaluator retriever"})
-    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward retriever (App. H: measured beside)"})
+    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={
+        "help": "retrieval.py's reward retriever (App. H: measured beside)"})
     text_encoder: str = field(default="", metadata={"help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM)"})
-    split: str = field(default="test", metadata={"help": "posebench's (or PoseScript-H2's) split: test, or val for tuning"})
-    n_train: int = field(default=-1, metadata={"help": "posebench training poses (-1: the checkpoint's, from train_state.pt)"})
+    split: str = field(default="test", metadata={
+        "help": "posebench's (or PoseScript-H2's) split: test, or val for tuning"})
+    n_train: int = field(default=-1, metadata={
+        "help": "posebench training poses (-1: the checkpoint's, from train_state.pt)"})
     n_val: int = field(default=-1, metadata={"help": "posebench validation poses (-1: the checkpoint's)"})
     n_test: int = field(default=-1, metadata={"help": "posebench test poses (-1: the checkpoint's)"})
     eval_samples: int = field(default=1000, metadata={"help": "poses of the split per pose task"})
@@ -469,7 +475,8 @@ def real_eval_inputs(args: Args, device) -> dict:
             out["bodymodel"] = body.BodyModel(args.smpl_path).to(device)
             out["regressor"] = realdata.load_joint_regressor(args.joint_regressor)  # (K, V)
             if out["regressor"].shape[0] != 19:  # the npz's extra_keypoints_3d are J19 joints (HMR2.0's protocol)
-                raise ValueError(f"--joint_regressor {args.joint_regressor} regresses {out['regressor'].shape[0]} joints; "
+                rows = out["regressor"].shape[0]
+                raise ValueError(f"--joint_regressor {args.joint_regressor} regresses {rows} joints; "
                                  "the ground truth of 4D-Humans' eval npz (extra_keypoints_3d) are J19 joints, which "
                                  "HMR2.0 compares with SMPL_to_J19.pkl's (19 rows); another regressor (such as SPIN's "
                                  "17-joint J_regressor_h36m.npy) places hips, neck, head and pelvis elsewhere. Pass "
@@ -516,7 +523,8 @@ def main(argv=None):
         raise SystemExit(f"evaluate.py: {args.ckpt} holds a '{preset}' checkpoint, but --preset {args.preset} was "
                          f"asked for; pass --preset {preset} or point --ckpt at a {args.preset} checkpoint")
     real = preset == "llava-1.5-7b" or bool(args.eval_npz or args.posescript_dir or args.amass_dir)
-    trained = checkpoint.trained_args(step_dir) if not real or args.sample_pose else {}  # read once, and only when needed
+    # read once, and only when needed
+    trained = checkpoint.trained_args(step_dir) if not real or args.sample_pose else {}
     if not real:
         cfg = bench_config(args, trained)
         n_split = getattr(cfg, f"n_{args.split}")
@@ -546,7 +554,8 @@ def main(argv=None):
     policy.to(device)
     if real and inputs.get("text_set") is not None:  # its prompts must fit the positions: longer captions are cut
         template = max(data.PROMPTS["text_to_pose"], key=len)
-        overhead = len(tokenizer(data.chat_text(data.fill_template(template, caption=""), data.POSE_ANSWER))["input_ids"])
+        overhead = len(tokenizer(data.chat_text(data.fill_template(template, caption=""),
+                                                data.POSE_ANSWER))["input_ids"])
         realdata.fit_captions(inputs["text_set"], tokenizer,
                               policy.get_base_model().config.text_config.max_position_embeddings - overhead - 2)
     # --sample_pose's temperature; by default the RFT run's own (an SFT run has none: 1)

@@ -132,7 +132,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     local, texts = samples[rank::world], []
     for i in range(0, len(local), batch_size):
         texts += evaluate.generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device,
-                                  max_new_tokens=CAPTION_TOKENS)
+                                           max_new_tokens=CAPTION_TOKENS)
     texts = plumbing.gather_shards(texts, world)
     idx = [s.index for s in samples]
     if samples:
@@ -154,8 +154,9 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     samples = split_tasks.eval_samples("pose_edit")[:n]
     if not samples:
         raise ValueError(f"pose_input_metrics: no pose_edit samples to evaluate (n = {n})")
-    pose6d = plumbing.gather_shards(evaluate.predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose,
-                                         seed, pose_temperature), world)  # (N, P)
+    local = evaluate.predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose, seed,
+                                   pose_temperature)
+    pose6d = plumbing.gather_shards(local, world)  # (N, P)
     joints = []
     for i in range(0, len(pose6d), 256):
         j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()
@@ -209,15 +210,16 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
 
     def predict(ds) -> torch.Tensor:  # (N, P), this rank's samples read one batch at a time, then gathered
         local = list(range(len(ds) if max_samples <= 0 else min(max_samples, len(ds))))[rank::world]
-        out = [evaluate.predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device, batch_size,
-                             sample_pose, seed, pose_temperature) for j in range(0, len(local), batch_size)]
+        out = [evaluate.predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device,
+                                      batch_size, sample_pose, seed, pose_temperature)
+               for j in range(0, len(local), batch_size)]
         return plumbing.gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
 
     res, preds = {}, {}
     for name, ds in image_sets.items():
         pose6d = predict(ds)  # (N, P)
         pred = torch.cat([realdata.lsp14_from_vertices(bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).vertices,
-                                                   regressor).cpu()
+                                                       regressor).cpu()
                           for i in range(0, len(pose6d), 256)])  # (N, 14, 3) m, minus the regressor's pelvis
         gt = torch.as_tensor(ds.gt_lsp14()[:len(pose6d)])  # (N, 14, 3) m, pelvis-relative
         res[f"image_to_pose/{name}/mpjpe_mm"] = realdata.lsp14_mpjpe_mm(pred, gt).mean().item()
@@ -226,7 +228,8 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
     if text_set is not None:
         pose6d = predict(text_set)
         if retrievers:
-            text_emb = evaluate.embed_captions(retrievers, [text_set.captions[i][0] for i in range(len(pose6d))], device)
+            text_emb = evaluate.embed_captions(retrievers, [text_set.captions[i][0] for i in range(len(pose6d))],
+                                               device)
             for name, retriever in retrievers.items():  # text_to_pose/... -> text_to_pose/PoseScript-H2/...
                 res.update({k.replace("/", "/PoseScript-H2/", 1): v for k, v in
                             evaluate.retrieval_metrics(name, retriever, text_emb[name], pose6d, device).items()})

@@ -147,7 +147,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return total / count.clamp(min=1)  # an empty slice: 0 / 1 = 0, never NaN
 
 
-def _prompt_then_batch_mean(x: torch.Tensor, valid: torch.Tensor, n_posed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _prompt_then_batch_mean(x: torch.Tensor, valid: torch.Tensor,
+                            n_posed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, G) -> (): mean over each prompt's valid samples, then over prompts with any.
 
     Departure 3: divides by the number of prompts with >= 1 valid sample (not by B); a prompt
@@ -246,7 +247,8 @@ def hygrpo_loss(
     ratio_d = torch.exp(log_ratio_d)  # (B, G, T); the paper's sequence r_d, taken per token (departure 2)
     # Eq. 21, first sum: -min(r_d F, clip(r_d, 1 - eps, 1 + eps) F), per token
     pg_tok = _clipped_surrogate_loss(ratio_d, adv_d[:, :, None], eps_clip)  # (B, G, T)
-    pg_discrete = _batch_mean(_masked_mean(pg_tok, token_mask, dim=2), n_prompts)  # (1/|a_i|) sum_t, then (1/(B G)) sum_{b,i}
+    # (1/|a_i|) sum_t, then (1/(B G)) sum_{b,i}
+    pg_discrete = _batch_mean(_masked_mean(pg_tok, token_mask, dim=2), n_prompts)
 
     # -- continuous part, J_c (Eq. 21, second sum)
     # Eq. 20: r_d does not depend on the pose head's own parameters and the text of a posed

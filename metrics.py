@@ -561,7 +561,8 @@ def _nearest(fn: str, pred6d, groups, cand6d, cand_groups, distance) -> torch.Te
     pred6d, cand6d = torch.as_tensor(pred6d).float(), torch.as_tensor(cand6d).float()
     groups, cand_groups = np.asarray(groups), np.asarray(cand_groups)
     if pred6d.dim() != 2 or cand6d.dim() != 2 or pred6d.shape[1] != cand6d.shape[1] or pred6d.shape[1] % 6:
-        raise ValueError(f"{fn}: pred6d {_shape(pred6d)} and cand6d {_shape(cand6d)} must be (N, P) and (M, P), P = 6 J")
+        raise ValueError(f"{fn}: pred6d {_shape(pred6d)} and cand6d {_shape(cand6d)} must be (N, P) and (M, P), "
+                         "P = 6 J")
     if len(groups) != len(pred6d) or len(cand_groups) != len(cand6d):
         raise ValueError(f"{fn}: {len(groups)} groups for {len(pred6d)} poses and {len(cand_groups)} for {len(cand6d)} "
                          "candidates; expected one each")

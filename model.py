@@ -67,7 +67,8 @@ IDENTITY_6D = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 6D of the identity
 LORA_TARGET = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 MODULES_TO_SAVE = ["multi_modal_projector", "pose_projector", "pose_head"]
 POSE_INPUT_MODULES = ["pose_input_encoder", "pose_input_projector"]  # trained and saved too, where a model has them
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # LLaVA-1.5's CLIP input normalisation
+# LLaVA-1.5's CLIP input normalisation
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---- The Gaussian pose head (Eq. 2) ---------------------------------------------------------
@@ -92,7 +93,8 @@ class GaussianPoseHead(nn.Module):
                  max_factor: float = 0.5, fixed_std: float = 0.05):
         super().__init__()
         self.pose_dim, self.rank, self.deterministic = pose_dim, rank, deterministic
-        self.log_std_min, self.log_std_max, self.max_factor, self.fixed_std = log_std_min, log_std_max, max_factor, fixed_std
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.max_factor, self.fixed_std = max_factor, fixed_std
 
         def mlp(n_out):  # the last layer starts small, so the output starts at its bias
             net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, n_out))
@@ -345,7 +347,8 @@ class PoseLlavaModel(LlavaModel):
         want = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (want, want):
             raise ValueError(f"PoseLlava: images are {'x'.join(map(str, pixel_values.shape[-2:]))} but the CLIP tower "
-                             f"of this model takes {want}x{want}; resize them (pixel_values {tuple(pixel_values.shape)})")
+                             f"of this model takes {want}x{want}; resize them (pixel_values "
+                             f"{tuple(pixel_values.shape)})")
         cfg = self.config
         runs = image_runs(pixel_values)  # RFT holds each image G times in a row: encode each once
         if len(runs) < len(pixel_values):

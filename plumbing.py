@@ -212,7 +212,8 @@ def step_loader(tasks, args, start: int, rank: int, world: int, seed: int):
     return iter(loader)
 
 
-REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report_to: its package
+# --report_to: its package
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def check_report_to(value: str, script: str) -> None:
@@ -290,4 +291,4 @@ def gpu_peak(device: torch.device) -> dict:
 
 def use_gradient_checkpointing(args) -> bool:
     return args.gradient_checkpointing == "yes" or (args.gradient_checkpointing == "auto"
-                                                     and args.preset == "llava-1.5-7b")
+                                                    and args.preset == "llava-1.5-7b")

@@ -327,7 +327,8 @@ def pose_columns() -> list:
             (lambda m: mrecall(m, "t2p"), 1), (lambda m: mrecall(m, "p2t"), 1)]
 
 
-POSE_HEADER = ["image-to-pose MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "text-to-pose mRecall T2P (%) ↑", "mRecall P2T (%) ↑"]
+POSE_HEADER = ["image-to-pose MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "text-to-pose mRecall T2P (%) ↑",
+               "mRecall P2T (%) ↑"]
 
 
 def direct_table(columns: list) -> str:
@@ -351,8 +352,9 @@ def abstract_table(columns: list) -> str:
     ceiling) follows the table."""
     keys = [f"abstract_to_pose/{k}" for k in ABSTRACT_KEYS]
     ceiling = [m.get("abstract_to_pose/archetype_accuracy_true_poses") for _, ms in columns for m in ms]
-    return (tables.metrics_table(columns, keys, first="metric") + "\nThe archetype classifier (10 nearest training poses "
-            f"by joints) names the true poses of the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling: "
+    table = tables.metrics_table(columns, keys, first="metric")
+    return (table + "\nThe archetype classifier (10 nearest training poses by joints) names the true poses of "
+            f"the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling: "
             "the archetypes' poses overlap.\n")
 
 
@@ -392,7 +394,8 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     runs = load_runs(args)
     seeds = seeds_of(args)
     out = args.out_dir
-    n_seeds = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std" if len(seeds) > 1 else f"seed {seeds[0]}"
+    n_seeds = (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± std" if len(seeds) > 1
+               else f"seed {seeds[0]}")
     record = tables.load_results(os.path.join(out, "eval", f"sft_s{seeds[0]}", "results.json"))
     m = machine()
     older = [n for n, d in done.items() if d.get("commit") != m["commit"]]
@@ -431,7 +434,8 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     mean_rows = [{"image_to_pose/mpjpe_mm": m["image_to_pose/mean_pose_mpjpe_mm"],
                   "image_to_pose/pa_mpjpe_mm": m["image_to_pose/mean_pose_pa_mpjpe_mm"]} for m in runs["sft"]]
     parts.append("## Does the policy see? Image-to-pose against its encoder\n\n" + tables.markdown_table(
-        ["read from", "MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "median root error (deg) ↓", "gross state right (%) ↑"],
+        ["read from", "MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "median root error (deg) ↓",
+         "gross state right (%) ↑"],
         [row("the pose encoder alone (stage 0's readout of f_b's mean token)", enc_rows, see_cols),
          row("SFT, at `<POSE>`", runs["sft"], see_cols),
          row("Pose-RFT (HyGRPO), at `<POSE>`", runs["rft"], see_cols),
@@ -522,23 +526,27 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                                 ("RFT rewarded by the evaluator retriever", "rft_xret")):
                 cells = row(label, runs[kind], cols6)
                 t6.append([cells[0], by] + cells[1:])
-        parts.append("## Table 6: cross-retriever evaluation\n\n"
-                     + tables.markdown_table(["run", "measured by"] + [f"R{d.upper()}@{k} (%)" for d in tables.DIRECTIONS
-                                                                   for k in tables.RETRIEVAL_KS], t6)
+        header6 = ["run", "measured by"] + [f"R{d.upper()}@{k} (%)" for d in tables.DIRECTIONS
+                                            for k in tables.RETRIEVAL_KS]
+        parts.append("## Table 6: cross-retriever evaluation\n\n" + tables.markdown_table(header6, t6)
                      + "\nFull-retrieval protocol. The paper measures its RFT model with an independent retriever "
                        "(PoseEmbroider); here each RFT run is measured by both of ours.\n")
 
     if args.direct:
-        parts.append("## Direct reward fine-tuning (DrPose-style) beside HyGRPO\n\n" + direct_table(
-            [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]), ("direct (`--algo direct`)", runs["rft_direct"])])
+        columns = [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]),
+                   ("direct (`--algo direct`)", runs["rft_direct"])]
+        parts.append("## Direct reward fine-tuning (DrPose-style) beside HyGRPO\n\n" + direct_table(columns)
             + "\nThe direct run follows the exact gradient of the reward retriever's similarity (text-to-pose) and of "
               "Eq. 7 (image-to-pose) through a reparameterised sample; the evaluator retriever gave no reward.\n")
     if args.abstract:
-        parts.append("## Abstract prompts (CoT-Pose's task): reasoning before the pose, and without\n\n" + abstract_table(
-            [("SFT", runs["sft_abs"]), ("HyGRPO", runs["rft_abs"]), ("SFT, `--reasoning false`", runs["sft_abs_nr"]),
-             ("HyGRPO, `--reasoning false`", runs["rft_abs_nr"])])
-            + "\n57 prompts (each archetype's three phrases), answered greedily; the pose is read at `<POSE>` after the "
-              "generated reasoning. PFD and MPJPE are to the nearest test pose of the archetype, root aligned.\n")
+        columns = [("SFT", runs["sft_abs"]), ("HyGRPO", runs["rft_abs"]),
+                   ("SFT, `--reasoning false`", runs["sft_abs_nr"]),
+                   ("HyGRPO, `--reasoning false`", runs["rft_abs_nr"])]
+        parts.append("## Abstract prompts (CoT-Pose's task): reasoning before the pose, and without\n\n"
+                     + abstract_table(columns)
+                     + "\n57 prompts (each archetype's three phrases), answered greedily; the pose is read at "
+                       "`<POSE>` after the generated reasoning. PFD and MPJPE are to the nearest test pose of the "
+                       "archetype, root aligned.\n")
 
     # Stage times and the machine.
     def measured_in(d: dict) -> str:

@@ -275,7 +275,8 @@ def score(ro, samples, similarity, retriever, bodymodel, args, pose_rewards: boo
     abstract = torch.tensor([t == data.ABSTRACT_TASK for t in tasks])  # score_abstract
     valid = ro.has_pose.cpu() & (image | text | edit | abstract)  # V: a pose task whose answer produced a <POSE> state
     scored = valid if pose_rewards else torch.zeros_like(valid)  # where R_c is computed
-    qa = ~(image | text | edit | describe | abstract)  # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
+    # Eq. 10 is "in vision-language QA tasks" (§3.3); a pose answer is a template
+    qa = ~(image | text | edit | describe | abstract)
     r = {"format": format_reward(ro.texts, tasks, [s.answer for s in samples]),         # Eq. 9
          "text": torch.zeros(len(samples)), "joint": torch.zeros(len(samples)), "semantic": torch.zeros(len(samples))}
     if qa.any():  # Eq. 10 on the QA samples
@@ -289,7 +290,8 @@ def score(ro, samples, similarity, retriever, bodymodel, args, pose_rewards: boo
         r["joint"][idx] = joint_reward(joints, gt, align=args.joint_reward_align).float().cpu()
     if (scored & text).any():  # Eq. 8 on the text-to-pose samples in V, by the reward retriever
         idx = torch.nonzero(scored & text).flatten()
-        r["semantic"][idx] = semantic_reward([samples[i].text for i in idx.tolist()], pose[idx], retriever).float().cpu()
+        r["semantic"][idx] = semantic_reward([samples[i].text for i in idx.tolist()], pose[idx],
+                                             retriever).float().cpu()
     where = {"format": torch.ones(len(samples), dtype=torch.bool), "text": qa,
              "joint": scored & (image | edit), "semantic": scored & text}  # the rows each reward is defined on
     if (describe | edit).any():  # R_caption, R_posecode (rewards.py)
@@ -372,4 +374,4 @@ def score_abstract(ro, samples, retriever, bodymodel, r: dict, where: dict, scor
     if (scored & control).any():
         rows = torch.nonzero(scored & control).flatten().tolist()
         r["archetype"][rows] = archetype_reward(pose[rows], [samples[i].archetype for i in rows],
-                                                  archetypes.prototypes(retriever), retriever).float().cpu()
+                                                archetypes.prototypes(retriever), retriever).float().cpu()

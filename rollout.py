@@ -43,9 +43,9 @@ def rollout(policy, tokenizer, samples, args, device) -> Rollout:
     inner = policy.get_base_model()
     b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
     T_p = b.input_ids.shape[1]
-    gen = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, args.max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer), args.temperature, args.group_size,
-                   pose_values=b.pose_values)
+    gen = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, args.max_new_tokens,
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, suppressed_tokens(policy, tokenizer),
+                       args.temperature, args.group_size, pose_values=b.pose_values)
     states, has_pose, pose_pos = gen.states, gen.has_pose, gen.pose_pos
     new = gen.sequences[:, T_p:]  # (N, T)
     is_eos = new == tokenizer.eos_token_id
@@ -68,7 +68,7 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     head's Gaussian at `pose_temperature` (model.tempered)."""
     T_p = ro.prompt_len
     logits, dist, _ = model.forward_grouped(policy.get_base_model(), ro.sequences, ro.attention_mask, ro.pixel_values,
-                                        T_p, ro.group, ro.pose_pos, ro.pose_values)  # each prompt read once
+                                            T_p, ro.group, ro.pose_pos, ro.pose_values)  # each prompt read once
     logits = logits.float() / temperature  # (N, T, V): position t predicts answer token t
     logits[..., suppressed] = float("-inf")  # the same policy that sampled (see suppressed_tokens)
     logp = torch.log_softmax(logits, -1)
@@ -76,7 +76,8 @@ def logprobs(policy, ro: Rollout, suppressed: list, pose_temperature: float = 1.
     return token_logp, model.tempered(dist, pose_temperature)
 
 
-def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True, basis: torch.Tensor | None = None) -> torch.Tensor:
+def pose_log_prob(dist, pose: torch.Tensor, explore_root: bool = True,
+                  basis: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(p_i) of the sampled poses (N,); with the root not explored, the log-density of the
     body's 138 dimensions under their marginal (the root is then a deterministic function of the
     state, not part of the sampled action). With a rotation basis U (--pose_space rotations), the

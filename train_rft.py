@@ -11,8 +11,8 @@
 One step costs one sampling loop, one reference forward without gradient, and one policy forward +
 backward per iteration, each reading a prompt (its image, input pose and text) once for its G answers
 (model.forward_grouped: the prompt's KV cache repeated G times); the old log-probs are the first
-iteration's, detached (with num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient), and pi_ref is the
-same network with its frozen SFT adapter alone (presets.reference). The policy starts from an SFT
+iteration's, detached (with num_iterations = 1 the ratio is exactly 1 and its gradient the policy gradient),
+and pi_ref is the same network with its frozen SFT adapter alone (presets.reference). The policy starts from an SFT
 checkpoint: the SFT run's base with the SFT adapter kept frozen beside a fresh LoRA whose update is
 added to it (presets.rft_policy; nothing merged, no copy of the base: the run's base/ links to the SFT
 run's), so pi_init = pi_ref = the SFT policy bit for bit on every preset (Algorithm 1, line 3).
@@ -69,9 +69,10 @@ Gaussian's marginal on the 72 directions that change a rotation (model.rotation_
 mean): to first order the score's expectation given the rotations, the same gradient in expectation
 without that noise (tools/probe.py measures both; docs/FINDINGS.md, finding 6).
 
-The 7B preset starts from a `train_sft.py --preset llava-1.5-7b` checkpoint and trains on the real datasets given by the same data flags as SFT; it
-needs --smpl_path (the joint reward), and checks every asset and data file before anything is loaded
-or written (realdata.preflight_real), naming every problem with its flag, file, record and fix.
+The 7B preset starts from a `train_sft.py --preset llava-1.5-7b` checkpoint and trains on the real datasets
+given by the same data flags as SFT; it needs --smpl_path (the joint reward), and checks every asset and data
+file before anything is loaded or written (realdata.preflight_real), naming every problem with its flag, file,
+record and fix.
 
 Metrics (metrics.jsonl, one JSON object per logged step; docs/TRAINING.md explains each):
     rewards/{joint,semantic,format,text}, rewards/discrete, rewards/continuous, (abstract_to_pose:
@@ -122,7 +123,8 @@ class Args:
     preset: str = field(default="tiny", metadata={"help": "tiny, smol or llava-1.5-7b; must match the SFT checkpoint"})
     sft_dir: str = field(default="ckpt/sft", metadata={"help": "train_sft.py's output directory (pi_init)"})
     out_dir: str = field(default="ckpt/rft", metadata={"help": "checkpoints, metrics.jsonl, reward curves"})
-    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={"help": "retrieval.py's reward model (Eq. 8)"})
+    reward_retriever: str = field(default="ckpt/retriever_reward", metadata={
+        "help": "retrieval.py's reward model (Eq. 8)"})
     eval_retriever: str = field(default="ckpt/retriever_eval", metadata={"help": "the independent evaluator retriever"})
     text_encoder: str = field(default="", metadata={
         "help": "sentence-transformers model dir for Eq. 10 ('' : MiniLM; the paper's BGE-M3: a local copy of "
@@ -132,7 +134,8 @@ class Args:
     n_train: int = field(default=20000, metadata={"help": "posebench training poses (must match SFT's benchmark)"})
     n_val: int = field(default=1000, metadata={"help": "posebench validation poses"})
     n_test: int = field(default=1000, metadata={"help": "posebench test poses"})
-    steps: int | None = field(default=None, metadata={"help": "RFT steps; default by preset: 600, llava-1.5-7b 1000 (Table 4)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "RFT steps; default by preset: 600, llava-1.5-7b 1000 (Table 4)"})
     batch_size: int | None = field(default=None, metadata={
         "help": "prompts per step, B; default by preset: 8, llava-1.5-7b 16 (Table 4)"})
     group_size: int = field(default=8, metadata={"help": "samples per prompt, G (>= 2)"})
@@ -143,9 +146,11 @@ class Args:
     num_workers: int = field(default=0, metadata={
         "help": "DataLoader worker processes reading and cropping the prompts (0: the main process); the prompts "
                 "are the same whatever the number"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate; default by preset: 1e-4, llava-1.5-7b 1e-6 (Table 4)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate; default by preset: 1e-4, llava-1.5-7b 1e-6 (Table 4)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up before the cosine decay"})
-    num_iterations: int = field(default=1, metadata={"help": "updates per sampled batch (pi_old = the sampling policy)"})
+    num_iterations: int = field(default=1, metadata={
+        "help": "updates per sampled batch (pi_old = the sampling policy)"})
     eps_clip: float = field(default=0.2, metadata={"help": "PPO clip range epsilon of Eq. 21"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of Eq. 21"})
     temperature: float = field(default=1.0, metadata={"help": "text sampling temperature"})
@@ -157,11 +162,13 @@ class Args:
     lora_rank: int = field(default=16, metadata={"help": "rank of the RFT adapter"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the RFT adapter"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    hybrid: bool = field(default=True, metadata={"help": "false: plain GRPO on the text only, pose = the head's mean (Fig. 4)"})
+    hybrid: bool = field(default=True, metadata={
+        "help": "false: plain GRPO on the text only, pose = the head's mean (Fig. 4)"})
     deterministic_head: bool = field(default=False, metadata={
         "help": "Table 3: the SFT checkpoint has a mean-only head (train_sft.py --deterministic_head); poses are "
                 "sampled with its fixed spread and only the mean learns"})
-    zero_reward: str = field(default="", metadata={"help": "zero-mask one reward: joint, semantic, format or text (Table 5)"})
+    zero_reward: str = field(default="", metadata={
+        "help": "zero-mask one reward: joint, semantic, format or text (Table 5)"})
     joint_reward_align: str = field(default="pelvis", metadata={
         "help": "joints compared by the joint reward: pelvis (Eq. 7: pelvis-centred) or procrustes (an ablation, "
                 "not the paper's: after a similarity alignment, so the global rotation earns nothing)"})
@@ -210,8 +217,10 @@ class Args:
     posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
     amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
     image_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {realdata.HMR2_DATA_SOURCE}"})
-    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): "
+                f"{realdata.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={
+        "help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
     bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
     llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {realdata.LLAVA_INSTRUCT_SOURCE}"})
     coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
@@ -285,7 +294,7 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
         policy.train()
         t_gen += time.time() - t
         scored.append(R.score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
-                            pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
+                              pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
     t2 = time.time()
     r_d, r_c, valid = (torch.cat([s[i] for s in scored]) for i in (1, 2, 3))
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
@@ -337,7 +346,8 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
              for key, v in sums.items()}
     t4 = time.time()
     v = valid.float()
-    names = list(dict.fromkeys(key for s in scored for key in s[0]))  # + the pose-input tasks', where a micro-batch had them
+    # + the pose-input tasks', where a micro-batch had them
+    names = list(dict.fromkeys(key for s in scored for key in s[0]))
     r = {key: torch.cat([s[0].get(key, torch.zeros(len(s[1]))) for s in scored]) for key in names}
     where = {key: torch.cat([s[4].get(key, torch.zeros(len(s[1]), dtype=torch.bool)) for s in scored]) for key in names}
     rec = {f"rewards/{k}": (x[where[k]].mean().item() if where[k].any() else None) for k, x in r.items()}
@@ -367,7 +377,8 @@ def pose_reward_differentiable(pose: torch.Tensor, samples, texts, retriever, bo
     tasks = [s.task for s in samples]
     out = pose.new_zeros(len(samples))
     rows = {k: [i for i, t in enumerate(tasks) if t in v] for k, v in (
-        ("joint", ("image_to_pose", "pose_edit")), ("semantic", ("text_to_pose",)), ("abstract", (data.ABSTRACT_TASK,)))}
+        ("joint", ("image_to_pose", "pose_edit")), ("semantic", ("text_to_pose",)),
+        ("abstract", (data.ABSTRACT_TASK,)))}
     if rows["joint"]:
         idx = rows["joint"]
         gt = torch.as_tensor(np.stack([samples[i].joints for i in idx]), device=bodymodel.device)
@@ -454,7 +465,8 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     t_opt = time.time() - t_a
     if bad:
         return {"skipped": bad}
-    rec = {"rewards/format": R.format_reward(ro.texts, [s.task for s in samples], [s.answer for s in samples]).mean().item(),
+    rec = {"rewards/format": R.format_reward(ro.texts, [s.task for s in samples],
+                                             [s.answer for s in samples]).mean().item(),
            "rewards/text": None, "rewards/continuous": stats["reward"].item(),
            "losses/direct_reward": -stats["reward"].item(), "losses/kl_pose": stats["kl_pose"].item(),
            "losses/total": loss.item(), "charts/frac_valid_pose": valid.float().mean().item(),
@@ -542,7 +554,8 @@ def main(argv=None):
         state = checkpoint.load_train_state(step_dir)
     else:  # pi_init = pi_ref = the SFT policy bit for bit: its adapter frozen beside a fresh one (presets.rft_policy)
         if master:
-            presets.write_rft_start(args.sft_dir, sft_step, args.out_dir)  # base/ -> the SFT run's, reference/: its adapter
+            # base/ -> the SFT run's, reference/: its adapter
+            presets.write_rft_start(args.sft_dir, sft_step, args.out_dir)
         torch.manual_seed(args.seed)  # the adapter's init, the same on every rank
         policy, tokenizer = presets.rft_policy(args.sft_dir, sft_step, args.preset, args.lora_rank, args.lora_alpha)
         state = None
@@ -601,12 +614,14 @@ def main(argv=None):
             break
 
     if master:
-        figures.plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "reward_curves.png"),
+        figures.plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"),
+                             os.path.join(args.out_dir, "reward_curves.png"),
                      "direct reward fine-tuning" if args.algo == "direct" else
                      f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and real:
-        print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (docs/REAL_RUNS.md: "
-              "`python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... --posescript_dir ...`)")
+        print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b "
+              "(docs/REAL_RUNS.md: `python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... "
+              "--posescript_dir ...`)")
     if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         # evaluate.py's code path, sharded over the ranks; every rank gets the same metrics
         train = posebench.load_split("train", cfg)
@@ -625,8 +640,9 @@ def main(argv=None):
             args.steps)
         if master:
             plumbing.atomic_write(os.path.join(args.out_dir, f"{split}_metrics.json"),
-                              lambda fh: json.dump({"rft": res, "sft": init}, fh, indent=1))
-            print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), SFT -> RFT:")
+                                  lambda fh: json.dump({"rft": res, "sft": init}, fh, indent=1))
+            print(f"\nRFT done in {time.time() - t_start:.0f} s. {args.eval_split} split ({args.eval_samples} poses), "
+                  "SFT -> RFT:")
             num = lambda v: "       -" if v is None else f"{v:8.2f}"  # noqa: E731
             for k in res:
                 if "mean_pose" not in k and "reward_retriever" not in k and "/random/" not in k:

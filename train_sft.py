@@ -44,9 +44,9 @@ Run:
     torchrun --nproc_per_node=8 train_sft.py --preset smol  # DDP: one code path, RANK switches it on
     python train_sft.py --resume                          # continue exactly from the last checkpoint
     python train_sft.py --mix 0.3 0.3 0.2 0.1 0.1         # + pose_to_text, pose_edit (pose as input)
-    python train_sft.py --mix 0.4 0.4 0.2 0 0 0.4         # + abstract_to_pose (CoT-Pose; --reasoning false: no reasoning)
+    python train_sft.py --mix 0.4 0.4 0.2 0 0 0.4         # + abstract_to_pose (CoT-Pose; --reasoning false)
     torchrun --nproc_per_node=8 train_sft.py --preset llava-1.5-7b --llava_path ... --hmr2_ckpt ... \
-        --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=mpi_inf_3dhp_train.npz=/data/3dhp ...   # docs/REAL_RUNS.md
+        --posescript_dir ... --amass_dir ... --image_npz MPI-INF-3DHP=...   # docs/REAL_RUNS.md
 """
 from __future__ import annotations
 
@@ -126,19 +126,23 @@ class Args:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank on the LM"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    head_rank: int = field(default=4, metadata={"help": "rank R of the pose covariance's low-rank factor (0: diagonal)"})
+    head_rank: int = field(default=4, metadata={
+        "help": "rank R of the pose covariance's low-rank factor (0: diagonal)"})
     deterministic_head: bool = field(default=False, metadata={"help": "Table 3 baseline: mean-only head, L2 pose loss"})
-    pose_nll_weight: float = field(default=1.0, metadata={"help": "weight of the Gaussian NLL (per pose dim) at <POSE>"})
+    pose_nll_weight: float = field(default=1.0, metadata={
+        "help": "weight of the Gaussian NLL (per pose dim) at <POSE>"})
     nll_trains_mean: bool = field(default=False, metadata={
         "help": "let the NLL's gradient reach the mean too; by default the NLL fits the covariance at the detached "
                 "mean and the mean is regressed by the 6D L2 (a plain NLL scales each dimension's mean gradient by "
                 "its inverse variance, so the head parks hard dimensions under a large variance)"})
     l2_6d_weight: float = field(default=1.0, metadata={"help": "weight of an L2 on the 6D mean (parameter regression)"})
-    l2_joints_weight: float = field(default=0.0, metadata={"help": "weight of an L2 on joints from the mean (off by default)"})
+    l2_joints_weight: float = field(default=0.0, metadata={
+        "help": "weight of an L2 on joints from the mean (off by default)"})
     head_fit_steps: int = field(default=8000, metadata={
         "help": "after SFT on the built-in benchmark: fit the pose head alone for this many steps on cached <POSE> "
                 "states (0: off; never on llava-1.5-7b)"})
-    head_fit_samples: int = field(default=12000, metadata={"help": "training poses whose <POSE> states the head fit uses"})
+    head_fit_samples: int = field(default=12000, metadata={
+        "help": "training poses whose <POSE> states the head fit uses"})
     head_fit_batch: int = field(default=256, metadata={"help": "batch of the head fit"})
     mix: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2], metadata={
         "help": "task mixture weights: image_to_pose, text_to_pose, vqa; 5 weights add pose_to_text and pose_edit "
@@ -172,8 +176,10 @@ class Args:
     posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
     amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
     image_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): {realdata.HMR2_DATA_SOURCE}"})
-    bedlam_script_dir: str = field(default="", metadata={"help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): "
+                f"{realdata.HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={
+        "help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
     bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
     llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {realdata.LLAVA_INSTRUCT_SOURCE}"})
     coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
@@ -189,11 +195,13 @@ class Args:
 
 SMALL = dict(steps=1200, batch_size=32, lr=1e-3, eval_samples=1000, max_length=0)
 PRESET_DEFAULTS = {"tiny": SMALL, "smol": SMALL,
-                   "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0, max_length=2048)}  # Table 4
+                   "llava-1.5-7b": dict(steps=10000, batch_size=80, lr=3e-4, eval_samples=0,
+                                        max_length=2048)}  # Table 4
 
 
 # SFT's flags that need >= a minimum, beside those of every training script (checkpoint.AT_LEAST)
-SFT_AT_LEAST = dict(checkpoint.AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0, stage0_lm_batch=1,
+SFT_AT_LEAST = dict(checkpoint.AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epochs=0.0, stage0_lm_steps=0,
+                    stage0_lm_batch=1,
                     stage0_batch=1, head_rank=0, head_fit_steps=0, head_fit_samples=2, head_fit_batch=1,
                     pose_nll_weight=0.0, l2_6d_weight=0.0, l2_joints_weight=0.0, stage0_rot6d_weight=0.0)
 
@@ -246,7 +254,8 @@ def build_base(args, cfg: posebench.BenchConfig):
         tokenizer = vocab.tiny_tokenizer(cfg, pose_input=pose_input, abstract=abstract_on(args))
         return (presets.build_tiny(tokenizer, rank=args.head_rank, deterministic=args.deterministic_head),
                 lambda: presets.build_tiny(tokenizer, rank=args.head_rank), tokenizer)
-    base, tokenizer = presets.build_smol(rank=args.head_rank, deterministic=args.deterministic_head, pose_input=pose_input)
+    base, tokenizer = presets.build_smol(rank=args.head_rank, deterministic=args.deterministic_head,
+                                         pose_input=pose_input)
     return base, lambda: presets.build_smol(rank=args.head_rank, pose_input=pose_input)[0], tokenizer
 
 
@@ -352,7 +361,8 @@ def main(argv=None):
     if real and pose_input_on(args):
         raise SystemExit("train_sft.py: --mix with 5 weights: the pose-input tasks are posebench's; the real-data "
                          "mixture (--real_mix) has none yet")
-    tasks = realdata.preflight_real(args, "sft", args.seed) if real else None  # every real input checked: before any write
+    # every real input checked: before any write
+    tasks = realdata.preflight_real(args, "sft", args.seed) if real else None
     if args.stage0_readout not in ("mean", "flatten"):
         raise SystemExit(f"--stage0_readout {args.stage0_readout}: expected mean or flatten")
     if not (args.deterministic_head or args.nll_trains_mean or args.l2_6d_weight > 0):
@@ -380,7 +390,8 @@ def main(argv=None):
             print(f"stage 0, pose encoder alone on {split}: MPJPE {res[f'stage0/{split}/pose_vit_mpjpe_mm']:.1f} mm, "
                   f"PA-MPJPE {res[f'stage0/{split}/pose_vit_pa_mpjpe_mm']:.1f} mm, median root error "
                   f"{res.get(f'stage0/{split}/pose_vit_root_error_deg', float('nan')):.1f} deg | mean training pose: "
-                  f"{res[f'stage0/{split}/mean_pose_mpjpe_mm']:.1f} / {res[f'stage0/{split}/mean_pose_pa_mpjpe_mm']:.1f}")
+                  f"{res[f'stage0/{split}/mean_pose_mpjpe_mm']:.1f} / "
+                  f"{res[f'stage0/{split}/mean_pose_pa_mpjpe_mm']:.1f}")
         return
     prepare_out_dir(args.out_dir, args.resume, master)
     t_start = time.time()
@@ -405,14 +416,16 @@ def main(argv=None):
     if not os.path.exists(os.path.join(base_dir, "preset.json")):
         if master:
             if real:  # pretrained parts: no stage 0
-                base, tokenizer = presets.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank, args.deterministic_head)
+                base, tokenizer = presets.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank,
+                                                         args.deterministic_head)
                 presets.save_base(base, tokenizer, base_dir, args.preset)
             else:
                 base, build, tokenizer = build_base(args, cfg)
                 if args.preset == "tiny" and pose_input_on(args):  # the default run's stage 0, shared
                     stage0.pretrain_for_pose_input(base, args, cfg, device, log)
                 else:
-                    stage0.pretrain(base, build, tokenizer, cfg, args, device, log)  # trained once per key, then from the cache
+                    # trained once per key, then from the cache
+                    stage0.pretrain(base, build, tokenizer, cfg, args, device, log)
                 presets.save_base(base.cpu(), tokenizer, base_dir, args.preset)
             plumbing.atomic_write(os.path.join(base_dir, BASE_FLAGS), lambda fh: json.dump(built, fh, indent=1))
             del base
@@ -504,8 +517,9 @@ def main(argv=None):
 
     # ---- BOILERPLATE: final evaluation on the test split (evaluate.py's code path; sharded over the ranks)
     if master and real:
-        print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b (docs/REAL_RUNS.md: "
-              "`python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... --posescript_dir ...`)")
+        print(f"SFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b "
+              "(docs/REAL_RUNS.md: `python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... "
+              "--posescript_dir ...`)")
     if not real and args.eval_samples > 0 and not (args.stop_after and args.stop_after < args.steps):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
         res = evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
@@ -513,13 +527,15 @@ def main(argv=None):
                               abstract_reasoning=args.reasoning if abstract_on(args) and args.mix[-1] > 0 else None)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
         if master:
-            plumbing.atomic_write(os.path.join(args.out_dir, "test_metrics.json"), lambda fh: json.dump(res, fh, indent=1))
+            plumbing.atomic_write(os.path.join(args.out_dir, "test_metrics.json"),
+                                  lambda fh: json.dump(res, fh, indent=1))
             pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
             print(f"\nSFT done in {time.time() - t_start:.0f} s. Test split ({args.eval_samples} poses):")
             for task in ("image_to_pose", "text_to_pose"):
-                print(f"  {task:14s} MPJPE {res[task + '/mpjpe_mm']:6.1f} mm  PA-MPJPE {res[task + '/pa_mpjpe_mm']:6.1f} mm"
-                      f"   | mean training pose: MPJPE {res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE "
-                      f"{res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}   | answer format valid {pct(res[task + '/format_valid'])}")
+                print(f"  {task:14s} MPJPE {res[task + '/mpjpe_mm']:6.1f} mm  PA-MPJPE "
+                      f"{res[task + '/pa_mpjpe_mm']:6.1f} mm   | mean training pose: MPJPE "
+                      f"{res[task + '/mean_pose_mpjpe_mm']:6.1f}  PA-MPJPE {res[task + '/mean_pose_pa_mpjpe_mm']:6.1f}"
+                      f"   | answer format valid {pct(res[task + '/format_valid'])}")
             print(f"  vqa            yes/no accuracy {pct(res['vqa/yes_no_accuracy'])}")
     log.close()  # the --report_to tracker
     if ddp:

@@ -120,7 +120,8 @@ def test_score_of_the_abstract_task_by_hand(tasks):
                                   reasoning=False)[0]
     true = [c for c in posecodes.CODE_NAMES if d.codes[s.index, posecodes.CODE_NAMES.index(c)]]
     false = [c for c in posecodes.CODE_NAMES if not d.codes[s.index, posecodes.CODE_NAMES.index(c)]]
-    both = posecodes.join_clauses([posecodes.CODE_TEXT[true[0]][0][0], posecodes.CODE_TEXT[false[0]][0][0]])  # one true, one false
+    # one true, one false
+    both = posecodes.join_clauses([posecodes.CODE_TEXT[true[0]][0][0], posecodes.CODE_TEXT[false[0]][0][0]])
     texts = [f"{both} {data.POSE_ANSWER}", f"{both} {data.POSE_ANSWER}", "Nothing.", data.POSE_ANSWER]
     samples = [s, s, s, control]
     poses = [s.pose6d, s.pose6d, s.pose6d, s.pose6d]
@@ -141,7 +142,8 @@ def test_score_of_the_abstract_task_by_hand(tasks):
     arch = (proto * ret.embed_pose(torch.as_tensor(s.pose6d).reshape(1, -1))[0]).sum()
     assert r["archetype"][3].item() == pytest.approx(arch.item()) and r["archetype"][:3].abs().sum() == 0
     assert r_d.tolist() == pytest.approx((r["format"] + r["plausible"]).tolist())
-    assert r_c[0].item() == pytest.approx(r["reasoning"][0].item() + 0.5) and r_c[3].item() == pytest.approx(arch.item())
+    assert r_c[0].item() == pytest.approx(r["reasoning"][0].item() + 0.5)
+    assert r_c[3].item() == pytest.approx(arch.item())
     assert where["plausible"].tolist() == [True, True, True, False] and where["archetype"].tolist() == [0, 0, 0, 1]
     assert where["reasoning"].tolist() == [True, False, True, False] and r["text"].abs().sum() == 0
 
@@ -183,8 +185,10 @@ def test_nearest_pfd_and_mpjpe_by_hand():
             best_m, best_p = min(best_m, jm), min(best_p, (e1 / e1.norm() - e2 / e2.norm()).norm().item())
         slow_m.append(best_m)
         slow_p.append(best_p)
-    assert metrics.nearest_mpjpe_mm(q, groups, cand, split.archetype, joints_of).tolist() == pytest.approx(slow_m, rel=1e-4)
-    assert metrics.nearest_pfd(q, groups, cand, split.archetype, ret.embed_pose).tolist() == pytest.approx(slow_p, rel=1e-4)
+    assert metrics.nearest_mpjpe_mm(q, groups, cand, split.archetype, joints_of).tolist() == pytest.approx(slow_m,
+                                                                                                           rel=1e-4)
+    assert metrics.nearest_pfd(q, groups, cand, split.archetype, ret.embed_pose).tolist() == pytest.approx(slow_p,
+                                                                                                           rel=1e-4)
     assert np.isnan(metrics.nearest_pfd(q[:1], [99], cand, split.archetype, ret.embed_pose)[0].item())  # no candidate
 
 
@@ -238,7 +242,8 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     assert ro.has_pose.all() and torch.allclose(ro.pose_mean, want[None].expand(2, -1), atol=1e-4)
     # abstract_metrics scores that pose: its consistency is the share of `other`'s codes true of it
     ev = data.PoseBenchTasks("val", CFG)
-    res, preds = evaluate_tasks.abstract_metrics(policy, tok, ev, tasks.data, body.BodyModel(), "cpu", {"eval": FakeRetriever()})
+    res, preds = evaluate_tasks.abstract_metrics(policy, tok, ev, tasks.data, body.BodyModel(), "cpu",
+                                                 {"eval": FakeRetriever()})
     n = len(ev.eval_samples(TASK))
     assert len(preds["answers"][TASK]) == n and res[f"{TASK}/pose_rate"] == 1.0 and res[f"{TASK}/format_valid"] == 1.0
     bm = body.BodyModel()
@@ -274,7 +279,8 @@ def test_sft_rft_and_evaluate_with_the_abstract_task(tmp_path, capsys):
         assert json.load(fh)["abstract"] is True
     retrieval.main(bench + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
                             "--out_dir", str(tmp_path), "--num_threads", "1"])
-    rft = bench + ["--mix", "0", "0", "0", "0", "0", "1", "--steps", "2", "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "48",
+    rft = bench + ["--mix", "0", "0", "0", "0", "0", "1", "--steps", "2", "--batch_size", "2", "--group_size", "2",
+                   "--max_new_tokens", "48",
                          "--log_every", "1", "--eval_samples", "0", "--threads", "1", "--warmup_steps", "1",
                          "--sft_dir", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "rft"),
                          "--reward_retriever", str(tmp_path / "retriever_reward"),

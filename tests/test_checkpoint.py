@@ -109,7 +109,8 @@ def test_damaged_runs_are_named_and_resume_uses_the_newest_intact_step(run, tmp_
     truncate(d / "step-000004" / "train_state.pt")
     assert checkpoint.run_step(str(d), "--ckpt") == str(d / "step-000004")
     assert checkpoint.run_step(str(d), "--out_dir", resume=True) == str(d / "step-000002")
-    with pytest.raises(SystemExit, match=r"train_state.pt does not load .*truncated or corrupt; resume from an earlier"):
+    with pytest.raises(SystemExit,
+                       match=r"train_state.pt does not load .*truncated or corrupt; resume from an earlier"):
         checkpoint.load_train_state(str(d / "step-000004"))
     d = copy_run(out, tmp_path / "gone")  # a deleted adapter file, every step
     for step in ("step-000002", "step-000004"):
@@ -118,8 +119,9 @@ def test_damaged_runs_are_named_and_resume_uses_the_newest_intact_step(run, tmp_
         checkpoint.run_step(str(d), "--out_dir", resume=True)
     d = copy_run(out, tmp_path / "garbage")  # a LATEST of garbage bytes
     (d / "LATEST").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(SystemExit, match=r"LATEST holds '\(unreadable bytes\)', not the name of a step directory such as step-000100; the "
-                                         r"newest intact one is step-000004"):
+    with pytest.raises(SystemExit,
+                       match=r"LATEST holds '\(unreadable bytes\)', not the name of a step directory such as "
+                             r"step-000100; the newest intact one is step-000004"):
         checkpoint.run_step(str(d), "--ckpt")
     with pytest.raises(SystemExit, match=r"holds a run \(checkpoint"):  # a new run there is refused, no traceback
         checkpoint.prepare_out_dir(str(d), resume=False, master=True)

@@ -43,7 +43,8 @@ def test_tiny_policy_on_cuda_equals_cpu(tok, samples):
         logits, dist, state = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
         m.to(CUDA)
         bc = b.to(CUDA)
-        logits_c, dist_c, state_c = m.forward_hybrid(bc.input_ids, bc.attention_mask, bc.pixel_values, bc.pose_token_pos)
+        logits_c, dist_c, state_c = m.forward_hybrid(bc.input_ids, bc.attention_mask, bc.pixel_values,
+                                                     bc.pose_token_pos)
     # float32 on both sides (TF32 is off by default) but another summation order: the logits were
     # 1.9e-4 apart on an H200, so 1e-3 (a device bug moves them by far more)
     for c, ref in ((logits_c, logits), (state_c, state), (dist_c.mean, dist.mean), (dist_c.stddev, dist.stddev)):

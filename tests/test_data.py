@@ -298,7 +298,8 @@ def test_collate_with_a_subword_tokenizer_labels_exactly_the_answer(mixed, schem
     tok = llama_style_tokenizer(texts, scheme)
     tok.add_special_tokens({"additional_special_tokens": ["<POSE>"]})  # as build_llava_7b adds it
     pieces = tok.tokenize(data.chat_text(mixed[0].prompt, None))
-    assert any(len(p) > 3 for p in pieces) and len(pieces) > len(data.chat_text(mixed[0].prompt, None).split())  # subwords
+    # subwords
+    assert any(len(p) > 3 for p in pieces) and len(pieces) > len(data.chat_text(mixed[0].prompt, None).split())
     n_img = 3
     batch = data.collate(mixed, tok, num_image_tokens=n_img)
     gen = data.collate(mixed, tok, num_image_tokens=n_img, add_answer=False, pad_side="left")

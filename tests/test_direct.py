@@ -71,7 +71,8 @@ def test_the_sample_is_reparameterised_and_the_root_can_stay_at_the_mean():
     seen = []
     for shift in (0.0, 0.5):
         torch.manual_seed(3)
-        train_rft.direct_loss(head_gaussian(mu + shift), head_gaussian(mu + shift), lambda p: seen.append(p) or p.sum(1),
+        train_rft.direct_loss(head_gaussian(mu + shift), head_gaussian(mu + shift),
+                              lambda p: seen.append(p) or p.sum(1),
                               torch.ones(4, dtype=torch.bool), 2, 2, beta=0.0)
     assert torch.allclose(seen[1] - seen[0], torch.full_like(seen[0], 0.5), atol=1e-5)  # p - mu = tau L eps
     torch.manual_seed(3)
@@ -120,7 +121,8 @@ class FakeRetriever:
 
 def test_differentiable_rewards_equal_hygrpos_and_have_gradients():
     tasks = data.PoseBenchTasks("train", CFG, length=60, seed=0)
-    samples = [next(tasks[i] for i in range(60) if tasks[i].task == t) for t in ("image_to_pose", "text_to_pose", "vqa")]
+    samples = [next(tasks[i] for i in range(60) if tasks[i].task == t) for t in ("image_to_pose", "text_to_pose",
+                                                                                 "vqa")]
     pose = torch.as_tensor(np.stack([s.pose6d if s.pose6d is not None else np.zeros((24, 6), np.float32)
                                      for s in samples])).reshape(3, -1) + 0.1
     pose.requires_grad_(True)

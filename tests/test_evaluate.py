@@ -35,7 +35,8 @@ SFT = ("--stage0_pose_epochs 1 --stage0_clip_epochs 1 --stage0_lm_steps 3 --stag
 RFT = "--steps 3 --batch_size 2 --group_size 4 --max_new_tokens 12 --log_every 1 --warmup_steps 1"
 EVAL = ["--eval_samples", "40", "--eval_generate", "3"]
 REPORT = [*BENCH, "--jobs", "2", "--threads", "2", "--n_figure", "2", "--sft_args", SFT, "--rft_args", RFT,
-          "--retrieval_args", "--epochs 1 --embed_dim 16 --hidden_dim 32 --batch_size 16", "--eval_args", " ".join(EVAL)]
+          "--retrieval_args", "--epochs 1 --embed_dim 16 --hidden_dim 32 --batch_size 16",
+          "--eval_args", " ".join(EVAL)]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,8 @@ def test_full_report_tables_and_seeds(results, tmp_path):
             (dst / "results.json").write_text(json.dumps(rec))
             if kind.startswith("rft"):
                 (tmp_path / "full" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
-                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "full" / "ckpt" / f"{kind}_s{seed}")
+                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl",
+                            tmp_path / "full" / "ckpt" / f"{kind}_s{seed}")
     for seed in (0, 1):  # the encoder row of "Does the policy see?"
         (tmp_path / "full" / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
         shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "full" / "ckpt" / f"stage0_s{seed}")
@@ -161,10 +163,12 @@ def test_full_report_tables_and_seeds(results, tmp_path):
     sft = json.loads((results / "eval" / "sft_s0" / "results.json").read_text())["metrics"]["image_to_pose/mpjpe_mm"]
     assert f"| `image_to_pose/mpjpe_mm` (mm) ↓ | {sft + 5:.1f} ± 7.1 |" in text
     assert "2 seeds (0, 1), mean ± std" in text and "Sum of the stages: 88 s" in text
-    assert "44 of the 44 stages ran with other code" in text and "this run, code not recorded" in text  # markers without commit
+    # markers without commit
+    assert "44 of the 44 stages ran with other code" in text and "this run, code not recorded" in text
     val = tmp_path / "full" / "eval" / "sft_s1" / "results.json"
     val.write_text(json.dumps({**json.loads(val.read_text()), "split": "val"}))  # e.g. --eval_args "--split val"
-    with pytest.raises(ValueError, match="sft_s1/results.json was measured on the val split; the report is of the test"):
+    with pytest.raises(ValueError,
+                       match="sft_s1/results.json was measured on the val split; the report is of the test"):
         report.write_report(args, done, stages, 0.0, ["--full"])
 
 
@@ -304,8 +308,10 @@ def test_interleave_inverts_sharding():
 def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
     # sample_actions: the empirical covariance of many seeded draws is the Gaussian's
     g = torch.Generator().manual_seed(0)
-    mean, W, var = torch.randn(1, 3, generator=g), 0.5 * torch.randn(1, 3, 2, generator=g), torch.rand(1, 3, generator=g)
-    dist = torch.distributions.LowRankMultivariateNormal(mean.expand(4000, 3), W.expand(4000, 3, 2), var.expand(4000, 3))
+    mean, W, var = torch.randn(1, 3, generator=g), 0.5 * torch.randn(1, 3, 2, generator=g), torch.rand(1, 3,
+                                                                                                       generator=g)
+    dist = torch.distributions.LowRankMultivariateNormal(mean.expand(4000, 3), W.expand(4000, 3, 2), var.expand(4000,
+                                                                                                                3))
     x = E.sample_actions(dist, list(range(4000)))
     torch.testing.assert_close(x.T.cov(), dist.covariance_matrix[0], atol=0.06, rtol=0.1)
     torch.testing.assert_close(x.mean(0), mean[0], atol=0.06, rtol=0)
@@ -348,7 +354,8 @@ def test_markdown_writer_on_fixed_numbers():
         "| `vqa/answer_similarity` (cos) ↑ | 0.980 | 0.925 ± 0.035 |\n"
         "| `vqa/yes_no_accuracy` (%) ↑ | 69.5 | 75.0 ± 7.1 |\n")
     assert tables.markdown_table(["a", "b"], [["1", "2"], ["x", 3]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| x | 3 |\n"
-    assert report.mrecall({f"text_to_pose/eval_retriever/full/Rt2p@{k}": v for k, v in ((5, 1.0), (10, 2.0), (20, 6.0))},
+    assert report.mrecall({f"text_to_pose/eval_retriever/full/Rt2p@{k}": v for k, v in ((5, 1.0), (10, 2.0), (20,
+                                                                                                              6.0))},
                           "t2p") == 3.0
 
 
@@ -444,12 +451,14 @@ def test_unwritable_out_dir_bad_flags_and_damaged_files_fail_before_evaluating(t
     weights = d / "retriever_eval" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:-64])
-    with pytest.raises(SystemExit, match=r"evaluate.py: retriever checkpoint .*retriever_eval' is damaged: .*truncated"):
+    with pytest.raises(SystemExit,
+                       match=r"evaluate.py: retriever checkpoint .*retriever_eval' is damaged: .*truncated"):
         E.main(flags)
     weights.write_bytes(good)
     (d / "run" / "step-000001" / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SystemExit, match=r"step-000001/train_state.pt does not load"):
         E.main(flags)
     (d / "run" / "LATEST").write_bytes(b"\x00\xff" * 20)
-    with pytest.raises(SystemExit, match=r"LATEST holds .*not the name of a step directory.*the newest intact one is step-000001"):
+    with pytest.raises(SystemExit,
+                       match=r"LATEST holds .*not the name of a step directory.*the newest intact one is step-000001"):
         E.main(flags)

@@ -40,7 +40,8 @@ def poses_outside(exported, samples, tmp_path):
     torch.save(samples, tmp_path / "samples.pt")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = ROOT
-    r = subprocess.run([sys.executable, "-c", LOAD, str(exported), str(tmp_path / "samples.pt"), str(tmp_path / "pose.pt")],
+    r = subprocess.run([sys.executable, "-c", LOAD, str(exported), str(tmp_path / "samples.pt"),
+                        str(tmp_path / "pose.pt")],
                        cwd=str(tmp_path), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(tmp_path / "pose.pt")
@@ -48,13 +49,16 @@ def poses_outside(exported, samples, tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny SFT run, and an RFT run started from it (presets.rft_policy) with one update, saved as train_rft.py saves."""
+    """A tiny SFT run, and an RFT run started from it (presets.rft_policy) with one update, saved as train_rft.py
+    saves."""
     d = tmp_path_factory.mktemp("export")
-    train_sft.main(TINY_RUN + ["--steps", "2", "--head_fit_steps", "0", "--eval_samples", "0", "--out_dir", str(d / "sft")])
+    train_sft.main(TINY_RUN + ["--steps", "2", "--head_fit_steps", "0", "--eval_samples", "0", "--out_dir",
+                               str(d / "sft")])
     step = os.path.join(d, "sft", (d / "sft" / "LATEST").read_text())
     torch.manual_seed(0)
     rft, tok = presets.rft_policy(str(d / "sft"), step, "tiny")
-    b = data.collate([data.PoseBenchTasks("train", CFG)[i] for i in range(4)], tok, rft.get_base_model().num_image_tokens)
+    b = data.collate([data.PoseBenchTasks("train", CFG)[i] for i in range(4)], tok,
+                     rft.get_base_model().num_image_tokens)
     opt = torch.optim.AdamW([p for p in rft.parameters() if p.requires_grad], lr=1e-2)
     logits, dist, _ = rft.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     (logits.logsumexp(-1).mean() + dist.mean.square().mean()).backward()
@@ -74,7 +78,8 @@ def test_exported_run_loads_with_auto_classes_and_gives_evaluate_poses(runs, run
     policy.eval()
     want = evaluate.predict_poses(policy, tok, samples, "cpu")
     export.main(["--ckpt", str(runs / run), "--out", str(tmp_path / "exported")])
-    assert (tmp_path / "exported" / "config.json").exists() and not (tmp_path / "exported" / "adapter_config.json").exists()
+    assert (tmp_path / "exported" / "config.json").exists()
+    assert not (tmp_path / "exported" / "adapter_config.json").exists()
     got = poses_outside(tmp_path / "exported", samples, tmp_path)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()

@@ -30,7 +30,8 @@ def step_state(run_dir):
     weights = load_file(os.path.join(step, "adapter", "adapter_model.safetensors"))
     state = torch.load(os.path.join(step, "train_state.pt"), weights_only=False)
     names = state["param_names"]
-    moments = {f"{names[i]}/{k}": s[k] for i, s in state["optimizer"]["state"].items() for k in ("exp_avg", "exp_avg_sq")}
+    moments = {f"{names[i]}/{k}": s[k] for i, s in state["optimizer"]["state"].items() for k in ("exp_avg",
+                                                                                                 "exp_avg_sq")}
     return weights, moments
 
 

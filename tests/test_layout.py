@@ -56,3 +56,12 @@ def test_no_file_over_650_lines():
         if n > 650:
             long[os.path.relpath(path, ROOT)] = n
     assert not long, "split these files"
+
+
+def test_lines_fit_120_characters():
+    files = (glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py")))
+    long = []
+    for path in files:
+        with open(path) as fh:
+            long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(fh, 1) if len(line.rstrip("\n")) > 120]
+    assert not long, "wrap these lines"

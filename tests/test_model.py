@@ -70,7 +70,8 @@ def test_greedy_sample_equals_transformers_generate(tok, samples):
     m = tiny(tok, seed=3)
     for p in mixed_prompts(samples, tok):
         ref = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
-                         max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                         max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
         out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 7, tok.eos_token_id, tok.pad_token_id,
                        temperature=0)
         assert torch.equal(out.sequences, ref)
@@ -230,7 +231,8 @@ def test_rotation_basis_spans_the_directions_a_rotation_depends_on():
     pose = torch.randn(3, M.POSE_DIM, dtype=torch.float64)
     basis = M.rotation_basis(pose)
     assert basis.shape == (3, M.POSE_DIM, 72)
-    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(72, dtype=torch.float64).expand(3, 72, 72), atol=1e-12)
+    assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(72, dtype=torch.float64).expand(3, 72, 72),
+                          atol=1e-12)
     for n in range(3):
         jac = torch.autograd.functional.jacobian(
             lambda v: body.rot6d_to_matrix(v.reshape(-1, 6)).reshape(-1), pose[n])  # (24 * 9, 144)
@@ -272,8 +274,10 @@ def train_steps(policy, b, n=3, lr=1e-2):
     opt = torch.optim.AdamW(params, lr=lr)
     for _ in range(n):
         logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100) - dist.log_prob(b.pose6d.reshape(len(b.tasks), -1)).mean()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.labels[:,
+                                                                                                        1:].reshape(-1),
+                                                 ignore_index=-100) - dist.log_prob(b.pose6d.reshape(len(b.tasks),
+                                                                                                     -1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,7 +29,8 @@ def ds():
 
 
 def tiny(tok, seed=0, **overrides):
-    cfg = presets.build_config(transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    cfg = presets.build_config(transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                                        bos_token_id=tok.bos_token_id,
                                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **presets.TINY["lm"]),
                          tok, image_size=32)
     for k, v in overrides.items():
@@ -133,7 +134,8 @@ def test_generate_reads_the_pose_in_the_prefill_only(tok, ds):
     m = tiny(tok)
     s = by_task(ds, "pose_to_text", 2) + by_task(ds, "text_to_pose", 1) + by_task(ds, "pose_edit", 1)
     p = data.collate(s, tok, m.num_image_tokens, add_answer=False, pad_side="left")
-    out = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pose_values=p.pose_values, max_new_tokens=3,
+    out = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pose_values=p.pose_values,
+                     max_new_tokens=3,
                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
                      return_dict_in_generate=True)
     T = p.input_ids.shape[1]
@@ -226,7 +228,8 @@ def test_extended_tokenizer_keeps_every_default_id(tok):
     assert data.POSE_INPUT_TOKEN not in base.get_vocab()
     ids = tok(vocab.pose_input_texts(CFG, ("val",)), add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in sum(ids, [])
-    assert tok("Describe this pose: <pose_input>", add_special_tokens=False)["input_ids"].count(tok.pose_input_token_id) == 1
+    assert tok("Describe this pose: <pose_input>",
+               add_special_tokens=False)["input_ids"].count(tok.pose_input_token_id) == 1
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -70,13 +70,15 @@ def rollout_of(samples, texts, poses):
 
 def test_score_of_the_pose_input_tasks(tasks):
     d = tasks.data
-    describe = next(tasks[i] for i in range(100) if tasks[i].task == "pose_to_text" and posecodes.stated_codes(tasks[i].answer))
+    describe = next(tasks[i] for i in range(100)
+                    if tasks[i].task == "pose_to_text" and posecodes.stated_codes(tasks[i].answer))
     edit = next(tasks[i] for i in range(100) if tasks[i].task == "pose_edit")
     samples = [describe, describe, describe, edit, edit]
     bm = body.BodyModel()
     retriever = FakeRetriever()
     texts = [describe.answer, "Nothing of the kind", "The " + " and ".join(
-        posecodes.CODE_TEXT[c][0][0] for c in posecodes.CODE_NAMES if not d.codes[describe.index, posecodes.CODE_NAMES.index(c)])[:3] + ".",
+        posecodes.CODE_TEXT[c][0][0] for c in posecodes.CODE_NAMES
+        if not d.codes[describe.index, posecodes.CODE_NAMES.index(c)])[:3] + ".",
         data.POSE_ANSWER, data.POSE_ANSWER]
     zeros = np.zeros(M.POSE_DIM, np.float32)
     poses = [zeros, zeros, zeros, edit.pose6d, edit.pose_input]  # the true B, then A unchanged
@@ -100,9 +102,11 @@ def test_posecode_reward_against_a_loop():
     rng = np.random.default_rng(0)
     codes = rng.random((6, len(posecodes.CODE_NAMES))) < 0.4
     stated = [list(rng.choice(posecodes.CODE_NAMES, size=k, replace=False)) for k in (0, 1, 2, 3, 4, 2)]
-    slow = [sum(codes[i, list(posecodes.CODE_NAMES).index(c)] for c in s) / len(s) if s else 0.0 for i, s in enumerate(stated)]
+    slow = [sum(codes[i, list(posecodes.CODE_NAMES).index(c)] for c in s) / len(s) if s else 0.0 for i,
+            s in enumerate(stated)]
     assert torch.allclose(R.posecode_reward(stated, codes), torch.tensor(slow, dtype=torch.float32))
-    assert R.format_reward(["The left knee is bent.", "bent", "The <POSE>."], ["pose_to_text"] * 3).tolist() == [1, 0, 0]
+    assert R.format_reward(["The left knee is bent.", "bent", "The <POSE>."], ["pose_to_text"] * 3).tolist() == [1, 0,
+                                                                                                                 0]
 
 
 @pytest.mark.parametrize("task", ["pose_to_text", "pose_edit"])

@@ -17,7 +17,8 @@ import vocab
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-TOK = vocab.build_tokenizer(["The SMPL pose of this person is <POSE>.", "USER: ASSISTANT:"])  # collate needs no vocabulary
+# collate needs no vocabulary
+TOK = vocab.build_tokenizer(["The SMPL pose of this person is <POSE>.", "USER: ASSISTANT:"])
 
 
 def rot(axis: str, a: float) -> np.ndarray:
@@ -68,7 +69,8 @@ def posescript(tmp_path):
     root, amass = tmp_path / "posescript_release", tmp_path / "AMASS" / "smplh"
     root.mkdir()
     rng = np.random.default_rng(0)
-    seqs = {"CMU/01/01_01_poses.npz": rng.normal(0, 0.3, (5, 156)), "KIT/3/walk_poses.npz": rng.normal(0, 0.3, (3, 156))}
+    seqs = {"CMU/01/01_01_poses.npz": rng.normal(0, 0.3, (5, 156)), "KIT/3/walk_poses.npz": rng.normal(0, 0.3, (3,
+                                                                                                                156))}
     seqs["CMU/01/01_01_poses.npz"][2, :3] = aa(ROOT_A)
     seqs["KIT/3/walk_poses.npz"][0, :3] = aa(ROOT_UP)
     for rel, poses in seqs.items():
@@ -122,7 +124,8 @@ def write_posescript(root, amass, poses_zup, captions):
     files = {"ids_2_dataset_sequence_and_frame_index_100k.json": {str(i): ["AMASS", "CMU/01/01_01_poses.npz", i]
                                                                   for i in range(n)},
              "train_ids_100k.json": list(range(n)), "val_ids_100k.json": [], "test_ids_100k.json": [],
-             "posescript_human_6293.json": {}, "posescript_auto_100k.json": {str(i): [c] for i, c in enumerate(captions)}}
+             "posescript_human_6293.json": {}, "posescript_auto_100k.json": {str(i): [c] for i,
+                                                                             c in enumerate(captions)}}
     for name, obj in files.items():
         with open(os.path.join(root, name), "w") as fh:
             json.dump(obj, fh)
@@ -154,9 +157,11 @@ def test_amass_and_posebench_frames_give_the_same_joints_and_embedding(tmp_path)
     assert np.abs(got6d - want6d).max() < 1e-5
     torch.manual_seed(0)
     for kind in retrieval.POSE_FEATURES:
-        r = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(pose_features=kind, embed_dim=8, hidden_dim=16)).eval()
+        r = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(pose_features=kind, embed_dim=8,
+                                                                  hidden_dim=16)).eval()
         with torch.no_grad():
-            assert torch.allclose(r.embed_pose(torch.as_tensor(got6d)), r.embed_pose(torch.as_tensor(want6d)), atol=1e-5)
+            assert torch.allclose(r.embed_pose(torch.as_tensor(got6d)), r.embed_pose(torch.as_tensor(want6d)),
+                                  atol=1e-5)
     # any root: the turn about AMASS's vertical is gone, and the root is PoseScript's rule in y-up
     rng = np.random.default_rng(5)
     R0 = mat(rng.normal(0, 0.8, 3))
@@ -190,7 +195,8 @@ def test_posescript_errors_name_dataset_file_record(posescript, tmp_path):
         realdata.PoseScript(root, amass).pose_aa(1)
     json.dump(ids, open(ids_file, "w"))
     np.savez(os.path.join(amass, "KIT/3/walk_poses.npz"), poses=np.zeros((3, 165)))  # SMPL-X, not SMPL+H
-    with pytest.raises(realdata.DataFormatError, match=r"walk_poses.npz: 'poses' has shape \(3, 165\); expected \(T, 156\)"):
+    with pytest.raises(realdata.DataFormatError,
+                       match=r"walk_poses.npz: 'poses' has shape \(3, 165\); expected \(T, 156\)"):
         realdata.PoseScript(root, amass).pose_aa(1)
     (tmp_path / "posescript_release" / "posescript_auto_100k.json").write_text('{"0": 5}')
     with pytest.raises(realdata.DataFormatError, match="posescript_auto_100k.json, record '0'"):
@@ -257,7 +263,8 @@ def test_hmr2_npz_samples_and_gt_joints(hmr2):
     assert np.array_equal(spin.image, big.image)
     # SPIN's own field names (pose, shape, has_smpl; scale / 200) read as the same sample
     np.savez(npz, imgname=arrays["imgname"], center=arrays["center"], scale=arrays["scale"] / 200,
-             pose=arrays["body_pose"], shape=arrays["betas"], has_smpl=arrays["has_body_pose"], part=np.zeros((3, 24, 3)))
+             pose=arrays["body_pose"], shape=arrays["betas"], has_smpl=arrays["has_body_pose"], part=np.zeros((3, 24,
+                                                                                                               3)))
     spin = realdata.HMR2ImageDataset("3DPW", npz, imgs, image_size=160).sample(0)
     assert np.array_equal(spin.image, big.image) and np.allclose(spin.pose6d, big.pose6d)
     # without has_smpl every record has its pose (SPIN's base_dataset); without pose, SPIN's COCO/MPII/H36M
@@ -279,13 +286,15 @@ def test_hmr2_npz_errors(hmr2, tmp_path):
     with pytest.raises(FileNotFoundError, match="3DPW: image directory"):
         realdata.HMR2ImageDataset("3DPW", npz, str(tmp_path / "no_images"))
     np.savez(npz, **{k: v for k, v in arrays.items() if k != "center"})
-    with pytest.raises(realdata.DataFormatError, match=r"3DPW: .*3dpw_test.npz: missing \['center'\].*expected imgname"):
+    with pytest.raises(realdata.DataFormatError,
+                       match=r"3DPW: .*3dpw_test.npz: missing \['center'\].*expected imgname"):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "body_pose": arrays["body_pose"][:, :69]})
     with pytest.raises(realdata.DataFormatError, match=r"body_pose has shape \(3, 69\); expected \(3, 72\)"):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "extra_keypoints_3d": arrays["extra_keypoints_3d"][..., :3]})
-    with pytest.raises(realdata.DataFormatError, match=r"extra_keypoints_3d has shape \(3, 19, 3\); expected \(3, 19, 4\)"):
+    with pytest.raises(realdata.DataFormatError,
+                       match=r"extra_keypoints_3d has shape \(3, 19, 3\); expected \(3, 19, 4\)"):
         realdata.HMR2ImageDataset("3DPW", npz, imgs)
     np.savez(npz, **{**arrays, "has_body_pose": np.ones(3)})
     with pytest.raises(FileNotFoundError, match="3DPW: image .*none.png of record 1 of .*3dpw_test.npz not found"):
@@ -382,20 +391,23 @@ def bedlam(tmp_path):
         return {"smplx_root_cam": rng.normal(0, 0.3, 3).astype(np.float32),
                 "smplx_global_orient": rng.normal(0, 0.3, (1, 3)).astype(np.float32),
                 "smplx_body_pose": rng.normal(0, 0.2, (21, 3)).astype(np.float32),
-                "smplx_left_hand_pose": np.zeros((15, 3), np.float32), "smplx_right_hand_pose": np.zeros((15, 3), np.float32),
+                "smplx_left_hand_pose": np.zeros((15, 3), np.float32), "smplx_right_hand_pose": np.zeros((15, 3),
+                                                                                                         np.float32),
                 "smplx_shape": np.zeros(11, np.float32), "smplx_transl": np.zeros(3, np.float32),
                 "smplx_tight_bbox": np.array([x1, y1, x2, y2], dtype=np.float32)}
 
     a = "seq_000001/png/seq_000001_0000.png"
     c = "seq_000002_closeup/png/seq_000002_0000.png"
     ann = {c: [human(10, 10, 60, 100)], a: [human(80, 20, 120, 100), human(0, 0, 30, 30)]}
-    sel = {"criteria": {"scale_factor": 1.1, "overlap": 30}, a: [0, 1], c: [0]}  # data ids: a 0 -> 0, a 1 -> 1, c 0 -> 2
+    # data ids: a 0 -> 0, a 1 -> 1, c 0 -> 2
+    sel = {"criteria": {"scale_factor": 1.1, "overlap": 30}, a: [0, 1], c: [0]}
     # do.sh: farther sampling orders the ids (step 4); step 5 captions the first N = 2 of them, {0, 2},
     # caption i for the i-th of them in data id order
     references = {0: [a, np.int64(0)], 1: [a, np.int64(1)], 2: [c, np.int64(0)]}
     torch.save([references, [2, 0, 1], torch.zeros(3)], proc / "farther_sample_training_3_try.pt")
     caps = {0: ["A0", "A0b", "A0c"], 1: ["C0", "C0b", "C0c"]}
-    for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl", sel),
+    for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl",
+                                                         sel),
                       ("bedlam_training_3caps_fs2_try.pkl", caps)):
         with open(proc / name, "wb") as fh:
             pickle.dump(obj, fh)
@@ -420,7 +432,8 @@ def test_bedlam_script_text_poses_in_the_text_to_pose_frame(bedlam):
     del ann[a][0]["smplx_global_orient"]
     with open(os.path.join(proc, "bedlam_training_try.pkl"), "wb") as fh:
         pickle.dump(ann, fh)
-    with pytest.raises(realdata.DataFormatError, match="bedlam_training_try.pkl, record .*seq_000001.*no smplx_global_orient"):
+    with pytest.raises(realdata.DataFormatError,
+                       match="bedlam_training_try.pkl, record .*seq_000001.*no smplx_global_orient"):
         realdata.BEDLAMScript(proc, "", "training").text_pose_aa()
 
 
@@ -454,7 +467,8 @@ def test_bedlam_script_errors(bedlam, tmp_path):
     sel_path = os.path.join(proc, "imgpaths_bedlam_to_selected_human_index_training_try.pkl")
     sel = pickle.load(open(sel_path, "rb"))
     pickle.dump({**sel, a: [5]}, open(sel_path, "wb"))
-    with pytest.raises(realdata.DataFormatError, match="BEDLAM-Script: .*selected_human_index.*human index 5 out of range"):
+    with pytest.raises(realdata.DataFormatError,
+                       match="BEDLAM-Script: .*selected_human_index.*human index 5 out of range"):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump({k: v for k, v in sel.items() if k != "criteria"}, open(sel_path, "wb"))
     with pytest.raises(realdata.DataFormatError, match="record 'criteria'.*scale_factor"):
@@ -467,7 +481,8 @@ def test_bedlam_script_errors(bedlam, tmp_path):
     ann_path = os.path.join(proc, "bedlam_training_try.pkl")
     broken = {**ann, a: [{k: v for k, v in ann[a][0].items() if k != "smplx_tight_bbox"}]}
     pickle.dump(broken, open(ann_path, "wb"))
-    with pytest.raises(realdata.DataFormatError, match=r"bedlam_training_try.pkl, record '.*human 0'.*missing \['smplx_tight_bbox'\]"):
+    with pytest.raises(realdata.DataFormatError,
+                       match=r"bedlam_training_try.pkl, record '.*human 0'.*missing \['smplx_tight_bbox'\]"):
         realdata.BEDLAMScript(proc, imgs)
     import datetime
     pickle.dump({a: [ann[a][0]], "when": datetime.date(2024, 1, 1)}, open(ann_path, "wb"))
@@ -480,18 +495,21 @@ def test_bedlam_script_errors(bedlam, tmp_path):
                                                        r"data id 2"):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump({0: ["A0"], 1: ["C0"], 2: ["X"]}, open(caps_path, "wb"))
-    with pytest.raises(realdata.DataFormatError, match="3 captioned humans, but the selection and farther sampling give 2"):
+    with pytest.raises(realdata.DataFormatError,
+                       match="3 captioned humans, but the selection and farther sampling give 2"):
         realdata.BEDLAMScript(proc, imgs)
     pickle.dump({0: ["A0"]}, open(os.path.join(proc, "bedlam_training_3caps_fs5_try.pkl"), "wb"))
     with pytest.raises(realdata.DataFormatError, match="holds 2 caption files for training"):
         realdata.BEDLAMScript(proc, imgs)
     os.remove(caps_path)
-    with pytest.raises(realdata.DataFormatError, match="selects 3 humans, fewer than the 5 that bedlam_training_3caps_fs5"):
+    with pytest.raises(realdata.DataFormatError,
+                       match="selects 3 humans, fewer than the 5 that bedlam_training_3caps_fs5"):
         realdata.BEDLAMScript(proc, imgs)
     os.remove(os.path.join(proc, "farther_sample_training_3_try.pt"))
     with pytest.raises(FileNotFoundError, match="no farther_sample_training_<M>_try.pt"):
         realdata.BEDLAMScript(proc, imgs)
-    with pytest.raises(FileNotFoundError, match="BEDLAM-Script: file .*bedlam_validation_try.pkl not found.*poseembroider"):
+    with pytest.raises(FileNotFoundError,
+                       match="BEDLAM-Script: file .*bedlam_validation_try.pkl not found.*poseembroider"):
         realdata.BEDLAMScript(proc, imgs, "val")
 
 

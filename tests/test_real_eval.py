@@ -138,7 +138,8 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
     for text in (f"--eval_npz '{tmp_path / 'none.npz'}': not found; 4D-Humans' hmr2_evaluation_data.tar.gz",
                  "--eval_npz 'H36M=h36m.npz': expected NAME=NPZ=IMAGE_DIR",
                  "--joint_regressor '': not given; SMPL_to_J19.pkl from 4D-Humans' hmr2_data",
-                 "--smpl_path '': not given; the regressor reads the licensed SMPL model's mesh, https://smpl.is.tue.mpg.de",
+                 "--smpl_path '': not given; the regressor reads the licensed SMPL model's mesh, "
+                 "https://smpl.is.tue.mpg.de",
                  "--amass_dir '': not given; AMASS in the SMPL+H G format",
                  f"--eval_retriever '{tmp_path / 'retriever_eval'}': not found; train it with `python retrieval.py`",
                  "nothing was loaded"):
@@ -146,15 +147,18 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
     with pytest.raises(SystemExit, match="no test set: give --eval_npz NAME=NPZ=IMAGE_DIR"):
         E.main(run)  # a llava-1.5-7b checkpoint is never run on posebench
     # files that are there but do not fit: the npz without ground truth, a regressor for another mesh
-    np.savez(tmp_path / "no_gt.npz", **{k: v for k, v in np.load(d / "3dpw_test.npz").items() if k != "extra_keypoints_3d"})
+    np.savez(tmp_path / "no_gt.npz", **{k: v for k,
+                                        v in np.load(d / "3dpw_test.npz").items() if k != "extra_keypoints_3d"})
     ok = flags[flags.index("--joint_regressor"):flags.index("--posescript_dir")]
     with pytest.raises(SystemExit, match=r"3DPW: .*no_gt.npz: no extra_keypoints_3d"):
         E.main([*run, "--eval_npz", f"3DPW={tmp_path / 'no_gt.npz'}={d / '3DPW'}", *ok])
     np.save(tmp_path / "reg.npy", np.ones((19, 6890)) / 6890)
-    with pytest.raises(SystemExit, match=r"--joint_regressor .*reg.npy reads 6890 vertices but --smpl_path .* has 1456"):
+    with pytest.raises(SystemExit,
+                       match=r"--joint_regressor .*reg.npy reads 6890 vertices but --smpl_path .* has 1456"):
         E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
                 "--joint_regressor", str(tmp_path / "reg.npy"), "--smpl_path", body.procedural_smpl_path()])
-    np.save(tmp_path / "h36m.npy", np.ones((17, 1456)) / 1456)  # SPIN's H36M regressor: not the J19 ground truth's joints
+    # SPIN's H36M regressor: not the J19 ground truth's joints
+    np.save(tmp_path / "h36m.npy", np.ones((17, 1456)) / 1456)
     with pytest.raises(SystemExit, match=r"--joint_regressor .*h36m.npy regresses 17 joints; .* Pass SMPL_to_J19.pkl"):
         E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
                 "--joint_regressor", str(tmp_path / "h36m.npy"), "--smpl_path", body.procedural_smpl_path()])

@@ -207,7 +207,8 @@ def test_build_llava_7b_loads_every_part(built):
     assert vt.keys() == vref.keys() and all(torch.equal(vt[k], vref[k].bfloat16()) for k in vt)
     pe = sd["backbone.pos_embed"]
     assert torch.equal(model.model.pose_tower.pos_embed, (pe[:, 1:] + pe[:, :1]).bfloat16())
-    assert torch.equal(model.model.pose_tower.blocks[1].mlp.fc2.weight, sd["backbone.blocks.1.mlp.fc2.weight"].bfloat16())
+    assert torch.equal(model.model.pose_tower.blocks[1].mlp.fc2.weight,
+                       sd["backbone.blocks.1.mlp.fc2.weight"].bfloat16())
     # bf16 frozen parts, float32 trained parts, autocast on, both encoders' normalisations set.
     assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
     for m in (model.pose_head, model.model.pose_projector, model.model.multi_modal_projector):

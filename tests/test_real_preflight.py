@@ -64,7 +64,8 @@ def test_pose_less_npz_is_named_with_the_fix(assets, tmp_path):
     np.savez(npz, imgname=np.array(["im0.jpg"]), center=np.array([[30.0, 40]]), scale=np.array([0.3]),
              part=np.zeros((1, 24, 3)))
     argv = sft_argv(d, with_flag(data_flags, "--image_npz", f"COCO={npz}={d / 'h36m'}"), tmp_path / "out")
-    stops(train_sft.main, argv, tmp_path / "out", f"--image_npz COCO: COCO: {npz}: missing ['body_pose', 'has_body_pose']",
+    stops(train_sft.main, argv, tmp_path / "out",
+          f"--image_npz COCO: COCO: {npz}: missing ['body_pose', 'has_body_pose']",
           "SPIN's COCO, MPII and Human3.6M npz carry no SMPL pose", "only mpi_inf_3dhp_train.npz has them")
 
 
@@ -86,8 +87,10 @@ def test_truncated_json_and_wrong_smpl_file_in_one_message(assets, tmp_path):
     (sft / "preset.json").write_text(json.dumps({"preset": "llava-1.5-7b"}))
     shutil.copy(d / "llava" / "config.json", sft / "model" / "config.json")
     rft = with_flag(data_flags, "--llava_instruct_json", str(tmp_path / "llava.json"))
-    stops(train_rft.main, ["--preset", "llava-1.5-7b", "--sft_dir", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "rft"),
-                           "--reward_retriever", str(d / "retriever"), "--smpl_path", str(tmp_path / "smplx.pkl"), *rft],
+    stops(train_rft.main, ["--preset", "llava-1.5-7b", "--sft_dir", str(tmp_path / "sft"), "--out_dir",
+                           str(tmp_path / "rft"),
+                           "--reward_retriever", str(d / "retriever"), "--smpl_path", str(tmp_path / "smplx.pkl"),
+                           *rft],
           tmp_path / "rft", "2 problem(s)", "not valid JSON", "not an SMPL model")
     assert msg.count("\n  - ") == 2
 

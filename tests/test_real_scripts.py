@@ -57,11 +57,14 @@ def test_missing_assets_stop_at_once_naming_flag_and_source(tmp_path):
     assert "--amass_dir '': not given; AMASS in the SMPL+H G format" in err
     assert "nothing was loaded" in err and not (tmp_path / "sft" / "base").exists()
     with pytest.raises(SystemExit) as e:
-        train_rft.main(["--preset", "llava-1.5-7b", "--out_dir", str(tmp_path / "rft"), "--sft_dir", str(tmp_path / "sft"),
+        train_rft.main(["--preset", "llava-1.5-7b", "--out_dir", str(tmp_path / "rft"), "--sft_dir",
+                        str(tmp_path / "sft"),
                         "--image_npz", "H36M=a.npz", "--reward_retriever", str(tmp_path / "retriever_reward")])
     for text in ("--smpl_path '': not given; the joint reward (Eq. 7) needs the licensed SMPL model",
-                 "--sft_dir", "train_sft.py --preset llava-1.5-7b", "--image_npz 'H36M=a.npz': expected NAME=NPZ=IMAGE_DIR",
-                 f"--reward_retriever '{tmp_path / 'retriever_reward'}': not found; train it with `python retrieval.py`"):
+                 "--sft_dir", "train_sft.py --preset llava-1.5-7b",
+                 "--image_npz 'H36M=a.npz': expected NAME=NPZ=IMAGE_DIR",
+                 f"--reward_retriever '{tmp_path / 'retriever_reward'}': not found; "
+                 "train it with `python retrieval.py`"):
         assert text in str(e.value.code), text
     assert not (tmp_path / "rft").exists()
 
@@ -110,7 +113,8 @@ def write_real_assets(d, llava=None, hmr2=None):
     os.makedirs(d / "coco")
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(d / "coco" / "1.jpg")
     (d / "llava_instruct_150k.json").write_text(json.dumps([{"id": "1", "image": "1.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nIs the left arm straight?"}, {"from": "gpt", "value": "Yes, the left arm is straight."}]}]))
+        {"from": "human", "value": "<image>\nIs the left arm straight?"},
+        {"from": "gpt", "value": "Yes, the left arm is straight."}]}]))
     # an untrained reward retriever (as tools/step_timing.py uses)
     import retrieval
     retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),

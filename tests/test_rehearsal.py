@@ -73,8 +73,10 @@ def write_assets(d) -> dict:
     save_ckpt(p["hmr2"], hmr2_state_dict())
     texts = [c for caps in train[1] + test[1] + bedlam[1] for c in caps] + [r["conversations"][k]["value"]
                                                                             for r in records for k in (0, 1)]
-    texts += [t for ps in data.PROMPTS.values() for t in ps] + [data.chat_text(realdata.DESCRIBE_PROMPT, data.POSE_ANSWER)]
-    fake_llava_dir(p["llava"], text=dict(max_position_embeddings=1024), tokenizer=llama_style_tokenizer(texts, "legacy"))
+    texts += [t for ps in data.PROMPTS.values() for t in ps] + [data.chat_text(realdata.DESCRIBE_PROMPT,
+                                                                               data.POSE_ANSWER)]
+    fake_llava_dir(p["llava"], text=dict(max_position_embeddings=1024), tokenizer=llama_style_tokenizer(texts,
+                                                                                                        "legacy"))
     return p
 
 
@@ -107,19 +109,23 @@ def test_readme_real_run_commands_under_torchrun(tmp_path):
          "--out_dir", "ckpt/rft_7b", *data_flags, "--steps", "2", "--batch_size", "4", "--group_size", "2",
          "--max_new_tokens", "4", "--save_every", "1", *accum, *small])
     run([*torchrun, os.path.join(ROOT, "evaluate.py"), "--preset", "llava-1.5-7b", "--ckpt", "ckpt/rft_7b",
-         "--eval_npz", f"3DPW={p['eval_npz']}={p['pw3d']}", "--joint_regressor", p["regressor"], "--smpl_path", p["smpl"],
+         "--eval_npz", f"3DPW={p['eval_npz']}={p['pw3d']}", "--joint_regressor", p["regressor"],
+         "--smpl_path", p["smpl"],
          "--posescript_dir", p["posescript"], "--amass_dir", p["amass"], "--eval_retriever", "ckpt/retriever_eval",
          "--reward_retriever", "ckpt/retriever_reward", "--threads", "1", "--batch_size", "4"])
     run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", "ckpt/rft_7b", "--out", "exported/rft_7b"])
     assert (tmp_path / "exported/rft_7b/config.json").exists()
-    for run_dir, steps in (("ckpt/sft_7b", ["step-000002", "step-000003"]), ("ckpt/rft_7b", ["step-000001", "step-000002"])):
+    for run_dir, steps in (("ckpt/sft_7b", ["step-000002", "step-000003"]), ("ckpt/rft_7b", ["step-000001",
+                                                                                             "step-000002"])):
         assert sorted(x.name for x in (tmp_path / run_dir).glob("step-*")) == steps  # --keep_checkpoints 2
     assert (tmp_path / "ckpt/rft_7b/base").is_symlink()  # no second base model
     sft = [json.loads(x) for x in (tmp_path / "ckpt/sft_7b/metrics.jsonl").read_text().splitlines()]
-    assert sum("losses/total" in r for r in sft) == 3 and all(np.isfinite(r["losses/total"]) for r in sft if "losses/total" in r)
+    assert sum("losses/total" in r for r in sft) == 3
+    assert all(np.isfinite(r["losses/total"]) for r in sft if "losses/total" in r)
     rft = [json.loads(x) for x in (tmp_path / "ckpt/rft_7b/metrics.jsonl").read_text().splitlines()]
     assert any("losses/total" in r and np.isfinite(r["losses/total"]) for r in rft)
     res = json.loads((tmp_path / "ckpt/rft_7b/eval_real/results.json").read_text())
     assert res["world_size"] == 2 and res["datasets"] == {"image_to_pose/3DPW": 4, "text_to_pose/PoseScript-H2": 8}
     m = res["metrics"]
-    assert np.isfinite(m["image_to_pose/3DPW/mpjpe_mm"]) and 0 <= m["text_to_pose/PoseScript-H2/eval_retriever/full/Rt2p@5"] <= 100
+    assert np.isfinite(m["image_to_pose/3DPW/mpjpe_mm"])
+    assert 0 <= m["text_to_pose/PoseScript-H2/eval_retriever/full/Rt2p@5"] <= 100

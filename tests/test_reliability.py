@@ -10,11 +10,13 @@ def test_outcomes_are_sorted_by_status_output_and_files():
     assert reliability.outcome(stop, 1, "something else") == "unclear error"
     assert reliability.outcome(stop, 0, "--lr nan") == "silent or lossy"  # ran on where it must stop
     assert reliability.outcome(stop, 1, "Traceback (most recent call last):\n ... --lr nan") == "traceback"
-    assert reliability.outcome(reliability.Try("x", [], ("said",), check=lambda: False), 1, "said") == "silent or lossy"  # files damaged
+    # files damaged
+    assert reliability.outcome(reliability.Try("x", [], ("said",), check=lambda: False), 1, "said") == "silent or lossy"
     run_on = reliability.Try("x", [], ("resuming from step-000002",), stops=False, check=lambda: True)
     assert reliability.outcome(run_on, 0, "resume: ... resuming from step-000002") == "handled"
     assert reliability.outcome(run_on, 0, "resumed, saying nothing") == "silent or lossy"
-    assert reliability.outcome(reliability.Try("x", [], ("ok",), stops=False, check=lambda: False), 0, "ok") == "silent or lossy"
+    assert reliability.outcome(reliability.Try("x", [], ("ok",), stops=False, check=lambda: False), 0,
+                               "ok") == "silent or lossy"
 
 
 def test_scripts_run_in_process_with_their_status_and_traceback(tmp_path):

@@ -43,7 +43,8 @@ def test_renderer_matches_slow_reference():
     cube = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float32)
     quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
     tris = [(q[0], q[1], q[2]) for q in quads] + [(q[0], q[2], q[3]) for q in quads]
-    verts = torch.cat([cube * torch.tensor([0.3, 0.5, 0.2]), cube * 0.25 + torch.tensor([0.2, 0.1, -0.4])])  # the later faces lie behind
+    # the later faces lie behind
+    verts = torch.cat([cube * torch.tensor([0.3, 0.5, 0.2]), cube * 0.25 + torch.tensor([0.2, 0.1, -0.4])])
     faces = torch.tensor(tris + [(a + 8, b + 8, c + 8) for a, b, c in tris])
     rgb = torch.rand(len(faces), 3, generator=g)
     R = render.view_rotation(torch.tensor([0.5]), torch.tensor([0.3]))

@@ -27,7 +27,8 @@ def numbers(metrics_path):
     return out
 
 
-@pytest.mark.parametrize("tracker,package", [("tensorboard", "tensorboard"), ("wandb", "wandb"), ("trackio", "trackio")])
+@pytest.mark.parametrize("tracker,package", [("tensorboard", "tensorboard"), ("wandb", "wandb"), ("trackio",
+                                                                                                  "trackio")])
 def test_a_missing_tracker_is_named_with_its_pip_install(tracker, package, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
@@ -90,7 +91,8 @@ def test_tensorboard_gets_every_number_of_metrics_jsonl_in_both_scripts(tmp_path
                                str(tmp_path / "sft"), "--report_to", "tensorboard"])
     retrieval.save_retriever(retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)),
                              str(tmp_path / "retriever"))
-    train_rft.main(RFT + ["--steps", "2", "--eval_samples", "4", "--sft_dir", str(tmp_path / "sft"), "--reward_retriever",
+    train_rft.main(RFT + ["--steps", "2", "--eval_samples", "4", "--sft_dir", str(tmp_path / "sft"),
+                          "--reward_retriever",
                           str(tmp_path / "retriever"), "--eval_retriever", str(tmp_path / "retriever"),
                           "--out_dir", str(tmp_path / "rft"), "--report_to", "tensorboard"])
     for run in ("sft", "rft"):

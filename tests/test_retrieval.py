@@ -160,13 +160,15 @@ def test_known_sentences_are_read_not_encoded(trained, bench, monkeypatch):
     m.know_sentences(table)
     asked = []
     real_encode = sentences.encode_sentences
-    monkeypatch.setattr(sentences, "encode_sentences", lambda texts, *a, **k: asked.extend(texts) or real_encode(texts, *a, **k))
+    monkeypatch.setattr(sentences, "encode_sentences",
+                        lambda texts, *a, **k: asked.extend(texts) or real_encode(texts, *a, **k))
     texts = [captions[2][1], "A caption it was not given.", captions[7][0], captions[2][1]]
     got = m.embed_text(texts)
     assert asked == ["A caption it was not given."]
     want = m.embed_sentence(bench["sent"][index[[2, 7, 2], [1, 0, 1]]])
     assert torch.equal(got[[0, 2, 3]], want)
-    torch.testing.assert_close(got[1], trained["joints"].embed_text(["A caption it was not given."])[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], trained["joints"].embed_text(["A caption it was not given."])[0], atol=1e-6,
+                               rtol=0)
 
 
 # ---- Training, caching, save / load ---------------------------------------------------------
@@ -405,7 +407,8 @@ def write_bedlam_script(processed, poses, rng, img_dir=None):
            for i, img in enumerate(imgs)}
     sel = {"criteria": {"scale_factor": 1.1}, **{img: [0] for img in imgs}}
     os.makedirs(processed)
-    for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl", sel),
+    for name, obj in (("bedlam_training_try.pkl", ann), ("imgpaths_bedlam_to_selected_human_index_training_try.pkl",
+                                                         sel),
                       ("bedlam_training_3caps_try.pkl", dict(enumerate(captions)))):
         with open(os.path.join(processed, name), "wb") as fh:
             pickle.dump(obj, fh)
@@ -424,19 +427,22 @@ def test_retrievers_train_on_posescript_and_bedlam_script(tmp_path, capsys):
             "--batch_size", "32", "--hidden_dim", "64", "--embed_dim", "32", "--random_protocol_repeats", "2",
             "--num_threads", "1", "--out_dir", str(out)])
     printed = capsys.readouterr().out
-    assert "Recall@K (%) on PoseScript-H2 (PoseScript's test split, human captions), ground-truth poses, N = 40" in printed
+    assert ("Recall@K (%) on PoseScript-H2 (PoseScript's test split, human captions), ground-truth poses, N = 40"
+            in printed)
     reward, evaluator = R.load_retriever(str(out / "retriever_reward")), R.load_retriever(str(out / "retriever_eval"))
     assert reward.cfg.train_poses == "PoseScript train, 128 poses, human + automatic captions"
     assert evaluator.cfg.train_poses == "BEDLAM-Script training, 64 humans" and evaluator.cfg.bench_key == ""
     import realdata
     import train_rft
 
-    assert train_rft.Args().reward_retriever == "ckpt/retriever_reward" and train_rft.Args().eval_retriever == "ckpt/retriever_eval"
+    assert train_rft.Args().reward_retriever == "ckpt/retriever_reward"
+    assert train_rft.Args().eval_retriever == "ckpt/retriever_eval"
     train = realdata.PoseScript(ps, amass, "train")
     texts = [c[0] for c in train.captions]  # each pose's first caption (human ones come first)
     with torch.no_grad():
         sim = reward.embed_text(texts) @ reward.embed_pose(R.action_from_axis_angle(train.all_pose_aa())).T
-    t2p = float(100 * (sim.argsort(1, descending=True)[:, :10] == torch.arange(len(texts))[:, None]).any(1).float().mean())
+    t2p = float(100 * (sim.argsort(1, descending=True)[:, :10] == torch.arange(len(texts))[:,
+                                                                                           None]).any(1).float().mean())
     assert t2p > 3 * 100 * 10 / len(texts), t2p  # R@10 T2P over 128 poses: chance 7.8 %
 
 
@@ -447,7 +453,8 @@ def test_real_retriever_flags_stop_on_bad_files(tmp_path):
     rng = np.random.default_rng(0)
     ps, amass = str(tmp_path / "posescript"), str(tmp_path / "amass")
     write_posescript_release(ps, amass, captioned_poses(8, 1), captioned_poses(4, 2), rng)
-    np.savez(os.path.join(amass, "KIT", "3", "walk_poses.npz"), poses=np.zeros((3, 156)))  # 12 poses ask for frames 0..11
+    # 12 poses ask for frames 0..11
+    np.savez(os.path.join(amass, "KIT", "3", "walk_poses.npz"), poses=np.zeros((3, 156)))
     with pytest.raises(SystemExit, match=r"retrieval.py: PoseScript: .*walk_poses.npz, record 3: frame 3 out of range"):
         R.main(["--posescript_dir", ps, "--amass_dir", amass, *small])
     assert not (tmp_path / "ckpt" / "retriever_reward").exists()

@@ -24,9 +24,11 @@ def run(script, args):
 
 
 def test_smol_sft_step_and_rft_step(tmp_path):
-    out = run("train_sft.py", BENCH + ["--preset", "smol", "--out_dir", str(tmp_path / "sft"), "--stage0_pose_epochs", "1",
+    out = run("train_sft.py", BENCH + ["--preset", "smol", "--out_dir", str(tmp_path / "sft"), "--stage0_pose_epochs",
+                                       "1",
                                        "--stage0_clip_epochs", "1", "--stage0_batch", "16", "--batch_size", "2",
-                                       "--steps", "1", "--head_fit_steps", "50", "--eval_samples", "32", "--eval_generate", "2",
+                                       "--steps", "1", "--head_fit_steps", "50", "--eval_samples", "32",
+                                       "--eval_generate", "2",
                                        "--threads", "2"])
     assert "SFT done" in out and "preset smol" in out
     run("retrieval.py", BENCH + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",

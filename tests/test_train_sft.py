@@ -109,7 +109,8 @@ def test_smoke_run_and_exact_resume(tmp_path):
     (b / "metrics.jsonl").write_text('{"step": 1, "from": "a run that saved nothing"}\n')
     run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
     assert (b / "LATEST").read_text() == "step-000002"
-    assert "saved nothing" in (b / "metrics.jsonl.1").read_text() and "saved nothing" not in (b / "metrics.jsonl").read_text()
+    assert "saved nothing" in (b / "metrics.jsonl.1").read_text()
+    assert "saved nothing" not in (b / "metrics.jsonl").read_text()
     r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--out_dir", str(b)], cwd=ROOT, capture_output=True,
                        text=True)  # a new run where one is held: refused, nothing lost
     assert r.returncode != 0 and "holds a run (checkpoint step-000002): pass --resume" in r.stderr
@@ -136,7 +137,8 @@ def test_ddp_gradients_equal_one_process(tmp_path, tok):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # both runs on CPU (2 processes under gloo), also where a GPU is
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    r = subprocess.run([sys.executable, worker, str(tmp_path / "run"), str(one)], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, worker, str(tmp_path / "run"), str(one)], env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                         worker, str(tmp_path / "run"), str(two)], env=env, capture_output=True, text=True)
@@ -234,14 +236,16 @@ def test_stage0_lm_reads_no_val_or_test_caption():
 # ---- nothing lost, nothing silent (docs/TRAINING.md, "Reliability") -------------------------------------
 
 def adapter_is_finite(step_dir):
-    return all(torch.isfinite(t).all() for t in load_file(str(step_dir / "adapter" / "adapter_model.safetensors")).values())
+    weights = load_file(str(step_dir / "adapter" / "adapter_model.safetensors"))
+    return all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_a_diverging_run_stops_with_latest_on_finite_weights(tmp_path):
     """--lr 1e6: the gradients go NaN at step 2; those steps are skipped (weights unchanged), the run stops
     after --max_bad_steps of them naming the last good checkpoint, and LATEST holds finite weights."""
     out = tmp_path / "lr"
-    r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--lr", "1e6", "--save_every", "1", "--max_bad_steps",
+    r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--lr", "1e6", "--save_every", "1",
+                        "--max_bad_steps",
                         "2", "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "aborting: 2 consecutive steps with NaN/inf gradients (step 3)" in r.stderr
@@ -281,7 +285,8 @@ def test_resume_over_a_damaged_latest_step_goes_on_from_the_intact_one(tmp_path)
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     r = subprocess.run([sys.executable, "train_sft.py", *TINY_RUN, "--out_dir", str(b), "--resume", "--steps", "3"],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "the checkpoint is at step 4, past --steps 3" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "the checkpoint is at step 4, past --steps 3" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_base_built_with_other_flags_is_refused(tmp_path):

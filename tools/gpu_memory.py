@@ -72,8 +72,8 @@ def llava_7b_config(llava_path: str = "", head_rank: int = 4) -> M.PoseLlavaConf
         text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                            tie_word_embeddings=False)
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                  image_size=336, patch_size=14, projection_dim=768)
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
         layer = -2
     return M.PoseLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
                              pose_token_id=32002, pose_vision_config=posevit.VIT_H, vision_feature_layer=layer,
@@ -130,7 +130,8 @@ def memory_rows(args: Args) -> list:
     heads = c["trained modules (W_a, W_b, pose head)"]
     trained = heads + c["LoRA"] + c["new token rows (embedding + LM head)"]
     if args.llava_instruct_json:
-        lengths = sorted(text_lengths(args.llava_instruct_json, args.llava_path, c["num_image_tokens"], args.max_length))
+        lengths = sorted(text_lengths(args.llava_instruct_json, args.llava_path, c["num_image_tokens"],
+                                      args.max_length))
         print(f"{args.llava_instruct_json}: {len(lengths)} turns of {lengths[len(lengths) // 2]} text tokens (median), "
               f"{lengths[int(0.99 * (len(lengths) - 1))]} (99th percentile), {lengths[-1]} (longest): "
               f"--text_tokens {lengths[-1]}")
@@ -157,7 +158,8 @@ def memory_rows(args: Args) -> list:
            ("RFT generate", "hidden states (output_hidden_states)", f"({L} + 1) x {h} x 2 B x {tok_r} tok",
             (L + 1) * h * 2 * tok_r)]
     upd = [("RFT update", "layer inputs kept by checkpointing", f"{L} x {h} x 2 B x {tok_r} tok", L * h * 2 * tok_r),
-           ("RFT update", "one layer recomputed in backward", f"(10 x {h} + 4 x {i}) x 2 B x {tok_r} tok", layer * tok_r),
+           ("RFT update", "one layer recomputed in backward", f"(10 x {h} + 4 x {i}) x 2 B x {tok_r} tok",
+            layer * tok_r),
            ("RFT update", "logits bf16 (all positions) + fp32 log-softmax of the answers",
             f"{V} x (2 B x {tok_r} tok + 8 B x {seqs * args.max_new_tokens} answer tok)",
             V * (2 * tok_r + 8 * seqs * args.max_new_tokens))]
