@@ -60,8 +60,8 @@ FORMAT_PATTERNS = {"image_to_pose": data.POSE_ANSWER_PATTERN, "text_to_pose": da
                    "vqa": VQA_ANSWER_PATTERN, "pose_to_text": CAPTION_ANSWER_PATTERN,
                    "pose_edit": data.POSE_ANSWER_PATTERN, data.ABSTRACT_TASK: ABSTRACT_ANSWER_PATTERN}
 REWARD_NAMES = ("joint", "semantic", "format", "text")
-POSE_INPUT_REWARD_NAMES = ("caption", "posecode")  # the pose-input tasks' own (train_rft.score_pose_input)
-ABSTRACT_REWARD_NAMES = ("plausible", "reasoning", "archetype")  # abstract_to_pose's (train_rft.score_abstract)
+POSE_INPUT_REWARD_NAMES = ("caption", "posecode")  # the pose-input tasks' own (rewards.score_pose_input)
+ABSTRACT_REWARD_NAMES = ("plausible", "reasoning", "archetype")  # abstract_to_pose's (rewards.score_abstract)
 
 
 JOINT_ALIGNMENTS = ("pelvis", "procrustes")
@@ -375,3 +375,37 @@ def score_abstract(ro, samples, retriever, bodymodel, r: dict, where: dict, scor
         rows = torch.nonzero(scored & control).flatten().tolist()
         r["archetype"][rows] = archetype_reward(pose[rows], [samples[i].archetype for i in rows],
                                                 archetypes.prototypes(retriever), retriever).float().cpu()
+
+
+def pose_reward_differentiable(pose: torch.Tensor, samples, texts, retriever, bodymodel, args, archetypes=None):
+    """R_c of every row (N,) as a differentiable function of the poses (N, P), for --algo direct: Eq. 7
+    (image_to_pose, and pose_edit against B) through the body model, Eq. 8 (text_to_pose) through the reward
+    retriever's pose encoder, and abstract_to_pose's R_reasoning (or the control's R_archetype). The parts of
+    HyGRPO's R_c that are step functions of the pose (R_posecode of pose_edit and abstract_to_pose) have no
+    gradient and are left out. Rows of other tasks: 0. Returns (rewards (N,), {name: rows it is defined on})."""
+    tasks = [s.task for s in samples]
+    out = pose.new_zeros(len(samples))
+    rows = {k: [i for i, t in enumerate(tasks) if t in v] for k, v in (
+        ("joint", ("image_to_pose", "pose_edit")), ("semantic", ("text_to_pose",)),
+        ("abstract", (data.ABSTRACT_TASK,)))}
+    if rows["joint"]:
+        idx = rows["joint"]
+        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx]), device=bodymodel.device)
+        joints = bodymodel.forward_rot6d(pose[idx].float().to(bodymodel.device)).joints
+        out = out.index_put((torch.tensor(idx),), joint_reward(joints, gt, align=args.joint_reward_align).to(out))
+    if rows["semantic"]:
+        idx = rows["semantic"]
+        r = semantic_reward([samples[i].text for i in idx], pose[idx], retriever, differentiable=True)
+        out = out.index_put((torch.tensor(idx),), r.to(out))
+    if rows["abstract"]:
+        reasoned = [i for i in rows["abstract"] if reasons(samples[i].answer)]
+        control = [i for i in rows["abstract"] if not reasons(samples[i].answer)]
+        if reasoned:
+            r = semantic_reward([data.reasoning_of(texts[i]) or "." for i in reasoned], pose[reasoned], retriever,
+                                  differentiable=True)
+            out = out.index_put((torch.tensor(reasoned),), r.to(out))
+        if control:
+            r = archetype_reward(pose[control], [samples[i].archetype for i in control],
+                                   archetypes.prototypes(retriever), retriever, differentiable=True)
+            out = out.index_put((torch.tensor(control),), r.to(out))
+    return out, {k: torch.tensor([i in set(v) for i in range(len(samples))], dtype=torch.bool) for k, v in rows.items()}

@@ -368,39 +368,6 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
 
 # ---- ALGO: --algo direct (DrPose-style direct reward fine-tuning; the module docstring) -----------
 
-def pose_reward_differentiable(pose: torch.Tensor, samples, texts, retriever, bodymodel, args, archetypes=None):
-    """R_c of every row (N,) as a differentiable function of the poses (N, P), for --algo direct: Eq. 7
-    (image_to_pose, and pose_edit against B) through the body model, Eq. 8 (text_to_pose) through the reward
-    retriever's pose encoder, and abstract_to_pose's R_reasoning (or the control's R_archetype). The parts of
-    HyGRPO's R_c that are step functions of the pose (R_posecode of pose_edit and abstract_to_pose) have no
-    gradient and are left out. Rows of other tasks: 0. Returns (rewards (N,), {name: rows it is defined on})."""
-    tasks = [s.task for s in samples]
-    out = pose.new_zeros(len(samples))
-    rows = {k: [i for i, t in enumerate(tasks) if t in v] for k, v in (
-        ("joint", ("image_to_pose", "pose_edit")), ("semantic", ("text_to_pose",)),
-        ("abstract", (data.ABSTRACT_TASK,)))}
-    if rows["joint"]:
-        idx = rows["joint"]
-        gt = torch.as_tensor(np.stack([samples[i].joints for i in idx]), device=bodymodel.device)
-        joints = bodymodel.forward_rot6d(pose[idx].float().to(bodymodel.device)).joints
-        out = out.index_put((torch.tensor(idx),), R.joint_reward(joints, gt, align=args.joint_reward_align).to(out))
-    if rows["semantic"]:
-        idx = rows["semantic"]
-        r = R.semantic_reward([samples[i].text for i in idx], pose[idx], retriever, differentiable=True)
-        out = out.index_put((torch.tensor(idx),), r.to(out))
-    if rows["abstract"]:
-        reasoned = [i for i in rows["abstract"] if R.reasons(samples[i].answer)]
-        control = [i for i in rows["abstract"] if not R.reasons(samples[i].answer)]
-        if reasoned:
-            r = R.semantic_reward([data.reasoning_of(texts[i]) or "." for i in reasoned], pose[reasoned], retriever,
-                                  differentiable=True)
-            out = out.index_put((torch.tensor(reasoned),), r.to(out))
-        if control:
-            r = R.archetype_reward(pose[control], [samples[i].archetype for i in control],
-                                   archetypes.prototypes(retriever), retriever, differentiable=True)
-            out = out.index_put((torch.tensor(control),), r.to(out))
-    return out, {k: torch.tensor([i in set(v) for i in range(len(samples))], dtype=torch.bool) for k, v in rows.items()}
-
 
 def direct_loss(dist, ref_dist, reward_fn, valid: torch.Tensor, B: int, G: int, beta: float,
                 explore_root: bool = True, basis: torch.Tensor | None = None):
@@ -450,7 +417,7 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     where = {}
 
     def reward_fn(p):
-        r, rows = pose_reward_differentiable(p, samples, ro.texts, ctx.retriever, ctx.bodymodel, args, ctx.archetypes)
+        r, rows = R.pose_reward_differentiable(p, samples, ro.texts, ctx.retriever, ctx.bodymodel, args, ctx.archetypes)
         where.update(rows)
         return r
 
@@ -475,7 +442,7 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
            "time/optimizer_s": t_opt, "time/total_s": time.time() - t0}
     if logged:  # the rewards by name, of the sampled poses (Eq. 7 and 8 as HyGRPO logs them)
         with torch.no_grad():
-            r, _ = pose_reward_differentiable(stats["pose"], samples, ro.texts, ctx.retriever, ctx.bodymodel, args,
+            r, _ = R.pose_reward_differentiable(stats["pose"], samples, ro.texts, ctx.retriever, ctx.bodymodel, args,
                                               ctx.archetypes)
         for name, key in (("joint", "joint"), ("semantic", "semantic"), ("abstract_pose", "abstract")):
             m = where.get(key, torch.zeros(len(samples), dtype=torch.bool)) & valid

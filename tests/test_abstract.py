@@ -15,6 +15,7 @@ import posebench as pb
 import posecodes
 import presets
 import rewards as R
+import rollout
 import train_rft
 import vocab
 
@@ -108,7 +109,7 @@ def test_plausibility_reward_by_hand():
 
 def rollout_of(samples, texts, poses, has_pose):
     n = len(samples)
-    return train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
+    return rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
                              prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(has_pose),
                              pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
 
@@ -127,7 +128,7 @@ def test_score_of_the_abstract_task_by_hand(tasks):
     poses = [s.pose6d, s.pose6d, s.pose6d, s.pose6d]
     stats = R.ArchetypeStats(d)
     ret = FakeRetriever()
-    r, r_d, r_c, valid, where = train_rft.score(rollout_of(samples, texts, poses, [True, False, True, True]), samples,
+    r, r_d, r_c, valid, where = R.score(rollout_of(samples, texts, poses, [True, False, True, True]), samples,
                                                 None, ret, body.BodyModel(), train_rft.Args(), archetypes=stats)
     assert valid.tolist() == [True, False, True, True]
     assert r["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
@@ -220,7 +221,7 @@ def teacher_forced_mean(policy, tok, sample, answer):
 
 
 def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
-    """Evaluation (evaluate_tasks.generate_with_poses, abstract_metrics) and RFT (train_rft.rollout) read <POSE>
+    """Evaluation (evaluate_tasks.generate_with_poses, abstract_metrics) and RFT (rollout.rollout) read <POSE>
     after the text the policy generated: forced here to a reasoning other than the reference's, the pose
     is the teacher-forced one of that text, not of the reference."""
     tok = vocab.tiny_tokenizer(CFG, abstract=True)
@@ -238,7 +239,7 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     assert not torch.allclose(want, reference, atol=1e-4)
     assert torch.allclose(pose[0], want, atol=1e-4)
     args = train_rft.Args(max_new_tokens=48, group_size=2, pose_temperature=0.3)
-    ro = train_rft.rollout(policy, tok, [s, s], args, "cpu")
+    ro = rollout.rollout(policy, tok, [s, s], args, "cpu")
     assert ro.has_pose.all() and torch.allclose(ro.pose_mean, want[None].expand(2, -1), atol=1e-4)
     # abstract_metrics scores that pose: its consistency is the share of `other`'s codes true of it
     ev = data.PoseBenchTasks("val", CFG)

@@ -9,6 +9,7 @@ import torch
 
 import data
 import hygrpo
+import rollout
 from test_hygrpo import make_inputs
 from test_model import batch_of, samples, tiny, tok  # noqa: F401  (samples, tok: fixtures)
 
@@ -68,7 +69,7 @@ def test_bf16_autocast_on_cuda_is_close_to_float32(tok, samples):
 
 
 def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
-    """train_rft.score with the body model, the reward retriever and the sentence encoder on the GPU
+    """R.score with the body model, the reward retriever and the sentence encoder on the GPU
     (as train_rft.py places them) returns the CPU rewards, on CPU. Two bugs the first GPU run found:
     CPU poses into a CUDA body model, and CUDA semantic rewards written into a CPU tensor."""
     import numpy as np
@@ -84,13 +85,13 @@ def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
     assert {s.task for s in chosen} == {"image_to_pose", "text_to_pose"}
     g = torch.Generator().manual_seed(0)
     pose = torch.as_tensor(np.stack([s.pose6d.reshape(-1) for s in chosen])) + 0.1 * torch.randn(6, 144, generator=g)
-    ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
+    ro = rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
                            pose_pos=torch.full((6,), 40), has_pose=torch.ones(6, dtype=torch.bool), pose=pose,
                            texts=[data.POSE_ANSWER] * 6)
     torch.manual_seed(0)
     retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)).eval()
     (r0, rd0, rc0, v0, _), (r1, rd1, rc1, v1, _) = [
-        train_rft.score(ro, chosen, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
+        R.score(ro, chosen, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
                         train_rft.Args()) for dev in ("cpu", "cuda")]
     assert v1.all() and torch.equal(v0, v1)
     for k in r0:

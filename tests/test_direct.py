@@ -11,6 +11,7 @@ import model as M
 import posebench as pb
 import presets
 import rewards as R
+import rollout
 import train_rft
 import vocab
 
@@ -127,7 +128,7 @@ def test_differentiable_rewards_equal_hygrpos_and_have_gradients():
                                      for s in samples])).reshape(3, -1) + 0.1
     pose.requires_grad_(True)
     bm, ret = body.BodyModel(), FakeRetriever()
-    r, rows = train_rft.pose_reward_differentiable(pose, samples, [data.POSE_ANSWER] * 3, ret, bm, train_rft.Args())
+    r, rows = R.pose_reward_differentiable(pose, samples, [data.POSE_ANSWER] * 3, ret, bm, train_rft.Args())
     assert rows["joint"].tolist() == [True, False, False] and rows["semantic"].tolist() == [False, True, False]
     with torch.no_grad():
         assert r[0].item() == pytest.approx(R.joint_reward(bm.forward_rot6d(pose[:1]).joints,
@@ -167,7 +168,7 @@ def test_one_direct_step_trains_the_pose_path_only(monkeypatch):
     ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), params,
                                 NotHere("Eq. 10"),
                                 FakeRetriever(), body.BodyModel(), NotHere("HyGRPO's loss"),
-                                train_rft.suppressed_tokens(policy, tok))
+                                rollout.suppressed_tokens(policy, tok))
     answer = tok(" " + data.POSE_ANSWER, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     sample = M.sample
     monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(answer)))

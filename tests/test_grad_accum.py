@@ -16,6 +16,8 @@ import data
 import hygrpo
 import posebench
 import presets
+import rewards
+import rollout
 import train_rft
 import train_sft
 import vocab
@@ -80,13 +82,13 @@ def test_rft_micro_batches_equal_one_batch(monkeypatch, n_micro):
     samples = [tasks[i] for i in range(B) for _ in range(G)]
     args = train_rft.Args(batch_size=B, group_size=G, max_new_tokens=6, num_iterations=2, lr=1e-3)
     policy.eval()
-    ro = train_rft.rollout(policy, tok, samples, args, torch.device("cpu"))
+    ro = rollout.rollout(policy, tok, samples, args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     N = B * G
     has_pose = torch.rand(N, generator=gen) > 0.25
     ro = dataclasses.replace(ro, has_pose=has_pose, pose_pos=torch.where(has_pose, ro.prompt_len + 1, -1))
     with torch.no_grad():  # the pose: a sample of the policy at that state, as a rollout draws it
-        _, dist = train_rft.logprobs(policy, ro, train_rft.suppressed_tokens(policy, tok), args.pose_temperature)
+        _, dist = rollout.logprobs(policy, ro, rollout.suppressed_tokens(policy, tok), args.pose_temperature)
         torch.manual_seed(2)
         ro = dataclasses.replace(ro, pose=torch.where(has_pose[:, None], dist.sample(), 0.0), pose_mean=dist.mean)
     r_d, r_c = torch.rand(N, generator=gen), torch.rand(N, generator=gen)
@@ -108,12 +110,12 @@ def test_rft_micro_batches_equal_one_batch(monkeypatch, n_micro):
             return ({k: v[rows] for k, v in r.items()}, r_d[rows], r_c[rows], has_pose[rows],
                     {k: v[rows] for k, v in where.items()})
 
-        monkeypatch.setattr(train_rft, "rollout", fake_rollout)
-        monkeypatch.setattr(train_rft, "score", fake_score)
+        monkeypatch.setattr(rollout, "rollout", fake_rollout)
+        monkeypatch.setattr(rewards, "score", fake_score)
         params = [p for p in pol.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
         ctx = train_rft.StepContext(pol, tok, opt, params, None, None, body.BodyModel(), hygrpo.make_loss(False),
-                                    train_rft.suppressed_tokens(pol, tok))
+                                    rollout.suppressed_tokens(pol, tok))
         rec = train_rft.hygrpo_step(ctx, samples, B, G, dataclasses.replace(args, grad_accum=n))
         assert "skipped" not in rec and calls == [N // n] * n
         return rec, params, opt

@@ -63,5 +63,6 @@ def test_lines_fit_120_characters():
     long = []
     for path in files:
         with open(path) as fh:
-            long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(fh, 1) if len(line.rstrip("\n")) > 120]
+            long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(fh, 1)
+                     if len(line.rstrip("\n")) > 120]
     assert not long, "wrap these lines"

@@ -1,5 +1,5 @@
 """HyGRPO on the pose-input tasks: their rewards (format, R_caption, R_posecode, Eq. 7
-against B) in train_rft.score, one HyGRPO step per task, and their evaluation."""
+against B) in R.score, one HyGRPO step per task, and their evaluation."""
 import numpy as np
 import pytest
 import torch
@@ -13,6 +13,7 @@ import posebench as pb
 import posecodes
 import presets
 import rewards as R
+import rollout
 import train_rft
 import vocab
 
@@ -62,7 +63,7 @@ def tasks():
 
 def rollout_of(samples, texts, poses):
     n = len(samples)
-    return train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
+    return rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
                              prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(
                                  [s.task == "pose_edit" for s in samples]),
                              pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
@@ -82,7 +83,7 @@ def test_score_of_the_pose_input_tasks(tasks):
         data.POSE_ANSWER, data.POSE_ANSWER]
     zeros = np.zeros(M.POSE_DIM, np.float32)
     poses = [zeros, zeros, zeros, edit.pose6d, edit.pose_input]  # the true B, then A unchanged
-    r, r_d, r_c, valid, where = train_rft.score(rollout_of(samples, texts, poses), samples, NoSimilarity(), retriever,
+    r, r_d, r_c, valid, where = R.score(rollout_of(samples, texts, poses), samples, NoSimilarity(), retriever,
                                                 bm, train_rft.Args())
     assert valid.tolist() == [False, False, False, True, True]
     assert r["format"].tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]  # "Nothing of the kind" is no sentence
@@ -120,7 +121,7 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
     args = train_rft.Args(max_new_tokens=10, pose_temperature=1.0, group_size=G)
     ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), params,
                                 NoSimilarity(), FakeRetriever(), body.BodyModel(), hygrpo.make_loss(False),
-                                train_rft.suppressed_tokens(policy, tok))
+                                rollout.suppressed_tokens(policy, tok))
     if task == "pose_edit":  # a random policy seldom says <POSE>: force the pose answer, so the poses are scored
         answer = tok(" " + data.POSE_ANSWER, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         sample = M.sample

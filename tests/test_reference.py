@@ -33,7 +33,7 @@ def sft_run(tmp_path_factory):
 
 
 def outputs(policy, b):
-    """Token log-probs (the log-softmax of the logits, in float32 as train_rft.logprobs takes them) and the
+    """Token log-probs (the log-softmax of the logits, in float32 as rollout.logprobs takes them) and the
     pose Gaussian's log-density of the targets, mean and spread."""
     with torch.no_grad():
         logits, dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)

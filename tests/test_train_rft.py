@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import data
 import posebench
 import presets
+import rewards
+import rollout
 import train_rft
 import vocab
 
@@ -143,9 +145,9 @@ def test_token_logprobs_are_those_of_the_sampling_policy(temperature, monkeypatc
         scores.append(logits.clone())
         return logits
     monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=record))
-    ro = train_rft.rollout(policy, tok, [tasks[i] for i in range(4) for _ in range(2)], args, "cpu")
+    ro = rollout.rollout(policy, tok, [tasks[i] for i in range(4) for _ in range(2)], args, "cpu")
     with torch.no_grad():
-        token_logp, _ = train_rft.logprobs(policy, ro, train_rft.suppressed_tokens(policy, tok), 1.0, temperature)
+        token_logp, _ = rollout.logprobs(policy, ro, rollout.suppressed_tokens(policy, tok), 1.0, temperature)
     sampled = ro.sequences[:, ro.prompt_len:, None]
     ref = torch.log_softmax(torch.stack(scores, 1) / temperature, -1).gather(-1, sampled).squeeze(-1)  # (N, T)
     m = ro.completion_mask
@@ -158,7 +160,7 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
     s = next(tasks[i] for i in range(40) if tasks[i].task == "image_to_pose")
     q = next(tasks[i] for i in range(40) if tasks[i].task == "vqa")
     samples = [s, s, q]
-    ro = train_rft.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
+    ro = rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
                            pose_pos=torch.tensor([40, -1, -1]), has_pose=torch.tensor([True, False, False]),
                            pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1)] + [np.zeros(144, np.float32)] * 2)),
                            texts=[data.POSE_ANSWER, "The SMPL pose of this person is", q.answer])
@@ -168,14 +170,14 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
             return torch.full((len(a),), 0.5)
 
     import body
-    r, r_d, r_c, valid, where = train_rft.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args())
+    r, r_d, r_c, valid, where = rewards.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args())
     assert valid.tolist() == [True, False, False] and r["format"].tolist() == [1.0, 0.0, 1.0]
     assert r["joint"][0] > 50 and r["joint"][1] == 0  # the exact pose: 1 / (0 + 1 cm)
     # Eq. 10 on the QA prompt only (§3.3: "in vision-language QA tasks"); a pose answer is a template
     assert r["text"].tolist() == [0.0, 0.0, 0.5] and where["text"].tolist() == [False, False, True]
     assert r_d.tolist() == [1.0, 0.0, 1.5]
     # plain GRPO on a step it does not log: the pose rewards, which no loss uses, are not computed
-    r, r_d2, r_c, valid, where = train_rft.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args(),
+    r, r_d2, r_c, valid, where = rewards.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args(),
                                                  pose_rewards=False)
     assert r["joint"].tolist() == [0.0, 0.0, 0.0] and not where["joint"].any() and valid.tolist() == [True, False,
                                                                                                       False]

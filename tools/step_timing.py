@@ -33,6 +33,7 @@ import hygrpo
 import posebench
 import presets
 import rewards as R
+import rollout
 import train_rft
 import vocab
 
@@ -79,7 +80,7 @@ def bench(preset: str, args: Args) -> dict:
     rft = train_rft.Args(batch_size=args.batch_size, group_size=args.group_size, max_new_tokens=args.max_new_tokens)
     ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95)), params,
                                 R.TextSimilarity("", str(device)), retriever, body.BodyModel().to(device),
-                                hygrpo.make_loss(None), train_rft.suppressed_tokens(policy, tok))
+                                hygrpo.make_loss(None), rollout.suppressed_tokens(policy, tok))
     tasks = data.PoseBenchTasks("train", cfg)
     B, G = args.batch_size, args.group_size
     totals = {p: 0.0 for p in PARTS + ("total",)}

@@ -18,7 +18,7 @@ The same work on both sides:
     at beta, group-normalised advantages; AdamW (betas 0.9, 0.95, no weight decay) at a constant learning rate,
     gradients clipped at norm 1;
   - the same text reward: the format reward (rewards.format_reward on the answer decoded and cut at eos as
-    train_rft.score does), the only reward the `--hybrid false` loss uses on these prompts (Eq. 10 is scored on
+    R.score does), the only reward the `--hybrid false` loss uses on these prompts (Eq. 10 is scored on
     QA prompts only). Our step runs as train_rft.py runs the steps it does not log, which skip the pose rewards
     that a `--hybrid false` loss does not use;
   - float32, no gradient checkpointing, no vLLM, no logging, no evaluation, no saving, `threads` torch threads.
@@ -61,6 +61,7 @@ import posebench
 import presets
 import retrieval
 import rewards as R
+import rollout
 import train_rft
 import vocab
 
@@ -104,23 +105,23 @@ def our_step(tok, samples, args: Args):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as step_timing.py's
     ctx = train_rft.StepContext(policy, tok, opt, params, R.TextSimilarity(""), retriever, body.BodyModel(),
-                                hygrpo.make_loss(None), train_rft.suppressed_tokens(policy, tok))
+                                hygrpo.make_loss(None), rollout.suppressed_tokens(policy, tok))
     B, G = args.batch_size, args.group_size
-    rollout, lengths = train_rft.rollout, []
+    original, lengths = rollout.rollout, []
 
     def counted(*a, **k):  # the answers' mean length (tokens up to and including eos), for the printout
-        ro = rollout(*a, **k)
+        ro = original(*a, **k)
         lengths.append(ro.completion_mask.sum(1).float().mean().item())
         return ro
 
     def step(s: int) -> dict:
         t0 = time.perf_counter()
-        train_rft.rollout = counted
+        rollout.rollout = counted
         try:
             rec = train_rft.hygrpo_step(ctx, [samples[s * B + i] for i in range(B) for _ in range(G)], B, G, rft,
                                         logged=False)
         finally:
-            train_rft.rollout = rollout
+            rollout.rollout = original
         wall = time.perf_counter() - t0
         if "skipped" in rec:
             raise RuntimeError(f"our step {s} was skipped: {rec['skipped']}")
@@ -135,7 +136,7 @@ def run_trl(tok, samples, args: Args, after_step=None) -> list[dict]:
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    def format_reward(completion_ids, task, answer, **_):  # Eq. 9 on the answer as train_rft.score decodes it
+    def format_reward(completion_ids, task, answer, **_):  # Eq. 9 on the answer as R.score decodes it
         texts = [data.clean_answer(t, tok) for t in tok.batch_decode(completion_ids, skip_special_tokens=False)]
         return R.format_reward(texts, task, answer).tolist()
 
