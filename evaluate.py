@@ -106,13 +106,13 @@ import torch
 import body
 import checkpoint
 import data
-import model as M
+import model
 import plumbing
 import posebench
 import presets
 import realdata
 import retrieval
-import rewards as R
+import rewards
 import sentences
 import tables
 from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, recall_at_k, recall_at_k_random, root_error_deg
@@ -132,8 +132,8 @@ def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=2
     """Greedy answers (text after "ASSISTANT:") for a list of samples."""
     b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values).sequences
+    out = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values).sequences
     texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
     return [data.clean_answer(t, tokenizer) for t in texts]
 
@@ -171,14 +171,14 @@ def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, samp
     sample (`sample_actions`, seeded per sample) of the head at `pose_temperature` (model.tempered:
     the policy RFT samples from). Returns (N, P) on the CPU."""
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    out = [torch.zeros(0, M.POSE_DIM)]
+    out = [torch.zeros(0, model.POSE_DIM)]
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         b = data.collate(chunk, tokenizer, inner.num_image_tokens).to(device)
         _, pose_dist, _ = policy.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos,
                                                 pose_values=b.pose_values)
         if sample_pose:
-            pose = sample_actions(M.tempered(pose_dist, pose_temperature),
+            pose = sample_actions(model.tempered(pose_dist, pose_temperature),
                                   [_noise_seed(seed, s.task, s.index) for s in chunk])
         else:
             pose = pose_dist.mean
@@ -252,9 +252,10 @@ def answer_metrics(task: str, answers: list, samples, similarity) -> Dict[str, f
         res["vqa/yes_no_accuracy"] = None
     if not answers:
         return res
-    res[f"{task}/format_valid"] = R.format_reward(answers, [task] * len(answers),
-                                                  [s.answer for s in samples]).mean().item()
-    res[f"{task}/answer_similarity"] = R.text_reward(answers, [s.answer for s in samples], similarity).mean().item()
+    res[f"{task}/format_valid"] = rewards.format_reward(answers, [task] * len(answers),
+                                                        [s.answer for s in samples]).mean().item()
+    res[f"{task}/answer_similarity"] = rewards.text_reward(answers, [s.answer for s in samples],
+                                                           similarity).mean().item()
     if task == "vqa":
         res["vqa/yes_no_accuracy"] = float(np.mean([a.strip().split(",")[0] == s.answer.split(",")[0]
                                                     for a, s in zip(answers, samples)]))
@@ -292,7 +293,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
     rank, world = plumbing.rank_and_world()
     was_training = policy.training
     policy.eval()
-    similarity = similarity or R.TextSimilarity("", str(device))
+    similarity = similarity or rewards.TextSimilarity("", str(device))
     res, preds = {}, {"answers": {}}
     for task, frame in (("image_to_pose", train.joints_view), ("text_to_pose", train.joints)):
         samples = split_tasks.eval_samples(task)[:n]
@@ -466,7 +467,7 @@ def real_eval_inputs(args: Args, device) -> dict:
         raise SystemExit("evaluate.py: real test sets: missing flags or files (nothing was loaded):\n  "
                          + "\n  ".join(problems))
     try:
-        size = M.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
+        size = model.PoseLlavaConfig.from_pretrained(os.path.join(args.ckpt, "base", "model")).vision_config.image_size
         out = {"image_sets": {n: realdata.HMR2ImageDataset(n, npz, img, size, require_pose=False)
                               for n, npz, img in sets}, "text_set": None}
         for ds in out["image_sets"].values():
@@ -578,7 +579,7 @@ def main(argv=None):
         metrics, preds = evaluate_policy(
             policy, tokenizer, data.PoseBenchTasks(args.split, cfg), posebench.load_split("train", cfg),
             body.BodyModel(cfg.smpl_path).to(device), device, args.eval_samples, args.batch_size, args.eval_generate,
-            retrievers, R.TextSimilarity(args.text_encoder, str(device)), args.sample_pose, args.seed,
+            retrievers, rewards.TextSimilarity(args.text_encoder, str(device)), args.sample_pose, args.seed,
             return_predictions=True, pose_temperature=tau, abstract_reasoning=trained_abstract(trained))
         info = {"bench": {k: getattr(cfg, k) for k in ("n_train", "n_val", "n_test")},
                 "bench_key": posebench.config_key(cfg), "eval_samples": len(preds["image_to_pose"]["index"]),

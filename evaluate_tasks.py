@@ -10,11 +10,11 @@ import torch
 
 import data
 import evaluate
-import model as M
+import model
 import plumbing
 import posecodes
 import realdata
-import rewards as R
+import rewards
 from metrics import (bleu4, knn_predict, mpjpe_mm, nearest_mpjpe_mm, nearest_pfd, pa_mpjpe_mm, pose_recall_at_k,
                      posecode_truth, r_precision, rouge_l)
 
@@ -32,8 +32,8 @@ def generate_with_poses(policy, tokenizer, samples, device, max_new_tokens: int 
     where there is no <POSE>, has_pose (N,) bool), on the CPU."""
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
-    out = M.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
-                   tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values)
+    out = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values)
     texts = [data.clean_answer(t, tokenizer) for t in
              tokenizer.batch_decode(out.sequences[:, b.input_ids.shape[1]:], skip_special_tokens=False)]
     mean = inner.pose_head.distribution(out.states).mean.float()
@@ -56,13 +56,13 @@ def abstract_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, train,
         t, p, h = generate_with_poses(policy, tokenizer, local[i:i + batch_size], device)
         texts, poses, has = texts + t, poses + [p], has + [h]
     texts = plumbing.gather_shards(texts, world)
-    pose6d = plumbing.gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *poses]), world)
+    pose6d = plumbing.gather_shards(torch.cat([torch.zeros(0, model.POSE_DIM), *poses]), world)
     has = plumbing.gather_shards(torch.cat([torch.zeros(0, dtype=torch.bool), *has]), world)
     arch = np.array([s.archetype for s in samples])
-    stats = R.ArchetypeStats(train)
-    res = {f"{task}/format_valid": R.format_reward(
+    stats = rewards.ArchetypeStats(train)
+    res = {f"{task}/format_valid": rewards.format_reward(
         texts, [task] * len(texts), [data.abstract_answer("A reasoning.", reasoning)] * len(texts)).mean().item(),
-        f"{task}/pose_rate": has.float().mean().item()}
+           f"{task}/pose_rate": has.float().mean().item()}
     joints_of = lambda p: torch.cat([bodymodel.forward_rot6d(p[i:i + 256].to(device)).joints.cpu()  # noqa: E731
                                      for i in range(0, len(p), 256)]) if len(p) else torch.zeros(0, 24, 3)
     centred = lambda j: (j - j[:, :1]).reshape(len(j), -1).double().numpy()  # noqa: E731
@@ -92,7 +92,7 @@ def abstract_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, train,
             continue
         emb = torch.nn.functional.normalize(r.embed_pose(q.to(device)).float().cpu(), dim=-1)
         reasons = [data.reasoning_of(t) or "." for t, h in zip(texts, has.tolist()) if h]
-        res[f"{key}/reasoning_similarity"] = (R.semantic_reward(reasons, q.to(device), r).mean().item()
+        res[f"{key}/reasoning_similarity"] = (rewards.semantic_reward(reasons, q.to(device), r).mean().item()
                                               if reasoning else None)
         res[f"{key}/archetype_similarity"] = (stats.prototypes(r)[torch.as_tensor(qa, dtype=torch.long)] * emb
                                               ).sum(-1).mean().item()
@@ -140,7 +140,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
         res["pose_to_text/bleu4"], res["pose_to_text/rouge_l"] = bleu4(texts, refs), rouge_l(texts, refs)
         res["pose_to_text/posecode_truth"] = posecode_truth([posecodes.stated_codes(t) for t in texts], d.codes[idx],
                                                             posecodes.CODE_NAMES)
-        res["pose_to_text/format_valid"] = R.format_reward(texts, ["pose_to_text"] * len(texts)).mean().item()
+        res["pose_to_text/format_valid"] = rewards.format_reward(texts, ["pose_to_text"] * len(texts)).mean().item()
     poses = torch.as_tensor(np.stack([s.pose_input for s in samples])).reshape(len(samples), -1) if samples else None
     for name, r in retrievers.items():
         for what, captions in (("", texts), ("reference_", [s.answer for s in samples])):
@@ -213,7 +213,7 @@ def evaluate_real(policy, tokenizer, image_sets: dict, text_set=None, bodymodel=
         out = [evaluate.predict_poses(policy, tokenizer, [ds.sample(i) for i in local[j:j + batch_size]], device,
                                       batch_size, sample_pose, seed, pose_temperature)
                for j in range(0, len(local), batch_size)]
-        return plumbing.gather_shards(torch.cat([torch.zeros(0, M.POSE_DIM), *out]), world)
+        return plumbing.gather_shards(torch.cat([torch.zeros(0, model.POSE_DIM), *out]), world)
 
     res, preds = {}, {}
     for name, ds in image_sets.items():

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 import body
 import data
-import model as M
 import plumbing
 import posebench
 import presets
 import vocab
 from metrics import gross_state_correct, mpjpe_mm, pa_mpjpe_mm, root_error_deg
+from model import POSE_DIM
 from render import view_rotation
 
 
@@ -53,7 +53,7 @@ def pose_vit(model, train, evals: dict, args, device, log):
     Returns the encoder's MPJPE / PA-MPJPE (mm) on each split of `evals` ({name: PoseBenchSplit}),
     beside always answering the mean training pose, and the per-step losses."""
     vit = model.model.pose_tower
-    n_out = body.NUM_JOINTS * 3 + (M.POSE_DIM if args.stage0_rot6d_weight else 0)
+    n_out = body.NUM_JOINTS * 3 + (POSE_DIM if args.stage0_rot6d_weight else 0)
     if args.stage0_readout == "flatten":
         head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(vit.dim * vit.grid[0] * vit.grid[1],
                                                                        n_out)).to(device)

@@ -106,13 +106,13 @@ import checkpoint
 import data
 import figures
 import hygrpo
-import model as M
+import model
 import plumbing
 import posebench
 import presets
 import realdata
 import retrieval
-import rewards as R
+import rewards
 import rollout
 import sentences
 from evaluate import evaluate_policy
@@ -293,8 +293,8 @@ def hygrpo_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
         ros.append(rollout.rollout(policy, ctx.tokenizer, part, args, device))  # line 6
         policy.train()
         t_gen += time.time() - t
-        scored.append(R.score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
-                              pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
+        scored.append(rewards.score(ros[-1], part, ctx.similarity, ctx.retriever, ctx.bodymodel, args,
+                                    pose_rewards=args.hybrid or logged, archetypes=ctx.archetypes))  # line 7
     t2 = time.time()
     r_d, r_c, valid = (torch.cat([s[i] for s in scored]) for i in (1, 2, 3))
     finite = bool(torch.isfinite(r_d).all() and torch.isfinite(torch.where(valid, r_c, 0.0)).all())
@@ -387,7 +387,7 @@ def direct_loss(dist, ref_dist, reward_fn, valid: torch.Tensor, B: int, G: int, 
     """
     p = dist.rsample()  # (N, P) mu + L eps, eps ~ N(0, I): the gradient reaches mu (and L) through p
     if not explore_root:
-        p = torch.cat([dist.mean[:, :M.ROOT_DIMS], p[:, M.ROOT_DIMS:]], 1)
+        p = torch.cat([dist.mean[:, :model.ROOT_DIMS], p[:, model.ROOT_DIMS:]], 1)
     r = reward_fn(p)  # (N,)
     kl = rollout.pose_kl(dist, ref_dist, basis)  # (N,) closed form
     v = valid.to(p.device).view(B, G)
@@ -417,7 +417,8 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     where = {}
 
     def reward_fn(p):
-        r, rows = R.pose_reward_differentiable(p, samples, ro.texts, ctx.retriever, ctx.bodymodel, args, ctx.archetypes)
+        r, rows = rewards.pose_reward_differentiable(p, samples, ro.texts, ctx.retriever, ctx.bodymodel, args,
+                                                     ctx.archetypes)
         where.update(rows)
         return r
 
@@ -432,8 +433,8 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
     t_opt = time.time() - t_a
     if bad:
         return {"skipped": bad}
-    rec = {"rewards/format": R.format_reward(ro.texts, [s.task for s in samples],
-                                             [s.answer for s in samples]).mean().item(),
+    rec = {"rewards/format": rewards.format_reward(ro.texts, [s.task for s in samples],
+                                                   [s.answer for s in samples]).mean().item(),
            "rewards/text": None, "rewards/continuous": stats["reward"].item(),
            "losses/direct_reward": -stats["reward"].item(), "losses/kl_pose": stats["kl_pose"].item(),
            "losses/total": loss.item(), "charts/frac_valid_pose": valid.float().mean().item(),
@@ -442,8 +443,9 @@ def direct_step(ctx: StepContext, samples, B: int, G: int, args, logged: bool = 
            "time/optimizer_s": t_opt, "time/total_s": time.time() - t0}
     if logged:  # the rewards by name, of the sampled poses (Eq. 7 and 8 as HyGRPO logs them)
         with torch.no_grad():
-            r, _ = R.pose_reward_differentiable(stats["pose"], samples, ro.texts, ctx.retriever, ctx.bodymodel, args,
-                                              ctx.archetypes)
+            r, _ = rewards.pose_reward_differentiable(stats["pose"], samples, ro.texts, ctx.retriever, ctx.bodymodel,
+                                                      args,
+                                                      ctx.archetypes)
         for name, key in (("joint", "joint"), ("semantic", "semantic"), ("abstract_pose", "abstract")):
             m = where.get(key, torch.zeros(len(samples), dtype=torch.bool)) & valid
             rec[f"rewards/{name}"] = r.cpu()[m].mean().item() if m.any() else None
@@ -457,12 +459,12 @@ def main(argv=None):
     if args.group_size < 2:
         raise SystemExit(f"--group_size {args.group_size}: group normalisation (Eq. 16) needs G >= 2")
     checkpoint.check_args(args, "train_rft.py", RFT_AT_LEAST, checkpoint.POSITIVE + ("temperature", "pose_temperature"))
-    reward_names = R.REWARD_NAMES + R.POSE_INPUT_REWARD_NAMES + R.ABSTRACT_REWARD_NAMES
+    reward_names = rewards.REWARD_NAMES + rewards.POSE_INPUT_REWARD_NAMES + rewards.ABSTRACT_REWARD_NAMES
     if args.zero_reward and args.zero_reward not in reward_names:
         raise SystemExit(f"--zero_reward {args.zero_reward}: expected one of {', '.join(reward_names)}")
-    if args.joint_reward_align not in R.JOINT_ALIGNMENTS:
+    if args.joint_reward_align not in rewards.JOINT_ALIGNMENTS:
         raise SystemExit(f"--joint_reward_align {args.joint_reward_align}: expected one of "
-                         f"{', '.join(R.JOINT_ALIGNMENTS)}")
+                         f"{', '.join(rewards.JOINT_ALIGNMENTS)}")
     if args.algo not in ALGOS:
         raise SystemExit(f"--algo {args.algo}: expected one of {', '.join(ALGOS)}")
     if args.algo == "direct" and (not args.hybrid or args.deterministic_head):
@@ -536,7 +538,7 @@ def main(argv=None):
         raise SystemExit(f"{args.sft_dir} has {have} pose head; pass --deterministic_head "
                          f"{str(inner.config.pose_head_deterministic).lower()} or use a matching SFT checkpoint")
     retriever = retrieval.load_retriever(args.reward_retriever, device)
-    similarity = R.TextSimilarity(args.text_encoder, str(device))
+    similarity = rewards.TextSimilarity(args.text_encoder, str(device))
     bodymodel = body.BodyModel(args.smpl_path or None).to(device)
     cfg = posebench.BenchConfig(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test)
     if not real:  # (real: the same --smpl_path body makes the targets' joints and scores the poses, Eq. 7)
@@ -558,7 +560,7 @@ def main(argv=None):
     # ---- ALGO: Algorithm 1, lines 4-10
     from tqdm import tqdm
     ctx = StepContext(policy, tokenizer, opt, params, similarity, retriever, bodymodel, loss_fn, suppressed, ddp,
-                      R.ArchetypeStats(tasks.data) if abstract_on else None)
+                      rewards.ArchetypeStats(tasks.data) if abstract_on else None)
     step_fn = direct_step if args.algo == "direct" else hygrpo_step
     batches = plumbing.step_loader(tasks, args, start, rank, world, args.seed)  # a step's prompts: its (seed, step)
     for step in tqdm(range(start, args.steps), desc="RFT", disable=None if master else True,
@@ -583,8 +585,8 @@ def main(argv=None):
     if master:
         figures.plot_rewards(os.path.join(args.out_dir, "metrics.jsonl"),
                              os.path.join(args.out_dir, "reward_curves.png"),
-                     "direct reward fine-tuning" if args.algo == "direct" else
-                     f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
+                             "direct reward fine-tuning" if args.algo == "direct" else
+                             f"HyGRPO rewards ({'hybrid' if args.hybrid else 'GRPO, text only'})")
     if master and real:
         print(f"RFT done in {time.time() - t_start:.0f} s; no posebench evaluation for llava-1.5-7b "
               "(docs/REAL_RUNS.md: `python evaluate.py --preset llava-1.5-7b --ckpt DIR --eval_npz ... "

@@ -65,7 +65,7 @@ import checkpoint
 import data
 import vocab
 from checkpoint import prepare_out_dir, restore_train_state, save_checkpoint, trainable_params
-import model as M
+import model
 import plumbing
 import posebench
 import posevit
@@ -297,7 +297,7 @@ def pose_loss(pose_dist, target, valid, args, n_poses: float):
     if args.deterministic_head:  # Table 3 baseline: regress the parameters
         return l2_6d.new_zeros(()), l2_6d
     if not args.nll_trains_mean:
-        pose_dist = M.detach_mean(pose_dist)
+        pose_dist = model.detach_mean(pose_dist)
     nll = (-pose_dist.log_prob(target) / target.shape[-1])[valid].sum() / n_poses
     return args.pose_nll_weight * nll, args.l2_6d_weight * l2_6d
 

@@ -10,16 +10,16 @@ import data
 import evaluate
 import evaluate_tasks
 import metrics
-import model as M
-import posebench as pb
+import model
+import posebench
 import posecodes
 import presets
-import rewards as R
+import rewards
 import rollout
 import train_rft
 import vocab
 
-CFG = pb.BenchConfig(n_train=200, n_val=40, n_test=80, image_size=32)
+CFG = posebench.BenchConfig(n_train=200, n_val=40, n_test=80, image_size=32)
 TASK = data.ABSTRACT_TASK
 
 
@@ -33,7 +33,7 @@ class FakeRetriever:
     device = "cpu"
 
     def __init__(self, dim=8):
-        self.proj = torch.randn(M.POSE_DIM, dim, generator=torch.Generator().manual_seed(0))
+        self.proj = torch.randn(model.POSE_DIM, dim, generator=torch.Generator().manual_seed(0))
         self.dim = dim
 
     def embed_text(self, texts):
@@ -52,7 +52,7 @@ def test_samples_answer_with_a_caption_of_their_pose_then_the_pose(tasks):
     for i in range(40):
         s = tasks[i]
         assert s.task == TASK and s.archetype == d.archetype[s.index]
-        assert s.text in pb.ARCHETYPE_PHRASES[pb.ARCHETYPE_NAMES[s.archetype]] and s.text in s.prompt
+        assert s.text in posebench.ARCHETYPE_PHRASES[posebench.ARCHETYPE_NAMES[s.archetype]] and s.text in s.prompt
         caption = data.reasoning_of(s.answer)
         assert caption in d.captions[s.index] and s.answer == f"{caption} {data.POSE_ANSWER}"
         assert np.array_equal(s.joints, d.joints[s.index])  # canonical, as text-to-pose
@@ -86,32 +86,32 @@ def test_reasoning_of_and_the_format_reward():
     ref, control = data.abstract_answer("The left knee is bent."), data.abstract_answer("x", reasoning=False)
     texts = [good, data.POSE_ANSWER, "The left knee is bent.", good + " More.", data.POSE_ANSWER, good]
     refs = [ref, ref, ref, ref, control, control]
-    assert R.format_reward(texts, [TASK] * 6, refs).tolist() == [1, 0, 0, 0, 1, 0]
+    assert rewards.format_reward(texts, [TASK] * 6, refs).tolist() == [1, 0, 0, 0, 1, 0]
 
 
 def test_plausibility_reward_by_hand():
-    A, C = len(pb.ARCHETYPE_NAMES), len(posecodes.CODE_NAMES)
+    A, C = len(posebench.ARCHETYPE_NAMES), len(posecodes.CODE_NAMES)
     table = np.zeros((A, C), bool)
     col = {c: i for i, c in enumerate(posecodes.CODE_NAMES)}
     table[3, col["upright"]] = table[3, col["left_knee_bent"]] = True  # plausible for archetype 3
     stated = [["upright", "left_knee_bent"], ["upright", "lying"], ["lying"], [], ["upright"]]
-    r = R.plausibility_reward(stated, [3, 3, 3, 3, 0], table)
+    r = rewards.plausibility_reward(stated, [3, 3, 3, 3, 0], table)
     assert r.tolist() == [1.0, 0.5, 0.0, 0.0, 0.0]
     # the table from a split: a code true of every kneeling pose is plausible for kneeling
-    split = pb.load_split("train", CFG)
-    freq = pb.archetype_code_freq(split)
-    a = pb.ARCHETYPE_NAMES.index("kneeling")
+    split = posebench.load_split("train", CFG)
+    freq = posebench.archetype_code_freq(split)
+    a = posebench.ARCHETYPE_NAMES.index("kneeling")
     rows = split.codes[split.archetype == a]
     assert np.allclose(freq[a], rows.mean(0)) and freq.shape == (A, C)
     with pytest.raises(ValueError):
-        R.plausibility_reward([["upright"]], [0, 1], table)
+        rewards.plausibility_reward([["upright"]], [0, 1], table)
 
 
 def rollout_of(samples, texts, poses, has_pose):
     n = len(samples)
     return rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
-                             prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(has_pose),
-                             pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
+                           prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(has_pose),
+                           pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
 
 
 def test_score_of_the_abstract_task_by_hand(tasks):
@@ -126,10 +126,10 @@ def test_score_of_the_abstract_task_by_hand(tasks):
     texts = [f"{both} {data.POSE_ANSWER}", f"{both} {data.POSE_ANSWER}", "Nothing.", data.POSE_ANSWER]
     samples = [s, s, s, control]
     poses = [s.pose6d, s.pose6d, s.pose6d, s.pose6d]
-    stats = R.ArchetypeStats(d)
+    stats = rewards.ArchetypeStats(d)
     ret = FakeRetriever()
-    r, r_d, r_c, valid, where = R.score(rollout_of(samples, texts, poses, [True, False, True, True]), samples,
-                                                None, ret, body.BodyModel(), train_rft.Args(), archetypes=stats)
+    r, r_d, r_c, valid, where = rewards.score(rollout_of(samples, texts, poses, [True, False, True, True]), samples,
+                                              None, ret, body.BodyModel(), train_rft.Args(), archetypes=stats)
     assert valid.tolist() == [True, False, True, True]
     assert r["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
     plaus = stats.plausible[s.archetype]
@@ -137,7 +137,7 @@ def test_score_of_the_abstract_task_by_hand(tasks):
     assert r["plausible"][0].item() == pytest.approx(want) and r["plausible"][2] == 0 and r["plausible"][3] == 0
     # the pose of row 0 is the pose the caption's codes were measured on: one of the two stated codes is true
     assert r["posecode"][0].item() == pytest.approx(0.5) and r["posecode"][1] == 0  # row 1 has no pose: unscored
-    sem = R.semantic_reward([both], torch.as_tensor(s.pose6d).reshape(1, -1), ret)
+    sem = rewards.semantic_reward([both], torch.as_tensor(s.pose6d).reshape(1, -1), ret)
     assert r["reasoning"][0].item() == pytest.approx(sem.item()) and r["reasoning"][1] == 0
     proto = stats.prototypes(ret)[s.archetype]
     arch = (proto * ret.embed_pose(torch.as_tensor(s.pose6d).reshape(1, -1))[0]).sum()
@@ -150,8 +150,8 @@ def test_score_of_the_abstract_task_by_hand(tasks):
 
 
 def test_prototypes_by_hand():
-    split = pb.load_split("train", CFG)
-    stats = R.ArchetypeStats(split, per_archetype=5)
+    split = posebench.load_split("train", CFG)
+    stats = rewards.ArchetypeStats(split, per_archetype=5)
     ret = FakeRetriever()
     a = int(split.archetype[0])
     rows = np.flatnonzero(split.archetype == a)[:5]
@@ -161,7 +161,7 @@ def test_prototypes_by_hand():
 
 def test_nearest_pfd_and_mpjpe_by_hand():
     bm = body.BodyModel()
-    split = pb.load_split("test", CFG)
+    split = posebench.load_split("test", CFG)
     cand = torch.as_tensor(data.pose_aa_to_6d(split.pose_aa)).reshape(len(split), -1)
     joints_of = lambda p: (lambda j: j - j[:, :1])(bm.forward_rot6d(p).joints.detach())  # noqa: E731
     ret = FakeRetriever()
@@ -231,8 +231,8 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     other = next(c for caps in tasks.data.captions for c in caps if c not in tasks.data.captions[s.index])
     generated = data.abstract_answer(other)
     ids = tok(" " + generated, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    sample = M.sample
-    monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(ids)))
+    sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(ids)))
     texts, pose, has = evaluate_tasks.generate_with_poses(policy, tok, [s], "cpu")
     assert has.tolist() == [True] and data.normalize_text(texts[0]) == data.normalize_text(generated)
     want, reference = teacher_forced_mean(policy, tok, s, generated), teacher_forced_mean(policy, tok, s, s.answer)
@@ -250,7 +250,8 @@ def test_the_pose_is_read_after_the_generated_reasoning(tasks, monkeypatch):
     bm = body.BodyModel()
     j = bm.forward_rot6d(want[None]).joints.detach()
     codes = posecodes.posecodes((j - j[:, :1]).double().numpy())
-    assert res[f"{TASK}/consistency"] == pytest.approx(R.posecode_reward([posecodes.stated_codes(other)], codes).item())
+    assert res[f"{TASK}/consistency"] == pytest.approx(rewards.posecode_reward([posecodes.stated_codes(other)],
+                                                                               codes).item())
     for k in ("archetype_accuracy", "archetype_accuracy_true_poses", "eval_retriever/pfd", "nearest_mpjpe_mm",
               "eval_retriever/reasoning_similarity", "eval_retriever/archetype_similarity", "plausible"):
         assert res[f"{TASK}/{k}"] is not None and np.isfinite(res[f"{TASK}/{k}"]), k
@@ -282,10 +283,10 @@ def test_sft_rft_and_evaluate_with_the_abstract_task(tmp_path, capsys):
                             "--out_dir", str(tmp_path), "--num_threads", "1"])
     rft = bench + ["--mix", "0", "0", "0", "0", "0", "1", "--steps", "2", "--batch_size", "2", "--group_size", "2",
                    "--max_new_tokens", "48",
-                         "--log_every", "1", "--eval_samples", "0", "--threads", "1", "--warmup_steps", "1",
-                         "--sft_dir", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "rft"),
-                         "--reward_retriever", str(tmp_path / "retriever_reward"),
-                         "--eval_retriever", str(tmp_path / "retriever_eval")]
+                   "--log_every", "1", "--eval_samples", "0", "--threads", "1", "--warmup_steps", "1",
+                   "--sft_dir", str(tmp_path / "sft"), "--out_dir", str(tmp_path / "rft"),
+                   "--reward_retriever", str(tmp_path / "retriever_reward"),
+                   "--eval_retriever", str(tmp_path / "retriever_eval")]
     for bad, what in ((["--reasoning", "false"], "--reasoning"), (["--max_new_tokens", "24"], "--max_new_tokens")):
         with pytest.raises(SystemExit, match=what):
             train_rft.main(rft + bad)

@@ -69,7 +69,7 @@ def test_bf16_autocast_on_cuda_is_close_to_float32(tok, samples):
 
 
 def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
-    """R.score with the body model, the reward retriever and the sentence encoder on the GPU
+    """rewards.score with the body model, the reward retriever and the sentence encoder on the GPU
     (as train_rft.py places them) returns the CPU rewards, on CPU. Two bugs the first GPU run found:
     CPU poses into a CUDA body model, and CUDA semantic rewards written into a CPU tensor."""
     import numpy as np
@@ -77,7 +77,7 @@ def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
     import body
     import posebench
     import retrieval
-    import rewards as R
+    import rewards
     import train_rft
 
     tasks = data.PoseBenchTasks("train", posebench.BenchConfig(n_train=48, n_val=16, n_test=40), seed=0)
@@ -86,13 +86,13 @@ def test_rewards_with_the_reward_models_on_cuda_equal_cpu():
     g = torch.Generator().manual_seed(0)
     pose = torch.as_tensor(np.stack([s.pose6d.reshape(-1) for s in chosen])) + 0.1 * torch.randn(6, 144, generator=g)
     ro = rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
-                           pose_pos=torch.full((6,), 40), has_pose=torch.ones(6, dtype=torch.bool), pose=pose,
-                           texts=[data.POSE_ANSWER] * 6)
+                         pose_pos=torch.full((6,), 40), has_pose=torch.ones(6, dtype=torch.bool), pose=pose,
+                         texts=[data.POSE_ANSWER] * 6)
     torch.manual_seed(0)
     retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig(embed_dim=16, hidden_dim=32)).eval()
     (r0, rd0, rc0, v0, _), (r1, rd1, rc1, v1, _) = [
-        R.score(ro, chosen, R.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
-                        train_rft.Args()) for dev in ("cpu", "cuda")]
+        rewards.score(ro, chosen, rewards.TextSimilarity("", dev), retriever.to(dev), body.BodyModel().to(dev),
+                      train_rft.Args()) for dev in ("cpu", "cuda")]
     assert v1.all() and torch.equal(v0, v1)
     for k in r0:
         assert r1[k].device.type == "cpu", k

@@ -11,10 +11,10 @@ import torch
 import body
 import data
 import plumbing
-import posebench as pb
+import posebench
 import vocab
 
-TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
+TINY = posebench.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_fixed_pool_and_fresh_draws():
 
 
 def test_targets_are_in_the_task_frame(ds):
-    d = pb.load_split("train", TINY)
+    d = posebench.load_split("train", TINY)
     seen = set()
     for i in range(80):
         s = ds[i]
@@ -113,7 +113,7 @@ def test_targets_are_in_the_task_frame(ds):
 
 
 def test_eval_samples(ds):
-    d = pb.load_split("train", TINY)
+    d = posebench.load_split("train", TINY)
     for task in data.TASKS:
         ev = ds.eval_samples(task)
         assert [s.index for s in ev] == list(range(TINY.n_train)) and {s.task for s in ev} == {task}
@@ -159,7 +159,7 @@ def test_normalize_text():
 
 def test_tokenizer_round_trip(tok):
     texts = vocab.benchmark_texts(TINY)
-    d = pb.load_split("test", TINY)
+    d = posebench.load_split("test", TINY)
     assert data.POSE_ANSWER in texts and d.vqa[0][0]["answer"] in texts
     assert data.PROMPTS["text_to_pose"][1].replace("{caption}", d.captions[0][2]) in texts
     ids = tok(texts, add_special_tokens=False)["input_ids"]
@@ -179,7 +179,7 @@ def test_tokenizer_specials(tok):
 
 
 def test_tiny_tokenizer_is_cached_and_deterministic(tok):
-    path = os.path.join(plumbing.cache_dir(), "tokenizers", pb.config_key(TINY), "tokenizer.json")
+    path = os.path.join(plumbing.cache_dir(), "tokenizers", posebench.config_key(TINY), "tokenizer.json")
     assert os.path.exists(path)
     mtime = os.stat(path).st_mtime_ns
     assert vocab.tiny_tokenizer(TINY).get_vocab() == tok.get_vocab() and os.stat(path).st_mtime_ns == mtime
@@ -277,7 +277,7 @@ def llama_style_tokenizer(texts, scheme: str):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>",
-                                                                                        "<image>", "<pad>"]))
+                                                                                       "<image>", "<pad>"]))
     if scheme == "legacy":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         tok.pre_tokenizer = None

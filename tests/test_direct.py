@@ -7,15 +7,15 @@ import torch
 
 import body
 import data
-import model as M
-import posebench as pb
+import model
+import posebench
 import presets
-import rewards as R
+import rewards
 import rollout
 import train_rft
 import vocab
 
-CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
+CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
 
 def head_gaussian(mu, tau=0.3, seed=1):
@@ -24,12 +24,13 @@ def head_gaussian(mu, tau=0.3, seed=1):
     N, P = mu.shape
     log_std = torch.full((N, P), -2.0) + 0.3 * torch.randn(N, P, generator=g)
     factor = 0.1 * torch.randn(N, P, 4, generator=g)
-    return M.tempered(M.gaussian(mu, log_std, factor), tau)
+    return model.tempered(model.gaussian(mu, log_std, factor), tau)
 
 
 def rest_poses(n, seed=0, scale=0.2):
     g = torch.Generator().manual_seed(seed)
-    return M.IDENTITY_6D.repeat(M.POSE_DIM // 6)[None].repeat(n, 1) + scale * torch.randn(n, M.POSE_DIM, generator=g)
+    return model.IDENTITY_6D.repeat(model.POSE_DIM // 6)[None].repeat(n, 1) + scale * torch.randn(n, model.POSE_DIM,
+                                                                                                  generator=g)
 
 
 def test_one_step_moves_the_mean_along_the_reward_gradient():
@@ -43,7 +44,7 @@ def test_one_step_moves_the_mean_along_the_reward_gradient():
 
     def reward(p):
         seen["p"] = p.detach().clone()
-        return R.joint_reward(bm.forward_rot6d(p).joints, gt)
+        return rewards.joint_reward(bm.forward_rot6d(p).joints, gt)
 
     torch.manual_seed(0)
     loss, stats = train_rft.direct_loss(dist, ref, reward, torch.ones(N, dtype=torch.bool), B, G, beta=0.04)
@@ -51,7 +52,7 @@ def test_one_step_moves_the_mean_along_the_reward_gradient():
     loss.backward()
     # the reference: autograd of the reward alone, at the same sample p = mu + tau L eps
     p0 = seen["p"].clone().requires_grad_(True)
-    (g_ref,) = torch.autograd.grad(R.joint_reward(bm.forward_rot6d(p0).joints, gt).sum(), p0)
+    (g_ref,) = torch.autograd.grad(rewards.joint_reward(bm.forward_rot6d(p0).joints, gt).sum(), p0)
     assert g_ref.abs().sum() > 0
     # the loss is -(1/N) sum_i R(p_i) (all G valid in each group): dp/dmu = I, and the KL adds no gradient at the start
     assert torch.allclose(mu.grad, -g_ref / N, rtol=1e-4, atol=1e-7)
@@ -62,8 +63,8 @@ def test_one_step_moves_the_mean_along_the_reward_gradient():
     # and the reward at the same noise goes up
     noise = seen["p"] - before
     with torch.no_grad():
-        r0 = R.joint_reward(bm.forward_rot6d(before + noise).joints, gt).sum()
-        r1 = R.joint_reward(bm.forward_rot6d(mu.detach() + noise).joints, gt).sum()
+        r0 = rewards.joint_reward(bm.forward_rot6d(before + noise).joints, gt).sum()
+        r1 = rewards.joint_reward(bm.forward_rot6d(mu.detach() + noise).joints, gt).sum()
     assert r1 > r0
 
 
@@ -79,8 +80,8 @@ def test_the_sample_is_reparameterised_and_the_root_can_stay_at_the_mean():
     torch.manual_seed(3)
     _, stats = train_rft.direct_loss(head_gaussian(mu), head_gaussian(mu), lambda p: p.sum(1),
                                      torch.ones(4, dtype=torch.bool), 2, 2, beta=0.0, explore_root=False)
-    assert torch.equal(stats["pose"][:, :M.ROOT_DIMS], mu[:, :M.ROOT_DIMS])
-    assert not torch.allclose(stats["pose"][:, M.ROOT_DIMS:], mu[:, M.ROOT_DIMS:])
+    assert torch.equal(stats["pose"][:, :model.ROOT_DIMS], mu[:, :model.ROOT_DIMS])
+    assert not torch.allclose(stats["pose"][:, model.ROOT_DIMS:], mu[:, model.ROOT_DIMS:])
 
 
 def test_loss_against_a_loop_with_invalid_rows_and_a_kl():
@@ -106,7 +107,7 @@ class FakeRetriever:
     device = "cpu"
 
     def __init__(self, dim=8):
-        self.proj = torch.randn(M.POSE_DIM, dim, generator=torch.Generator().manual_seed(0))
+        self.proj = torch.randn(model.POSE_DIM, dim, generator=torch.Generator().manual_seed(0))
         self.dim = dim
 
     def embed_text(self, texts):
@@ -128,12 +129,12 @@ def test_differentiable_rewards_equal_hygrpos_and_have_gradients():
                                      for s in samples])).reshape(3, -1) + 0.1
     pose.requires_grad_(True)
     bm, ret = body.BodyModel(), FakeRetriever()
-    r, rows = R.pose_reward_differentiable(pose, samples, [data.POSE_ANSWER] * 3, ret, bm, train_rft.Args())
+    r, rows = rewards.pose_reward_differentiable(pose, samples, [data.POSE_ANSWER] * 3, ret, bm, train_rft.Args())
     assert rows["joint"].tolist() == [True, False, False] and rows["semantic"].tolist() == [False, True, False]
     with torch.no_grad():
-        assert r[0].item() == pytest.approx(R.joint_reward(bm.forward_rot6d(pose[:1]).joints,
+        assert r[0].item() == pytest.approx(rewards.joint_reward(bm.forward_rot6d(pose[:1]).joints,
                                                            torch.as_tensor(samples[0].joints)[None]).item(), rel=1e-5)
-        assert r[1].item() == pytest.approx(R.semantic_reward([samples[1].text], pose[1:2], ret).item(), rel=1e-5)
+        assert r[1].item() == pytest.approx(rewards.semantic_reward([samples[1].text], pose[1:2], ret).item(), rel=1e-5)
     assert r[2].item() == 0
     (g,) = torch.autograd.grad(r.sum(), pose)
     assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0 and g[2].abs().sum() == 0
@@ -170,8 +171,8 @@ def test_one_direct_step_trains_the_pose_path_only(monkeypatch):
                                 FakeRetriever(), body.BodyModel(), NotHere("HyGRPO's loss"),
                                 rollout.suppressed_tokens(policy, tok))
     answer = tok(" " + data.POSE_ANSWER, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    sample = M.sample
-    monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(answer)))
+    sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(answer)))
     tasks = data.PoseBenchTasks("train", CFG, length=60, seed=0)
     samples = [s for s in (tasks[i] for i in range(60)) if s.task == "image_to_pose"][:B]
     head = policy.get_base_model().pose_head

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import data
-import evaluate as E
+import evaluate
 import figures
 import plumbing
 import posebench
@@ -209,7 +209,7 @@ def test_runner_never_takes_a_failed_rerun_for_complete(tmp_path):
     again, not skip it on the first run's marker."""
     out, flag = tmp_path / "out.txt", tmp_path / "fail"
     D = report.Stage("d", ["-c", f"import os, sys; open({str(out)!r}, 'w').write('partial'); "
-                                 f"sys.exit(1 if os.path.exists({str(flag)!r}) else 0)"], [str(out)])
+                           f"sys.exit(1 if os.path.exists({str(flag)!r}) else 0)"], [str(out)])
     runner = lambda: report.Runner(str(tmp_path / "res"), jobs=1, force=False)  # noqa: E731
     assert runner().run_all([D])["d"]["status"] == "ran"
     out.unlink()
@@ -312,28 +312,30 @@ def test_sampled_poses_follow_the_head_and_not_the_sharding(results):
                                                                                                        generator=g)
     dist = torch.distributions.LowRankMultivariateNormal(mean.expand(4000, 3), W.expand(4000, 3, 2), var.expand(4000,
                                                                                                                 3))
-    x = E.sample_actions(dist, list(range(4000)))
+    x = evaluate.sample_actions(dist, list(range(4000)))
     torch.testing.assert_close(x.T.cov(), dist.covariance_matrix[0], atol=0.06, rtol=0.1)
     torch.testing.assert_close(x.mean(0), mean[0], atol=0.06, rtol=0)
     # the policy's sampled poses: a function of (seed, task, pose index) only
     policy, tok, _ = presets.load_policy(str(results / "ckpt" / "sft_s0"), "tiny")
     samples = data.PoseBenchTasks("test", CFG).eval_samples("text_to_pose")[:7]
-    full = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3)
-    shards = [E.predict_poses(policy, tok, samples[r::3], "cpu", batch_size=2, sample_pose=True, seed=3)
+    full = evaluate.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3)
+    shards = [evaluate.predict_poses(policy, tok, samples[r::3], "cpu", batch_size=2, sample_pose=True, seed=3)
               for r in range(3)]
     torch.testing.assert_close(plumbing.interleave(shards), full, atol=1e-5, rtol=0)
-    assert not torch.allclose(full, E.predict_poses(policy, tok, samples, "cpu", sample_pose=True, seed=4))
-    mean = E.predict_poses(policy, tok, samples, "cpu")
+    assert not torch.allclose(full, evaluate.predict_poses(policy, tok, samples, "cpu", sample_pose=True, seed=4))
+    mean = evaluate.predict_poses(policy, tok, samples, "cpu")
     assert not torch.allclose(full, mean)
     # at temperature tau the same noise moves the pose tau times as far (covariance scaled by tau^2)
-    cool = E.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3, pose_temperature=0.3)
+    cool = evaluate.predict_poses(policy, tok, samples, "cpu", batch_size=4, sample_pose=True, seed=3,
+                                  pose_temperature=0.3)
     torch.testing.assert_close(cool - mean, 0.3 * (full - mean), atol=1e-5, rtol=1e-4)
 
 
 def test_sampled_poses_default_to_the_rft_runs_temperature(results, tmp_path):
     """evaluate.py --sample_pose samples the policy RFT trained: the head at the run's --pose_temperature."""
-    E.main(["--ckpt", str(results / "ckpt" / "rft_s0"), "--out_dir", str(tmp_path), *BENCH, *retriever_flags(results),
-            "--eval_samples", "8", "--eval_generate", "1", "--sample_pose", "--threads", "1"])
+    evaluate.main(["--ckpt", str(results / "ckpt" / "rft_s0"), "--out_dir", str(tmp_path), *BENCH,
+                   *retriever_flags(results),
+                   "--eval_samples", "8", "--eval_generate", "1", "--sample_pose", "--threads", "1"])
     assert json.loads((tmp_path / "results.json").read_text())["pose"] == "sample at tau 0.3"
 
 
@@ -363,26 +365,26 @@ def test_markdown_writer_on_fixed_numbers():
 
 def test_checkpoint_without_weights_and_empty_split_are_named(results, tmp_path):
     with pytest.raises(SystemExit, match=r"--ckpt .*nowhere: no such directory; point --ckpt at a finished run"):
-        E.main(["--ckpt", str(tmp_path / "nowhere")])
+        evaluate.main(["--ckpt", str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"--ckpt .*empty holds no complete model weights \(missing: .*"
-                                         r"base/preset.json.*LATEST\); point --ckpt at a finished run"):
-        E.main(["--ckpt", str(tmp_path / "empty")])
+                       r"base/preset.json.*LATEST\); point --ckpt at a finished run"):
+        evaluate.main(["--ckpt", str(tmp_path / "empty")])
     partial = tmp_path / "partial"  # the base model is there, the adapter is not
     shutil.copytree(results / "ckpt" / "sft_s0" / "base", partial / "base")
     (partial / "LATEST").write_text("step-000004")
     with pytest.raises(SystemExit, match=r"holds no complete model weights \(missing: .*step-000004/adapter/"
-                                         r"adapter_config.json"):
-        E.main(["--ckpt", str(partial)])
+                       r"adapter_config.json"):
+        evaluate.main(["--ckpt", str(partial)])
     sft = str(results / "ckpt" / "sft_s0")
     with pytest.raises(SystemExit, match=r"the test split to evaluate is empty \(--eval_samples 0, --n_test 40\)"):
-        E.main(["--ckpt", sft, "--eval_samples", "0"])
+        evaluate.main(["--ckpt", sft, "--eval_samples", "0"])
     with pytest.raises(SystemExit, match=r"the test split to evaluate is empty .*--n_test 0.*pass --eval_samples >= 1"):
-        E.main(["--ckpt", sft, "--n_test", "0"])
+        evaluate.main(["--ckpt", sft, "--n_test", "0"])
     with pytest.raises(SystemExit, match=r"holds a 'tiny' checkpoint, but --preset smol"):
-        E.main(["--ckpt", sft, "--preset", "smol"])
+        evaluate.main(["--ckpt", sft, "--preset", "smol"])
     with pytest.raises(SystemExit, match=r"retriever checkpoint .*nothing.* does not exist"):
-        E.main(["--ckpt", sft, *BENCH, "--threads", "1", "--eval_retriever", str(tmp_path / "nothing")])
+        evaluate.main(["--ckpt", sft, *BENCH, "--threads", "1", "--eval_retriever", str(tmp_path / "nothing")])
 
 
 def test_results_file_from_another_preset_is_named(results, tmp_path):
@@ -392,7 +394,7 @@ def test_results_file_from_another_preset_is_named(results, tmp_path):
     other = tmp_path / "results.json"
     other.write_text(json.dumps({**rec, "preset": "smol"}))
     with pytest.raises(ValueError, match=r"results.json holds results of the 'smol' preset .* but the 'tiny' preset "
-                                         r"was asked for; delete it, or rerun `python evaluate.py --ckpt"):
+                       r"was asked for; delete it, or rerun `python evaluate.py --ckpt"):
         tables.load_results(str(other), preset="tiny")
     other.write_text(json.dumps({"image_to_pose/mpjpe_mm": 1.0}))  # e.g. a training run's test_metrics.json
     with pytest.raises(ValueError, match=r"results.json is not a results file of evaluate.py; delete it"):
@@ -440,25 +442,25 @@ def tiny_run(tmp_path):
 
 def test_unwritable_out_dir_bad_flags_and_damaged_files_fail_before_evaluating(tiny_run, monkeypatch):
     d, flags = tiny_run
-    monkeypatch.setattr(E, "evaluate_policy", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(evaluate, "evaluate_policy", lambda *a, **k: pytest.fail("evaluated"))
     with pytest.raises(SystemExit, match=r"--out_dir /proc/x: cannot write there"):
-        E.main([*flags, "--out_dir", "/proc/x"])
+        evaluate.main([*flags, "--out_dir", "/proc/x"])
     for bad, message in ((["--batch_size", "0"], "--batch_size 0: must be >= 1"),
                          (["--threads", "0"], "--threads 0: must be >= 1"),
                          (["--pose_temperature", "nan"], "--pose_temperature nan: not a finite number")):
         with pytest.raises(SystemExit, match=message):
-            E.main([*flags, *bad])
+            evaluate.main([*flags, *bad])
     weights = d / "retriever_eval" / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:-64])
     with pytest.raises(SystemExit,
                        match=r"evaluate.py: retriever checkpoint .*retriever_eval' is damaged: .*truncated"):
-        E.main(flags)
+        evaluate.main(flags)
     weights.write_bytes(good)
     (d / "run" / "step-000001" / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SystemExit, match=r"step-000001/train_state.pt does not load"):
-        E.main(flags)
+        evaluate.main(flags)
     (d / "run" / "LATEST").write_bytes(b"\x00\xff" * 20)
     with pytest.raises(SystemExit,
                        match=r"LATEST holds .*not the name of a step directory.*the newest intact one is step-000001"):
-        E.main(flags)
+        evaluate.main(flags)

@@ -8,7 +8,7 @@ import torch
 
 import body
 import data
-import model as M
+import model
 import posebench
 import presets
 import vocab
@@ -40,7 +40,7 @@ def test_forward_backward_generate(tok, samples):
     assert m.num_image_tokens == 32
     b = batch_of(samples, tok, 6)
     logits, dist, state = m.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
-    assert logits.shape == (6, b.input_ids.shape[1], len(tok)) and dist.mean.shape == (6, M.POSE_DIM)
+    assert logits.shape == (6, b.input_ids.shape[1], len(tok)) and dist.mean.shape == (6, model.POSE_DIM)
     (logits.logsumexp(-1).mean() - dist.log_prob(b.pose6d.reshape(6, -1)).mean()).backward()
     assert m.pose_head.mlp[0].weight.grad.abs().sum() > 0 and m.model.pose_projector.weight.grad.abs().sum() > 0
     p = data.collate([samples[i] for i in range(3)], tok, 32, add_answer=False, pad_side="left")
@@ -50,7 +50,7 @@ def test_forward_backward_generate(tok, samples):
 
 
 def force_pose(at: int, pose_id: int):
-    """A logits processor for M.sample making new token `at` <POSE> (a random model rarely emits it)."""
+    """A logits processor for model.sample making new token `at` <POSE> (a random model rarely emits it)."""
     def process(t, logits):
         if t == at:
             logits = torch.full_like(logits, -1e9)
@@ -72,8 +72,8 @@ def test_greedy_sample_equals_transformers_generate(tok, samples):
         ref = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
                          max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id)
-        out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 7, tok.eos_token_id, tok.pad_token_id,
-                       temperature=0)
+        out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 7, tok.eos_token_id, tok.pad_token_id,
+                           temperature=0)
         assert torch.equal(out.sequences, ref)
 
 
@@ -85,8 +85,8 @@ def test_pose_state_at_rollout_equals_teacher_forcing(tok, samples, device, at):
     tol = 1e-5 if device == "cpu" else 1e-4  # on CUDA, cached attention sums in another order
     for p in mixed_prompts(samples, tok, device):
         T = p.input_ids.shape[1]
-        out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                       logits_processor=force_pose(at, m.config.pose_token_id))
+        out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                           logits_processor=force_pose(at, m.config.pose_token_id))
         assert out.has_pose.all() and (out.pose_pos == T + at).all() and out.states.device.type == device
         mask = torch.cat([p.attention_mask, torch.ones(len(out.states), out.sequences.shape[1] - T, dtype=torch.long,
                                                        device=device)], 1)
@@ -105,17 +105,17 @@ def test_grouped_forward_and_sampling_equal_the_full_ones(tok, samples):
     p = data.collate([s for s in chosen for _ in range(G)], tok, 32, add_answer=False, pad_side="left")
     T = p.input_ids.shape[1]
     torch.manual_seed(0)
-    out = M.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                   group=G, logits_processor=force_pose(2, inner.config.pose_token_id))
-    greedy = [M.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                       temperature=0, group=g).sequences for g in (1, G)]
+    out = model.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       group=G, logits_processor=force_pose(2, inner.config.pose_token_id))
+    greedy = [model.sample(inner, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                           temperature=0, group=g).sequences for g in (1, G)]
     assert torch.equal(greedy[0], greedy[1])
     mask = torch.cat([p.attention_mask, (out.sequences[:, T:] != tok.pad_token_id).long()], 1)
     results = []
     for grouped in (False, True):
         m.zero_grad()
         if grouped:
-            logits, dist, state = M.forward_grouped(inner, out.sequences, mask, p.pixel_values, T, G, out.pose_pos)
+            logits, dist, state = model.forward_grouped(inner, out.sequences, mask, p.pixel_values, T, G, out.pose_pos)
         else:
             logits, dist, state = inner.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos)
             logits = logits[:, T - 1:-1]
@@ -132,7 +132,7 @@ def test_grouped_forward_and_sampling_equal_the_full_ones(tok, samples):
         assert torch.allclose(g0[n], g1[n], atol=1e-4, rtol=1e-4), n
     with pytest.raises(ValueError, match="not 2 prompts repeated 3"):
         mixed = torch.tensor([0, 3, 1, 4, 2, 5])
-        M.forward_grouped(inner, out.sequences[mixed], mask[mixed], None, T, G, out.pose_pos[mixed])
+        model.forward_grouped(inner, out.sequences[mixed], mask[mixed], None, T, G, out.pose_pos[mixed])
 
 
 def test_sample_draws_from_the_tempered_softmax_and_stops_at_eos(tok, samples):
@@ -144,8 +144,8 @@ def test_sample_draws_from_the_tempered_softmax_and_stops_at_eos(tok, samples):
     s = next(samples[i] for i in range(20) if samples[i].image is not None)  # 4000 copies, encoded once
     p = data.collate([s] * 4000, tok, 32, add_answer=False, pad_side="left")
     torch.manual_seed(0)
-    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 2, tok.eos_token_id, tok.pad_token_id,
-                   temperature=0.5)
+    out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 2, tok.eos_token_id, tok.pad_token_id,
+                       temperature=0.5)
     with torch.no_grad():
         logits = m.forward_hybrid(p.input_ids[:1], p.attention_mask[:1], p.pixel_values[:1])[0][0, -1].float()
     logits[m.config.image_token_id] = float("-inf")
@@ -161,7 +161,7 @@ def test_sample_draws_from_the_tempered_softmax_and_stops_at_eos(tok, samples):
 @pytest.mark.parametrize("rank", [0, 3])
 def test_head_log_prob_equals_explicit_gaussian(rank):
     torch.manual_seed(0)
-    head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
+    head = model.GaussianPoseHead(32, model.POSE_DIM, rank=rank)
     with torch.no_grad():  # make the factor and the spread far from their initial values
         head.mlp[2].weight.normal_(0, 0.5)
         head.cov_mlp[2].weight.normal_(0, 0.5)
@@ -179,19 +179,19 @@ def test_head_log_prob_equals_explicit_gaussian(rank):
 
 
 def test_head_starts_at_the_rest_pose_and_deterministic_head_is_fixed():
-    head = M.GaussianPoseHead(16, M.POSE_DIM, rank=2)
+    head = model.GaussianPoseHead(16, model.POSE_DIM, rank=2)
     mean, log_std, _ = head(torch.zeros(1, 16))
-    assert torch.allclose(mean, M.IDENTITY_6D.repeat(24)[None], atol=1e-2)  # near the rest pose
+    assert torch.allclose(mean, model.IDENTITY_6D.repeat(24)[None], atol=1e-2)  # near the rest pose
     assert torch.allclose(log_std, torch.full_like(log_std, -2.0), atol=1e-2)
-    det = M.GaussianPoseHead(16, M.POSE_DIM, deterministic=True)
+    det = model.GaussianPoseHead(16, model.POSE_DIM, deterministic=True)
     d = det.distribution(torch.randn(3, 16))
-    assert torch.allclose(d.stddev, torch.full((3, M.POSE_DIM), det.fixed_std))
+    assert torch.allclose(d.stddev, torch.full((3, model.POSE_DIM), det.fixed_std))
 
 
 def spread_head(rank: int, seed: int):
     """A pose head whose covariance output is far from its init (uneven spreads), and 4 states."""
     torch.manual_seed(seed)
-    head = M.GaussianPoseHead(32, M.POSE_DIM, rank=rank)
+    head = model.GaussianPoseHead(32, model.POSE_DIM, rank=rank)
     with torch.no_grad():
         head.cov_mlp[2].weight.normal_(0, 0.5)
     return head, torch.randn(4, 32)
@@ -205,11 +205,11 @@ def test_tempered_head_is_the_gaussian_with_scaled_covariance(rank):
     tau = 0.3
     cov = tau ** 2 * (factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std)))
     ref = torch.distributions.MultivariateNormal(mean.double(), covariance_matrix=cov.double())
-    dist = M.tempered(head.distribution(h), tau)
+    dist = model.tempered(head.distribution(h), tau)
     p = mean + 0.05 * torch.randn_like(mean)
     assert torch.allclose(dist.log_prob(p).double(), ref.log_prob(p.double()), rtol=1e-4, atol=1e-3)
     assert torch.allclose(dist.mean, mean)
-    assert M.tempered(head.distribution(h), 1.0).stddev.equal(head.distribution(h).stddev)
+    assert model.tempered(head.distribution(h), 1.0).stddev.equal(head.distribution(h).stddev)
 
 
 @pytest.mark.parametrize("rank", [0, 3])
@@ -219,29 +219,29 @@ def test_marginal_is_the_sub_block_gaussian(rank):
     mean, log_std, factor = (x.double() for x in head(h))  # float64: the algebra, exactly
     cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std))
     ref = torch.distributions.MultivariateNormal(mean[:, 6:], covariance_matrix=cov[:, 6:, 6:])
-    dist = M.marginal(M.gaussian(mean, log_std, factor), 6)
-    p = mean[:, 6:] + 0.05 * torch.randn(4, M.POSE_DIM - 6, dtype=torch.float64)
-    assert dist.event_shape == (M.POSE_DIM - 6,)
+    dist = model.marginal(model.gaussian(mean, log_std, factor), 6)
+    p = mean[:, 6:] + 0.05 * torch.randn(4, model.POSE_DIM - 6, dtype=torch.float64)
+    assert dist.event_shape == (model.POSE_DIM - 6,)
     assert torch.allclose(dist.log_prob(p), ref.log_prob(p), rtol=1e-9, atol=1e-6)
 
 
 def test_rotation_basis_spans_the_directions_a_rotation_depends_on():
     """--pose_space rotations: U's columns are orthonormal, the Jacobian of Gram-Schmidt (by autograd)
     vanishes on their complement and has full rank on them; start=1 leaves the root out."""
-    pose = torch.randn(3, M.POSE_DIM, dtype=torch.float64)
-    basis = M.rotation_basis(pose)
-    assert basis.shape == (3, M.POSE_DIM, 72)
+    pose = torch.randn(3, model.POSE_DIM, dtype=torch.float64)
+    basis = model.rotation_basis(pose)
+    assert basis.shape == (3, model.POSE_DIM, 72)
     assert torch.allclose(basis.transpose(1, 2) @ basis, torch.eye(72, dtype=torch.float64).expand(3, 72, 72),
                           atol=1e-12)
     for n in range(3):
         jac = torch.autograd.functional.jacobian(
             lambda v: body.rot6d_to_matrix(v.reshape(-1, 6)).reshape(-1), pose[n])  # (24 * 9, 144)
-        unseen = torch.eye(M.POSE_DIM, dtype=torch.float64) - basis[n] @ basis[n].T
+        unseen = torch.eye(model.POSE_DIM, dtype=torch.float64) - basis[n] @ basis[n].T
         assert (jac @ unseen).abs().max() < 1e-10
         assert torch.linalg.matrix_rank(jac @ basis[n]) == 72
-    body_only = M.rotation_basis(pose, start=1)
-    assert body_only.shape == (3, M.POSE_DIM, 69) and torch.equal(body_only, basis[..., 3:])
-    assert body_only[:, :M.ROOT_DIMS].abs().max() == 0
+    body_only = model.rotation_basis(pose, start=1)
+    assert body_only.shape == (3, model.POSE_DIM, 69) and torch.equal(body_only, basis[..., 3:])
+    assert body_only[:, :model.ROOT_DIMS].abs().max() == 0
 
 
 @pytest.mark.parametrize("rank", [0, 3])
@@ -250,10 +250,10 @@ def test_projected_is_the_gaussian_of_the_projection(rank):
     head, h = spread_head(rank, seed=3)
     mean, log_std, factor = (x.double() for x in head(h))
     cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(torch.exp(2 * log_std))
-    basis = M.rotation_basis(mean)
+    basis = model.rotation_basis(mean)
     ut = basis.transpose(1, 2)
     ref = torch.distributions.MultivariateNormal((ut @ mean[..., None])[..., 0], covariance_matrix=ut @ cov @ basis)
-    dist = M.projected(M.gaussian(mean, log_std, factor), basis)
+    dist = model.projected(model.gaussian(mean, log_std, factor), basis)
     y = (ut @ (mean + 0.05 * torch.randn_like(mean))[..., None])[..., 0]
     assert dist.event_shape == (72,)
     assert torch.allclose(dist.log_prob(y), ref.log_prob(y), rtol=1e-9, atol=1e-6)
@@ -261,10 +261,10 @@ def test_projected_is_the_gaussian_of_the_projection(rank):
 
 def test_mean_and_covariance_networks_share_no_parameter():
     """The covariance's NLL must not move the mean (model.GaussianPoseHead's docstring)."""
-    head = M.GaussianPoseHead(16, M.POSE_DIM, rank=2)
+    head = model.GaussianPoseHead(16, model.POSE_DIM, rank=2)
     h = torch.randn(5, 16)
-    dist = M.detach_mean(head.distribution(h))
-    (-dist.log_prob(torch.randn(5, M.POSE_DIM))).sum().backward()
+    dist = model.detach_mean(head.distribution(h))
+    (-dist.log_prob(torch.randn(5, model.POSE_DIM))).sum().backward()
     assert all(p.grad is None for p in head.mlp.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.cov_mlp.parameters())
 

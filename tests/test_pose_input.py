@@ -8,14 +8,14 @@ import torch
 import transformers
 
 import data
-import model as M
-import posebench as pb
+import model
+import posebench
 import posecodes
 import presets
 import vocab
 from test_model import force_pose
 
-CFG = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
+CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def tiny(tok, seed=0, **overrides):
     cfg = presets.build_config(transformers.LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                                         bos_token_id=tok.bos_token_id,
                                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **presets.TINY["lm"]),
-                         tok, image_size=32)
+                               tok, image_size=32)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
-    return M.PoseLlavaForConditionalGeneration(cfg).eval()
+    return model.PoseLlavaForConditionalGeneration(cfg).eval()
 
 
 def by_task(ds, task, n):
@@ -65,7 +65,7 @@ def embeds_seen(m, b, pose_values):
 def test_encoder_shapes_and_placeholders_filled_in_order(tok, ds):
     m = tiny(tok)
     assert m.config.pose_input_tokens == data.POSE_INPUT_LEN and m.config.pose_input_token_id == tok.pose_input_token_id
-    enc = M.PoseInputEncoder(M.POSE_DIM, 32, 3)
+    enc = model.PoseInputEncoder(model.POSE_DIM, 32, 3)
     assert enc(torch.randn(5, 24, 6)).shape == (5, 3, 32)
     with pytest.raises(ValueError, match="144"):
         enc(torch.randn(5, 23, 6))
@@ -123,8 +123,8 @@ def test_prompt_without_pose_is_unchanged_bit_for_bit(tok, ds):
     out = with_pi.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     out0 = without.forward_hybrid(b.input_ids, b.attention_mask, b.pixel_values, b.pose_token_pos)
     assert torch.equal(out[0], out0[0]) and torch.equal(out[2], out0[2])
-    assert presets.trained_modules(without.config) == M.MODULES_TO_SAVE
-    assert presets.trained_modules(with_pi.config) == M.MODULES_TO_SAVE + M.POSE_INPUT_MODULES
+    assert presets.trained_modules(without.config) == model.MODULES_TO_SAVE
+    assert presets.trained_modules(with_pi.config) == model.MODULES_TO_SAVE + model.POSE_INPUT_MODULES
     with pytest.raises(ValueError, match="without pose input"):
         without.model.pose_input_features(torch.zeros(1, 24, 6))
 
@@ -158,7 +158,7 @@ def pose_prompts(ds, tok, n_img, group=1):
 
 
 def test_sample_reads_the_pose_as_generate_and_teacher_forcing_do(tok, ds):
-    """M.sample with input poses: greedy answers equal transformers' generate with them, the <POSE> state
+    """model.sample with input poses: greedy answers equal transformers' generate with them, the <POSE> state
     read on the way equals the teacher-forced one, and other input poses give other states."""
     m = tiny(tok, seed=2)
     p = pose_prompts(ds, tok, m.num_image_tokens)
@@ -166,18 +166,18 @@ def test_sample_reads_the_pose_as_generate_and_teacher_forcing_do(tok, ds):
     ref = m.generate(input_ids=p.input_ids, attention_mask=p.attention_mask, pixel_values=p.pixel_values,
                      pose_values=p.pose_values, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                      eos_token_id=tok.eos_token_id)
-    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                   temperature=0, pose_values=p.pose_values)
+    out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       temperature=0, pose_values=p.pose_values)
     assert torch.equal(out.sequences, ref)
     force = force_pose(3, m.config.pose_token_id)
-    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
-                   logits_processor=force, pose_values=p.pose_values)
+    out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
+                       logits_processor=force, pose_values=p.pose_values)
     assert out.has_pose.all() and (out.pose_pos == T + 3).all()
     mask = torch.cat([p.attention_mask, torch.ones(len(out.states), out.sequences.shape[1] - T, dtype=torch.long)], 1)
     _, _, tf_state = m.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos, pose_values=p.pose_values)
     assert torch.allclose(out.states, tf_state, atol=1e-5, rtol=1e-5)
-    other = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
-                     logits_processor=force, pose_values=p.pose_values.flip(0))
+    other = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 5, tok.eos_token_id, tok.pad_token_id,
+                         logits_processor=force, pose_values=p.pose_values.flip(0))
     posed = (p.input_ids == tok.pose_input_token_id).any(1)
     assert not torch.allclose(other.states[posed], out.states[posed])
 
@@ -191,19 +191,19 @@ def test_grouped_forward_with_input_poses_equals_the_full_one(tok, ds):
     p = pose_prompts(ds, tok, m.num_image_tokens, G)
     T = p.input_ids.shape[1]
     torch.manual_seed(0)
-    out = M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                   [tok.pad_token_id], group=G, logits_processor=force_pose(2, m.config.pose_token_id),
-                   pose_values=p.pose_values)  # padding suppressed, as in a rollout: the mask below finds it
-    greedy = [M.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
-                       temperature=0, group=g, pose_values=p.pose_values).sequences for g in (1, G)]
+    out = model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                       [tok.pad_token_id], group=G, logits_processor=force_pose(2, m.config.pose_token_id),
+                       pose_values=p.pose_values)  # padding suppressed, as in a rollout: the mask below finds it
+    greedy = [model.sample(m, p.input_ids, p.attention_mask, p.pixel_values, 6, tok.eos_token_id, tok.pad_token_id,
+                           temperature=0, group=g, pose_values=p.pose_values).sequences for g in (1, G)]
     assert torch.equal(greedy[0], greedy[1])
     mask = torch.cat([p.attention_mask, (out.sequences[:, T:] != tok.pad_token_id).long()], 1)
     results = []
     for grouped in (False, True):
         m.zero_grad()
         if grouped:
-            logits, dist, state = M.forward_grouped(m, out.sequences, mask, p.pixel_values, T, G, out.pose_pos,
-                                                    p.pose_values)
+            logits, dist, state = model.forward_grouped(m, out.sequences, mask, p.pixel_values, T, G, out.pose_pos,
+                                                        p.pose_values)
         else:
             logits, dist, state = m.forward_hybrid(out.sequences, mask, p.pixel_values, out.pose_pos,
                                                    pose_values=p.pose_values)
@@ -234,8 +234,8 @@ def test_extended_tokenizer_keeps_every_default_id(tok):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_edit_pairs_and_instructions_are_consistent(split):
-    d = pb.load_split(split, CFG)
-    e = pb.load_edits(split, CFG)
+    d = posebench.load_split(split, CFG)
+    e = posebench.load_edits(split, CFG)
     assert len(e) > 0 and len(set(e.source.tolist())) == len(e)
     for a, b, codes, texts in zip(e.source, e.target, e.codes, e.instructions):
         assert a != b and d.archetype[a] == d.archetype[b]
@@ -251,12 +251,12 @@ def test_edit_pairs_and_instructions_are_consistent(split):
         cand = [j for j in range(len(d)) if j != a and d.archetype[j] == d.archetype[a] and 1 <= gained[j] <= 4]
         dist = [np.linalg.norm(d.joints[j] - d.joints[a], axis=-1).mean() for j in cand]
         assert cand[int(np.argmin(dist))] == b
-    again = pb.make_edits(d, CFG.captions_per_pose, CFG.seed)
+    again = posebench.make_edits(d, CFG.captions_per_pose, CFG.seed)
     assert np.array_equal(again.source, e.source) and again.instructions == e.instructions
 
 
 def test_every_caption_parses_to_its_posecodes():
-    d = pb.load_split("val", CFG)
+    d = posebench.load_split("val", CFG)
     for caps, used in zip(d.captions, d.caption_codes):
         for c, u in zip(caps, used):
             assert sorted(posecodes.stated_codes(c)) == sorted(u)

@@ -6,37 +6,37 @@ import numpy as np
 import pytest
 import torch
 
-import metrics as MT
+import metrics
 
 
 def test_bleu4_hand_cases():
     # 1-4-gram matches 5/6, 3/5, 1/4, 0/3 (smoothed to 1/(2*3)); equal lengths: BP = 1
-    assert MT.bleu4(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(
+    assert metrics.bleu4(["the cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(
         100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25)
     # every n-gram matches, c = 4 < r = 6: BP = exp(1 - 6/4)
-    assert MT.bleu4(["the cat sat on"], [["the cat sat on the mat"]]) == pytest.approx(100 * math.exp(-0.5))
+    assert metrics.bleu4(["the cat sat on"], [["the cat sat on the mat"]]) == pytest.approx(100 * math.exp(-0.5))
     # clipping at the largest count in one reference; closest reference length 3 (not 2): BP = 1;
     # zero matches at n = 3, 4 smoothed to 1/(2*2) and 1/(4*1)
-    assert MT.bleu4(["the the the the"], [["the cat", "the the mat"]]) == pytest.approx(
+    assert metrics.bleu4(["the the the the"], [["the cat", "the the mat"]]) == pytest.approx(
         100 * (2 / 4 * 1 / 3 * 1 / 4 * 1 / 4) ** 0.25)
     # the corpus: counts and lengths summed before the means (9/10, 6/8, 3/6, 1/4; c = 10, r = 12)
-    assert MT.bleu4(["the cat sat on the mat", "the cat sat on"],
-                    [["the cat is on the mat"], ["the cat sat on the mat"]]) == pytest.approx(
+    assert metrics.bleu4(["the cat sat on the mat", "the cat sat on"],
+                         [["the cat is on the mat"], ["the cat sat on the mat"]]) == pytest.approx(
         100 * math.exp(1 - 12 / 10) * (9 / 10 * 6 / 8 * 3 / 6 * 1 / 4) ** 0.25)
-    assert MT.bleu4(["the cat"], [["the cat"]]) == 0.0  # no 3-gram at all
-    assert MT.bleu4(["The left knee is bent."], [["The left knee is bent."]]) == pytest.approx(100.0)
+    assert metrics.bleu4(["the cat"], [["the cat"]]) == 0.0  # no 3-gram at all
+    assert metrics.bleu4(["The left knee is bent."], [["The left knee is bent."]]) == pytest.approx(100.0)
     with pytest.raises(ValueError, match="at least one reference"):
-        MT.bleu4(["a"], [[]])
+        metrics.bleu4(["a"], [[]])
 
 
 def test_rouge_l_hand_cases():
     # LCS "the cat on the mat" = 5 of 6 tokens each way; punctuation and case dropped
-    assert MT.rouge_l(["The cat sat on the mat."], [["the cat is on the mat"]]) == pytest.approx(100 * 5 / 6)
+    assert metrics.rouge_l(["The cat sat on the mat."], [["the cat is on the mat"]]) == pytest.approx(100 * 5 / 6)
     # the best reference counts; a hypothesis sharing nothing scores 0; the mean over hypotheses
-    assert MT.rouge_l(["The cat sat on the mat.", "dog"], [["a dog", "the cat is on the mat"], ["the cat"]]) == \
+    assert metrics.rouge_l(["The cat sat on the mat.", "dog"], [["a dog", "the cat is on the mat"], ["the cat"]]) == \
         pytest.approx(100 * (5 / 6 + 0) / 2)
     # P = 2/2, R = 2/4: F = 2/3
-    assert MT.rouge_l(["left knee"], [["the left knee bent"]]) == pytest.approx(100 * 2 / 3)
+    assert metrics.rouge_l(["left knee"], [["the left knee bent"]]) == pytest.approx(100 * 2 / 3)
 
 
 def slow_lcs(a, b):
@@ -55,7 +55,7 @@ def test_lcs_matches_brute_force():
     for _ in range(30):
         a = list(rng.integers(0, 3, rng.integers(0, 7)))
         b = list(rng.integers(0, 3, rng.integers(0, 7)))
-        assert MT._lcs(a, b) == slow_lcs(a, b)
+        assert metrics._lcs(a, b) == slow_lcs(a, b)
 
 
 def test_r_precision_is_the_32_candidate_protocol():
@@ -63,19 +63,19 @@ def test_r_precision_is_the_32_candidate_protocol():
     sim = torch.eye(n)
     for i in range(n):
         sim[i, (i + 1) % n] = 2.0  # one other pose beats each text's own, and with N = 32 it is always drawn
-    r = MT.r_precision(sim)
+    r = metrics.r_precision(sim)
     assert r[1] == 0.0 and r[2] == 100.0 and r[3] == 100.0
-    assert MT.r_precision(torch.eye(n) + 0.0)[1] == 100.0
+    assert metrics.r_precision(torch.eye(n) + 0.0)[1] == 100.0
     with pytest.raises(ValueError, match="N >= 32"):
-        MT.r_precision(torch.eye(31))
+        metrics.r_precision(torch.eye(31))
 
 
 def test_posecode_truth_is_the_micro_average():
     codes = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 0]], bool)
-    assert MT.posecode_truth([["a", "b"], ["c"], []], codes, ["a", "b", "c"]) == pytest.approx(2 / 3)
-    assert MT.posecode_truth([[], [], []], codes, ["a", "b", "c"]) is None
+    assert metrics.posecode_truth([["a", "b"], ["c"], []], codes, ["a", "b", "c"]) == pytest.approx(2 / 3)
+    assert metrics.posecode_truth([[], [], []], codes, ["a", "b", "c"]) is None
     with pytest.raises(ValueError, match="expected"):
-        MT.posecode_truth([["a"]], codes, ["a", "b", "c"])
+        metrics.posecode_truth([["a"]], codes, ["a", "b", "c"])
 
 
 def test_pose_recall_at_k_against_a_loop():
@@ -87,7 +87,7 @@ def test_pose_recall_at_k_against_a_loop():
             rank = sum(sim[i, j] > sim[i, i] for j in range(start, start + 100))
             for k in hits:
                 hits[k].append(rank < k)
-    r = MT.pose_recall_at_k(sim, (1, 5))
+    r = metrics.pose_recall_at_k(sim, (1, 5))
     assert r == {k: pytest.approx(100 * np.mean(v)) for k, v in hits.items()}
-    small = MT.pose_recall_at_k(sim[:10, :10], (1,))  # N < group: one group of all
-    assert small[1] == pytest.approx(MT.recall_at_k(sim[:10, :10], (1,))[1])
+    small = metrics.pose_recall_at_k(sim[:10, :10], (1,))  # N < group: one group of all
+    assert small[1] == pytest.approx(metrics.recall_at_k(sim[:10, :10], (1,))[1])

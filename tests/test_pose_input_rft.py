@@ -1,5 +1,5 @@
 """HyGRPO on the pose-input tasks: their rewards (format, R_caption, R_posecode, Eq. 7
-against B) in R.score, one HyGRPO step per task, and their evaluation."""
+against B) in rewards.score, one HyGRPO step per task, and their evaluation."""
 import numpy as np
 import pytest
 import torch
@@ -8,16 +8,16 @@ import body
 import data
 import evaluate_tasks
 import hygrpo
-import model as M
-import posebench as pb
+import model
+import posebench
 import posecodes
 import presets
-import rewards as R
+import rewards
 import rollout
 import train_rft
 import vocab
 
-CFG = pb.BenchConfig(n_train=48, n_val=40, n_test=40, image_size=32)
+CFG = posebench.BenchConfig(n_train=48, n_val=40, n_test=40, image_size=32)
 
 
 class FakeRetriever:
@@ -27,7 +27,7 @@ class FakeRetriever:
     def __init__(self, dim=8):
         g = torch.Generator().manual_seed(0)
         self.words = {}
-        self.proj = torch.randn(M.POSE_DIM, dim, generator=g)
+        self.proj = torch.randn(model.POSE_DIM, dim, generator=g)
         self.dim = dim
 
     def embed_text(self, texts):
@@ -42,7 +42,7 @@ class FakeRetriever:
 
 
 def force_answer(ids):
-    """A logits processor for M.sample making the new tokens begin with `ids` (then anything)."""
+    """A logits processor for model.sample making the new tokens begin with `ids` (then anything)."""
     def process(t, logits):
         if t < len(ids):
             logits = torch.full_like(logits, -1e9)
@@ -64,9 +64,9 @@ def tasks():
 def rollout_of(samples, texts, poses):
     n = len(samples)
     return rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None,
-                             prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(
+                           prompt_len=0, pose_pos=torch.full((n,), 30), has_pose=torch.tensor(
                                  [s.task == "pose_edit" for s in samples]),
-                             pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
+                           pose=torch.as_tensor(np.stack([np.reshape(p, -1) for p in poses])).float(), texts=texts)
 
 
 def test_score_of_the_pose_input_tasks(tasks):
@@ -80,14 +80,15 @@ def test_score_of_the_pose_input_tasks(tasks):
     texts = [describe.answer, "Nothing of the kind", "The " + " and ".join(
         posecodes.CODE_TEXT[c][0][0] for c in posecodes.CODE_NAMES
         if not d.codes[describe.index, posecodes.CODE_NAMES.index(c)])[:3] + ".",
-        data.POSE_ANSWER, data.POSE_ANSWER]
-    zeros = np.zeros(M.POSE_DIM, np.float32)
+             data.POSE_ANSWER, data.POSE_ANSWER]
+    zeros = np.zeros(model.POSE_DIM, np.float32)
     poses = [zeros, zeros, zeros, edit.pose6d, edit.pose_input]  # the true B, then A unchanged
-    r, r_d, r_c, valid, where = R.score(rollout_of(samples, texts, poses), samples, NoSimilarity(), retriever,
-                                                bm, train_rft.Args())
+    r, r_d, r_c, valid, where = rewards.score(rollout_of(samples, texts, poses), samples, NoSimilarity(), retriever,
+                                              bm, train_rft.Args())
     assert valid.tolist() == [False, False, False, True, True]
     assert r["format"].tolist() == [1.0, 0.0, 1.0, 1.0, 1.0]  # "Nothing of the kind" is no sentence
-    want = R.semantic_reward(texts[:3], torch.as_tensor(describe.pose_input).reshape(1, -1).repeat(3, 1), retriever)
+    want = rewards.semantic_reward(texts[:3], torch.as_tensor(describe.pose_input).reshape(1, -1).repeat(3, 1),
+                                   retriever)
     assert torch.allclose(r["caption"][:3], want) and r["caption"][3:].abs().sum() == 0
     assert r["posecode"][0] == 1.0 and r["posecode"][1] == 0.0 and r["posecode"][2] == 0.0
     assert r["posecode"][3] == 1.0 and r["posecode"][4] == 0.0  # the instruction's codes: true of B, false of A
@@ -105,9 +106,10 @@ def test_posecode_reward_against_a_loop():
     stated = [list(rng.choice(posecodes.CODE_NAMES, size=k, replace=False)) for k in (0, 1, 2, 3, 4, 2)]
     slow = [sum(codes[i, list(posecodes.CODE_NAMES).index(c)] for c in s) / len(s) if s else 0.0 for i,
             s in enumerate(stated)]
-    assert torch.allclose(R.posecode_reward(stated, codes), torch.tensor(slow, dtype=torch.float32))
-    assert R.format_reward(["The left knee is bent.", "bent", "The <POSE>."], ["pose_to_text"] * 3).tolist() == [1, 0,
-                                                                                                                 0]
+    assert torch.allclose(rewards.posecode_reward(stated, codes), torch.tensor(slow, dtype=torch.float32))
+    assert rewards.format_reward(["The left knee is bent.", "bent", "The <POSE>."],
+                                 ["pose_to_text"] * 3).tolist() == [1, 0,
+                                                                    0]
 
 
 @pytest.mark.parametrize("task", ["pose_to_text", "pose_edit"])
@@ -124,8 +126,8 @@ def test_one_hygrpo_step_per_task_trains_the_pose_encoder(tasks, task, monkeypat
                                 rollout.suppressed_tokens(policy, tok))
     if task == "pose_edit":  # a random policy seldom says <POSE>: force the pose answer, so the poses are scored
         answer = tok(" " + data.POSE_ANSWER, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        sample = M.sample
-        monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(answer)))
+        sample = model.sample
+        monkeypatch.setattr(model, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=force_answer(answer)))
     enc = policy.get_base_model().model.pose_input_encoder
     before = [p.detach().clone() for p in enc.parameters()]
     samples = [s for s in (tasks[i] for i in range(100)) if s.task == task][:2]
@@ -145,7 +147,7 @@ def test_evaluation_of_the_pose_input_tasks(tasks):
     policy = presets.apply_lora(presets.build_tiny(tok, image_size=32)).eval()
     val = data.PoseBenchTasks("val", CFG)
     res, preds = evaluate_tasks.pose_input_metrics(policy, tok, val, body.BodyModel(), "cpu", 40, 32,
-                                             {"eval": FakeRetriever()}, batch_size=16)
+                                                   {"eval": FakeRetriever()}, batch_size=16)
     assert len(preds["answers"]["pose_to_text"]) == 32 and len(preds["pose_edit"]["index"]) == min(40, len(val.edits))
     for k in ("pose_to_text/eval_retriever/R-precision@1", "pose_to_text/eval_retriever/reference_R-precision@3",
               "pose_to_text/bleu4", "pose_to_text/rouge_l", "pose_edit/mpjpe_mm", "pose_edit/copy_a_mpjpe_mm",

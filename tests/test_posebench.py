@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import body
-import posebench as pb
+import posebench
 import posecodes
 import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = pb.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
+TINY = posebench.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: pb.load_split(s, TINY) for s in pb.SPLITS}
+    return {s: posebench.load_split(s, TINY) for s in posebench.SPLITS}
 
 
 def slow_codes(J: np.ndarray) -> set:
@@ -103,29 +103,29 @@ def test_every_caption_and_vqa_answer_holds_for_its_pose(splits):
 
 
 def test_captions_are_ambiguous_but_fit_their_own_pose(splits):
-    amb = pb.caption_ambiguity(splits["test"])
+    amb = posebench.caption_ambiguity(splits["test"])
     assert (amb >= 1).all()
     assert amb.mean() > 2  # a caption fits several poses: the benchmark keeps the one-to-many difficulty
 
 
 def test_sampled_poses_respect_limits_and_mirroring():
     rng = np.random.default_rng(0)
-    arch, deg, aa = pb.sample_poses(2000, rng)
+    arch, deg, aa = posebench.sample_poses(2000, rng)
     for j in range(body.NUM_JOINTS):
-        lim = np.array(pb.LIMITS_DEG[pb._left_name(j)])
+        lim = np.array(posebench.LIMITS_DEG[posebench._left_name(j)])
         assert (deg[:, j] >= lim[:, 0] - 1e-9).all() and (deg[:, j] <= lim[:, 1] + 1e-9).all(), j
     assert (deg[:, 0, 1] == 0).all()  # canonical yaw
-    assert set(np.unique(arch)) == set(range(len(pb.ARCHETYPES)))
+    assert set(np.unique(arch)) == set(range(len(posebench.ARCHETYPES)))
     # Stored axis-angle equals the Euler angles composed in the documented order and mirroring.
     sign = np.array([[1, -1, -1] if body.side_of_joint(j) < 0 else [1, 1, 1] for j in range(24)])
-    R = pb._euler_to_matrix(deg[:5] * sign)
+    R = posebench._euler_to_matrix(deg[:5] * sign)
     assert np.abs(body.axis_angle_to_matrix(torch.as_tensor(aa[:5])).numpy() - R).max() < 1e-9
     # A symmetric archetype's mean pose is mirror-symmetric in joint positions.
     model = body.BodyModel()
     mean = np.zeros((1, 24, 3))
-    for name, v in pb.ARCHETYPES["arms_raised"][0].items():
+    for name, v in posebench.ARCHETYPES["arms_raised"][0].items():
         mean[0, body.JOINT_INDEX[name]] = v
-    rot = torch.as_tensor(pb._euler_to_matrix(mean * sign), dtype=torch.float32)
+    rot = torch.as_tensor(posebench._euler_to_matrix(mean * sign), dtype=torch.float32)
     j = model(rot[:, 0], rot[:, 1:]).joints[0].numpy()
     lw, rw = j[body.JOINT_INDEX["left_wrist"]], j[body.JOINT_INDEX["right_wrist"]]
     assert abs(lw[0] + rw[0]) < 0.03 and abs(lw[1] - rw[1]) < 0.03  # mirror images (rest skeleton is nearly symmetric)
@@ -144,12 +144,12 @@ def test_stored_frames_are_consistent(splits):
 
 
 def test_splits_are_deterministic_disjoint_and_independent_of_train_size(splits):
-    again = pb.load_split("test", TINY)
+    again = posebench.load_split("test", TINY)
     assert np.array_equal(again.pose_aa, splits["test"].pose_aa) and again.captions == splits["test"].captions
-    rebuilt = pb.load_split("test", dataclasses.replace(TINY, n_train=20))  # other key, built anew
+    rebuilt = posebench.load_split("test", dataclasses.replace(TINY, n_train=20))  # other key, built anew
     assert np.array_equal(rebuilt.pose_aa, splits["test"].pose_aa)
     assert np.array_equal(rebuilt.images, splits["test"].images)
-    keys = {s: {p.round(5).tobytes() for p in splits[s].pose_aa} for s in pb.SPLITS}
+    keys = {s: {p.round(5).tobytes() for p in splits[s].pose_aa} for s in posebench.SPLITS}
     assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
 
 
@@ -167,18 +167,18 @@ def test_images_show_a_centred_person_with_left_and_right_colours(splits):
 
 
 def test_cache_is_reused_and_a_broken_cache_is_rebuilt_saying_so(splits, tmp_path, capsys):
-    root = pb.bench_dir(TINY)
+    root = posebench.bench_dir(TINY)
     mtime = os.path.getmtime(os.path.join(root, "meta.json"))
-    pb.load_split("val", TINY)
+    posebench.load_split("val", TINY)
     assert os.path.getmtime(os.path.join(root, "meta.json")) == mtime  # not rebuilt
     cfg = dataclasses.replace(TINY, seed=7, n_train=8, n_val=4, n_test=4)
-    broken = pb.build(cfg)
-    good = pb.load_split("val", cfg)
+    broken = posebench.build(cfg)
+    good = posebench.load_split("val", cfg)
     with open(os.path.join(broken, "val.npz"), "wb") as fh:
         fh.write(b"truncated")
     with pytest.raises(ValueError, match="delete that directory"):
-        pb.load_split("val", cfg, rebuild=False)
-    again = pb.load_split("val", cfg)
+        posebench.load_split("val", cfg, rebuild=False)
+    again = posebench.load_split("val", cfg)
     out = capsys.readouterr().out
     assert f"posebench cache {broken} is unreadable" in out and "building it again" in out
     assert np.array_equal(again.pose_aa, good.pose_aa)
@@ -186,11 +186,11 @@ def test_cache_is_reused_and_a_broken_cache_is_rebuilt_saying_so(splits, tmp_pat
 
 def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="n_test must be >= 1"):
-        pb.build(dataclasses.replace(TINY, n_test=0))
+        posebench.build(dataclasses.replace(TINY, n_test=0))
     with pytest.raises(FileNotFoundError, match="smpl_path"):
-        pb.build(dataclasses.replace(TINY, smpl_path="/nonexistent/SMPL_NEUTRAL.pkl"))
+        posebench.build(dataclasses.replace(TINY, smpl_path="/nonexistent/SMPL_NEUTRAL.pkl"))
     with pytest.raises(ValueError, match="unknown split"):
-        pb.load_split("training", TINY)
+        posebench.load_split("training", TINY)
 
 
 def test_cli_builds_prints_statistics_and_writes_preview(tmp_path):

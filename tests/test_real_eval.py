@@ -12,10 +12,10 @@ import torch
 from transformers import HfArgumentParser
 
 import body
-import evaluate as E
+import evaluate
 import evaluate_tasks
 import metrics
-import model as M
+import model
 import plumbing
 import presets
 import realdata
@@ -82,7 +82,7 @@ def expected_keys():
 
 def test_real_eval_from_flags_writes_every_metric(real, capsys):
     d, flags = real
-    E.main(flags)
+    evaluate.main(flags)
     out = d / "run" / "eval_real"
     rec = tables.load_results(str(out / "results.json"), preset="llava-1.5-7b")
     assert rec["datasets"] == {"image_to_pose/3DPW": 4, "image_to_pose/H36M": 3, "text_to_pose/PoseScript-H2": N_TEXT}
@@ -110,8 +110,8 @@ def test_real_eval_from_flags_writes_every_metric(real, capsys):
 def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
     d, flags = real
     policy, tok, _ = presets.load_policy(str(d / "run"), "llava-1.5-7b")
-    (args,) = HfArgumentParser(E.Args).parse_args_into_dataclasses(flags)
-    inputs = E.real_eval_inputs(args, "cpu")
+    (args,) = HfArgumentParser(evaluate.Args).parse_args_into_dataclasses(flags)
+    inputs = evaluate.real_eval_inputs(args, "cpu")
     _, full = evaluate_tasks.evaluate_real(policy, tok, batch_size=1, **inputs)
     m, capped = evaluate_tasks.evaluate_real(policy, tok, max_samples=2, batch_size=1, **inputs)
     assert {k: len(v["index"]) for k, v in capped.items()} == dict.fromkeys(full, 2)
@@ -129,11 +129,11 @@ def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
 
 def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path, monkeypatch):
     d, flags = real
-    monkeypatch.setattr(M, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(model, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
     run = ["--ckpt", str(d / "run"), "--out_dir", str(tmp_path / "out"), "--threads", "1"]
     with pytest.raises(SystemExit) as e:
-        E.main([*run, "--eval_npz", f"3DPW={tmp_path / 'none.npz'}={d / '3DPW'}", "H36M=h36m.npz",
-                "--posescript_dir", str(d / "posescript"), "--eval_retriever", str(tmp_path / "retriever_eval")])
+        evaluate.main([*run, "--eval_npz", f"3DPW={tmp_path / 'none.npz'}={d / '3DPW'}", "H36M=h36m.npz",
+                       "--posescript_dir", str(d / "posescript"), "--eval_retriever", str(tmp_path / "retriever_eval")])
     msg = str(e.value.code)
     for text in (f"--eval_npz '{tmp_path / 'none.npz'}': not found; 4D-Humans' hmr2_evaluation_data.tar.gz",
                  "--eval_npz 'H36M=h36m.npz': expected NAME=NPZ=IMAGE_DIR",
@@ -145,24 +145,24 @@ def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path
                  "nothing was loaded"):
         assert text in msg, text
     with pytest.raises(SystemExit, match="no test set: give --eval_npz NAME=NPZ=IMAGE_DIR"):
-        E.main(run)  # a llava-1.5-7b checkpoint is never run on posebench
+        evaluate.main(run)  # a llava-1.5-7b checkpoint is never run on posebench
     # files that are there but do not fit: the npz without ground truth, a regressor for another mesh
     np.savez(tmp_path / "no_gt.npz", **{k: v for k,
                                         v in np.load(d / "3dpw_test.npz").items() if k != "extra_keypoints_3d"})
     ok = flags[flags.index("--joint_regressor"):flags.index("--posescript_dir")]
     with pytest.raises(SystemExit, match=r"3DPW: .*no_gt.npz: no extra_keypoints_3d"):
-        E.main([*run, "--eval_npz", f"3DPW={tmp_path / 'no_gt.npz'}={d / '3DPW'}", *ok])
+        evaluate.main([*run, "--eval_npz", f"3DPW={tmp_path / 'no_gt.npz'}={d / '3DPW'}", *ok])
     np.save(tmp_path / "reg.npy", np.ones((19, 6890)) / 6890)
     with pytest.raises(SystemExit,
                        match=r"--joint_regressor .*reg.npy reads 6890 vertices but --smpl_path .* has 1456"):
-        E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
-                "--joint_regressor", str(tmp_path / "reg.npy"), "--smpl_path", body.procedural_smpl_path()])
+        evaluate.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
+                       "--joint_regressor", str(tmp_path / "reg.npy"), "--smpl_path", body.procedural_smpl_path()])
     # SPIN's H36M regressor: not the J19 ground truth's joints
     np.save(tmp_path / "h36m.npy", np.ones((17, 1456)) / 1456)
     with pytest.raises(SystemExit, match=r"--joint_regressor .*h36m.npy regresses 17 joints; .* Pass SMPL_to_J19.pkl"):
-        E.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
-                "--joint_regressor", str(tmp_path / "h36m.npy"), "--smpl_path", body.procedural_smpl_path()])
+        evaluate.main([*run, *flags[flags.index("--eval_npz"):flags.index("--joint_regressor")],
+                       "--joint_regressor", str(tmp_path / "h36m.npy"), "--smpl_path", body.procedural_smpl_path()])
     (tmp_path / "no_images").mkdir()  # the images of another set, or none: named by record before any evaluation
     with pytest.raises(SystemExit, match=r"3DPW: .*no_images/img_0.png, record 0: image not found \(4 of the 4"):
-        E.main([*run, "--eval_npz", f"3DPW={d / '3dpw_test.npz'}={tmp_path / 'no_images'}", *ok])
+        evaluate.main([*run, "--eval_npz", f"3DPW={d / '3dpw_test.npz'}={tmp_path / 'no_images'}", *ok])
     assert not (tmp_path / "out").exists()

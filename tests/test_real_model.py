@@ -14,9 +14,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
     PreTrainedTokenizerFast
 
 import data
-import model as M
 import posevit
 import presets
+from model import CLIP_MEAN, IDENTITY_6D
 
 TOY_VIT = dict(image_size=(64, 48), patch_size=16, dim=32, depth=2, heads=2, mlp_ratio=4.0, patch_padding=2)
 CLIP_SIZE = 56  # the toy CLIP tower: 56 / 14 = 4 x 4 patches
@@ -178,7 +178,7 @@ def fake_llava_dir(path, vocab_pad=0, text=None, vision=None, device="cpu", toke
 
 def samples():
     img = np.random.default_rng(0).integers(0, 255, (CLIP_SIZE, CLIP_SIZE, 3), dtype=np.uint8)
-    pose6d = np.tile(M.IDENTITY_6D.numpy(), (24, 1)).astype(np.float32)
+    pose6d = np.tile(IDENTITY_6D.numpy(), (24, 1)).astype(np.float32)
     return [data.Sample("image_to_pose", "<image>\nWhat is the SMPL pose of the person in the image?", data.POSE_ANSWER,
                         image=img, pose6d=pose6d),
             data.Sample("vqa", "<image>\nIs the left arm straight?", "Yes, the left arm is straight.", image=img)]
@@ -215,7 +215,7 @@ def test_build_llava_7b_loads_every_part(built):
         assert all(p.dtype == torch.float32 for p in m.parameters())
     cfg = model.config
     assert cfg.compute_dtype == "bfloat16" and cfg.pose_pixel_mean == list(posevit.IMAGENET_MEAN)
-    assert cfg.vision_pixel_mean == list(M.CLIP_MEAN)
+    assert cfg.vision_pixel_mean == list(CLIP_MEAN)
     assert model.num_image_tokens == 16 + 12  # CLIP 4 x 4 patches (no CLS: 'default') + PoseViT 4 x 3
 
 

@@ -18,16 +18,16 @@ import body
 import plumbing
 import posebench
 import posecodes
-import retrieval as R
+import retrieval
 import sentences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = posebench.BenchConfig(n_train=64, n_val=16, n_test=40)
 
 
-def tiny_model(kind: str, seed: int = 0) -> R.TextPoseRetriever:
+def tiny_model(kind: str, seed: int = 0) -> retrieval.TextPoseRetriever:
     torch.manual_seed(seed)
-    return R.TextPoseRetriever(R.RetrieverConfig(pose_features=kind, hidden_dim=32, embed_dim=16))
+    return retrieval.TextPoseRetriever(retrieval.RetrieverConfig(pose_features=kind, hidden_dim=32, embed_dim=16))
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +37,19 @@ def bench():
     key = posebench.config_key(TINY)
     sent, index = sentences.caption_embeddings(train, key, 3, progress=False)  # (U, E), (N, 3)
     return dict(train=train, test=test, key=key, sent=sent, index=index,
-                train_action=R.action_from_axis_angle(train.pose_aa),  # (N, 24, 6)
-                test_action=R.action_from_axis_angle(test.pose_aa))
+                train_action=retrieval.action_from_axis_angle(train.pose_aa),  # (N, 24, 6)
+                test_action=retrieval.action_from_axis_angle(test.pose_aa))
 
 
 @pytest.fixture(scope="module")
 def trained(bench):
     """One tiny retriever per pose-feature kind, trained for a few steps."""
     models = {}
-    for kind in R.POSE_FEATURES:
+    for kind in retrieval.POSE_FEATURES:
         m = tiny_model(kind)
-        feats = R.pose_features(bench["train_action"], kind)
-        R.train_retriever(m, feats, bench["sent"], bench["index"], epochs=3, batch_size=32, lr=1e-3,
-                          weight_decay=0.01, seed=0, desc=kind)
+        feats = retrieval.pose_features(bench["train_action"], kind)
+        retrieval.train_retriever(m, feats, bench["sent"], bench["index"], epochs=3, batch_size=32, lr=1e-3,
+                                  weight_decay=0.01, seed=0, desc=kind)
         models[kind] = m
     return models
 
@@ -71,33 +71,34 @@ def test_contrastive_loss_matches_slow_loop(n, logit_scale):
     g = torch.Generator().manual_seed(n)
     text = torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=-1)
     pose = torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=-1)
-    fast = R.contrastive_loss(text, pose, torch.tensor(logit_scale, dtype=torch.float64))
+    fast = retrieval.contrastive_loss(text, pose, torch.tensor(logit_scale, dtype=torch.float64))
     assert float(fast) == pytest.approx(slow_contrastive_loss(text, pose, logit_scale), rel=1e-10, abs=1e-12)
 
 
 def test_contrastive_loss_prefers_matched_pairs():
     emb = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     scale = torch.tensor(np.log(10.0))
-    assert R.contrastive_loss(emb, emb, scale) < R.contrastive_loss(emb, emb.roll(1, 0), scale)
+    assert retrieval.contrastive_loss(emb, emb, scale) < retrieval.contrastive_loss(emb, emb.roll(1, 0), scale)
 
 
 # ---- Features and embeddings ----------------------------------------------------------------
 
 def test_joints_features_from_action_match_benchmark(bench):
     """The evaluator trains on posebench's stored joints and is queried with actions: same features."""
-    from_action = R.pose_features(bench["train_action"], "joints")  # through the SMPL forward pass
-    stored = R.pose_features(torch.as_tensor(bench["train"].joints), "joints")
+    from_action = retrieval.pose_features(bench["train_action"], "joints")  # through the SMPL forward pass
+    stored = retrieval.pose_features(torch.as_tensor(bench["train"].joints), "joints")
     assert (from_action - stored).abs().max() < 1e-4  # metres
 
 
 def test_rot6d_features_depend_only_on_the_rotation(bench):
     a = bench["train_action"][:8]  # (8, 24, 6)
     skewed = torch.cat([2.0 * a[..., :3], 0.5 * a[..., 3:] + 0.3 * a[..., :3]], dim=-1)  # same Gram-Schmidt result
-    torch.testing.assert_close(R.pose_features(skewed, "rot6d"), R.pose_features(a, "rot6d"), atol=1e-5, rtol=0)
-    torch.testing.assert_close(R.pose_features(a.reshape(8, 144), "rot6d"), R.pose_features(a, "rot6d"))
+    torch.testing.assert_close(retrieval.pose_features(skewed, "rot6d"), retrieval.pose_features(a, "rot6d"),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(retrieval.pose_features(a.reshape(8, 144), "rot6d"), retrieval.pose_features(a, "rot6d"))
 
 
-@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+@pytest.mark.parametrize("kind", retrieval.POSE_FEATURES)
 def test_embeddings_have_unit_norm(trained, bench, kind):
     m = trained[kind]
     text = m.embed_text(["The left knee is bent.", "Both hands are above the head and the feet are apart."])
@@ -118,14 +119,14 @@ def test_joints_retriever_reads_actions_and_joints_alike(trained, bench):
                                m.embed_pose(torch.as_tensor(bench["test"].joints[:6])), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+@pytest.mark.parametrize("kind", retrieval.POSE_FEATURES)
 def test_embedding_does_not_depend_on_the_batch(trained, bench, kind):
     m, a = trained[kind], bench["test_action"][:6]
     alone = torch.cat([m.embed_pose(a[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(m.embed_pose(a), alone, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+@pytest.mark.parametrize("kind", retrieval.POSE_FEATURES)
 def test_gradient_flows_to_the_pose(trained, bench, kind):
     """Eq. 8 is differentiable w.r.t. the action (via the SMPL body for joint features)."""
     m = trained[kind]
@@ -176,9 +177,9 @@ def test_known_sentences_are_read_not_encoded(trained, bench, monkeypatch):
 def test_training_changes_parameters_and_lowers_the_loss(bench):
     m = tiny_model("rot6d", seed=3)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    feats = R.pose_features(bench["train_action"], "rot6d")
-    losses = R.train_retriever(m, feats, bench["sent"], bench["index"], epochs=40, batch_size=64, lr=3e-3,
-                               weight_decay=0.0, seed=0, desc="overfit")
+    feats = retrieval.pose_features(bench["train_action"], "rot6d")
+    losses = retrieval.train_retriever(m, feats, bench["sent"], bench["index"], epochs=40, batch_size=64, lr=3e-3,
+                                       weight_decay=0.0, seed=0, desc="overfit")
     after = m.state_dict()
     for name in ("text_head.0.weight", "pose_mlp.0.weight", "logit_scale", "feat_mean"):
         assert not torch.equal(before[name], after[name]), name
@@ -206,14 +207,14 @@ def test_a_truncated_caption_cache_is_encoded_again_saying_so(bench, tmp_path, m
     assert open(path, "rb").read() == good and index.shape == (len(bench["train"].captions), 1)
 
 
-@pytest.mark.parametrize("kind", R.POSE_FEATURES)
+@pytest.mark.parametrize("kind", retrieval.POSE_FEATURES)
 def test_save_load_gives_identical_embeddings(trained, bench, kind, tmp_path):
     m = trained[kind]
     path = str(tmp_path / "retriever")
-    R.save_retriever(m, path)
-    R.save_retriever(m, path)  # overwriting an existing checkpoint works
+    retrieval.save_retriever(m, path)
+    retrieval.save_retriever(m, path)  # overwriting an existing checkpoint works
     assert sorted(os.listdir(tmp_path)) == ["retriever"]  # no temp dirs left behind
-    loaded = R.load_retriever(path)
+    loaded = retrieval.load_retriever(path)
     assert loaded.cfg == m.cfg and not loaded.training
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -239,7 +240,7 @@ def test_bad_text_input(trained):
 def test_bad_pose_input(trained, bench):
     a = bench["test_action"][:3].clone()
     a[1, 4, 2] = float("nan")
-    for kind in R.POSE_FEATURES:
+    for kind in retrieval.POSE_FEATURES:
         with pytest.raises(ValueError, match="NaN"):
             trained[kind].embed_pose(a)
         with pytest.raises(ValueError, match=r"shape \(3, 23, 6\).*expected an action"):
@@ -254,24 +255,24 @@ def test_bad_pose_input(trained, bench):
 
 def test_missing_or_partial_checkpoint(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist.*python retrieval\.py"):
-        R.load_retriever(str(tmp_path / "nope"))
+        retrieval.load_retriever(str(tmp_path / "nope"))
     path = str(tmp_path / "partial")
-    R.save_retriever(trained["rot6d"], path)
-    weights = os.path.join(path, R.WEIGHTS_NAME)
+    retrieval.save_retriever(trained["rot6d"], path)
+    weights = os.path.join(path, retrieval.WEIGHTS_NAME)
     good = open(weights, "rb").read()
     open(weights, "wb").write(good[:len(good) // 2])
     with pytest.raises(ValueError, match=r"is damaged: .*model.safetensors is truncated.*python retrieval\.py"):
-        R.load_retriever(path)
-    os.remove(os.path.join(path, R.WEIGHTS_NAME))
+        retrieval.load_retriever(path)
+    os.remove(os.path.join(path, retrieval.WEIGHTS_NAME))
     with pytest.raises(FileNotFoundError, match=r"incomplete \(no model\.safetensors\).*python retrieval\.py"):
-        R.load_retriever(path)
+        retrieval.load_retriever(path)
 
 
 def test_missing_text_encoder_path():
     with pytest.raises(FileNotFoundError, match="--text_encoder '/no/such/model' does not exist"):
         sentences.resolve_text_encoder("/no/such/model")
     with pytest.raises(ValueError, match="pose_features must be one of"):
-        R.TextPoseRetriever(R.RetrieverConfig(pose_features="axis_angle"))
+        retrieval.TextPoseRetriever(retrieval.RetrieverConfig(pose_features="axis_angle"))
 
 
 # ---- The script -----------------------------------------------------------------------------
@@ -290,8 +291,8 @@ def test_script_smoke(tmp_path):
                 assert any(line.split()[:3] == [role, protocol, direction] for line in proc.stdout.splitlines()), \
                     (role, protocol, direction, proc.stdout)
     assert "Spearman rank correlation" in proc.stdout and "chance" in proc.stdout
-    reward = R.load_retriever(os.path.join(out, "retriever_reward"))
-    evaluator = R.load_retriever(os.path.join(out, "retriever_eval"))
+    reward = retrieval.load_retriever(os.path.join(out, "retriever_reward"))
+    evaluator = retrieval.load_retriever(os.path.join(out, "retriever_eval"))
     assert (reward.cfg.pose_features, reward.cfg.seed, reward.cfg.train_poses) == ("joints", 0, "train[0:32]")
     assert (evaluator.cfg.pose_features, evaluator.cfg.seed, evaluator.cfg.train_poses) == ("rot6d", 1, "train[32:64]")
     assert reward.cfg.bench_key == evaluator.cfg.bench_key == posebench.config_key(TINY)
@@ -302,15 +303,15 @@ def test_script_bad_arguments_save_nothing(tmp_path):
     small = ["--n_val", "16", "--n_test", "40", "--batch_size", "16", "--hidden_dim", "32", "--embed_dim", "16",
              "--num_threads", "1", "--out_dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--epochs 0: must be >= 1"):
-        R.main(["--n_train", "64", "--epochs", "0", *small])
+        retrieval.main(["--n_train", "64", "--epochs", "0", *small])
     with pytest.raises(SystemExit, match="--lr nan: not a finite number"):
-        R.main(["--n_train", "64", "--lr", "nan", *small])
+        retrieval.main(["--n_train", "64", "--lr", "nan", *small])
     with pytest.raises(SystemExit, match="--out_dir /proc/x: cannot write there"):  # before training, not after
-        R.main(["--n_train", "64", "--epochs", "1", *small, "--out_dir", "/proc/x"])
+        retrieval.main(["--n_train", "64", "--epochs", "1", *small, "--out_dir", "/proc/x"])
     with pytest.raises(SystemExit, match=r"retriever_reward trains on poses train\[0:1\], fewer than 2"):
-        R.main(["--n_train", "3", "--epochs", "1", *small])
+        retrieval.main(["--n_train", "3", "--epochs", "1", *small])
     with pytest.raises(SystemExit, match="retriever_reward diverged"):
-        R.main(["--n_train", "64", "--epochs", "1", "--lr", "1e30", *small])
+        retrieval.main(["--n_train", "64", "--epochs", "1", "--lr", "1e30", *small])
     assert not os.path.exists(tmp_path / "retriever_reward")
 
 
@@ -423,13 +424,14 @@ def test_retrievers_train_on_posescript_and_bedlam_script(tmp_path, capsys):
     write_posescript_release(ps, amass, captioned_poses(128, 1), captioned_poses(40, 2), rng)
     write_bedlam_script(bedlam, captioned_poses(64, 3), rng)
     out = tmp_path / "ckpt"
-    R.main(["--posescript_dir", ps, "--amass_dir", amass, "--bedlam_script_dir", bedlam, "--epochs", "40",
-            "--batch_size", "32", "--hidden_dim", "64", "--embed_dim", "32", "--random_protocol_repeats", "2",
-            "--num_threads", "1", "--out_dir", str(out)])
+    retrieval.main(["--posescript_dir", ps, "--amass_dir", amass, "--bedlam_script_dir", bedlam, "--epochs", "40",
+                    "--batch_size", "32", "--hidden_dim", "64", "--embed_dim", "32", "--random_protocol_repeats", "2",
+                    "--num_threads", "1", "--out_dir", str(out)])
     printed = capsys.readouterr().out
     assert ("Recall@K (%) on PoseScript-H2 (PoseScript's test split, human captions), ground-truth poses, N = 40"
             in printed)
-    reward, evaluator = R.load_retriever(str(out / "retriever_reward")), R.load_retriever(str(out / "retriever_eval"))
+    reward = retrieval.load_retriever(str(out / "retriever_reward"))
+    evaluator = retrieval.load_retriever(str(out / "retriever_eval"))
     assert reward.cfg.train_poses == "PoseScript train, 128 poses, human + automatic captions"
     assert evaluator.cfg.train_poses == "BEDLAM-Script training, 64 humans" and evaluator.cfg.bench_key == ""
     import realdata
@@ -440,7 +442,7 @@ def test_retrievers_train_on_posescript_and_bedlam_script(tmp_path, capsys):
     train = realdata.PoseScript(ps, amass, "train")
     texts = [c[0] for c in train.captions]  # each pose's first caption (human ones come first)
     with torch.no_grad():
-        sim = reward.embed_text(texts) @ reward.embed_pose(R.action_from_axis_angle(train.all_pose_aa())).T
+        sim = reward.embed_text(texts) @ reward.embed_pose(retrieval.action_from_axis_angle(train.all_pose_aa())).T
     t2p = float(100 * (sim.argsort(1, descending=True)[:, :10] == torch.arange(len(texts))[:,
                                                                                            None]).any(1).float().mean())
     assert t2p > 3 * 100 * 10 / len(texts), t2p  # R@10 T2P over 128 poses: chance 7.8 %
@@ -449,12 +451,12 @@ def test_retrievers_train_on_posescript_and_bedlam_script(tmp_path, capsys):
 def test_real_retriever_flags_stop_on_bad_files(tmp_path):
     small = ["--epochs", "1", "--num_threads", "1", "--out_dir", str(tmp_path / "ckpt")]
     with pytest.raises(SystemExit, match="--posescript_dir and --amass_dir go together"):
-        R.main(["--posescript_dir", str(tmp_path), *small])
+        retrieval.main(["--posescript_dir", str(tmp_path), *small])
     rng = np.random.default_rng(0)
     ps, amass = str(tmp_path / "posescript"), str(tmp_path / "amass")
     write_posescript_release(ps, amass, captioned_poses(8, 1), captioned_poses(4, 2), rng)
     # 12 poses ask for frames 0..11
     np.savez(os.path.join(amass, "KIT", "3", "walk_poses.npz"), poses=np.zeros((3, 156)))
     with pytest.raises(SystemExit, match=r"retrieval.py: PoseScript: .*walk_poses.npz, record 3: frame 3 out of range"):
-        R.main(["--posescript_dir", ps, "--amass_dir", amass, *small])
+        retrieval.main(["--posescript_dir", ps, "--amass_dir", amass, *small])
     assert not (tmp_path / "ckpt" / "retriever_reward").exists()

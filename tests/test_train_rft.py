@@ -132,19 +132,19 @@ def test_torchrun_keeps_whole_groups_per_rank_and_resumes_exactly(assets, tmp_pa
 def test_token_logprobs_are_those_of_the_sampling_policy(temperature, monkeypatch):
     """logprobs() scores each sampled token under the distribution the sampler drew it from:
     softmax(logits / temperature), suppressed tokens masked."""
-    import model as M
+    import model
     cfg = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
     tok = vocab.tiny_tokenizer(cfg)
     torch.manual_seed(0)
     policy = presets.apply_lora(presets.build_tiny(tok)).eval()
     tasks = data.PoseBenchTasks("train", cfg, seed=0)
     args = train_rft.Args(temperature=temperature, max_new_tokens=8, group_size=2)
-    scores, sample = [], M.sample
+    scores, sample = [], model.sample
 
     def record(t, logits):  # the logits the sampler draws from, before the temperature
         scores.append(logits.clone())
         return logits
-    monkeypatch.setattr(M, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=record))
+    monkeypatch.setattr(model, "sample", lambda *a, **kw: sample(*a, **kw, logits_processor=record))
     ro = rollout.rollout(policy, tok, [tasks[i] for i in range(4) for _ in range(2)], args, "cpu")
     with torch.no_grad():
         token_logp, _ = rollout.logprobs(policy, ro, rollout.suppressed_tokens(policy, tok), 1.0, temperature)
@@ -161,9 +161,9 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
     q = next(tasks[i] for i in range(40) if tasks[i].task == "vqa")
     samples = [s, s, q]
     ro = rollout.Rollout(sequences=None, attention_mask=None, completion_mask=None, pixel_values=None, prompt_len=0,
-                           pose_pos=torch.tensor([40, -1, -1]), has_pose=torch.tensor([True, False, False]),
-                           pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1)] + [np.zeros(144, np.float32)] * 2)),
-                           texts=[data.POSE_ANSWER, "The SMPL pose of this person is", q.answer])
+                         pose_pos=torch.tensor([40, -1, -1]), has_pose=torch.tensor([True, False, False]),
+                         pose=torch.as_tensor(np.stack([s.pose6d.reshape(-1)] + [np.zeros(144, np.float32)] * 2)),
+                         texts=[data.POSE_ANSWER, "The SMPL pose of this person is", q.answer])
 
     class Similarity:
         def __call__(self, a, b):
@@ -178,7 +178,7 @@ def test_completion_without_pose_is_not_in_v_and_scores_format_zero():
     assert r_d.tolist() == [1.0, 0.0, 1.5]
     # plain GRPO on a step it does not log: the pose rewards, which no loss uses, are not computed
     r, r_d2, r_c, valid, where = rewards.score(ro, samples, Similarity(), None, body.BodyModel(), train_rft.Args(),
-                                                 pose_rewards=False)
+                                               pose_rewards=False)
     assert r["joint"].tolist() == [0.0, 0.0, 0.0] and not where["joint"].any() and valid.tolist() == [True, False,
                                                                                                       False]
     assert torch.equal(r_d2, r_d) and torch.equal(r_c, torch.zeros(3))
@@ -296,7 +296,7 @@ def test_inputs_are_checked_before_any_write(assets, tmp_path):
                            (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
                            (["--pose_temperature", "0"], "--pose_temperature 0.0: must be > 0"),
                            (["--n_train", "40"], "--n_train 40: the SFT run .* was trained on the benchmark of "
-                                                 "--n_train 48, .*pass --n_train 48")):
+                            "--n_train 48, .*pass --n_train 48")):
         with pytest.raises(SystemExit, match=message):
             train_rft.main(rft_args(assets, out, *flags))
     broken = tmp_path / "retriever_eval"
@@ -304,7 +304,7 @@ def test_inputs_are_checked_before_any_write(assets, tmp_path):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(SystemExit, match=r"--eval_retriever: retriever checkpoint .*retriever_eval' is damaged: "
-                                         r".*model.safetensors is truncated"):
+                       r".*model.safetensors is truncated"):
         train_rft.main(rft_args(assets, out, "--eval_retriever", str(broken)))
     assert not out.exists()
 

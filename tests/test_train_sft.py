@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import body
 import data
-import model as M
+import model
 import plumbing
 import posebench
 import presets
@@ -58,7 +58,7 @@ def test_sft_loss_matches_slow_reference(tok):
                 ce -= torch.log_softmax(logits[i, t].double(), -1)[b.labels[i, t + 1]].item()
         if b.pose_valid[i]:
             target = b.pose6d[i].reshape(-1)
-            single = M.gaussian(*[x[i:i + 1] for x in m.pose_head(
+            single = model.gaussian(*[x[i:i + 1] for x in m.pose_head(
                 m.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
                         position_ids=(b.attention_mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state[
                     torch.arange(6), b.pose_token_pos.clamp_min(0)])])
@@ -73,12 +73,12 @@ def test_nll_fits_the_covariance_around_the_regressed_mean():
     """Default pose loss: the NLL's gradient reaches the covariance exactly as a plain NLL's does,
     and the mean only through the L2 on 6D; `--nll_trains_mean` restores the plain NLL."""
     torch.manual_seed(0)
-    head = M.GaussianPoseHead(16, rank=2)
+    head = model.GaussianPoseHead(16, rank=2)
     h, target, valid = torch.randn(5, 16), torch.randn(5, 144), torch.tensor([True, True, False, True, True])
 
     def grads(args):
         mean, log_std, factor = [x.detach().requires_grad_() for x in head(h)]
-        nll, l2 = train_sft.pose_loss(M.gaussian(mean, log_std, factor), target, valid, args, 4.0)
+        nll, l2 = train_sft.pose_loss(model.gaussian(mean, log_std, factor), target, valid, args, 4.0)
         return torch.autograd.grad(nll + l2, (mean, log_std, factor))
 
     g_mean, g_std, g_factor = grads(train_sft.Args(l2_6d_weight=0.0))

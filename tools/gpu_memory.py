@@ -33,7 +33,7 @@ import torch
 # run as `python tools/<name>.py` from anywhere: the repository's modules are one directory up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model as M
+import model
 import posevit
 
 GIB = 2 ** 30
@@ -61,7 +61,7 @@ class Args:
     llava_path: str = field(default="", metadata={"help": "read LLaVA's config.json here ('' : LLaVA-1.5-7B's, below)"})
 
 
-def llava_7b_config(llava_path: str = "", head_rank: int = 4) -> M.PoseLlavaConfig:
+def llava_7b_config(llava_path: str = "", head_rank: int = 4) -> model.PoseLlavaConfig:
     """The 7B preset's configuration: LLaVA-1.5-7B (Vicuna-7B + CLIP ViT-L/14-336) + HMR2.0's ViT-H."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -75,18 +75,18 @@ def llava_7b_config(llava_path: str = "", head_rank: int = 4) -> M.PoseLlavaConf
         vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
         layer = -2
-    return M.PoseLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-                             pose_token_id=32002, pose_vision_config=posevit.VIT_H, vision_feature_layer=layer,
-                             vision_feature_select_strategy="default", pose_head_rank=head_rank,
-                             compute_dtype="bfloat16")
+    return model.PoseLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
+                                 pose_token_id=32002, pose_vision_config=posevit.VIT_H, vision_feature_layer=layer,
+                                 vision_feature_select_strategy="default", pose_head_rank=head_rank,
+                                 compute_dtype="bfloat16")
 
 
-def count_parameters(cfg: M.PoseLlavaConfig, lora_rank: int) -> dict:
+def count_parameters(cfg: model.PoseLlavaConfig, lora_rank: int) -> dict:
     """Exact parameter counts of each part, from the model built on the meta device."""
     with torch.device("meta"):
-        m = M.PoseLlavaForConditionalGeneration(cfg)
+        m = model.PoseLlavaForConditionalGeneration(cfg)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    target = re.compile(M.LORA_TARGET)
+    target = re.compile(model.LORA_TARGET)
     lora = sum(lora_rank * (mod.in_features + mod.out_features) for name, mod in m.named_modules()
                if isinstance(mod, torch.nn.Linear) and target.fullmatch(name))
     h = cfg.text_config.hidden_size

@@ -56,11 +56,11 @@ import body
 import data
 import hygrpo
 import metrics
-import model as M
+import model
 import plumbing
 import posebench
 import presets
-import rewards as R
+import rewards
 import train_sft
 
 OBJECTIVES = ("6d", "eq7", "reward", "pa", "eq7+pa", "eq7_true_root")
@@ -143,7 +143,7 @@ def linear_root_probe(x_train, pose6d_train, x_val, pose6d_val, holdout: float =
     regression to the root's 6D, its lambda chosen on the last `holdout` of the training rows
     (never on val), refitted on all of them; root error on val in degrees."""
     cut = int(len(x_train) * (1 - holdout))
-    root_train, root_val = pose6d_train[:, :M.ROOT_DIMS], pose6d_val[:, :M.ROOT_DIMS]
+    root_train, root_val = pose6d_train[:, :model.ROOT_DIMS], pose6d_val[:, :model.ROOT_DIMS]
     held = {lam: root_angle_deg(ridge_fit(x_train[:cut], root_train[:cut], lam)(x_train[cut:]), root_train[cut:])
             .mean().item() for lam in RIDGE_LAMBDAS}
     lam = min(held, key=held.get)
@@ -168,27 +168,28 @@ def score_diagnostics(head, val: dict, bodymodel, pose_temperature: float, n: in
     torch.manual_seed(seed)
     h, joints = val["h"][:n], val["joints"][:n]
     with torch.no_grad():
-        dist = M.tempered(head.distribution(h), pose_temperature)
+        dist = model.tempered(head.distribution(h), pose_temperature)
     mu = dist.mean.detach().clone().requires_grad_(True)
-    dist = M.rebuilt(dist, mu)
+    dist = model.rebuilt(dist, mu)
     true = torch.zeros_like(mu)
     for _ in range(true_samples // 64):  # the true gradient of E[R_joint] by reparameterisation
         p = dist.rsample((64,))
-        r = R.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(64, 1, 1))
+        r = rewards.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(64, 1, 1))
         true += torch.autograd.grad(r.reshape(64, -1).mean(0).sum(), mu)[0]
     with torch.no_grad():
         cov = (dist.covariance_matrix if isinstance(dist, torch.distributions.LowRankMultivariateNormal)
                else torch.diag_embed(dist.variance)).double()
         fisher = torch.linalg.inv(cov)  # E[score score^T] of N(mu, Sigma)
-        basis = M.rotation_basis(mu.double())
+        basis = model.rotation_basis(mu.double())
         seen = basis @ basis.transpose(-1, -2)
         unseen_share = 1 - (seen * fisher).sum((-2, -1)) / fisher.diagonal(dim1=-2, dim2=-1).sum(-1)
-        marginal = M.projected(dist, basis.float())
+        marginal = model.projected(dist, basis.float())
         marg_prec = torch.linalg.inv(marginal.covariance_matrix.double())
         cosines = {"params": [], "rotations": []}
         for _ in range(trials):
             p = dist.sample((group,))  # (G, n, P)
-            r = R.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(group, 1, 1))
+            r = rewards.joint_reward(bodymodel.forward_rot6d(p.reshape(-1, p.shape[-1])).joints, joints.repeat(group,
+                                                                                                               1, 1))
             adv = hygrpo.group_advantages(r.reshape(group, -1).T.double())  # (n, G)
             dev = (p.double() - mu.double()).transpose(0, 1)  # (n, G, P)
             scores = {"params": dev @ fisher,  # grad_mu log N(p; mu, Sigma) = Sigma^-1 (p - mu)
@@ -208,17 +209,18 @@ def objective_loss(name: str, head, h, pose6d, joints, bodymodel, pose_temperatu
     if name == "6d":
         return ((mu - pose6d) ** 2).mean()
     if name == "reward":
-        p = M.tempered(dist, pose_temperature).rsample((samples,)).reshape(-1, mu.shape[-1])
-        return -R.joint_reward(bodymodel.forward_rot6d(p).joints, joints.repeat(samples, 1, 1)).mean()
+        p = model.tempered(dist, pose_temperature).rsample((samples,)).reshape(-1, mu.shape[-1])
+        return -rewards.joint_reward(bodymodel.forward_rot6d(p).joints, joints.repeat(samples, 1, 1)).mean()
     if name == "eq7_true_root":
-        mu = torch.cat([pose6d[:, :M.ROOT_DIMS], mu[:, M.ROOT_DIMS:]], 1)
+        mu = torch.cat([pose6d[:, :model.ROOT_DIMS], mu[:, model.ROOT_DIMS:]], 1)
     pred = bodymodel.forward_rot6d(mu).joints
     if name in ("eq7", "eq7_true_root"):
-        return R.joint_distance_m(pred, joints).mean()
+        return rewards.joint_distance_m(pred, joints).mean()
     if name == "pa":
-        return R.joint_distance_m(pred, joints, align="procrustes").mean()
+        return rewards.joint_distance_m(pred, joints, align="procrustes").mean()
     if name == "eq7+pa":
-        return (R.joint_distance_m(pred, joints) + R.joint_distance_m(pred, joints, align="procrustes")).mean()
+        return (rewards.joint_distance_m(pred, joints) + rewards.joint_distance_m(pred, joints,
+                                                                                  align="procrustes")).mean()
     raise ValueError(f"objective_loss: unknown objective {name!r}; expected one of {OBJECTIVES}")
 
 
@@ -232,7 +234,7 @@ def val_metrics(head, val: dict, bodymodel) -> dict:
 @torch.no_grad()
 def root_error_deg(head, val: dict) -> torch.Tensor:
     """(n,) geodesic angle in degrees between the head's mean root rotation and the true one."""
-    return root_angle_deg(head.distribution(val["h"]).mean[:, :M.ROOT_DIMS], val["pose6d"][:, :M.ROOT_DIMS])
+    return root_angle_deg(head.distribution(val["h"]).mean[:, :model.ROOT_DIMS], val["pose6d"][:, :model.ROOT_DIMS])
 
 
 def root_angle_deg(pred6d: torch.Tensor, true6d: torch.Tensor) -> torch.Tensor:

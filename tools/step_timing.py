@@ -32,7 +32,7 @@ import data
 import hygrpo
 import posebench
 import presets
-import rewards as R
+import rewards
 import rollout
 import train_rft
 import vocab
@@ -79,7 +79,7 @@ def bench(preset: str, args: Args) -> dict:
         retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).to(device).eval()
     rft = train_rft.Args(batch_size=args.batch_size, group_size=args.group_size, max_new_tokens=args.max_new_tokens)
     ctx = train_rft.StepContext(policy, tok, torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95)), params,
-                                R.TextSimilarity("", str(device)), retriever, body.BodyModel().to(device),
+                                rewards.TextSimilarity("", str(device)), retriever, body.BodyModel().to(device),
                                 hygrpo.make_loss(None), rollout.suppressed_tokens(policy, tok))
     tasks = data.PoseBenchTasks("train", cfg)
     B, G = args.batch_size, args.group_size
