@@ -66,3 +66,20 @@ def test_lines_fit_120_characters():
             long += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(fh, 1)
                      if len(line.rstrip("\n")) > 120]
     assert not long, "wrap these lines"
+
+
+def test_modules_are_imported_by_their_full_names():
+    """`import model as M` hides which module a name comes from; numpy's, torch.nn.functional's and pyplot's
+    customary short names are the exceptions."""
+    customary = {"numpy": "np", "torch.nn.functional": "F", "matplotlib.pyplot": "plt"}
+    project = set(top_level_modules()) | {"realdata"}
+    bad = []
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py")):
+        with open(path) as fh:
+            tree = ast.parse(fh.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.asname and a.name.split(".")[0] in project and customary.get(a.name) != a.asname:
+                        bad.append(f"{os.path.relpath(path, ROOT)}: import {a.name} as {a.asname}")
+    assert not bad

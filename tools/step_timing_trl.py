@@ -18,7 +18,7 @@ The same work on both sides:
     at beta, group-normalised advantages; AdamW (betas 0.9, 0.95, no weight decay) at a constant learning rate,
     gradients clipped at norm 1;
   - the same text reward: the format reward (rewards.format_reward on the answer decoded and cut at eos as
-    R.score does), the only reward the `--hybrid false` loss uses on these prompts (Eq. 10 is scored on
+    rewards.score does), the only reward the `--hybrid false` loss uses on these prompts (Eq. 10 is scored on
     QA prompts only). Our step runs as train_rft.py runs the steps it does not log, which skip the pose rewards
     that a `--hybrid false` loss does not use;
   - float32, no gradient checkpointing, no vLLM, no logging, no evaluation, no saving, `threads` torch threads.
@@ -60,7 +60,7 @@ import hygrpo
 import posebench
 import presets
 import retrieval
-import rewards as R
+import rewards
 import rollout
 import train_rft
 import vocab
@@ -104,7 +104,7 @@ def our_step(tok, samples, args: Args):
                          max_new_tokens=args.max_new_tokens, beta=args.beta)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     retriever = retrieval.TextPoseRetriever(retrieval.RetrieverConfig()).eval()  # untrained, as step_timing.py's
-    ctx = train_rft.StepContext(policy, tok, opt, params, R.TextSimilarity(""), retriever, body.BodyModel(),
+    ctx = train_rft.StepContext(policy, tok, opt, params, rewards.TextSimilarity(""), retriever, body.BodyModel(),
                                 hygrpo.make_loss(None), rollout.suppressed_tokens(policy, tok))
     B, G = args.batch_size, args.group_size
     original, lengths = rollout.rollout, []
@@ -136,9 +136,9 @@ def run_trl(tok, samples, args: Args, after_step=None) -> list[dict]:
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    def format_reward(completion_ids, task, answer, **_):  # Eq. 9 on the answer as R.score decodes it
+    def format_reward(completion_ids, task, answer, **_):  # Eq. 9 on the answer as rewards.score decodes it
         texts = [data.clean_answer(t, tok) for t in tok.batch_decode(completion_ids, skip_special_tokens=False)]
-        return R.format_reward(texts, task, answer).tolist()
+        return rewards.format_reward(texts, task, answer).tolist()
 
     B, G = args.batch_size, args.group_size
     dataset = Dataset.from_dict({"prompt": [trl_prompt(tok, s) for s in samples],
