@@ -79,8 +79,7 @@ class GaussianPoseHead(nn.Module):
     Two MLPs read the same state h: `mlp` gives the mean mu, `cov_mlp` the log-std and the factor
     W. They share no layer: the covariance's NLL (train_sft.pose_loss) has large gradients in the
     directions the 6D targets never vary in (a column's length), and through a shared layer they
-    swamped the mean's (measured on cached tiny-preset states: the mean of a shared-trunk head fitted
-    with the NLL reached 321 mm image-to-pose MPJPE on val, without the NLL 286 mm).
+    swamped the mean's (docs/FINDINGS.md, finding 1).
 
     Args:
         hidden_size: D. rank: R, the low-rank factor's rank (0: diagonal covariance).

@@ -17,11 +17,8 @@ an independent one (App. H, "cross-retriever evaluation", PoseEmbroider). We kee
 They differ in seed, pose features (joint positions for the reward, 6D rotations for the
 evaluator) and training poses (disjoint halves of posebench's training split). The reward reads
 joint positions because the captions' posecodes are functions of joint positions: a policy
-cannot raise it by moving rotations that move no joint (a twist about a bone). Measured with a
-head-only RL probe on cached SFT `<POSE>` states (600 steps, isotropic exploration 0.1, val
-split): rewarded by a rot6d-feature retriever, its own R@10 rose 19.7 -> 28.9 while the
-joints-feature one's did not move (16.7 -> 16.6); rewarded by the joints-feature one, both rose
-(16.7 -> 22.8 and 19.7 -> 25.5).
+cannot raise it by moving rotations that move no joint (a twist about a bone), as it could raise
+one that reads 6D rotations (docs/FINDINGS.md, finding 3, has the measurement).
 
 Real runs train them on the paper's data: `--posescript_dir --amass_dir` trains the reward
 retriever on all of PoseScript's training split (automatic and human captions), as the paper's
