@@ -129,7 +129,7 @@ def test_max_samples_and_shards_give_the_same_predictions(real, monkeypatch):
 
 def test_missing_files_and_flags_are_named_before_the_model_loads(real, tmp_path, monkeypatch):
     d, flags = real
-    monkeypatch.setattr(model, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(presets, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
     run = ["--ckpt", str(d / "run"), "--out_dir", str(tmp_path / "out"), "--threads", "1"]
     with pytest.raises(SystemExit) as e:
         evaluate.main([*run, "--eval_npz", f"3DPW={tmp_path / 'none.npz'}={d / '3DPW'}", "H36M=h36m.npz",
