@@ -34,6 +34,7 @@ import posebench
 import presets
 import rewards
 import rollout
+import sentences
 import train_rft
 import vocab
 
@@ -82,6 +83,9 @@ def bench(preset: str, args: Args) -> dict:
                                 rewards.TextSimilarity("", str(device)), retriever, body.BodyModel().to(device),
                                 hygrpo.make_loss(None), rollout.suppressed_tokens(policy, tok))
     tasks = data.PoseBenchTasks("train", cfg)
+    if args.reward_retriever:  # as train_rft.py: the training captions' embeddings, read rather than encoded
+        retriever.know_sentences(sentences.caption_table(tasks.data, posebench.config_key(cfg),
+                                                         retriever.cfg.text_encoder, retriever.cfg.encoder_bf16))
     B, G = args.batch_size, args.group_size
     totals = {p: 0.0 for p in PARTS + ("total",)}
     for step in range(args.steps + 1):
