@@ -10,8 +10,9 @@ miniature assets in each real schema, all made here:
   images), SPIN's mpi_inf_3dhp_train.npz with images, LLaVA-Instruct-150k with COCO-style images,
   and a 3DPW-format eval npz (4D-Humans' hmr2_evaluation_data) with images and a J19 regressor.
 
-Then: SFT of the llava-1.5-7b preset, both retrievers on the real-schema fixtures, RFT, and
-evaluate.py on the 3DPW-format npz and PoseScript-H2. Minutes on CPU: marked slow, run by .ci/run.
+Then: SFT of the llava-1.5-7b preset, both retrievers on the real-schema fixtures, RFT (both with
+--grad_accum 2 --num_workers 2 --keep_checkpoints 2), evaluate.py on the 3DPW-format npz and
+PoseScript-H2, and export.py of the RFT run. Minutes on CPU: marked slow, run by .ci/run.
 """
 import json
 import os
