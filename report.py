@@ -354,8 +354,7 @@ def abstract_table(columns: list) -> str:
     keys = [f"abstract_to_pose/{k}" for k in ABSTRACT_KEYS]
     ceiling = [m.get("abstract_to_pose/archetype_accuracy_true_poses") for _, ms in columns for m in ms]
     return (E.metrics_table(columns, keys, first="metric") + "\nThe archetype classifier (10 nearest training poses "
-            f"by joints) names the true poses of the split at {E.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling: "
-            "the archetypes' poses overlap.\n")
+            f"by joints) names the true poses of the split at {E.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling.\n")
 
 
 # ---- Figures --------------------------------------------------------------------------------
