@@ -354,8 +354,7 @@ def abstract_table(columns: list) -> str:
     ceiling = [m.get("abstract_to_pose/archetype_accuracy_true_poses") for _, ms in columns for m in ms]
     table = tables.metrics_table(columns, keys, first="metric")
     return (table + "\nThe archetype classifier (10 nearest training poses by joints) names the true poses of "
-            f"the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling: "
-            "the archetypes' poses overlap.\n")
+            f"the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling.\n")
 
 
 # ---- The machine ----------------------------------------------------------------------------
