@@ -76,7 +76,7 @@ from evaluate import evaluate_policy
 
 
 @dataclass
-class Args:
+class ScriptFlags:
     preset: str = field(default="tiny", metadata={
         "help": "tiny (CPU, random init + stage 0), smol (SmolLM2-135M) or llava-1.5-7b (the paper's; needs the asset "
                 "and data flags below)"})
@@ -173,19 +173,13 @@ class Args:
     hmr2_ckpt: str = field(default="", metadata={"help": f"HMR2.0 checkpoint, f_b's weights: {posevit.HMR2_SOURCE}"})
     smpl_path: str = field(default="", metadata={
         "help": "licensed SMPL model file for the real targets' joints (https://smpl.is.tue.mpg.de; '' : procedural)"})
-    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {realdata.POSESCRIPT_SOURCE}, unzipped"})
-    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {realdata.AMASS_SOURCE}"})
-    image_npz: list[str] = field(default_factory=list, metadata={
-        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): "
-                f"{realdata.HMR2_DATA_SOURCE}"})
-    bedlam_script_dir: str = field(default="", metadata={
-        "help": f"image-text: the files of {realdata.BEDLAM_SCRIPT_SOURCE}"})
-    bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
-    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {realdata.LLAVA_INSTRUCT_SOURCE}"})
-    coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
-    real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
-        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
-    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for llava-1.5-7b), yes or no"})
+
+
+
+@dataclass
+class Args(realdata.RealDataFlags, ScriptFlags):
+    """Every flag of train_sft.py: its own (ScriptFlags), then the real-data flags both training scripts share
+    (realdata.RealDataFlags), in that order in --help."""
 
     def __post_init__(self):  # preset-dependent defaults, for the flags not given
         for k, v in PRESET_DEFAULTS.get(self.preset, PRESET_DEFAULTS["tiny"]).items():

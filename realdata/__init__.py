@@ -25,11 +25,11 @@ from realdata.images import (REGRESSOR_LAYOUTS, BEDLAMScript, HMR2ImageDataset, 
                              load_joint_regressor, lsp14_from_vertices, lsp14_mpjpe_mm, pad_to_square)
 from realdata.instruct import LLaVAInstruct, Mixture
 from realdata.posescript import PoseScript, posescript_normalize, smplh_to_smpl24, text_pose_frame
-from realdata.preflight import check_real_assets, preflight_real, real_image_size
+from realdata.preflight import RealDataFlags, check_real_assets, preflight_real, real_image_size
 
 __all__ = ["AMASS_SOURCE", "BEDLAM_SCRIPT_SOURCE", "DESCRIBE_PROMPT", "HMR2_DATA_SOURCE", "LLAVA_INSTRUCT_SOURCE",
            "MAX_CAPTION_CHARS", "POSESCRIPT_SOURCE", "DataFormatError", "fit_captions", "npz_headers", "BEDLAMScript",
            "HMR2ImageDataset", "crop_person", "expand_to_aspect", "pad_to_square", "LLaVAInstruct", "Mixture",
            "PoseScript", "posescript_normalize", "smplh_to_smpl24", "text_pose_frame", "check_real_assets",
-           "preflight_real", "real_image_size", "REGRESSOR_LAYOUTS", "load_joint_regressor",
+           "preflight_real", "real_image_size", "RealDataFlags", "REGRESSOR_LAYOUTS", "load_joint_regressor",
            "lsp14_from_vertices", "lsp14_mpjpe_mm"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import dataclass, field
 
 import body
 import data
@@ -14,6 +15,25 @@ from realdata.common import (AMASS_SOURCE, BEDLAM_SCRIPT_SOURCE, DataFormatError
 from realdata.images import BEDLAMScript, HMR2ImageDataset
 from realdata.instruct import LLaVAInstruct, Mixture
 from realdata.posescript import PoseScript
+
+
+@dataclass
+class RealDataFlags:
+    """The real-data flags both training scripts take (--preset llava-1.5-7b; docs/REAL_RUNS.md): each dataset
+    by path, their mixture, and gradient checkpointing (on for llava-1.5-7b by default)."""
+    posescript_dir: str = field(default="", metadata={"help": f"text-to-pose: {POSESCRIPT_SOURCE}, unzipped"})
+    amass_dir: str = field(default="", metadata={"help": f"PoseScript's poses: {AMASS_SOURCE}"})
+    image_npz: list[str] = field(default_factory=list, metadata={
+        "help": f"image-to-pose sets as NAME=NPZ=IMAGE_DIR (H36M, MPI-INF-3DHP, COCO, MPII): "
+                f"{HMR2_DATA_SOURCE}"})
+    bedlam_script_dir: str = field(default="", metadata={
+        "help": f"image-text: the files of {BEDLAM_SCRIPT_SOURCE}"})
+    bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
+    llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {LLAVA_INSTRUCT_SOURCE}"})
+    coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
+    real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
+        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for llava-1.5-7b), yes or no"})
 
 
 def check_real_assets(args, script: str) -> None:
