@@ -18,6 +18,7 @@ import rewards
 import rollout
 import train_rft
 import vocab
+from test_pose_input_rft import force_answer
 
 CFG = posebench.BenchConfig(n_train=200, n_val=40, n_test=80, image_size=32)
 TASK = data.ABSTRACT_TASK
@@ -203,15 +204,6 @@ def test_knn_predict_against_a_loop():
         top = max(votes.values())
         assert got[i] == next(c for c in y[order] if votes[c] == top)
     assert (metrics.knn_predict(x, y, x, k=1) == y).all()  # each training row is its own nearest
-
-
-def force_answer(ids):
-    def process(t, logits):
-        if t < len(ids):
-            logits = torch.full_like(logits, -1e9)
-            logits[:, ids[t]] = 0
-        return logits
-    return process
 
 
 def teacher_forced_mean(policy, tok, sample, answer):

@@ -14,6 +14,8 @@ import rewards
 import rollout
 import train_rft
 import vocab
+from test_abstract import FakeRetriever
+from test_pose_input_rft import force_answer
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40, image_size=32)
 
@@ -103,24 +105,6 @@ def test_loss_against_a_loop_with_invalid_rows_and_a_kl():
     assert stats["kl_pose"].item() > 0
 
 
-class FakeRetriever:
-    device = "cpu"
-
-    def __init__(self, dim=8):
-        self.proj = torch.randn(model.POSE_DIM, dim, generator=torch.Generator().manual_seed(0))
-        self.dim = dim
-
-    def embed_text(self, texts):
-        out = torch.zeros(len(texts), self.dim)
-        for i, t in enumerate(texts):
-            for w in data.normalize_text(t).split():
-                out[i, sum(map(ord, w)) % self.dim] += 1.0
-        return torch.nn.functional.normalize(out + 1e-3, dim=-1)
-
-    def embed_pose(self, pose):
-        return torch.nn.functional.normalize(pose.reshape(len(pose), -1).float() @ self.proj, dim=-1)
-
-
 def test_differentiable_rewards_equal_hygrpos_and_have_gradients():
     tasks = data.PoseBenchTasks("train", CFG, length=60, seed=0)
     samples = [next(tasks[i] for i in range(60) if tasks[i].task == t) for t in ("image_to_pose", "text_to_pose",
@@ -138,15 +122,6 @@ def test_differentiable_rewards_equal_hygrpos_and_have_gradients():
     assert r[2].item() == 0
     (g,) = torch.autograd.grad(r.sum(), pose)
     assert g[0].abs().sum() > 0 and g[1].abs().sum() > 0 and g[2].abs().sum() == 0
-
-
-def force_answer(ids):
-    def process(t, logits):
-        if t < len(ids):
-            logits = torch.full_like(logits, -1e9)
-            logits[:, ids[t]] = 0
-        return logits
-    return process
 
 
 class NotHere:
