@@ -7,7 +7,7 @@ Pose-RFT (§4.1) trains on four kinds of data, turned into single-turn conversat
 |---------------------------------------------------------|-----------------|--------------------------------------|
 | (1) text-pose: PoseScript                               | `text_to_pose`  | posebench captions / `PoseScript` |
 | (2) image-pose: Human3.6M, MPI-INF-3DHP, COCO, MPII;    | `image_to_pose` | posebench renders / `HMR2ImageDataset` |
-|     evaluated on 3DPW and Human3.6M                     |                 | (+ metrics.lsp14_* for the protocol) |
+|     evaluated on 3DPW and Human3.6M                     |                 | (+ realdata.lsp14_* for the protocol) |
 | (3) image-text: BEDLAM-Script                           | `vqa` (describe)| - / `BEDLAMScript`          |
 | (4) VQA: LLaVA-Instruct-150k                            | `vqa`           | posebench yes/no VQA / `LLaVAInstruct` |
 
