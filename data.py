@@ -528,6 +528,11 @@ def clean_answer(text: str, tokenizer) -> str:
     return text.strip()
 
 
+def trains_abstract(mix) -> bool:
+    """abstract_to_pose is in the mixture with a positive weight (--mix with 6 weights, the last > 0)."""
+    return len(mix) == len(MIX_TASKS) and mix[-1] > 0
+
+
 def mix_tasks(mix) -> tuple:
     """The posebench tasks a --mix of weights covers: TASKS for 3 weights, ALL_TASKS (the pose-input
     tasks too) for 5, MIX_TASKS (abstract_to_pose too) for 6."""

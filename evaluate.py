@@ -128,14 +128,20 @@ RANDOM_PROTOCOL_MIN_N = 32  # PoseScript's random protocol ranks among 32 candid
 
 
 @torch.no_grad()
-def generate_answers(policy, tokenizer, samples, n_img, device, max_new_tokens=24):
-    """Greedy answers (text after "ASSISTANT:") for a list of samples."""
-    b = data.collate(samples, tokenizer, n_img, add_answer=False, pad_side="left").to(device)
+def greedy_sample(policy, tokenizer, samples, device, max_new_tokens=24):
+    """Greedy answers (text after "ASSISTANT:") for a list of samples, and model.sample's output (the `<POSE>`
+    states read on the way)."""
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
     out = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values).sequences
-    texts = tokenizer.batch_decode(out[:, b.input_ids.shape[1]:], skip_special_tokens=False)
-    return [data.clean_answer(t, tokenizer) for t in texts]
+                       tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values)
+    texts = tokenizer.batch_decode(out.sequences[:, b.input_ids.shape[1]:], skip_special_tokens=False)
+    return [data.clean_answer(t, tokenizer) for t in texts], out
+
+
+def generate_answers(policy, tokenizer, samples, device, max_new_tokens=24):
+    """Greedy answers (text after "ASSISTANT:") for a list of samples."""
+    return greedy_sample(policy, tokenizer, samples, device, max_new_tokens)[0]
 
 
 def sample_actions(pose_dist, seeds: list) -> torch.Tensor:
@@ -318,7 +324,7 @@ def evaluate_policy(policy, tokenizer, split_tasks: data.PoseBenchTasks, train, 
         local = samples[rank::world]
         texts = []
         for i in range(0, len(local), batch_size):
-            texts += generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device)
+            texts += generate_answers(policy, tokenizer, local[i:i + batch_size], device)
         texts = plumbing.gather_shards(texts, world)
         res.update(answer_metrics(task, texts, samples, similarity))
         preds["answers"][task] = texts
@@ -418,7 +424,7 @@ def check_run_dir(path: str) -> Tuple[str, str]:
 def trained_abstract(trained: dict) -> bool | None:
     """Whether the run (its `trained_args`) trained the abstract-prompt task: None (no), else its --reasoning."""
     mix = trained.get("mix") or []
-    return trained.get("reasoning", True) if len(mix) == len(data.MIX_TASKS) and mix[-1] > 0 else None
+    return trained.get("reasoning", True) if data.trains_abstract(mix) else None
 
 
 def bench_config(args: Args, trained: dict) -> posebench.BenchConfig:

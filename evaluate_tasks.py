@@ -31,11 +31,7 @@ def generate_with_poses(policy, tokenizer, samples, device, max_new_tokens: int 
     the pose follows the policy's own text, not the reference answer. Returns (texts, pose6d (N, P) zeros
     where there is no <POSE>, has_pose (N,) bool), on the CPU."""
     inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    b = data.collate(samples, tokenizer, inner.num_image_tokens, add_answer=False, pad_side="left").to(device)
-    out = model.sample(inner, b.input_ids, b.attention_mask, b.pixel_values, max_new_tokens, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, temperature=0, pose_values=b.pose_values)
-    texts = [data.clean_answer(t, tokenizer) for t in
-             tokenizer.batch_decode(out.sequences[:, b.input_ids.shape[1]:], skip_special_tokens=False)]
+    texts, out = evaluate.greedy_sample(policy, tokenizer, samples, device, max_new_tokens)
     mean = inner.pose_head.distribution(out.states).mean.float()
     has = out.has_pose
     return texts, torch.where(has[:, None], mean, torch.zeros_like(mean)).cpu(), has.cpu()
@@ -124,14 +120,13 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     Returns (metrics, {"pose_edit": {"index", "source", "pose6d"}, "answers": {"pose_to_text": [str]}})."""
 
     rank, world = plumbing.rank_and_world()
-    inner = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     d = split_tasks.data
     res = {}
     # pose -> text
     samples = split_tasks.eval_samples("pose_to_text")[:n_generate]
     local, texts = samples[rank::world], []
     for i in range(0, len(local), batch_size):
-        texts += evaluate.generate_answers(policy, tokenizer, local[i:i + batch_size], inner.num_image_tokens, device,
+        texts += evaluate.generate_answers(policy, tokenizer, local[i:i + batch_size], device,
                                            max_new_tokens=CAPTION_TOKENS)
     texts = plumbing.gather_shards(texts, world)
     idx = [s.index for s in samples]

@@ -168,9 +168,7 @@ def plot_rewards(metrics_path: str, png_path: str, title: str) -> None:
         values = np.array([np.nan if r.get(f"rewards/{name}") is None else r[f"rewards/{name}"] for r in rows])
         ax.plot(steps, values, alpha=0.3, label="per logged step")
         k = max(1, len(values) // 10)  # moving average over a tenth of the run
-        windows = [values[max(0, i - k + 1):i + 1] for i in range(len(values))]
-        means = [w[~np.isnan(w)].mean() if (~np.isnan(w)).any() else np.nan for w in windows]  # no empty-mean warning
-        ax.plot(steps, means, label=f"mean of {k}")
+        ax.plot(steps, smooth(values, k), label=f"mean of {k}")
         ax.set_title(f"rewards/{name}")
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)

@@ -466,7 +466,7 @@ def main(argv=None):
                          "sample: it has no --hybrid false (no pose) nor --deterministic_head variant")
     if args.algo == "direct" and args.grad_accum > 1:
         raise SystemExit("--algo direct reads the step's batch in one pass; --grad_accum is HyGRPO's (pass 1)")
-    abstract_on = len(args.mix) == len(data.MIX_TASKS) and args.mix[-1] > 0
+    abstract_on = data.trains_abstract(args.mix)
     if abstract_on and args.max_new_tokens < ABSTRACT_NEW_TOKENS:
         raise SystemExit(f"--max_new_tokens {args.max_new_tokens}: abstract_to_pose's answers (a caption, then the "
                          f"pose) take up to about 45 tokens; pass --max_new_tokens {ABSTRACT_NEW_TOKENS}")

@@ -518,7 +518,7 @@ def main(argv=None):
         test_tasks = data.PoseBenchTasks("test", cfg, seed=args.seed)
         res = evaluate_policy(policy, tokenizer, test_tasks, train, bodymodel, device, args.eval_samples,
                               n_generate=args.eval_generate,
-                              abstract_reasoning=args.reasoning if abstract_on(args) and args.mix[-1] > 0 else None)
+                              abstract_reasoning=args.reasoning if data.trains_abstract(args.mix) else None)
         log({f"test/{k}": v for k, v in res.items()}, args.steps)
         if master:
             plumbing.atomic_write(os.path.join(args.out_dir, "test_metrics.json"),

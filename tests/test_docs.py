@@ -72,11 +72,3 @@ def test_readme_is_short_with_the_equation_map_near_the_top():
         lines = fh.read().split("\n")
     assert len(lines) < 300
     assert "## Equation-to-code map" in lines[:150]
-
-
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
-def test_no_paths_of_a_development_machine(page):
-    with open(page) as fh:
-        text = fh.read()
-    for marker in ("/work/", "/tmp/", "../shared", "/root/"):
-        assert marker not in text, f"{os.path.relpath(page, ROOT)} mentions {marker}"
