@@ -30,6 +30,9 @@ The neighbours' runs, behind flags (each adds about 10 to 20 min a seed; the def
     --abstract true   sft_abs_s<seed>, sft_abs_nr_s<seed> (`train_sft.py --mix 0.4 0.4 0.2 0 0 0.4`, with and
                       without `--reasoning`), rft_abs_s<seed>, rft_abs_nr_s<seed> (HyGRPO from each), and the
                       abstract-prompt table (CoT-Pose's task; evaluate.py's abstract_to_pose/* metrics)
+    --pose_input true sft_pin_s<seed> (`train_sft.py --mix 0.3 0.3 0.2 0.1 0.1`: + pose_to_text, pose_edit),
+                      rft_pin_s<seed> (HyGRPO from it, the same mixture), and a table per task (UniPose's,
+                      PoseLLaVA's and PoseFix's; evaluate.py's pose_to_text/* and pose_edit/* metrics)
 
 Training scripts run with their defaults (their default step counts); their own final
 evaluation is switched off (`--eval_samples 0`): the eval stages run the same code path
@@ -89,6 +92,11 @@ ABSTRACT_RUNS = {  # --abstract (issue 22): CoT-Pose's abstract prompts, with re
     "rft_abs": ("train_rft.py", [*ABSTRACT_MIX, "--max_new_tokens", "48"], "sft_abs"),
     "rft_abs_nr": ("train_rft.py", [*ABSTRACT_MIX, "--reasoning", "false", "--max_new_tokens", "48"], "sft_abs_nr"),
 }
+POSE_INPUT_MIX = ["--mix", "0.3", "0.3", "0.2", "0.1", "0.1"]  # the default tasks + pose_to_text, pose_edit
+POSE_INPUT_RUNS = {  # --pose_input: the pose as input (UniPose, PoseLLaVA, PoseFix's tasks)
+    "sft_pin": ("train_sft.py", POSE_INPUT_MIX, None),
+    "rft_pin": ("train_rft.py", POSE_INPUT_MIX, "sft_pin"),
+}
 
 
 @dataclass
@@ -114,6 +122,9 @@ class Args:
         "help": "add `train_rft.py --algo direct` from sft (DrPose-style) and its table beside HyGRPO"})
     abstract: bool = field(default=False, metadata={
         "help": "add the abstract-prompt runs (SFT and HyGRPO, with and without reasoning) and their table"})
+    pose_input: bool = field(default=False, metadata={
+        "help": "add the pose-input runs (SFT and HyGRPO with pose-to-text and pose editing in the mixture) and "
+                "their two tables"})
 
 
 # ---- Stages: plan, skip, run ----------------------------------------------------------------
@@ -135,7 +146,7 @@ def seeds_of(args: Args) -> list:
 
 def run_kinds(args: Args) -> dict:
     return {**RUNS, **(FULL_RUNS if args.full else {}), **(DIRECT_RUNS if args.direct else {}),
-            **(ABSTRACT_RUNS if args.abstract else {})}
+            **(ABSTRACT_RUNS if args.abstract else {}), **(POSE_INPUT_RUNS if args.pose_input else {})}
 
 
 def plan(args: Args) -> list:
@@ -357,6 +368,55 @@ def abstract_table(columns: list) -> str:
             f"the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling.\n")
 
 
+def paired_difference(a: list, b: list, keys: list) -> list:
+    """[{key: a - b}] per seed, for the keys both hold: a column "RFT - SFT, paired by seed"."""
+    return [{k: a_m[k] - b_m[k] for k in keys if a_m.get(k) is not None and b_m.get(k) is not None}
+            for a_m, b_m in zip(a, b)]
+
+
+# Published numbers, on real data (PoseScript, PoseFix): beside ours for scale, not comparable.
+P2T_PUBLISHED = [  # UniPose Table 2, pose-to-text on PoseScript: R-precision top-1/2/3, BLEU-4, ROUGE-L
+    ("PoseScript's captioner (UniPose Tab. 2)", (91.6, 95.6, 97.0, 12.9, 33.9)),
+    ("UniPose (UniPose Tab. 2)", (85.6, 95.2, 97.6, 12.1, 33.3))]
+EDIT_PUBLISHED = [  # MPJPE, PA-MPJPE (mm), R@1/5/10 (%) on the PoseFix set
+    ("PoseLLaVA-Pose (PoseLLaVA Tab. 3)", (71.7, 52.1, 37.0, 56.0, 63.0)),
+    ("PoseFix (PoseLLaVA Tab. 3)", (130.5, 94.09, 25.0, 38.0, 50.0)),
+    ("UniPose (UniPose Tab. 5)", (270.3, 138.9, None, None, None)),
+    ("PoseFix (UniPose Tab. 5)", (300.2, 144.1, None, None, None))]
+
+
+def pose_to_text_table(sft: list, rft: list) -> str:
+    """Pose-to-text: SFT, HyGRPO, their paired difference, the pose's own captions (the retriever's
+    ceiling), chance, and the published systems (on PoseScript)."""
+    import evaluate_tasks
+
+    rp = [f"pose_to_text/eval_retriever/R-precision@{k}" for k in evaluate_tasks.R_PRECISION_KS]
+    keys = [*rp, "pose_to_text/bleu4", "pose_to_text/rouge_l", "pose_to_text/posecode_truth",
+            "pose_to_text/format_valid"]
+    own = [{k: m.get(k.replace("R-precision", "reference_R-precision")) for k in rp} for m in sft]
+    chance = {k: 100.0 * min(1.0, kk / 32) for k, kk in zip(rp, evaluate_tasks.R_PRECISION_KS)}
+    columns = [("SFT", sft), ("Pose-RFT (HyGRPO)", rft), ("HyGRPO − SFT, paired", paired_difference(rft, sft, keys)),
+               ("the pose's own captions", own), ("chance (32 candidates)", chance)]
+    columns += [(label, dict(zip(keys, values))) for label, values in P2T_PUBLISHED]
+    return tables.metrics_table(columns, keys, first="metric (R-precision: evaluator retriever)")
+
+
+def pose_edit_table(sft: list, rft: list) -> str:
+    """Pose editing: SFT, HyGRPO, their paired difference, answering A unchanged, and the published
+    systems (on the PoseFix set)."""
+    import evaluate_tasks
+
+    recall = [f"pose_edit/eval_retriever/R@{k}" for k in evaluate_tasks.EDIT_RECALL_KS]
+    keys = ["pose_edit/mpjpe_mm", "pose_edit/pa_mpjpe_mm", *recall, "pose_edit/posecode_truth"]
+    copy_key = {k: k.replace("retriever/", "retriever/copy_a_") if "retriever/" in k
+                else k.replace("pose_edit/", "pose_edit/copy_a_") for k in keys[:-1]}  # what A unchanged scores
+    copy_a = [{k: m.get(c) for k, c in copy_key.items()} for m in sft]
+    columns = [("SFT", sft), ("Pose-RFT (HyGRPO)", rft), ("HyGRPO − SFT, paired", paired_difference(rft, sft, keys)),
+               ("answering A unchanged", copy_a)]
+    columns += [(label, dict(zip(keys, values))) for label, values in EDIT_PUBLISHED]
+    return tables.metrics_table(columns, keys, first="metric (R@K: evaluator retriever, groups of 100)")
+
+
 # ---- The machine ----------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -546,6 +606,20 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                      + "\n57 prompts (each archetype's three phrases), answered greedily; the pose is read at "
                        "`<POSE>` after the generated reasoning. PFD and MPJPE are to the nearest test pose of the "
                        "archetype, root aligned.\n")
+
+    if args.pose_input:
+        parts.append("## Pose as input: pose-to-text (UniPose's task)\n\n" + pose_to_text_table(runs["sft_pin"], runs["rft_pin"])
+                     + "\nR-precision as PoseScript computes it: the generated caption against its pose and 31 random "
+                       "others, by the evaluator retriever, averaged over 10 draws. BLEU-4 and ROUGE-L against all of "
+                       "the pose's captions; posecode truth: the share of the posecodes a caption states that are true "
+                       "of the pose. The published rows are on PoseScript (real poses, human captions): for scale "
+                       "only.\n")
+        parts.append("## Pose as input: pose editing (PoseFix's and PoseLLaVA's task)\n\n"
+                     + pose_edit_table(runs["sft_pin"], runs["rft_pin"])
+                     + "\nThe edited pose B is the head's mean at `<POSE>`; R@K of B among the true B of its group of "
+                       "100 pairs (PoseLLaVA's protocol); posecode truth: the share of the instruction's posecodes "
+                       "true of the predicted B. The published rows are on the PoseFix set (AMASS pairs, human "
+                       "instructions): for scale only.\n")
 
     # Stage times and the machine.
     def measured_in(d: dict) -> str:

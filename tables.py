@@ -45,7 +45,7 @@ def metric_format(key: str) -> Tuple[str, float, int]:
     if key.endswith("_mm"):
         unit, scale, decimals, better = "mm", 1.0, 1, "↓"
     elif key.endswith(("format_valid", "yes_no_accuracy", "gross_state_correct", "pose_rate", "archetype_accuracy",
-                       "archetype_accuracy_true_poses", "consistency", "plausible")):
+                       "archetype_accuracy_true_poses", "consistency", "plausible", "posecode_truth")):
         unit, scale, decimals, better = "%", 100.0, 1, "↑"
     elif key.endswith("/pfd"):
         unit, scale, decimals, better = "distance", 1.0, 3, "↓"

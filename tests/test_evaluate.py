@@ -125,6 +125,52 @@ def test_report_direct_and_abstract_tables(results, tmp_path):
     assert "| `abstract_to_pose/consistency` (%) ↑ | - | - | - | - |" in text and "at 50.0 %, its ceiling" in text
 
 
+def test_report_pose_input_tables(results, tmp_path):
+    """--pose_input (pose-to-text, pose editing): its stages (the 5-weight mixture, RFT from its own SFT) and two
+    tables, written from copies of the tiny runs' results with hand-set pose_to_text / pose_edit metrics over two
+    seeds (no training: the stages are marked done): the paired difference, A unchanged, chance, published rows."""
+    args = report.Args(out_dir=str(tmp_path / "r"), pose_input=True, seeds=[0, 1], n_train=48, n_val=16,
+                       n_test=40, n_figure=2)
+    stages = report.plan(args)
+    cmd = {s.name: s.cmd for s in stages}
+    assert cmd["sft_pin_s1"][cmd["sft_pin_s1"].index("--mix") + 1:][:5] == ["0.3", "0.3", "0.2", "0.1", "0.1"]
+    assert cmd["rft_pin_s0"][cmd["rft_pin_s0"].index("--sft_dir") + 1].endswith("sft_pin_s0")
+    assert "--mix" in cmd["rft_pin_s0"] and "eval_rft_pin_s1" in cmd
+    rp = "pose_to_text/eval_retriever/R-precision@1"
+    hand = {"sft_pin": [{rp: 10.0, "pose_to_text/eval_retriever/reference_R-precision@1": 36.0,
+                         "pose_to_text/posecode_truth": 0.70, "pose_edit/mpjpe_mm": 160.0,
+                         "pose_edit/copy_a_mpjpe_mm": 108.0, "pose_edit/eval_retriever/R@1": 17.0,
+                         "pose_edit/eval_retriever/copy_a_R@1": 35.0},
+                        {rp: 12.0, "pose_to_text/eval_retriever/reference_R-precision@1": 38.0,
+                         "pose_to_text/posecode_truth": 0.72, "pose_edit/mpjpe_mm": 170.0,
+                         "pose_edit/copy_a_mpjpe_mm": 110.0, "pose_edit/eval_retriever/R@1": 19.0,
+                         "pose_edit/eval_retriever/copy_a_R@1": 37.0}],
+            "rft_pin": [{rp: 13.0, "pose_to_text/posecode_truth": 0.75, "pose_edit/mpjpe_mm": 150.0},
+                        {rp: 17.0, "pose_to_text/posecode_truth": 0.79, "pose_edit/mpjpe_mm": 166.0}]}
+    for kind in report.run_kinds(args):
+        for seed in (0, 1):
+            src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
+            dst = tmp_path / "r" / "eval" / f"{kind}_s{seed}"
+            shutil.copytree(src, dst)
+            rec = json.loads((dst / "results.json").read_text())
+            rec["metrics"].update(hand[kind][seed] if kind in hand else {})
+            (dst / "results.json").write_text(json.dumps(rec))
+            if kind.startswith("rft"):
+                (tmp_path / "r" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
+                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "r" / "ckpt" / f"{kind}_s{seed}")
+    for seed in (0, 1):
+        (tmp_path / "r" / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
+        shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "r" / "ckpt" / f"stage0_s{seed}")
+    done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
+    text = open(report.write_report(args, done, stages, 0.0, ["--pose_input", "true"])).read()
+    assert "## Pose as input: pose-to-text" in text and "## Pose as input: pose editing" in text
+    # SFT 11 ± 1.4, RFT 15 ± 2.8, paired +4 ± 1.4, own captions 37 ± 1.4, chance 3.1, PoseScript's captioner 91.6
+    assert f"| `{rp}` (%) ↑ | 11.0 ± 1.4 | 15.0 ± 2.8 | 4.0 ± 1.4 | 37.0 ± 1.4 | 3.1 | 91.6 | 85.6 |" in text
+    assert "| `pose_to_text/posecode_truth` (%) ↑ | 71.0 ± 1.4 | 77.0 ± 2.8 | 6.0 ± 1.4 | - | - | - | - |" in text
+    assert "| `pose_edit/mpjpe_mm` (mm) ↓ | 165.0 ± 7.1 | 158.0 ± 11.3 | -7.0 ± 4.2 | 109.0 ± 1.4 | 71.7 | 130.5 |" in text
+    assert "| `pose_edit/eval_retriever/R@1` (%) ↑ | 18.0 ± 1.4 |" in text and "| 36.0 ± 1.4 | 37.0 | 25.0 | - | - |" in text
+
+
 def test_full_report_tables_and_seeds(results, tmp_path):
     """--full's Tables 5 and 6 and the mean ± std over seeds, written from copies of the tiny runs'
     results (no training: the stages are marked done)."""
