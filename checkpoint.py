@@ -419,9 +419,10 @@ def check_args(args, script: str, at_least: dict, positive=POSITIVE) -> None:
                          f"weights, not all zero ({', '.join(data.TASKS)}), or {len(data.ALL_TASKS)} with the "
                          f"pose-input tasks ({', '.join(data.POSE_INPUT_TASKS)}), or {len(data.MIX_TASKS)} with "
                          f"{data.ABSTRACT_TASK} too")
-    if len(args.real_mix) != 4 or min(args.real_mix) < 0:
-        raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights "
-                         "(text-to-pose, image-to-pose, image-text, VQA)")
+    if len(args.real_mix) not in (4, 6) or min(args.real_mix) < 0 or sum(args.real_mix) <= 0:
+        raise SystemExit(f"{script}: --real_mix {' '.join(map(str, args.real_mix))}: expected 4 non-negative weights, "
+                         "not all zero (text-to-pose, image-to-pose, image-text, VQA), or 6 with the pose-input tasks "
+                         "(pose-to-text, pose editing)")
     if args.smpl_path and not os.path.isfile(args.smpl_path):
         raise SystemExit(f"{script}: --smpl_path {args.smpl_path}: not found; the licensed SMPL model file comes from "
                          "https://smpl.is.tue.mpg.de (SMPL for Python), or leave it out for the procedural body")

@@ -32,8 +32,8 @@ With pose as input (a model with the pose encoder: train_sft.py --mix with 5 wei
                                                  n_generate poses against its pose and 31 random others
                                                  (10 draws), by retriever r; None when fewer than 32
     pose_to_text/{r}_retriever/reference_R-precision@{K}   the same for the pose's first reference caption
-    pose_to_text/bleu4, pose_to_text/rouge_l     % against all of the pose's captions (METEOR: not computed,
-                                                 WordNet is not installed here)
+    pose_to_text/bleu4, .../rouge_l, .../meteor  % against all of the pose's captions (METEOR: None where nltk's
+                                                 WordNet data is not installed, metrics.meteor)
     pose_to_text/posecode_truth                  share of the captions' stated posecodes true of the pose
     pose_to_text/format_valid                    share of one-sentence captions (rewards.CAPTION_ANSWER_PATTERN)
     pose_edit/mpjpe_mm, pose_edit/pa_mpjpe_mm    of the predicted pose B (head's mean at <POSE>), first n pairs

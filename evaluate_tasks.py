@@ -15,7 +15,7 @@ import plumbing
 import posecodes
 import realdata
 import rewards
-from metrics import (bleu4, knn_predict, mpjpe_mm, nearest_mpjpe_mm, nearest_pfd, pa_mpjpe_mm, pose_recall_at_k,
+from metrics import (bleu4, knn_predict, meteor, mpjpe_mm, nearest_mpjpe_mm, nearest_pfd, pa_mpjpe_mm, pose_recall_at_k,
                      posecode_truth, r_precision, rouge_l)
 
 
@@ -133,6 +133,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     if samples:
         refs = [d.captions[i] for i in idx]
         res["pose_to_text/bleu4"], res["pose_to_text/rouge_l"] = bleu4(texts, refs), rouge_l(texts, refs)
+        res["pose_to_text/meteor"] = meteor(texts, refs)
         res["pose_to_text/posecode_truth"] = posecode_truth([posecodes.stated_codes(t) for t in texts], d.codes[idx],
                                                             posecodes.CODE_NAMES)
         res["pose_to_text/format_valid"] = rewards.format_reward(texts, ["pose_to_text"] * len(texts)).mean().item()

@@ -11,8 +11,8 @@ tools/probe.py call them directly. Each has a slow reference in tests/test_metri
   `recall_at_k`) and random sampling (each query ranked among its match plus 31
   randomly drawn others, `recall_at_k_random`).
 - Pose-to-text (UniPose Table 2, PoseScript's protocol): R-precision top-1/2/3 (`r_precision`),
-  BLEU-4 (`bleu4`), ROUGE-L (`rouge_l`) and the share of stated posecodes true of the pose
-  (`posecode_truth`). METEOR is not computed: it needs WordNet, which is not installed here.
+  BLEU-4 (`bleu4`), ROUGE-L (`rouge_l`), METEOR (`meteor`, nltk's, where nltk's WordNet data is
+  installed: None elsewhere) and the share of stated posecodes true of the pose (`posecode_truth`).
 - Pose editing (UniPose Table 5, PoseLLaVA Table 3): MPJPE / PA-MPJPE of the edited pose, the
   instruction's posecode truth (`posecode_truth`) and R@K of the edited pose among the true ones
   (`pose_recall_at_k`).
@@ -35,7 +35,7 @@ import body
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 __all__ = ["mpjpe_mm", "pa_mpjpe_mm", "procrustes_align", "recall_at_k", "recall_at_k_random", "r_precision", "bleu4",
-           "rouge_l", "posecode_truth", "pose_recall_at_k", "with_root", "nearest_pfd", "nearest_mpjpe_mm",
+           "rouge_l", "meteor", "posecode_truth", "pose_recall_at_k", "with_root", "nearest_pfd", "nearest_mpjpe_mm",
            "knn_predict"]
 
 M_TO_MM = 1000.0
@@ -506,6 +506,34 @@ def rouge_l(hypotheses: list, references: list) -> float:
                 p, q = lcs / len(h), lcs / len(x)
                 best = max(best, 2 * p * q / (p + q))
         scores.append(best)
+    return float(100.0 * np.mean(scores))
+
+
+def meteor(hypotheses: list, references: list, wordnet=None) -> float | None:
+    """METEOR in percent (Banerjee and Lavie 2005) as nltk computes it (nltk.translate.meteor_score), the
+    metric UniPose's Table 2 reports: unigrams aligned exactly, then by Porter stem, then by WordNet
+    synonym; P and R the aligned share of the hypothesis and of the reference, Fmean = P R / (alpha P +
+    (1 - alpha) R) with alpha 0.9; penalty = gamma (chunks / aligned)^beta with gamma 0.5, beta 3 (chunks:
+    runs of aligned unigrams adjacent in both); score Fmean (1 - penalty), the best over a hypothesis's
+    references, then the mean over hypotheses. Tokens as BLEU's (`_words`), lower-cased by nltk.
+
+    Returns None where nltk or its WordNet data is not installed: METEOR's synonym stage needs WordNet
+    (`python -c "import nltk; nltk.download('wordnet')"` on a machine with internet). `wordnet`: anything with
+    nltk's `synsets(word)` in its place (the tests' stand-in)."""
+    if len(hypotheses) != len(references) or any(not r for r in references):
+        raise ValueError(f"meteor: {len(hypotheses)} hypotheses and {len(references)} reference lists, each needing "
+                         "at least one reference")
+    try:
+        from nltk.translate.meteor_score import meteor_score
+        if wordnet is None:
+            from nltk.corpus import wordnet
+            wordnet.synsets("pose")  # LookupError when the corpus is not installed
+    except (ImportError, LookupError):
+        return None
+    if not hypotheses:
+        return None
+    scores = [meteor_score([_words(r) for r in refs], _words(h), wordnet=wordnet)
+              for h, refs in zip(hypotheses, references)]
     return float(100.0 * np.mean(scores))
 
 

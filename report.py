@@ -342,81 +342,6 @@ POSE_HEADER = ["image-to-pose MPJPE (mm) ↓", "PA-MPJPE (mm) ↓", "text-to-pos
                "mRecall P2T (%) ↑"]
 
 
-def direct_table(columns: list) -> str:
-    """--algo direct beside HyGRPO and SFT. columns: [(label, [metrics of each seed])]; rows: the pose
-    metrics, then text-to-pose R@10 by the evaluator and by the reward retriever (the one the direct gradient
-    follows), so that gaming the reward retriever shows as a gap between the two."""
-    keys = ["image_to_pose/mpjpe_mm", "image_to_pose/pa_mpjpe_mm", "text_to_pose/mpjpe_mm", "text_to_pose/pa_mpjpe_mm"]
-    keys += [f"text_to_pose/{r}_retriever/full/R{d}@10" for d in tables.DIRECTIONS for r in ("eval", "reward")]
-    return tables.metrics_table(columns, keys, first="metric (R@10: full protocol)")
-
-
-ABSTRACT_KEYS = ["format_valid", "pose_rate", "archetype_accuracy", "consistency", "plausible",
-                 "eval_retriever/reasoning_similarity", "reward_retriever/reasoning_similarity",
-                 "eval_retriever/archetype_similarity", "reward_retriever/archetype_similarity",
-                 "eval_retriever/pfd", "reward_retriever/pfd", "nearest_mpjpe_mm"]
-
-
-def abstract_table(columns: list) -> str:
-    """The abstract-prompt task (CoT-Pose), columns [(label, [metrics of each seed])], rows
-    evaluate.py's abstract_to_pose/* metrics; the classifier's own accuracy on the split's true poses (its
-    ceiling) follows the table."""
-    keys = [f"abstract_to_pose/{k}" for k in ABSTRACT_KEYS]
-    ceiling = [m.get("abstract_to_pose/archetype_accuracy_true_poses") for _, ms in columns for m in ms]
-    table = tables.metrics_table(columns, keys, first="metric")
-    return (table + "\nThe archetype classifier (10 nearest training poses by joints) names the true poses of "
-            f"the split at {tables.format_cell(ceiling[:1], 100.0, 1)} %, its ceiling.\n")
-
-
-def paired_difference(a: list, b: list, keys: list) -> list:
-    """[{key: a - b}] per seed, for the keys both hold: a column "RFT - SFT, paired by seed"."""
-    return [{k: a_m[k] - b_m[k] for k in keys if a_m.get(k) is not None and b_m.get(k) is not None}
-            for a_m, b_m in zip(a, b)]
-
-
-# Published numbers, on real data (PoseScript, PoseFix): beside ours for scale, not comparable.
-P2T_PUBLISHED = [  # UniPose Table 2, pose-to-text on PoseScript: R-precision top-1/2/3, BLEU-4, ROUGE-L
-    ("PoseScript's captioner (UniPose Tab. 2)", (91.6, 95.6, 97.0, 12.9, 33.9)),
-    ("UniPose (UniPose Tab. 2)", (85.6, 95.2, 97.6, 12.1, 33.3))]
-EDIT_PUBLISHED = [  # MPJPE, PA-MPJPE (mm), R@1/5/10 (%) on the PoseFix set
-    ("PoseLLaVA-Pose (PoseLLaVA Tab. 3)", (71.7, 52.1, 37.0, 56.0, 63.0)),
-    ("PoseFix (PoseLLaVA Tab. 3)", (130.5, 94.09, 25.0, 38.0, 50.0)),
-    ("UniPose (UniPose Tab. 5)", (270.3, 138.9, None, None, None)),
-    ("PoseFix (UniPose Tab. 5)", (300.2, 144.1, None, None, None))]
-
-
-def pose_to_text_table(sft: list, rft: list) -> str:
-    """Pose-to-text: SFT, HyGRPO, their paired difference, the pose's own captions (the retriever's
-    ceiling), chance, and the published systems (on PoseScript)."""
-    import evaluate_tasks
-
-    rp = [f"pose_to_text/eval_retriever/R-precision@{k}" for k in evaluate_tasks.R_PRECISION_KS]
-    keys = [*rp, "pose_to_text/bleu4", "pose_to_text/rouge_l", "pose_to_text/posecode_truth",
-            "pose_to_text/format_valid"]
-    own = [{k: m.get(k.replace("R-precision", "reference_R-precision")) for k in rp} for m in sft]
-    chance = {k: 100.0 * min(1.0, kk / 32) for k, kk in zip(rp, evaluate_tasks.R_PRECISION_KS)}
-    columns = [("SFT", sft), ("Pose-RFT (HyGRPO)", rft), ("HyGRPO − SFT, paired", paired_difference(rft, sft, keys)),
-               ("the pose's own captions", own), ("chance (32 candidates)", chance)]
-    columns += [(label, dict(zip(keys, values))) for label, values in P2T_PUBLISHED]
-    return tables.metrics_table(columns, keys, first="metric (R-precision: evaluator retriever)")
-
-
-def pose_edit_table(sft: list, rft: list) -> str:
-    """Pose editing: SFT, HyGRPO, their paired difference, answering A unchanged, and the published
-    systems (on the PoseFix set)."""
-    import evaluate_tasks
-
-    recall = [f"pose_edit/eval_retriever/R@{k}" for k in evaluate_tasks.EDIT_RECALL_KS]
-    keys = ["pose_edit/mpjpe_mm", "pose_edit/pa_mpjpe_mm", *recall, "pose_edit/posecode_truth"]
-    copy_key = {k: k.replace("retriever/", "retriever/copy_a_") if "retriever/" in k
-                else k.replace("pose_edit/", "pose_edit/copy_a_") for k in keys[:-1]}  # what A unchanged scores
-    copy_a = [{k: m.get(c) for k, c in copy_key.items()} for m in sft]
-    columns = [("SFT", sft), ("Pose-RFT (HyGRPO)", rft), ("HyGRPO − SFT, paired", paired_difference(rft, sft, keys)),
-               ("answering A unchanged", copy_a)]
-    columns += [(label, dict(zip(keys, values))) for label, values in EDIT_PUBLISHED]
-    return tables.metrics_table(columns, keys, first="metric (R@K: evaluator retriever, groups of 100)")
-
-
 # ---- The machine ----------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -594,7 +519,7 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
     if args.direct:
         columns = [("SFT", runs["sft"]), ("Pose-RFT (HyGRPO)", runs["rft"]),
                    ("direct (`--algo direct`)", runs["rft_direct"])]
-        parts.append("## Direct reward fine-tuning (DrPose-style) beside HyGRPO\n\n" + direct_table(columns)
+        parts.append("## Direct reward fine-tuning (DrPose-style) beside HyGRPO\n\n" + tables.direct_table(columns)
             + "\nThe direct run follows the exact gradient of the reward retriever's similarity (text-to-pose) and of "
               "Eq. 7 (image-to-pose) through a reparameterised sample; the evaluator retriever gave no reward.\n")
     if args.abstract:
@@ -602,20 +527,20 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                    ("SFT, `--reasoning false`", runs["sft_abs_nr"]),
                    ("HyGRPO, `--reasoning false`", runs["rft_abs_nr"])]
         parts.append("## Abstract prompts (CoT-Pose's task): reasoning before the pose, and without\n\n"
-                     + abstract_table(columns)
+                     + tables.abstract_table(columns)
                      + "\n57 prompts (each archetype's three phrases), answered greedily; the pose is read at "
                        "`<POSE>` after the generated reasoning. PFD and MPJPE are to the nearest test pose of the "
                        "archetype, root aligned.\n")
 
     if args.pose_input:
-        parts.append("## Pose as input: pose-to-text (UniPose's task)\n\n" + pose_to_text_table(runs["sft_pin"], runs["rft_pin"])
+        parts.append("## Pose as input: pose-to-text (UniPose's task)\n\n" + tables.pose_to_text_table(runs["sft_pin"], runs["rft_pin"])
                      + "\nR-precision as PoseScript computes it: the generated caption against its pose and 31 random "
                        "others, by the evaluator retriever, averaged over 10 draws. BLEU-4 and ROUGE-L against all of "
                        "the pose's captions; posecode truth: the share of the posecodes a caption states that are true "
                        "of the pose. The published rows are on PoseScript (real poses, human captions): for scale "
                        "only.\n")
         parts.append("## Pose as input: pose editing (PoseFix's and PoseLLaVA's task)\n\n"
-                     + pose_edit_table(runs["sft_pin"], runs["rft_pin"])
+                     + tables.pose_edit_table(runs["sft_pin"], runs["rft_pin"])
                      + "\nThe edited pose B is the head's mean at `<POSE>`; R@K of B among the true B of its group of "
                        "100 pairs (PoseLLaVA's protocol); posecode truth: the share of the instruction's posecodes "
                        "true of the predicted B. The published rows are on the PoseFix set (AMASS pairs, human "

@@ -478,6 +478,10 @@ def main(argv=None):
     if real and abstract_on:
         raise SystemExit("train_rft.py: abstract_to_pose (--mix with 6 weights) is posebench's; the real-data mixture "
                          "has none")
+    if real and realdata.real_pose_input(args):
+        raise SystemExit("train_rft.py: --real_mix with 6 weights: the pose-input tasks on real data are trained by "
+                         "train_sft.py only; their RFT rewards (a one-sentence caption's format, posebench's posecode "
+                         "phrases) are posebench's. Pass --real_mix with 4 weights")
     tasks = realdata.preflight_real(args, "rft", args.seed + 1) if real else None  # before any write
     ddp, rank, world, device = plumbing.setup_distributed()
     master = rank == 0

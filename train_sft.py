@@ -201,8 +201,10 @@ SFT_AT_LEAST = dict(checkpoint.AT_LEAST, stage0_pose_epochs=0.0, stage0_clip_epo
 
 
 def pose_input_on(args) -> bool:
-    """The pose-input tasks are in the mixture (--mix with 5 weights): the tiny preset then speaks the
-    extended vocabulary, and every preset's model has the pose encoder."""
+    """The pose-input tasks are in the mixture (--mix with 5 weights; llava-1.5-7b: --real_mix with 6): the
+    tiny preset then speaks the extended vocabulary, and every preset's model has the pose encoder."""
+    if args.preset == "llava-1.5-7b":
+        return realdata.real_pose_input(args)
     return len(args.mix) >= len(data.ALL_TASKS)
 
 
@@ -352,9 +354,9 @@ def main(argv=None):
         raise SystemExit(f"--preset {args.preset}: train_sft.py knows {', '.join(presets.PRESETS)}")
     checkpoint.check_args(args, "train_sft.py", SFT_AT_LEAST, checkpoint.POSITIVE + ("stage0_lr", "stage0_pose_lr"))
     real = args.preset == "llava-1.5-7b"
-    if real and pose_input_on(args):
-        raise SystemExit("train_sft.py: --mix with 5 weights: the pose-input tasks are posebench's; the real-data "
-                         "mixture (--real_mix) has none yet")
+    if real and len(args.mix) > len(data.TASKS):
+        raise SystemExit("train_sft.py: --mix with 5 or 6 weights: the posebench tasks; with llava-1.5-7b the "
+                         "pose-input tasks are real data: --real_mix with 6 weights and --posefix_dir")
     # every real input checked: before any write
     tasks = realdata.preflight_real(args, "sft", args.seed) if real else None
     if args.stage0_readout not in ("mean", "flatten"):
@@ -411,7 +413,7 @@ def main(argv=None):
         if master:
             if real:  # pretrained parts: no stage 0
                 base, tokenizer = presets.build_llava_7b(args.llava_path, args.hmr2_ckpt, args.head_rank,
-                                                         args.deterministic_head)
+                                                         args.deterministic_head, pose_input=pose_input_on(args))
                 presets.save_base(base, tokenizer, base_dir, args.preset)
             else:
                 base, build, tokenizer = build_base(args, cfg)

@@ -59,6 +59,83 @@ def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
     return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
 
 
+def pose_ref(dataset: str, info: dict, ids_path: str, pid: int, named_in: str) -> tuple:
+    """(sequence npz path, frame) of pose `pid` from PoseScript's ids file (`info`, read from `ids_path`), checked:
+    DataFormatError naming the file and the record, and `named_in`, the file that asked for the pose."""
+    ref = info.get(str(pid))
+    if ref is None:
+        raise DataFormatError(f"{_where(dataset, ids_path, str(pid))}: pose id of {named_in} missing")
+    if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[1], str) and isinstance(ref[2], int)):
+        raise DataFormatError(f"{_where(dataset, ids_path, str(pid))}: got {ref!r}; expected "
+                              '["AMASS", "<sequence npz path>", frame index]')
+    if ref[0] != "AMASS":
+        raise DataFormatError(f"{_where(dataset, ids_path, str(pid))}: dataset {ref[0]!r} unknown; "
+                              "PoseScript's poses come from 'AMASS'")
+    return ref[1], ref[2]
+
+
+class AmassFrames:
+    """Single frames of AMASS sequences (SMPL+H G npz, 'poses' (T, 156)), as SMPL's 24 joints in axis-angle with
+    the root still in AMASS's z-up world; each sequence decoded once (a small cache). Shared by the datasets
+    built on PoseScript's pose ids (PoseScript, PoseFix)."""
+
+    def __init__(self, dataset: str, root: str, cache: int = 64):
+        self.dataset, self.root, self.cache = dataset, root, cache
+        self._sequences = collections.OrderedDict()
+
+    def preflight(self, asked: list) -> list:
+        """Problems of the sequences that `asked` [(pose id, sequence npz, frame)] names, from the npz headers
+        alone: every file exists, holds 'poses' (T, 156) of numbers, and T covers every frame asked of it."""
+        frames = collections.defaultdict(list)  # sequence -> [(pose id, frame)]
+        for pid, rel, frame in asked:
+            frames[rel].append((pid, frame))
+        problems = []
+        for rel, want in frames.items():
+            path = os.path.join(self.root, rel)
+            where = _where(self.dataset, path, want[0][0])
+            if not os.path.isfile(path):
+                problems.append(f"{where}: AMASS sequence not found ({len(want)} pose(s) of the split name it); pass "
+                                f"the AMASS directory holding it ({AMASS_SOURCE})")
+                continue
+            try:
+                shape, dtype = npz_headers(path).get("poses", (None, None))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                problems.append(f"{where}: not a readable npz ({type(err).__name__}: {err}); download it again "
+                                f"({AMASS_SOURCE})")
+                continue
+            if shape is None or len(shape) != 2 or shape[1] != 156 or dtype.kind != "f":
+                problems.append(f"{where}: 'poses' is {'missing' if shape is None else f'{shape} {dtype}'}; expected "
+                                f"floats (T, 156), SMPL+H's 52 joints x 3 (AMASS's SMPL+H G format, {AMASS_SOURCE})")
+                continue
+            bad = [(pid, f) for pid, f in want if not 0 <= f < shape[0]]
+            if bad:
+                problems.append(f"{_where(self.dataset, path, bad[0][0])}: frame {bad[0][1]} out of range for "
+                                f"{shape[0]} frames ({len(bad)} pose(s)); the release and the AMASS files are of "
+                                "different versions")
+        return problems
+
+    def frame(self, rel: str, frame: int, pid) -> np.ndarray:
+        """(24, 3) axis-angle, radians, of frame `frame` of sequence `rel` (pose id `pid`, named in errors)."""
+        path = os.path.join(self.root, rel)
+        poses = self._sequences.get(path)
+        if poses is None:
+            with _load_npz(self.dataset, path, f"AMASS sequence of pose {pid}", AMASS_SOURCE) as z:
+                if "poses" not in z.files:
+                    raise DataFormatError(f"{_where(self.dataset, path)}: no 'poses' array (keys {z.files}); expected "
+                                          "an AMASS SMPL+H G npz with 'poses' (T, 156)")
+                poses = z["poses"]
+            if poses.ndim != 2 or poses.shape[1] != 156:
+                raise DataFormatError(f"{_where(self.dataset, path)}: 'poses' has shape {poses.shape}; expected "
+                                      "(T, 156), SMPL+H's 52 joints x 3 (the SMPL+H G format)")
+            self._sequences[path] = poses
+            if len(self._sequences) > self.cache:
+                self._sequences.popitem(last=False)
+        if not 0 <= frame < len(poses):
+            raise DataFormatError(f"{_where(self.dataset, path, pid)}: frame {frame} out of range for "
+                                  f"{len(poses)} frames")
+        return smplh_to_smpl24(poses[frame][None])[0]
+
+
 def _targets(pose_aa: np.ndarray, bodymodel=None, betas=None):
     """(N, 24, 3) axis-angle -> pose6d (N, 24, 6) and, with a BodyModel, pelvis-centred joints (N, 24, 3) m."""
     pose6d = pose_aa_to_6d(pose_aa)
@@ -72,7 +149,8 @@ def _targets(pose_aa: np.ndarray, bodymodel=None, betas=None):
 
 
 class PoseScript(torch.utils.data.Dataset):
-    """text_to_pose samples from PoseScript (Delmas et al. 2022) on AMASS poses (§4.1 (1)).
+    """text_to_pose samples from PoseScript (Delmas et al. 2022) on AMASS poses (§4.1 (1)), or pose_to_text
+    ones (`task`: UniPose's pose comprehension, the pose as input and a caption as the answer).
 
     Files, as naver/posescript's text2pose/config.py and data.py read them:
         root/ids_2_dataset_sequence_and_frame_index_100k.json  {"<pose id>": ["AMASS", "<sequence npz>", frame]}
@@ -91,6 +169,7 @@ class PoseScript(torch.utils.data.Dataset):
         split: train, val or test. captions: "human", "auto" or both.
         bodymodel: a body.BodyModel to fill `joints` (None: joints stay None).
         seed: seed of the caption and prompt draws (sample i depends on (seed, i) only).
+        task: text_to_pose or pose_to_text.
     """
 
     NAME = "PoseScript"
@@ -98,14 +177,17 @@ class PoseScript(torch.utils.data.Dataset):
     IDS_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
 
     def __init__(self, root: str, amass_root: str, split: str = "train", captions: Sequence[str] = ("human", "auto"),
-                 bodymodel=None, seed: int = 0):
+                 bodymodel=None, seed: int = 0, task: str = "text_to_pose"):
         if split not in ("train", "val", "test"):
             raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
+        if task not in ("text_to_pose", "pose_to_text"):
+            raise ValueError(f"{self.NAME}: task must be text_to_pose or pose_to_text, got {task!r}")
+        self.task = task
         bad = [c for c in captions if c not in self.CAPTION_FILES]
         if bad or not captions:
             raise ValueError(f"{self.NAME}: captions must be among {tuple(self.CAPTION_FILES)}, got {tuple(captions)}")
         _need(self.NAME, root, "release directory", POSESCRIPT_SOURCE)
-        self.amass_root = _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE)
+        self.amass = AmassFrames(self.NAME, _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE))
         self.bodymodel, self.seed = bodymodel, seed
         ids_path = os.path.join(root, self.IDS_FILE)
         info = _read_json(self.NAME, ids_path, POSESCRIPT_SOURCE, '{"<pose id>": ["AMASS", "<npz path>", frame]}')
@@ -133,77 +215,23 @@ class PoseScript(torch.utils.data.Dataset):
                 raise DataFormatError(f"{_where(self.NAME, split_path, pid)}: pose ids must be integers")
             if not texts.get(pid):
                 continue
-            ref = info.get(str(pid))
-            if ref is None:
-                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: pose id of {split_path} missing")
-            if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[1], str) and isinstance(ref[2], int)):
-                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: got {ref!r}; expected "
-                                      '["AMASS", "<sequence npz path>", frame index]')
-            if ref[0] != "AMASS":
-                raise DataFormatError(f"{_where(self.NAME, ids_path, str(pid))}: dataset {ref[0]!r} unknown; "
-                                      "PoseScript poses come from 'AMASS'")
             self.ids.append(pid)
             self.captions.append(texts[pid])
-            self.refs.append((ref[1], ref[2]))
+            self.refs.append(pose_ref(self.NAME, info, ids_path, pid, split_path))
         if not self.ids:
             raise DataFormatError(f"{self.NAME}: no pose of {split_path} has a caption in {list(captions)}")
-        self._sequences = collections.OrderedDict()  # a small cache of decoded 'poses' arrays
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def preflight(self) -> list:
-        """Problems of the AMASS sequences the poses name, from the npz headers alone: every file
-        exists, holds 'poses' (T, 156) of numbers, and T covers every frame asked of it."""
-        frames = collections.defaultdict(list)  # sequence -> [(pose id, frame)]
-        for pid, (rel, frame) in zip(self.ids, self.refs):
-            frames[rel].append((pid, frame))
-        problems = []
-        for rel, asked in frames.items():
-            path = os.path.join(self.amass_root, rel)
-            where = _where(self.NAME, path, asked[0][0])
-            if not os.path.isfile(path):
-                problems.append(f"{where}: AMASS sequence not found ({len(asked)} pose(s) of the split name it); pass "
-                                f"the AMASS directory holding it ({AMASS_SOURCE})")
-                continue
-            try:
-                shape, dtype = npz_headers(path).get("poses", (None, None))
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-                problems.append(f"{where}: not a readable npz ({type(err).__name__}: {err}); download it again "
-                                f"({AMASS_SOURCE})")
-                continue
-            if shape is None or len(shape) != 2 or shape[1] != 156 or dtype.kind != "f":
-                problems.append(f"{where}: 'poses' is {'missing' if shape is None else f'{shape} {dtype}'}; expected "
-                                f"floats (T, 156), SMPL+H's 52 joints x 3 (AMASS's SMPL+H G format, {AMASS_SOURCE})")
-                continue
-            bad = [(pid, f) for pid, f in asked if not 0 <= f < shape[0]]
-            if bad:
-                problems.append(f"{_where(self.NAME, path, bad[0][0])}: frame {bad[0][1]} out of range for "
-                                f"{shape[0]} frames ({len(bad)} pose(s)); the release and the AMASS files are of "
-                                "different versions")
-        return problems
+        """Problems of the AMASS sequences the poses name, from the npz headers alone (`AmassFrames.preflight`)."""
+        return self.amass.preflight([(pid, rel, frame) for pid, (rel, frame) in zip(self.ids, self.refs)])
 
     def pose_aa(self, i: int) -> np.ndarray:
         """The target of pose i: (24, 3) axis-angle, radians, orientation normalised."""
         rel, frame = self.refs[i]
-        path = os.path.join(self.amass_root, rel)
-        poses = self._sequences.get(path)
-        if poses is None:
-            with _load_npz(self.NAME, path, f"AMASS sequence of pose {self.ids[i]}", AMASS_SOURCE) as z:
-                if "poses" not in z.files:
-                    raise DataFormatError(f"{_where(self.NAME, path)}: no 'poses' array (keys {z.files}); expected "
-                                          "an AMASS SMPL+H G npz with 'poses' (T, 156)")
-                poses = z["poses"]
-            if poses.ndim != 2 or poses.shape[1] != 156:
-                raise DataFormatError(f"{_where(self.NAME, path)}: 'poses' has shape {poses.shape}; expected (T, 156), "
-                                      "SMPL+H's 52 joints x 3 (the SMPL+H G format)")
-            self._sequences[path] = poses
-            if len(self._sequences) > 64:
-                self._sequences.popitem(last=False)
-        if not 0 <= frame < len(poses):
-            raise DataFormatError(f"{_where(self.NAME, path, self.ids[i])}: frame {frame} out of range for "
-                                  f"{len(poses)} frames")
-        aa = smplh_to_smpl24(poses[frame][None])[0]  # (24, 3)
+        aa = self.amass.frame(rel, frame, self.ids[i])  # (24, 3)
         aa[0] = text_pose_frame(aa[:1])[0]
         return aa
 
@@ -220,11 +248,16 @@ class PoseScript(torch.utils.data.Dataset):
     def draw(self, i: int, rng: np.random.Generator) -> Sample:
         """Pose i with a caption and a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
         caption = int(rng.integers(len(self.captions[i])))
-        return self.sample(int(i), caption, int(rng.integers(len(PROMPTS["text_to_pose"]))))
+        return self.sample(int(i), caption, int(rng.integers(len(PROMPTS[self.task]))))
 
     def sample(self, i: int, caption: int = 0, paraphrase: int = 0) -> Sample:
-        """Pose i with its caption `caption`, in prompt paraphrase `paraphrase`."""
-        pose6d, joints = _targets(self.pose_aa(i)[None], self.bodymodel)
+        """Pose i with its caption `caption`, in prompt paraphrase `paraphrase`: text_to_pose (the caption asks,
+        the pose answers) or pose_to_text (the pose at data.POSE_INPUT_TOKEN asks, the caption answers)."""
         text = self.captions[i][caption]
+        if self.task == "pose_to_text":
+            pose6d, _ = _targets(self.pose_aa(i)[None])
+            return Sample("pose_to_text", PROMPTS["pose_to_text"][paraphrase], text, pose_input=pose6d[0], index=i,
+                          text=text)
+        pose6d, joints = _targets(self.pose_aa(i)[None], self.bodymodel)
         return Sample("text_to_pose", fill_template(PROMPTS["text_to_pose"][paraphrase], caption=text), POSE_ANSWER,
                       pose6d=pose6d[0], joints=None if joints is None else joints[0], index=i, text=text)

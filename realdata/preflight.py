@@ -14,6 +14,7 @@ from realdata.common import (AMASS_SOURCE, BEDLAM_SCRIPT_SOURCE, DataFormatError
                              LLAVA_INSTRUCT_SOURCE, POSESCRIPT_SOURCE)
 from realdata.images import BEDLAMScript, HMR2ImageDataset
 from realdata.instruct import LLaVAInstruct, Mixture
+from realdata.posefix import POSEFIX_SOURCE, PoseFix
 from realdata.posescript import PoseScript
 
 
@@ -31,9 +32,19 @@ class RealDataFlags:
     bedlam_img_dir: str = field(default="", metadata={"help": "BEDLAM's images (holding training/ and validation/)"})
     llava_instruct_json: str = field(default="", metadata={"help": f"VQA: {LLAVA_INSTRUCT_SOURCE}"})
     coco_dir: str = field(default="", metadata={"help": "COCO train2017 image folder, for --llava_instruct_json"})
+    posefix_dir: str = field(default="", metadata={
+        "help": f"pose editing (--real_mix with 6 weights): {POSEFIX_SOURCE}, unzipped; its poses come from "
+                "--amass_dir, its pose ids from --posescript_dir's ids file when the release lacks one"})
     real_mix: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.2], metadata={
-        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none)"})
+        "help": "real-data mixture: text-to-pose, image-to-pose, image-text, VQA (ours; the paper gives none); "
+                "6 weights add pose-to-text (PoseScript's captions, --posescript_dir) and pose editing "
+                "(--posefix_dir): the model then takes a pose as input"})
     gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on for llava-1.5-7b), yes or no"})
+
+
+def real_pose_input(args) -> bool:
+    """--real_mix with 6 weights: the real mixture holds the pose-input tasks (the model takes a pose as input)."""
+    return len(args.real_mix) == 6
 
 
 def check_real_assets(args, script: str) -> None:
@@ -51,6 +62,16 @@ def check_real_assets(args, script: str) -> None:
     if script == "sft":
         need("llava_path", args.llava_path, presets.LLAVA_SOURCE, inside="config.json")
         need("hmr2_ckpt", args.hmr2_ckpt, posevit.HMR2_SOURCE)
+    pose_input = real_pose_input(args)
+    if args.posefix_dir and not pose_input:
+        problems.append(f"--posefix_dir {args.posefix_dir!r}: pose editing needs --real_mix with 6 weights (the "
+                        "last: pose editing), e.g. --real_mix 0.3 0.3 0.1 0.1 0.1 0.1")
+    if pose_input and args.real_mix[4] > 0 and not args.posescript_dir:
+        problems.append("--real_mix: a pose-to-text weight needs --posescript_dir (+ --amass_dir); "
+                        f"{POSESCRIPT_SOURCE}")
+    if pose_input and args.real_mix[5] > 0:
+        need("posefix_dir", args.posefix_dir, POSEFIX_SOURCE, is_dir=True)
+        need("amass_dir", args.amass_dir, AMASS_SOURCE, is_dir=True)
     pairs = [("posescript_dir", "amass_dir", POSESCRIPT_SOURCE, AMASS_SOURCE),
              ("bedlam_script_dir", "bedlam_img_dir", BEDLAM_SCRIPT_SOURCE, "https://bedlam.is.tue.mpg.de"),
              ("llava_instruct_json", "coco_dir", LLAVA_INSTRUCT_SOURCE, "https://cocodataset.org (train2017)")]
@@ -66,9 +87,11 @@ def check_real_assets(args, script: str) -> None:
             continue
         need("image_npz", parts[1], HMR2_DATA_SOURCE)
         need("image_npz", parts[2], f"the {parts[0]} images", is_dir=True)
-    if not (args.posescript_dir or args.image_npz or args.bedlam_script_dir or args.llava_instruct_json):
+    if not (args.posescript_dir or args.image_npz or args.bedlam_script_dir or args.llava_instruct_json
+            or args.posefix_dir):
         problems.append("no training data: give at least one of --posescript_dir (+ --amass_dir), --image_npz, "
-                        "--bedlam_script_dir (+ --bedlam_img_dir), --llava_instruct_json (+ --coco_dir)")
+                        "--bedlam_script_dir (+ --bedlam_img_dir), --llava_instruct_json (+ --coco_dir), "
+                        "--posefix_dir (+ --amass_dir)")
     if args.smpl_path:
         need("smpl_path", args.smpl_path, "https://smpl.is.tue.mpg.de (SMPL for Python)")
     if script == "rft":
@@ -124,7 +147,8 @@ def preflight_real(args, script: str, seed: int) -> Mixture:
     `preflight`: every AMASS sequence's header, a sample of the images). Stops with every problem in one
     message, each naming the flag, the file, the record and the fix; else returns the training mixture:
     PoseScript (text-to-pose), HMR2.0-style npz sets (image-to-pose), BEDLAM-Script (image ->
-    description), LLaVA-Instruct (VQA), weighted by --real_mix per kind and by size within a kind."""
+    description), LLaVA-Instruct (VQA), and with 6 weights PoseScript (pose-to-text) and PoseFix (pose
+    editing), weighted by --real_mix per kind and by size within a kind."""
     check_real_assets(args, script)
     problems = []
     image_size = real_image_size(args, script, problems)
@@ -137,6 +161,7 @@ def preflight_real(args, script: str, seed: int) -> Mixture:
                         "neutral model of SMPLify), or its copy by `python body.py convert`")
     size = image_size or 336  # a failed config is already a problem: the datasets are still checked
     kinds = {"text_to_pose": [], "image_to_pose": [], "image_text": [], "vqa": []}
+    kinds.update({"pose_to_text": [], "pose_edit": []} if real_pose_input(args) else {})
 
     def add(kind, flag, make):
         try:
@@ -150,6 +175,15 @@ def preflight_real(args, script: str, seed: int) -> Mixture:
     if args.posescript_dir:
         add("text_to_pose", "--posescript_dir / --amass_dir", lambda: PoseScript(
             args.posescript_dir, args.amass_dir, "train", bodymodel=bodymodel, seed=seed))
+    if "pose_to_text" in kinds and args.real_mix[4] > 0:
+        add("pose_to_text", "--posescript_dir / --amass_dir (pose-to-text)", lambda: PoseScript(
+            args.posescript_dir, args.amass_dir, "train", seed=seed, task="pose_to_text"))
+    if "pose_edit" in kinds and args.real_mix[5] > 0:
+        ids_file = os.path.join(args.posefix_dir, PoseFix.IDS_FILE)
+        if not os.path.isfile(ids_file) and args.posescript_dir:  # the PoseScript release's copy
+            ids_file = os.path.join(args.posescript_dir, PoseFix.IDS_FILE)
+        add("pose_edit", "--posefix_dir / --amass_dir", lambda: PoseFix(
+            args.posefix_dir, args.amass_dir, ids_file, "train", bodymodel=bodymodel, seed=seed))
     for entry in args.image_npz:
         name, npz, img_dir = entry.split("=")
         add("image_to_pose", f"--image_npz {name}", lambda: HMR2ImageDataset(

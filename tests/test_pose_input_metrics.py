@@ -1,5 +1,5 @@
 """metrics.py's pose-to-text and editing metrics against hand-computed cases and slow
-references: BLEU-4, ROUGE-L, R-precision, posecode truth, pose R@K."""
+references: BLEU-4, ROUGE-L, METEOR, R-precision, posecode truth, pose R@K."""
 import math
 
 import numpy as np
@@ -37,6 +37,41 @@ def test_rouge_l_hand_cases():
         pytest.approx(100 * (5 / 6 + 0) / 2)
     # P = 2/2, R = 2/4: F = 2/3
     assert metrics.rouge_l(["left knee"], [["the left knee bent"]]) == pytest.approx(100 * 2 / 3)
+
+
+class NoSynonyms:
+    """A WordNet without synonyms: METEOR's exact and stem stages alone, which a hand case can follow."""
+
+    def synsets(self, word):
+        return []
+
+
+def test_meteor_hand_cases():
+    pytest.importorskip("nltk")
+    # tokens: the left arm is raised . / the left arm is up . -> 5 aligned of 6 each way, P = R = 5/6 = Fmean;
+    # two chunks ("the left arm is", ".") of 5 aligned: penalty 0.5 (2/5)^3; the better of two references counts
+    first = 5 / 6 * (1 - 0.5 * (2 / 5) ** 3)
+    # "arms raising" / "arm raised": both aligned by Porter stem (arm, rais), one chunk of 2: penalty 0.5 (1/2)^3
+    second = 1.0 * (1 - 0.5 * (1 / 2) ** 3)
+    got = metrics.meteor(["The left arm is raised.", "arms raising"],
+                         [["A person stands.", "the left arm is up."], ["arm raised"]], wordnet=NoSynonyms())
+    assert got == pytest.approx(100 * (first + second) / 2)
+    assert metrics.meteor(["dog"], [["the left knee"]], wordnet=NoSynonyms()) == 0.0
+    with pytest.raises(ValueError, match="each needing at least one reference"):
+        metrics.meteor(["a"], [[]], wordnet=NoSynonyms())
+
+
+def test_meteor_is_none_without_wordnet(monkeypatch):
+    """Where nltk's WordNet data is missing, METEOR is not computed (None), not computed without synonyms."""
+    pytest.importorskip("nltk")
+    import nltk.corpus
+
+    class Missing:
+        def synsets(self, word):
+            raise LookupError("Resource wordnet not found.")
+
+    monkeypatch.setattr(nltk.corpus, "wordnet", Missing())
+    assert metrics.meteor(["the left arm"], [["the left arm"]]) is None
 
 
 def slow_lcs(a, b):

@@ -12,8 +12,10 @@ import pytest
 from transformers import HfArgumentParser
 
 import body
+import data
 import posevit
 import presets
+import realdata
 import train_rft
 import train_sft
 from test_real_model import CLIP_SIZE, TOY_VIT, fake_llava_dir, hmr2_state_dict, save_ckpt
@@ -155,6 +157,43 @@ def test_llava_7b_sft_then_rft_run_end_to_end(assets, monkeypatch, capsys):
     # no second base model: base/ links to the SFT run's, beside a copy of the SFT adapter (pi_ref)
     assert os.path.realpath(d / "rft" / "base") == os.path.realpath(d / "sft" / "base")
     assert (d / "rft" / presets.REFERENCE / "adapter_model.safetensors").exists()
+
+
+def test_llava_7b_sft_with_the_pose_input_tasks(assets, monkeypatch, tmp_path):
+    """--real_mix with 6 weights: PoseScript's captions as pose-to-text and a PoseFix release (its pose ids from the
+    PoseScript release's file) train the 7B preset with the pose encoder; RFT refuses them, saying why."""
+    d, data_flags = assets
+    monkeypatch.setattr(posevit, "VIT_H", TOY_VIT)
+    pf = tmp_path / "posefix_release"
+    pf.mkdir()
+    (pf / "pair_id_2_pose_ids.json").write_text(json.dumps([[0, 1], [2, 3]]))
+    (pf / "train_in_sequence_pair_ids.json").write_text("[0, 1]")
+    (pf / "train_out_sequence_pair_ids.json").write_text("[]")
+    (pf / "posefix_human_6157.json").write_text(json.dumps({"0": "Raise the left arm.", "1": "Bend the right knee."}))
+    (pf / "posefix_paraphrases_4284.json").write_text("{}")
+    flags = ["--real_mix", "0", "0", "0", "0", "0.5", "0.5", "--posefix_dir", str(pf), *data_flags]
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(train_sft.Args).parse_args_into_dataclasses(
+        ["--preset", "llava-1.5-7b", "--llava_path", str(d / "llava"), "--hmr2_ckpt", str(d / "hmr2.ckpt"), *flags])
+    mixture = realdata.preflight_real(args, "sft", 0)
+    drawn = {mixture[i].task for i in range(40)}
+    assert drawn == {"pose_to_text", "pose_edit"}  # the zero-weight kinds are never drawn
+    train_sft.main(["--preset", "llava-1.5-7b", "--llava_path", str(d / "llava"), "--hmr2_ckpt", str(d / "hmr2.ckpt"),
+                    "--out_dir", str(tmp_path / "sft"), "--steps", "2", "--batch_size", "4", "--warmup_steps", "1",
+                    "--log_every", "1", "--head_rank", "2", *flags])
+    base, tok, _ = presets.load_base(str(tmp_path / "sft" / "base"))
+    assert base.config.pose_input_tokens == data.POSE_INPUT_LEN and data.POSE_INPUT_TOKEN in tok.get_vocab()
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["losses/total"]) for r in rows)
+    with pytest.raises(SystemExit, match="pose-input tasks on real data are trained by train_sft.py only"):
+        train_rft.main(["--preset", "llava-1.5-7b", "--sft_dir", str(tmp_path / "sft"), "--out_dir",
+                        str(tmp_path / "rft"), *flags])
+    with pytest.raises(SystemExit, match="pose editing needs --real_mix with 6 weights"):
+        train_sft.main(["--preset", "llava-1.5-7b", "--llava_path", str(d / "llava"), "--hmr2_ckpt",
+                        str(d / "hmr2.ckpt"), "--out_dir", str(tmp_path / "sft4"), "--posefix_dir", str(pf),
+                        *data_flags])
+    assert not (tmp_path / "sft4").exists() and not (tmp_path / "rft").exists()
 
 
 def test_real_data_loader_workers_and_resume_exact(assets, monkeypatch):

@@ -1,0 +1,155 @@
+"""PoseFix (+ AMASS): pose editing triplets (pose A, a modifier, pose B), in the text-to-pose frame."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+import body
+from data import fill_template, POSE_ANSWER, PROMPTS, Sample
+from realdata.common import (AMASS_SOURCE, _checked_captions, DataFormatError, _need, _read_json, _warn_cut,
+                             _where)
+from realdata.posescript import _rotz, _targets, _Y_UP, AmassFrames, pose_ref, text_pose_frame
+
+POSEFIX_SOURCE = ("the PoseFix release, https://download.europe.naverlabs.com/ComputerVision/PoseFix/"
+                  "posefix_dataset_release.zip (see github.com/naver/posescript, src/text2pose/posefix)")
+
+
+def yaw_normalizer(global_orient_zup: np.ndarray) -> np.ndarray:
+    """(N, 3) axis-angle roots in AMASS's z-up world -> (N, 3, 3) the rotation about the vertical axis that
+    PoseScript's normalisation applies to each (Rz(-tz), `realdata.posescript_normalize`)."""
+    R = body.axis_angle_to_matrix(torch.as_tensor(np.asarray(global_orient_zup, dtype=np.float64))).numpy()
+    return _rotz(-np.arctan2(R[:, 1, 0], R[:, 0, 0]))
+
+
+class PoseFix(torch.utils.data.Dataset):
+    """pose_edit samples from PoseFix (Delmas et al. 2023): pose A at data.POSE_INPUT_TOKEN and a modifier (the
+    instruction) ask, pose B answers.
+
+    Files, as naver/posescript's text2pose/config.py and data.py (`load_posefix`, `PoseFix.get_poses_AB`) read
+    them:
+        root/pair_id_2_pose_ids.json                     [[pose A id, pose B id], ...], the list index is the pair id
+        root/{split}_in_sequence_pair_ids.json,
+        root/{split}_out_sequence_pair_ids.json           [pair id, ...]
+        root/posefix_human_6157.json, posefix_auto_135305.json,
+        root/posefix_paraphrases_4284.json                {"<pair id>": modifier or [modifiers]}
+        ids_file                                          PoseScript's ids_2_dataset_sequence_and_frame_index_100k.json
+                                                          (pose id -> ["AMASS", "<sequence npz>", frame])
+        amass_root/<sequence npz>                         'poses' (T, 156): SMPL+H axis-angle, radians
+    A pair counts if one of the chosen modifier files annotates it. Both poses are brought into the text-to-pose
+    frame (`realdata.text_pose_frame`): A by PoseScript's normalisation about the vertical axis; B by the same
+    rotation as A when both come from one sequence (PoseFix's in-sequence pairs, whose relative turn the modifier
+    may describe), by its own otherwise (out-of-sequence pairs), as PoseFix does.
+
+    Args:
+        root: the PoseFix release directory. amass_root: AMASS's SMPL+H G directory.
+        ids_file: PoseScript's pose-id file; default: the one in `root`, else pass the PoseScript release's.
+        split: train, val or test. modifiers: any of "human", "auto", "paraphrases".
+        bodymodel: a body.BodyModel to fill B's `joints` (None: joints stay None).
+        seed: seed of the modifier and prompt draws (sample i depends on (seed, i) only).
+    """
+
+    NAME = "PoseFix"
+    MODIFIER_FILES = {"human": "posefix_human_6157.json", "auto": "posefix_auto_135305.json",
+                      "paraphrases": "posefix_paraphrases_4284.json"}
+    PAIRS_FILE = "pair_id_2_pose_ids.json"
+    IDS_FILE = "ids_2_dataset_sequence_and_frame_index_100k.json"
+
+    def __init__(self, root: str, amass_root: str, ids_file: str = "", split: str = "train",
+                 modifiers: Sequence[str] = ("human", "paraphrases"), bodymodel=None, seed: int = 0):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
+        bad = [m for m in modifiers if m not in self.MODIFIER_FILES]
+        if bad or not modifiers:
+            raise ValueError(f"{self.NAME}: modifiers must be among {tuple(self.MODIFIER_FILES)}, got {tuple(modifiers)}")
+        _need(self.NAME, root, "release directory", POSEFIX_SOURCE)
+        self.amass = AmassFrames(self.NAME, _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE))
+        self.bodymodel, self.seed = bodymodel, seed
+        ids_path = ids_file or os.path.join(root, self.IDS_FILE)
+        info = _read_json(self.NAME, ids_path, POSEFIX_SOURCE + "; or pass the PoseScript release's file",
+                          '{"<pose id>": ["AMASS", "<npz path>", frame]}')
+        pairs_path = os.path.join(root, self.PAIRS_FILE)
+        pairs = _read_json(self.NAME, pairs_path, POSEFIX_SOURCE, "[[pose A id, pose B id], ...]")
+        if not isinstance(info, dict) or not isinstance(pairs, list):
+            raise DataFormatError(f"{self.NAME}: {ids_path} must hold a dict and {pairs_path} a list")
+        pair_ids = []
+        for where in ("in", "out"):
+            path = os.path.join(root, f"{split}_{where}_sequence_pair_ids.json")
+            ids = _read_json(self.NAME, path, POSEFIX_SOURCE, "a list of pair ids")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise DataFormatError(f"{_where(self.NAME, path)}: expected a list of integer pair ids")
+            pair_ids += [(i, path) for i in ids]
+        texts: dict[int, list[str]] = {}
+        for m in modifiers:
+            path = os.path.join(root, self.MODIFIER_FILES[m])
+            schema = '{"<pair id>": modifier or [modifiers]}'
+            found, cut = _read_json(self.NAME, path, POSEFIX_SOURCE, schema), []
+            if not isinstance(found, dict):
+                raise DataFormatError(f"{_where(self.NAME, path)}: holds a {type(found).__name__}; expected {schema}")
+            for key, val in found.items():
+                vals = val if isinstance(val, list) else [val]
+                if not key.isdigit() or not all(isinstance(v, str) for v in vals):
+                    raise DataFormatError(f"{_where(self.NAME, path, key)}: expected an integer pair id mapped to a "
+                                          f"modifier or a list of modifiers, got {type(val).__name__}")
+                texts.setdefault(int(key), []).extend(_checked_captions(self.NAME, path, key, vals, cut))
+            _warn_cut(self.NAME, path, cut)
+        self.ids, self.modifiers, self.refs, self.in_sequence = [], [], [], []
+        for pair, split_path in pair_ids:
+            if not texts.get(pair):
+                continue
+            if not 0 <= pair < len(pairs):
+                raise DataFormatError(f"{_where(self.NAME, pairs_path, pair)}: pair id of {split_path} beyond the "
+                                      f"{len(pairs)} pairs of the file; the release's files are of different versions")
+            ab = pairs[pair]
+            if not (isinstance(ab, list) and len(ab) == 2 and all(isinstance(p, int) for p in ab)):
+                raise DataFormatError(f"{_where(self.NAME, pairs_path, pair)}: got {ab!r}; expected [pose A id, pose B "
+                                      "id]")
+            ref_a, ref_b = (pose_ref(self.NAME, info, ids_path, p, pairs_path) for p in ab)
+            self.ids.append((pair, ab[0], ab[1]))
+            self.modifiers.append(texts[pair])
+            self.refs.append((ref_a, ref_b))
+            self.in_sequence.append(ref_a[0] == ref_b[0])  # PoseFix's test: the same sequence file
+        if not self.ids:
+            raise DataFormatError(f"{self.NAME}: no pair of {root}'s {split} split has a modifier in {list(modifiers)}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def preflight(self) -> list:
+        """Problems of the AMASS sequences the poses A and B name, from the npz headers alone."""
+        asked = [(pid, rel, frame) for (_, a, b), refs in zip(self.ids, self.refs)
+                 for pid, (rel, frame) in zip((a, b), refs)]
+        return self.amass.preflight(asked)
+
+    def poses_aa(self, i: int) -> tuple:
+        """Poses A and B of pair i, each (24, 3) axis-angle, radians, in the text-to-pose frame (B turned as A
+        when the pair is in-sequence)."""
+        (_, pid_a, pid_b), (ref_a, ref_b) = self.ids[i], self.refs[i]
+        a, b = self.amass.frame(*ref_a, pid_a), self.amass.frame(*ref_b, pid_b)
+        if self.in_sequence[i]:  # B turned by A's normalising rotation, then both in the y-up world
+            Rb = body.axis_angle_to_matrix(torch.as_tensor(b[:1], dtype=torch.float64)).numpy()  # (1, 3, 3)
+            b[0] = body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ yaw_normalizer(a[:1]) @ Rb)).numpy()[0]
+        else:
+            b[0] = text_pose_frame(b[:1])[0]
+        a[0] = text_pose_frame(a[:1])[0]
+        return a, b
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.draw(int(i), np.random.default_rng((self.seed, int(i))))
+
+    def draw(self, i: int, rng: np.random.Generator) -> Sample:
+        """Pair i with a modifier and a prompt paraphrase drawn from rng (`Mixture` passes its own per draw)."""
+        modifier = int(rng.integers(len(self.modifiers[i])))
+        return self.sample(int(i), modifier, int(rng.integers(len(PROMPTS["pose_edit"]))))
+
+    def sample(self, i: int, modifier: int = 0, paraphrase: int = 0) -> Sample:
+        """Pair i with its modifier `modifier`, in prompt paraphrase `paraphrase`."""
+        a, b = self.poses_aa(i)
+        pose_a, _ = _targets(a[None])
+        pose_b, joints_b = _targets(b[None], self.bodymodel)
+        text = self.modifiers[i][modifier]
+        return Sample("pose_edit", fill_template(PROMPTS["pose_edit"][paraphrase], instruction=text), POSE_ANSWER,
+                      pose6d=pose_b[0], joints=None if joints_b is None else joints_b[0], index=i, text=text,
+                      pose_input=pose_a[0], source_index=i)
