@@ -533,7 +533,8 @@ def write_report(args: Args, done: dict, stages: list, t0: float, argv: list) ->
                        "archetype, root aligned.\n")
 
     if args.pose_input:
-        parts.append("## Pose as input: pose-to-text (UniPose's task)\n\n" + tables.pose_to_text_table(runs["sft_pin"], runs["rft_pin"])
+        parts.append("## Pose as input: pose-to-text (UniPose's task)\n\n" + tables.pose_to_text_table(runs["sft_pin"],
+                                                                                                       runs["rft_pin"])
                      + "\nR-precision as PoseScript computes it: the generated caption against its pose and 31 random "
                        "others, by the evaluator retriever, averaged over 10 draws. BLEU-4 and ROUGE-L against all of "
                        "the pose's captions; posecode truth: the share of the posecodes a caption states that are true "

@@ -63,7 +63,8 @@ class PoseFix(torch.utils.data.Dataset):
             raise ValueError(f"{self.NAME}: split must be train, val or test, got {split!r}")
         bad = [m for m in modifiers if m not in self.MODIFIER_FILES]
         if bad or not modifiers:
-            raise ValueError(f"{self.NAME}: modifiers must be among {tuple(self.MODIFIER_FILES)}, got {tuple(modifiers)}")
+            raise ValueError(f"{self.NAME}: modifiers must be among {tuple(self.MODIFIER_FILES)}, "
+                             f"got {tuple(modifiers)}")
         _need(self.NAME, root, "release directory", POSEFIX_SOURCE)
         self.amass = AmassFrames(self.NAME, _need(self.NAME, amass_root, "AMASS directory", AMASS_SOURCE))
         self.bodymodel, self.seed = bodymodel, seed

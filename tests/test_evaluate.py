@@ -167,8 +167,10 @@ def test_report_pose_input_tables(results, tmp_path):
     # SFT 11 ± 1.4, RFT 15 ± 2.8, paired +4 ± 1.4, own captions 37 ± 1.4, chance 3.1, PoseScript's captioner 91.6
     assert f"| `{rp}` (%) ↑ | 11.0 ± 1.4 | 15.0 ± 2.8 | 4.0 ± 1.4 | 37.0 ± 1.4 | 3.1 | 91.6 | 85.6 |" in text
     assert "| `pose_to_text/posecode_truth` (%) ↑ | 71.0 ± 1.4 | 77.0 ± 2.8 | 6.0 ± 1.4 | - | - | - | - |" in text
-    assert "| `pose_edit/mpjpe_mm` (mm) ↓ | 165.0 ± 7.1 | 158.0 ± 11.3 | -7.0 ± 4.2 | 109.0 ± 1.4 | 71.7 | 130.5 |" in text
-    assert "| `pose_edit/eval_retriever/R@1` (%) ↑ | 18.0 ± 1.4 |" in text and "| 36.0 ± 1.4 | 37.0 | 25.0 | - | - |" in text
+    assert ("| `pose_edit/mpjpe_mm` (mm) ↓ | 165.0 ± 7.1 | 158.0 ± 11.3 | -7.0 ± 4.2 | 109.0 ± 1.4 | 71.7 | 130.5 |"
+            in text)
+    assert "| `pose_edit/eval_retriever/R@1` (%) ↑ | 18.0 ± 1.4 |" in text
+    assert "| 36.0 ± 1.4 | 37.0 | 25.0 | - | - |" in text
 
 
 def test_full_report_tables_and_seeds(results, tmp_path):

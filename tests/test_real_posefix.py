@@ -32,7 +32,8 @@ def posefix(tmp_path):
     root.mkdir()
     ps_root.mkdir()
     rng = np.random.default_rng(0)
-    seqs = {"CMU/01/01_01_poses.npz": rng.normal(0, 0.3, (6, 156)), "KIT/3/walk_poses.npz": rng.normal(0, 0.3, (2, 156))}
+    seqs = {"CMU/01/01_01_poses.npz": rng.normal(0, 0.3, (6, 156)), "KIT/3/walk_poses.npz": rng.normal(0, 0.3, (2,
+                                                                                                                156))}
     seqs["CMU/01/01_01_poses.npz"][1, :3] = aa(ROOT_A)
     seqs["CMU/01/01_01_poses.npz"][5, :3] = aa(ROOT_B)
     seqs["KIT/3/walk_poses.npz"][1, :3] = aa(ROOT_C)
