@@ -17,7 +17,8 @@ single-turn samples.
 Modules: common (sources, DataFormatError, checked readers), posescript (PoseScript, the text-to-pose
 frame, AMASS frames), posefix (PoseFix's editing triplets), images (HMR2.0-style npz sets and their
 LSP14 evaluation joints, BEDLAM-Script, person crops), instruct (LLaVA-Instruct, Mixture), preflight
-(every asset and file of a real run checked before anything is built). Their public names are importable from the package itself, as `realdata.PoseScript`.
+(every asset and file of a real run checked before anything is built). Their public names are
+importable from the package itself, as `realdata.PoseScript`.
 """
 from realdata.common import (AMASS_SOURCE, BEDLAM_SCRIPT_SOURCE, DESCRIBE_PROMPT, HMR2_DATA_SOURCE,
                              LLAVA_INSTRUCT_SOURCE, MAX_CAPTION_CHARS, POSESCRIPT_SOURCE, DataFormatError,

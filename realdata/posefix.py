@@ -9,9 +9,8 @@ import torch
 
 import body
 from data import fill_template, POSE_ANSWER, PROMPTS, Sample
-from realdata.common import (AMASS_SOURCE, _checked_captions, DataFormatError, _need, _read_json, _warn_cut,
-                             _where)
-from realdata.posescript import _rotz, _targets, _Y_UP, AmassFrames, pose_ref, text_pose_frame
+from realdata.common import AMASS_SOURCE, DataFormatError, _need, _read_json, _where
+from realdata.posescript import _rotz, _targets, _Y_UP, AmassFrames, id_texts, pose_ref, text_pose_frame
 
 POSEFIX_SOURCE = ("the PoseFix release, https://download.europe.naverlabs.com/ComputerVision/PoseFix/"
                   "posefix_dataset_release.zip (see github.com/naver/posescript, src/text2pose/posefix)")
@@ -82,20 +81,8 @@ class PoseFix(torch.utils.data.Dataset):
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise DataFormatError(f"{_where(self.NAME, path)}: expected a list of integer pair ids")
             pair_ids += [(i, path) for i in ids]
-        texts: dict[int, list[str]] = {}
-        for m in modifiers:
-            path = os.path.join(root, self.MODIFIER_FILES[m])
-            schema = '{"<pair id>": modifier or [modifiers]}'
-            found, cut = _read_json(self.NAME, path, POSEFIX_SOURCE, schema), []
-            if not isinstance(found, dict):
-                raise DataFormatError(f"{_where(self.NAME, path)}: holds a {type(found).__name__}; expected {schema}")
-            for key, val in found.items():
-                vals = val if isinstance(val, list) else [val]
-                if not key.isdigit() or not all(isinstance(v, str) for v in vals):
-                    raise DataFormatError(f"{_where(self.NAME, path, key)}: expected an integer pair id mapped to a "
-                                          f"modifier or a list of modifiers, got {type(val).__name__}")
-                texts.setdefault(int(key), []).extend(_checked_captions(self.NAME, path, key, vals, cut))
-            _warn_cut(self.NAME, path, cut)
+        texts = id_texts(self.NAME, [os.path.join(root, self.MODIFIER_FILES[m]) for m in modifiers],
+                         POSEFIX_SOURCE, "pair id", "modifier")
         self.ids, self.modifiers, self.refs, self.in_sequence = [], [], [], []
         for pair, split_path in pair_ids:
             if not texts.get(pair):

@@ -59,6 +59,26 @@ def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
     return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
 
 
+def id_texts(dataset: str, paths: list, source: str, key: str, text: str) -> dict:
+    """{id: [texts]} from JSON files of {"<id>": text or [texts]} (PoseScript's captions, PoseFix's modifiers),
+    the files' texts of one id joined in order; DataFormatError naming the file and the record, a text
+    longer than MAX_CAPTION_CHARS cut with a warning. key, text: what the ids and the texts are (for errors)."""
+    texts: dict[int, list[str]] = {}
+    for path in paths:
+        schema = f'{{"<{key}>": {text} or [{text}s]}}'
+        found, cut = _read_json(dataset, path, source, schema), []
+        if not isinstance(found, dict):
+            raise DataFormatError(f"{_where(dataset, path)}: holds a {type(found).__name__}; expected {schema}")
+        for k, val in found.items():
+            vals = val if isinstance(val, list) else [val]
+            if not k.lstrip("-").isdigit() or not all(isinstance(v, str) for v in vals):
+                raise DataFormatError(f"{_where(dataset, path, k)}: expected an integer {key} mapped to a {text} or "
+                                      f"a list of {text}s, got {type(val).__name__}")
+            texts.setdefault(int(k), []).extend(_checked_captions(dataset, path, k, vals, cut))
+        _warn_cut(dataset, path, cut)
+    return texts
+
+
 def pose_ref(dataset: str, info: dict, ids_path: str, pid: int, named_in: str) -> tuple:
     """(sequence npz path, frame) of pose `pid` from PoseScript's ids file (`info`, read from `ids_path`), checked:
     DataFormatError naming the file and the record, and `named_in`, the file that asked for the pose."""
@@ -195,20 +215,8 @@ class PoseScript(torch.utils.data.Dataset):
         split_ids = _read_json(self.NAME, split_path, POSESCRIPT_SOURCE, "a list of pose ids")
         if not isinstance(info, dict) or not isinstance(split_ids, list):
             raise DataFormatError(f"{self.NAME}: {ids_path} must hold a dict and {split_path} a list")
-        texts: dict[int, list[str]] = {}
-        for c in captions:
-            path = os.path.join(root, self.CAPTION_FILES[c])
-            schema = '{"<pose id>": caption or [captions]}'
-            found, cut = _read_json(self.NAME, path, POSESCRIPT_SOURCE, schema), []
-            if not isinstance(found, dict):
-                raise DataFormatError(f"{_where(self.NAME, path)}: holds a {type(found).__name__}; expected {schema}")
-            for key, val in found.items():
-                vals = val if isinstance(val, list) else [val]
-                if not key.lstrip("-").isdigit() or not all(isinstance(v, str) for v in vals):
-                    raise DataFormatError(f"{_where(self.NAME, path, key)}: expected an integer pose id mapped to "
-                                          f"a caption or a list of captions, got {type(val).__name__}")
-                texts.setdefault(int(key), []).extend(_checked_captions(self.NAME, path, key, vals, cut))
-            _warn_cut(self.NAME, path, cut)
+        texts = id_texts(self.NAME, [os.path.join(root, self.CAPTION_FILES[c]) for c in captions], POSESCRIPT_SOURCE,
+                         "pose id", "caption")
         self.ids, self.captions, self.refs = [], [], []
         for pid in split_ids:
             if not isinstance(pid, int):
