@@ -87,6 +87,27 @@ def test_report_skips_complete_stages(results, capsys):
     assert (results / "stages" / "rft_s0.json").read_text() == before
 
 
+def fake_runs(results, out, args, seeds, edit=lambda kind, seed, metrics: None) -> list:
+    """Every run of `args`' report as copies of the tiny report's SFT or RFT results (and RFT's metrics.jsonl,
+    stage 0's stage0.json), each seed's metrics edited in place by `edit(kind, seed, metrics)`; returns the plan
+    (no training: the stages are then marked done)."""
+    for kind in report.run_kinds(args):
+        for seed in seeds:
+            src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
+            dst = out / "eval" / f"{kind}_s{seed}"
+            shutil.copytree(src, dst)
+            rec = json.loads((dst / "results.json").read_text())
+            edit(kind, seed, rec["metrics"])
+            (dst / "results.json").write_text(json.dumps(rec))
+            if kind.startswith("rft"):
+                (out / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
+                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", out / "ckpt" / f"{kind}_s{seed}")
+    for seed in seeds:  # the encoder row of "Does the policy see?"
+        (out / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
+        shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", out / "ckpt" / f"stage0_s{seed}")
+    return report.plan(args)
+
+
 def test_report_direct_and_abstract_tables(results, tmp_path):
     """--direct and --abstract (issue 22): their stages (flags and SFT starts) and tables, written from copies of
     the tiny runs' results with hand-set abstract_to_pose metrics (no training: the stages are marked done)."""
@@ -102,18 +123,7 @@ def test_report_direct_and_abstract_tables(results, tmp_path):
     hand = {"abstract_to_pose/archetype_accuracy": 0.25, "abstract_to_pose/eval_retriever/pfd": 0.6162,
             "abstract_to_pose/nearest_mpjpe_mm": 124.91, "abstract_to_pose/consistency": None,
             "abstract_to_pose/archetype_accuracy_true_poses": 0.5}
-    for kind in report.run_kinds(args):
-        src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
-        dst = tmp_path / "r" / "eval" / f"{kind}_s0"
-        shutil.copytree(src, dst)
-        rec = json.loads((dst / "results.json").read_text())
-        rec["metrics"].update(hand if "abs" in kind else {})
-        (dst / "results.json").write_text(json.dumps(rec))
-        if kind.startswith("rft"):
-            (tmp_path / "r" / "ckpt" / f"{kind}_s0").mkdir(parents=True)
-            shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "r" / "ckpt" / f"{kind}_s0")
-    (tmp_path / "r" / "ckpt" / "stage0_s0").mkdir(parents=True)
-    shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "r" / "ckpt" / "stage0_s0")
+    fake_runs(results, tmp_path / "r", args, [0], lambda kind, seed, m: m.update(hand if "abs" in kind else {}))
     done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
     text = open(report.write_report(args, done, stages, 0.0, ["--direct", "true"])).read()
     assert "## Direct reward fine-tuning (DrPose-style) beside HyGRPO" in text and "## Abstract prompts" in text
@@ -147,20 +157,8 @@ def test_report_pose_input_tables(results, tmp_path):
                          "pose_edit/eval_retriever/copy_a_R@1": 37.0}],
             "rft_pin": [{rp: 13.0, "pose_to_text/posecode_truth": 0.75, "pose_edit/mpjpe_mm": 150.0},
                         {rp: 17.0, "pose_to_text/posecode_truth": 0.79, "pose_edit/mpjpe_mm": 166.0}]}
-    for kind in report.run_kinds(args):
-        for seed in (0, 1):
-            src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
-            dst = tmp_path / "r" / "eval" / f"{kind}_s{seed}"
-            shutil.copytree(src, dst)
-            rec = json.loads((dst / "results.json").read_text())
-            rec["metrics"].update(hand[kind][seed] if kind in hand else {})
-            (dst / "results.json").write_text(json.dumps(rec))
-            if kind.startswith("rft"):
-                (tmp_path / "r" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
-                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl", tmp_path / "r" / "ckpt" / f"{kind}_s{seed}")
-    for seed in (0, 1):
-        (tmp_path / "r" / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
-        shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "r" / "ckpt" / f"stage0_s{seed}")
+    fake_runs(results, tmp_path / "r", args, [0, 1],
+              lambda kind, seed, m: m.update(hand[kind][seed] if kind in hand else {}))
     done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
     text = open(report.write_report(args, done, stages, 0.0, ["--pose_input", "true"])).read()
     assert "## Pose as input: pose-to-text" in text and "## Pose as input: pose editing" in text
@@ -187,21 +185,10 @@ def test_full_report_tables_and_seeds(results, tmp_path):
     assert {"rft_zero_format_s1", "eval_rft_xret_s0"} <= {s.name for s in stages}
     xret = next(s for s in stages if s.name == "rft_xret_s0").cmd
     assert xret[xret.index("--reward_retriever") + 1].endswith("retriever_eval")
-    for kind in report.run_kinds(args):
-        for seed in (0, 1):
-            src = results / "eval" / ("rft_s0" if kind.startswith("rft") else "sft_s0")
-            dst = tmp_path / "full" / "eval" / f"{kind}_s{seed}"
-            shutil.copytree(src, dst)
-            rec = json.loads((dst / "results.json").read_text())
-            rec["metrics"]["image_to_pose/mpjpe_mm"] += 10 * seed  # two seeds, 10 mm apart: std 7.1
-            (dst / "results.json").write_text(json.dumps(rec))
-            if kind.startswith("rft"):
-                (tmp_path / "full" / "ckpt" / f"{kind}_s{seed}").mkdir(parents=True)
-                shutil.copy(results / "ckpt" / "rft_s0" / "metrics.jsonl",
-                            tmp_path / "full" / "ckpt" / f"{kind}_s{seed}")
-    for seed in (0, 1):  # the encoder row of "Does the policy see?"
-        (tmp_path / "full" / "ckpt" / f"stage0_s{seed}").mkdir(parents=True)
-        shutil.copy(results / "ckpt" / "stage0_s0" / "stage0.json", tmp_path / "full" / "ckpt" / f"stage0_s{seed}")
+    def shift(kind, seed, m):  # two seeds, 10 mm apart: std 7.1
+        m["image_to_pose/mpjpe_mm"] += 10 * seed
+
+    fake_runs(results, tmp_path / "full", args, [0, 1], shift)
     done = {s.name: {"seconds": 2.0, "status": "ran", "date": "-"} for s in stages}
     text = open(report.write_report(args, done, stages, 0.0, ["--full"])).read()
     assert "## Table 5: each reward zero-masked" in text and "## Table 6: cross-retriever evaluation" in text

@@ -64,6 +64,14 @@ ROOT_A = rot("z", 2.0) @ rot("y", 0.3) @ rot("x", 1.4)  # a root with yaw about 
 ROOT_UP = rot("z", -0.7) @ rot("x", np.pi / 2)  # standing upright in AMASS's z-up world, turned
 
 
+def write_amass(amass, seqs: dict) -> None:
+    """AMASS sequences in the SMPL+H G npz layout: {relative path: poses (T, 156)} under `amass`."""
+    for rel, poses in seqs.items():
+        os.makedirs(amass / os.path.dirname(rel), exist_ok=True)
+        np.savez(amass / rel, poses=poses, trans=np.zeros((len(poses), 3)), betas=np.zeros(16), gender="neutral",
+                 mocap_framerate=120.0)
+
+
 @pytest.fixture
 def posescript(tmp_path):
     root, amass = tmp_path / "posescript_release", tmp_path / "AMASS" / "smplh"
@@ -73,10 +81,7 @@ def posescript(tmp_path):
                                                                                                                 156))}
     seqs["CMU/01/01_01_poses.npz"][2, :3] = aa(ROOT_A)
     seqs["KIT/3/walk_poses.npz"][0, :3] = aa(ROOT_UP)
-    for rel, poses in seqs.items():
-        os.makedirs(amass / os.path.dirname(rel), exist_ok=True)
-        np.savez(amass / rel, poses=poses, trans=np.zeros((len(poses), 3)), betas=np.zeros(16), gender="neutral",
-                 mocap_framerate=120.0)
+    write_amass(amass, seqs)
     ids = {"0": ["AMASS", "CMU/01/01_01_poses.npz", 2], "1": ["AMASS", "KIT/3/walk_poses.npz", 0],
            "2": ["AMASS", "KIT/3/walk_poses.npz", 2], "3": ["AMASS", "CMU/01/01_01_poses.npz", 4]}
     (root / "ids_2_dataset_sequence_and_frame_index_100k.json").write_text(json.dumps(ids))

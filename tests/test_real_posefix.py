@@ -13,7 +13,7 @@ import data
 import realdata
 import vocab
 from realdata.posefix import PoseFix
-from test_real_data import aa, mat, posescript_reference, rot, Y_UP
+from test_real_data import aa, mat, posescript_reference, rot, write_amass, Y_UP
 
 ROOT_A = rot("z", 2.0) @ rot("y", 0.3) @ rot("x", 1.4)  # yaw 2.0 about AMASS's vertical z
 ROOT_B = rot("z", 2.6) @ rot("x", 1.2)  # the same sequence, turned a further 0.6 about the vertical
@@ -37,9 +37,7 @@ def posefix(tmp_path):
     seqs["CMU/01/01_01_poses.npz"][1, :3] = aa(ROOT_A)
     seqs["CMU/01/01_01_poses.npz"][5, :3] = aa(ROOT_B)
     seqs["KIT/3/walk_poses.npz"][1, :3] = aa(ROOT_C)
-    for rel, poses in seqs.items():
-        os.makedirs(amass / os.path.dirname(rel), exist_ok=True)
-        np.savez(amass / rel, poses=poses, trans=np.zeros((len(poses), 3)), betas=np.zeros(16), gender="neutral")
+    write_amass(amass, seqs)
     ids = {"10": ["AMASS", "CMU/01/01_01_poses.npz", 1], "11": ["AMASS", "CMU/01/01_01_poses.npz", 5],
            "12": ["AMASS", "KIT/3/walk_poses.npz", 1]}
     (ps_root / "ids_2_dataset_sequence_and_frame_index_100k.json").write_text(json.dumps(ids))
