@@ -181,6 +181,11 @@ def test_sft_and_rft_runs_with_the_pose_input_tasks(tmp_path, capsys):
     assert "pose_to_text/bleu4" in res and "image_to_pose/mpjpe_mm" in res
     with open(tmp_path / "sft" / "base" / train_sft.BASE_FLAGS) as fh:
         assert json.load(fh)["pose_input"] is True
+    import posebench
+    from tools import edit_probe  # does the run read A? (tools/edit_probe.py)
+
+    got = edit_probe.probe(str(tmp_path / "sft"), "test", 8, posebench.BenchConfig(n_train=48, n_val=16, n_test=40))
+    assert all(np.isfinite(v) and v > 0 for v in got.values())
     retrieval.main(bench + ["--epochs", "1", "--embed_dim", "16", "--hidden_dim", "32", "--batch_size", "16",
                             "--out_dir", str(tmp_path), "--num_threads", "1"])
     train_rft.main(bench + five + ["--steps", "2", "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "12",
