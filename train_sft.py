@@ -15,7 +15,9 @@ schedule (Table 4). Then the head alone is fitted on cached `<POSE>` states (`fi
 The paper's configuration is `--preset llava-1.5-7b`: LLaVA-1.5-7B (--llava_path) and HMR2.0's ViT-H
 (--hmr2_ckpt) instead of stage 0, bf16 with gradient checkpointing, and the real datasets given by
 their flags (--posescript_dir + --amass_dir, --image_npz, --bedlam_script_dir + --bedlam_img_dir,
---llava_instruct_json + --coco_dir) instead of the built-in benchmark. Every asset and data file is
+--llava_instruct_json + --coco_dir; with --real_mix of 6 weights also the neighbours' pose-input tasks,
+--posefix_dir for editing and PoseScript's captions for pose-to-text) instead of the built-in benchmark.
+Every asset and data file is
 opened and checked before anything is built or written (`realdata.preflight_real`); one message names every
 problem with its flag, file, record and fix.
 
