@@ -192,6 +192,16 @@ def predict_poses(policy, tokenizer, samples, device, batch_size: int = 64, samp
     return torch.cat(out)  # (N, P)
 
 
+@torch.no_grad()
+def pose_joints(bodymodel, pose6d: torch.Tensor, device, chunk: int = 256) -> torch.Tensor:
+    """Pose actions (N, P) -> the body's joints (N, J, 3) in metres, pelvis-centred, on the CPU (in chunks)."""
+    out = [torch.zeros(0, body.NUM_JOINTS, 3)]
+    for i in range(0, len(pose6d), chunk):
+        j = bodymodel.forward_rot6d(pose6d[i:i + chunk].to(device)).joints.float().cpu()
+        out.append(j - j[:, :1])
+    return torch.cat(out)
+
+
 def pose_metrics(task: str, pose6d: torch.Tensor, samples, mean_frame: np.ndarray, bodymodel,
                  device, view_rot: torch.Tensor | None = None) -> Dict[str, float]:
     """MPJPE / PA-MPJPE (mm) of predicted actions (N, P) against the samples' joints, beside the
@@ -201,11 +211,7 @@ def pose_metrics(task: str, pose6d: torch.Tensor, samples, mean_frame: np.ndarra
     `view_rot` (N, 3, 3): each image's world -> view rotation (render.view_rotation), which takes
     image-to-pose joints back to that frame (row vectors: world = view @ R); None: the task's frame
     is the canonical one (text-to-pose)."""
-    joints = []
-    for i in range(0, len(pose6d), 256):
-        j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()  # (n, J, 3) m
-        joints.append(j - j[:, :1])
-    pred = torch.cat(joints)
+    pred = pose_joints(bodymodel, pose6d, device)
     gt = torch.as_tensor(np.stack([s.joints for s in samples]))  # (N, J, 3)
     mean_pose = torch.as_tensor(mean_frame).mean(0, keepdim=True).expand_as(gt)
     pred_root = body.rot6d_to_matrix(pose6d.reshape(len(pose6d), -1, 6)[:, 0].float())  # (N, 3, 3)

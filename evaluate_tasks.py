@@ -59,12 +59,11 @@ def abstract_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, train,
     res = {f"{task}/format_valid": rewards.format_reward(
         texts, [task] * len(texts), [data.abstract_answer("A reasoning.", reasoning)] * len(texts)).mean().item(),
            f"{task}/pose_rate": has.float().mean().item()}
-    joints_of = lambda p: torch.cat([bodymodel.forward_rot6d(p[i:i + 256].to(device)).joints.cpu()  # noqa: E731
-                                     for i in range(0, len(p), 256)]) if len(p) else torch.zeros(0, 24, 3)
-    centred = lambda j: (j - j[:, :1]).reshape(len(j), -1).double().numpy()  # noqa: E731
+    joints_of = lambda p: evaluate.pose_joints(bodymodel, p, device)  # noqa: E731
     train_x = train.joints.reshape(len(train), -1)  # canonical, pelvis-centred
     pred_joints = joints_of(pose6d[has])
-    guess = knn_predict(train_x, train.archetype, centred(pred_joints), ARCHETYPE_KNN) if has.any() else np.zeros(0)
+    guess = knn_predict(train_x, train.archetype, pred_joints.reshape(len(pred_joints), -1).double().numpy(),
+                        ARCHETYPE_KNN) if has.any() else np.zeros(0)
     right = np.zeros(len(samples), bool)
     right[has.numpy()] = guess == arch[has.numpy()]
     d = split_tasks.data
@@ -73,7 +72,7 @@ def abstract_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, train,
         (knn_predict(train_x, train.archetype, d.joints.reshape(len(d), -1), ARCHETYPE_KNN) == d.archetype).mean())
     stated = [posecodes.stated_codes(data.reasoning_of(t)) for t, h in zip(texts, has.tolist()) if h]
     if reasoning:
-        pred_codes = posecodes.posecodes((pred_joints - pred_joints[:, :1]).double().numpy())
+        pred_codes = posecodes.posecodes(pred_joints.double().numpy())
         res[f"{task}/consistency"] = posecode_truth(stated, pred_codes, posecodes.CODE_NAMES) if stated else None
         res[f"{task}/plausible"] = posecode_truth(stated, stats.plausible[arch[has.numpy()]],
                                                   posecodes.CODE_NAMES) if stated else None
@@ -153,11 +152,7 @@ def pose_input_metrics(policy, tokenizer, split_tasks: data.PoseBenchTasks, body
     local = evaluate.predict_poses(policy, tokenizer, samples[rank::world], device, batch_size, sample_pose, seed,
                                    pose_temperature)
     pose6d = plumbing.gather_shards(local, world)  # (N, P)
-    joints = []
-    for i in range(0, len(pose6d), 256):
-        j = bodymodel.forward_rot6d(pose6d[i:i + 256].to(device)).joints.cpu()
-        joints.append(j - j[:, :1])
-    pred = torch.cat(joints)  # (N, J, 3) canonical, pelvis-centred
+    pred = evaluate.pose_joints(bodymodel, pose6d, device)  # (N, J, 3) canonical, pelvis-centred
     b_idx = [s.index for s in samples]
     a_idx = [s.source_index for s in samples]
     gt, copy_a = torch.as_tensor(d.joints[b_idx]), torch.as_tensor(d.joints[a_idx])

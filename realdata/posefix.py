@@ -7,20 +7,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import body
 from data import fill_template, POSE_ANSWER, PROMPTS, Sample
 from realdata.common import AMASS_SOURCE, DataFormatError, _need, _read_json, _where
-from realdata.posescript import _rotz, _targets, _Y_UP, AmassFrames, id_texts, pose_ref, text_pose_frame
+from realdata.posescript import _targets, AmassFrames, id_texts, pose_ref, text_pose_frame
 
 POSEFIX_SOURCE = ("the PoseFix release, https://download.europe.naverlabs.com/ComputerVision/PoseFix/"
                   "posefix_dataset_release.zip (see github.com/naver/posescript, src/text2pose/posefix)")
-
-
-def yaw_normalizer(global_orient_zup: np.ndarray) -> np.ndarray:
-    """(N, 3) axis-angle roots in AMASS's z-up world -> (N, 3, 3) the rotation about the vertical axis that
-    PoseScript's normalisation applies to each (Rz(-tz), `realdata.posescript_normalize`)."""
-    R = body.axis_angle_to_matrix(torch.as_tensor(np.asarray(global_orient_zup, dtype=np.float64))).numpy()
-    return _rotz(-np.arctan2(R[:, 1, 0], R[:, 0, 0]))
 
 
 class PoseFix(torch.utils.data.Dataset):
@@ -116,11 +108,7 @@ class PoseFix(torch.utils.data.Dataset):
         when the pair is in-sequence)."""
         (_, pid_a, pid_b), (ref_a, ref_b) = self.ids[i], self.refs[i]
         a, b = self.amass.frame(*ref_a, pid_a), self.amass.frame(*ref_b, pid_b)
-        if self.in_sequence[i]:  # B turned by A's normalising rotation, then both in the y-up world
-            Rb = body.axis_angle_to_matrix(torch.as_tensor(b[:1], dtype=torch.float64)).numpy()  # (1, 3, 3)
-            b[0] = body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ yaw_normalizer(a[:1]) @ Rb)).numpy()[0]
-        else:
-            b[0] = text_pose_frame(b[:1])[0]
+        b[0] = text_pose_frame(b[:1], a[:1] if self.in_sequence[i] else None)[0]  # in-sequence: B turned as A
         a[0] = text_pose_frame(a[:1])[0]
         return a, b
 

@@ -29,8 +29,13 @@ def posescript_normalize(global_orient: np.ndarray) -> np.ndarray:
     z-up world and drop tz, i.e. Rz(-tz) R with tz = atan2(R[1, 0], R[0, 0]): no rotation about
     the vertical axis is left. (N, 3) axis-angle -> (N, 3) axis-angle, radians."""
     R = body.axis_angle_to_matrix(torch.as_tensor(np.asarray(global_orient, dtype=np.float64))).numpy()
-    tz = np.arctan2(R[:, 1, 0], R[:, 0, 0])
-    return body.matrix_to_axis_angle(torch.as_tensor(_rotz(-tz) @ R)).numpy()
+    return body.matrix_to_axis_angle(torch.as_tensor(yaw_normalizer(R) @ R)).numpy()
+
+
+def yaw_normalizer(R: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) root rotations in AMASS's z-up world -> (N, 3, 3) the rotation about the vertical axis that
+    PoseScript's normalisation applies to each, Rz(-tz) with tz = atan2(R[1, 0], R[0, 0])."""
+    return _rotz(-np.arctan2(R[:, 1, 0], R[:, 0, 0]))
 
 
 def smplh_to_smpl24(poses: np.ndarray) -> np.ndarray:
@@ -45,7 +50,7 @@ def smplh_to_smpl24(poses: np.ndarray) -> np.ndarray:
 _Y_UP = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])  # Rx(-pi/2): AMASS's z-up world -> SMPL's y-up
 
 
-def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
+def text_pose_frame(global_orient_zup: np.ndarray, turn_like: np.ndarray | None = None) -> np.ndarray:
     """The text-to-pose frame of every path (policy targets, retrievers, rewards, metrics): a root
     orientation in AMASS's z-up world, PoseScript-normalised (`posescript_normalize`), then written
     in SMPL's y-up world (x left, y up, z forward), posebench's frame. (N, 3) -> (N, 3) axis-angle.
@@ -54,9 +59,15 @@ def text_pose_frame(global_orient_zup: np.ndarray) -> np.ndarray:
     construction: the forward axis in the y-z plane) are in it when their root has no roll, and
     nearly so upright (median 0.4 deg about the vertical); PoseScript's rule fixes the body's
     left-right axis instead, so lying bodies differ (on the back or front by a median 8-9 deg, on the
-    side, where that axis is vertical and the rule ill-defined, by 90)."""
-    R = body.axis_angle_to_matrix(torch.as_tensor(posescript_normalize(global_orient_zup))).numpy()
-    return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ R)).numpy()
+    side, where that axis is vertical and the rule ill-defined, by 90).
+
+    `turn_like` (N, 3): turn each root by the normalising rotation of this other root instead of its own
+    (PoseFix's in-sequence pairs: B turned as A was, so that the turn between them is kept)."""
+    to_matrix = lambda aa: body.axis_angle_to_matrix(  # noqa: E731
+        torch.as_tensor(np.asarray(aa, dtype=np.float64))).numpy()
+    R = to_matrix(global_orient_zup)
+    turn = yaw_normalizer(R if turn_like is None else to_matrix(turn_like))
+    return body.matrix_to_axis_angle(torch.as_tensor(_Y_UP @ turn @ R)).numpy()
 
 
 def id_texts(dataset: str, paths: list, source: str, key: str, text: str) -> dict:

@@ -29,12 +29,6 @@ import presets  # noqa: E402
 from metrics import mpjpe_mm  # noqa: E402
 
 
-def centred_joints(bodymodel, pose6d: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        j = bodymodel.forward_rot6d(pose6d).joints
-    return j - j[:, :1]
-
-
 def probe(ckpt: str, split: str = "val", n: int = 500, cfg: posebench.BenchConfig | None = None) -> dict:
     """The module docstring's four distances (mm), on the first n editing pairs of `split`."""
     cfg = cfg or posebench.BenchConfig()
@@ -51,8 +45,8 @@ def probe(ckpt: str, split: str = "val", n: int = 500, cfg: posebench.BenchConfi
     a = torch.as_tensor(tasks.data.joints[[s.source_index for s in samples]])
     perm = np.random.default_rng(0).permutation(len(samples))
     swapped = [dataclasses.replace(s, pose_input=samples[perm[i]].pose_input) for i, s in enumerate(samples)]
-    own = centred_joints(bm, evaluate.predict_poses(policy, tok, samples, "cpu"))
-    other = centred_joints(bm, evaluate.predict_poses(policy, tok, swapped, "cpu"))
+    own = evaluate.pose_joints(bm, evaluate.predict_poses(policy, tok, samples, "cpu"), "cpu")
+    other = evaluate.pose_joints(bm, evaluate.predict_poses(policy, tok, swapped, "cpu"), "cpu")
     return {"B with its own A": mpjpe_mm(own, gt).mean().item(),
             "B with another pair's A": mpjpe_mm(other, gt).mean().item(),
             "how far another A moves the answer": mpjpe_mm(other, own).mean().item(),
