@@ -83,20 +83,22 @@ class GaussianPoseHead(nn.Module):
 
     Args:
         hidden_size: D. rank: R, the low-rank factor's rank (0: diagonal covariance).
+        mlp_hidden: the width of each MLP's hidden layer (0: D).
         deterministic: Table 3's baseline: only mu is learned; the covariance is fixed at
             `fixed_std^2 I` (used for sampling only, never trained) and there is no `cov_mlp`.
     """
 
     def __init__(self, hidden_size: int, pose_dim: int = POSE_DIM, rank: int = 4, deterministic: bool = False,
                  log_std_min: float = -5.0, log_std_max: float = 0.0, init_log_std: float = -2.0,
-                 max_factor: float = 0.5, fixed_std: float = 0.05):
+                 max_factor: float = 0.5, fixed_std: float = 0.05, mlp_hidden: int = 0):
         super().__init__()
         self.pose_dim, self.rank, self.deterministic = pose_dim, rank, deterministic
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.max_factor, self.fixed_std = max_factor, fixed_std
 
         def mlp(n_out):  # the last layer starts small, so the output starts at its bias
-            net = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, n_out))
+            width = mlp_hidden or hidden_size
+            net = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, n_out))
             with torch.no_grad():
                 net[2].weight.mul_(0.01)
                 net[2].bias.zero_()
@@ -214,6 +216,7 @@ class PoseLlavaConfig(LlavaConfig):
     pose_token_id: int = -1
     pose_head_rank: int = 4
     pose_head_deterministic: bool = False
+    pose_head_hidden: int = 0  # the head MLPs' hidden width; 0: the LM's hidden size
     pose_log_std_min: float = -5.0
     pose_log_std_max: float = 0.0
     # Each encoder's normalisation of [0, 1] pixels; None: the [-1, 1] pixels are used as given.
@@ -376,7 +379,7 @@ class PoseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.pose_head = GaussianPoseHead(config.text_config.hidden_size, POSE_DIM, config.pose_head_rank,
                                           config.pose_head_deterministic, config.pose_log_std_min,
-                                          config.pose_log_std_max)
+                                          config.pose_log_std_max, mlp_hidden=config.pose_head_hidden)
         self.post_init()
 
     def _init_weights(self, module):

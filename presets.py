@@ -24,6 +24,9 @@ TINY = dict(
     pose_vit=dict(patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=3.0, conv_stem=(32, 64, 128)),
     lm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256),
+    # the pose head's MLPs are 4 x the LM's width, like stage 0's readout: at the LM's own width (128) they
+    # read val image-to-pose at 129.2 mm from the same <POSE> states, at 512 117.8 (docs/RESULTS.md)
+    pose_head_hidden=512,
 )
 
 
@@ -35,7 +38,7 @@ def vision_configs(image_size: int = TINY["image_size"]):
 
 
 def build_config(text_config, tokenizer, image_size=TINY["image_size"], rank: int = 4,
-                 deterministic: bool = False) -> PoseLlavaConfig:
+                 deterministic: bool = False, head_hidden: int = 0) -> PoseLlavaConfig:
     """A PoseLlavaConfig for the built-in vision side around `text_config`."""
     from data import IMAGE_TOKEN, POSE_TOKEN
 
@@ -48,7 +51,7 @@ def build_config(text_config, tokenizer, image_size=TINY["image_size"], rank: in
     return PoseLlavaConfig(vision_config=clip.to_dict(), text_config=text,
                            image_token_id=ids[0], pose_token_id=ids[1], pose_vision_config=pose,
                            vision_feature_layer=-1, vision_feature_select_strategy="default",
-                           pose_head_rank=rank, pose_head_deterministic=deterministic,
+                           pose_head_rank=rank, pose_head_deterministic=deterministic, pose_head_hidden=head_hidden,
                            image_seq_length=(image_size // TINY["clip"]["patch_size"]) ** 2,
                            **pose_input_config(tokenizer))
 
@@ -68,7 +71,8 @@ def build_tiny(tokenizer, image_size=TINY["image_size"], rank=4, deterministic=F
     text = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        tie_word_embeddings=False, **TINY["lm"])
-    return PoseLlavaForConditionalGeneration(build_config(text, tokenizer, image_size, rank, deterministic))
+    return PoseLlavaForConditionalGeneration(build_config(text, tokenizer, image_size, rank, deterministic,
+                                                          TINY["pose_head_hidden"]))
 
 
 def smol_gguf_path() -> str:

@@ -92,6 +92,29 @@ def test_nll_fits_the_covariance_around_the_regressed_mean():
     assert torch.allclose(l_mean, ref, atol=1e-6)
 
 
+def test_head_fit_standardisation_folds_exactly():
+    """fit_head trains the head on standardised states z = (h - shift) / scale: the first layers are
+    re-expressed for z (the same function) and folded back for h after (the same function again)."""
+    torch.manual_seed(0)
+    head = model.GaussianPoseHead(16, rank=2, mlp_hidden=24)
+    assert head.mlp[0].out_features == 24 and head.cov_mlp[0].out_features == 24
+    h = torch.randn(7, 16) * 3 + 5
+    shift, scale = h.mean(0), h.std(0)
+    before = [x.detach().clone() for x in head(h)]
+    firsts = [head.mlp[0], head.cov_mlp[0]]
+    train_sft.fold_standardisation(firsts, shift, scale, into=True)
+    for a, b in zip(head((h - shift) / scale), before):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():  # a step of the fit, in standardised coordinates
+        head.mlp[0].weight.add_(0.01 * torch.randn_like(head.mlp[0].weight))
+    fitted = [x.detach().clone() for x in head((h - shift) / scale)]
+    train_sft.fold_standardisation(firsts, shift, scale, into=False)
+    for a, b in zip(head(h), fitted):
+        assert torch.allclose(a, b, atol=1e-5)
+    lin = head.mlp[0]  # by hand, one row: W h + b
+    assert torch.allclose(lin(h)[:, 3], h @ lin.weight[3] + lin.bias[3], atol=1e-5)
+
+
 def test_cosine_schedule():
     lrs = [plumbing.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
