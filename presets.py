@@ -24,8 +24,8 @@ TINY = dict(
     pose_vit=dict(patch_size=16, dim=128, depth=4, heads=4, mlp_ratio=3.0, conv_stem=(32, 64, 128)),
     lm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256),
-    # the pose head's MLPs are 4 x the LM's width, like stage 0's readout: at the LM's own width (128) they
-    # read val image-to-pose at 129.2 mm from the same <POSE> states, at 512 117.8 (docs/RESULTS.md)
+    # the pose head's MLPs are 4 x the LM's width, like stage 0's readout: the LM's own width (128) shares
+    # too little between the image and text states (docs/RESULTS.md, "How the head came to read")
     pose_head_hidden=512,
 )
 

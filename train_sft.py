@@ -35,8 +35,10 @@ Departures:
      the covariance around it.
   4. The head fit after stage 1 (`--head_fit_steps`, 0 turns it off) is ours: stage 1 sees each
      training pose about once on the tiny preset (the LM forward is the cost); the head is cheap,
-     and refitting it on cached `<POSE>` states of 12,000 training samples reads what the states
-     carry (first measured on the earlier, blind miniature: docs/FINDINGS.md, finding 1).
+     and refitting it on cached `<POSE>` states of 12,000 training samples, standardised per
+     dimension, reads what the states carry (first measured on the earlier, blind miniature:
+     docs/FINDINGS.md, finding 1; the standardisation and the tiny preset's 512-wide head MLPs:
+     docs/RESULTS.md, "How the head came to read").
   5. Stage 0's recipe (stage0.py: convolutional stem, mean-token readout of joints and 6D) is ours:
      with a plain ViT read through all its tokens the policy did not see the image
      (docs/RESULTS.md, "How the policy came to see").
