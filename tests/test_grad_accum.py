@@ -37,6 +37,15 @@ def step_state(run_dir):
     return weights, moments
 
 
+def first_gradient(moments, key):
+    """The first step's gradient of adapter tensor `key`: Adam's first moment after one step is 0.1 x it."""
+    for name, v in moments.items():
+        if name.endswith("/exp_avg") and name[:-len("/exp_avg")].replace("modules_to_save.default.", "") \
+                .replace(".default", "") == key:
+            return v / 0.1
+    raise KeyError(f"no optimizer state for {key}")
+
+
 def test_sft_micro_batches_equal_one_batch(tmp_path):
     runs = {}
     for n in (1, 2, 4):
@@ -50,7 +59,11 @@ def test_sft_micro_batches_equal_one_batch(tmp_path):
         w, m = runs[n]
         assert w.keys() == w1.keys() and m.keys() == m1.keys()
         for k in w1:  # micro-batches pad to their own longest sample: float32 rounding apart, the same
-            assert torch.allclose(w[k], w1[k], rtol=0, atol=1e-5), k  # (measured: 1.2e-6, at lr 1e-3)
+            # (measured: 1.2e-6, at lr 1e-3). Adam's first update is lr * g / (|g| + eps): where |g| is
+            # below eps = 1e-8, a float32 difference of g is multiplied by lr / eps; those entries are
+            # left to the moments' check below, which compares g itself
+            seen = first_gradient(m1, k).abs() >= 1e-8  # (none in a LoRA A: its B starts at zero)
+            assert torch.allclose(w[k][seen], w1[k][seen], rtol=0, atol=1e-5), k
         for k in m1:  # (measured: 6.6e-7 of the tensor's largest entry)
             assert (m[k] - m1[k]).abs().max() <= 1e-5 * m1[k].abs().max(), k
 
