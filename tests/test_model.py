@@ -11,6 +11,7 @@ import data
 import model
 import posebench
 import presets
+import rollout
 import vocab
 
 CFG = posebench.BenchConfig(n_train=48, n_val=16, n_test=40)
@@ -367,3 +368,25 @@ def test_bad_image_size_and_missing_placeholder(tok, samples):
     no_pose = data.Sample(**{**s.__dict__, "answer": "The pose is unknown."})
     with pytest.raises(ValueError, match="POSE"):
         data.collate([no_pose], tok, 32)
+
+
+def test_pose_kl_in_float64_against_the_dense_formula():
+    """rollout.pose_kl (the KL term of HyGRPO and --algo direct): 0 for a Gaussian with itself, and the
+    textbook KL of two dense Gaussians, 1/2 (tr(S2^-1 S1) + d^T S2^-1 d - P + log|S2| - log|S1|)."""
+    torch.manual_seed(0)
+    head = model.GaussianPoseHead(32, model.POSE_DIM, rank=4, mlp_hidden=64)
+    with torch.no_grad():
+        head.cov_mlp[2].weight.normal_(0, 0.05)  # covariances that differ between states
+        head.mlp[2].weight.normal_(0, 0.02)
+    d1, d2 = head.distribution(torch.randn(5, 32)), head.distribution(torch.randn(5, 32))
+    assert rollout.pose_kl(d1, d1).abs().max() < 1e-6
+    def dense(dist):  # mean and W W^T + diag(sigma^2), formed in float64
+        f = dist.cov_factor.double()
+        return dist.loc.double(), f @ f.transpose(-1, -2) + torch.diag_embed(dist.cov_diag.double())
+
+    (m1, s1), (m2, s2) = dense(d1), dense(d2)
+    s2_inv, d = torch.linalg.inv(s2), (m2 - m1)[..., None]
+    ref = 0.5 * (torch.einsum("nij,nji->n", s2_inv, s1) + (d.transpose(-1, -2) @ s2_inv @ d)[:, 0, 0]
+                 - model.POSE_DIM + torch.logdet(s2) - torch.logdet(s1))
+    assert ref.min() > 1.0
+    assert torch.allclose(rollout.pose_kl(d1, d2).double(), ref, rtol=1e-5)
