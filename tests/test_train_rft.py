@@ -229,14 +229,17 @@ def test_num_iterations_reuses_the_batch(assets, tmp_path):
     moves off 1 and the clip can act; with the pose space's basis too, which stays the sampling one."""
     for space in ("params", "rotations"):
         out = tmp_path / space
-        run(["train_rft.py"], rft_args(assets, out, "--num_iterations", "2", "--pose_space", space, "--steps", "2",
+        run(["train_rft.py"], rft_args(assets, out, "--num_iterations", "2", "--pose_space", space, "--steps", "4",
                                        "--eval_samples", "0"))
         train = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "losses/total" in x]
-        assert len(train) == 2 and all(np.isfinite(x["losses/total"]) for x in train)
-        moved = [x for x in train if x["charts/frac_valid_pose"] > 0]  # a batch of VQA prompts has no pose
-        assert moved and all(abs(x["charts/ratio_pose_mean"] - 1) > 1e-3 and x["charts/clipfrac_continuous"] > 0
-                             for x in moved), [(x["charts/ratio_pose_mean"],
-                                                x["charts/clipfrac_continuous"]) for x in train]
+        assert len(train) == 4 and all(np.isfinite(x["losses/total"]) for x in train)
+        # a batch of VQA prompts has no pose; a batch whose groups scored every pose alike has no pose advantage,
+        # and its first update leaves the pose policy exactly as it was (the KL to pi_ref is 0 at the start,
+        # and in float64 so is its gradient), so the ratio moves in some steps, not in each
+        posed = [x for x in train if x["charts/frac_valid_pose"] > 0]
+        assert any(abs(x["charts/ratio_pose_mean"] - 1) > 1e-3 for x in posed) and \
+            any(x["charts/clipfrac_continuous"] > 0 for x in posed), \
+            [(x["charts/ratio_pose_mean"], x["charts/clipfrac_continuous"]) for x in train]
 
 
 def test_bad_arguments(assets, tmp_path):
