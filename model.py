@@ -189,12 +189,10 @@ def rotation_basis(pose6d: torch.Tensor, start: int = 0) -> torch.Tensor:
 
 
 def in_float64(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
-    """The same Gaussian (low-rank, diagonal or full) in float64; gradients flow through the casts."""
+    """The head's Gaussian (low-rank or diagonal) in float64; gradients flow through the casts."""
     if isinstance(dist, torch.distributions.LowRankMultivariateNormal):
         return torch.distributions.LowRankMultivariateNormal(dist.loc.double(), dist.cov_factor.double(),
                                                              dist.cov_diag.double())
-    if isinstance(dist, torch.distributions.MultivariateNormal):
-        return torch.distributions.MultivariateNormal(dist.loc.double(), scale_tril=dist.scale_tril.double())
     return torch.distributions.Independent(torch.distributions.Normal(dist.base_dist.loc.double(),
                                                                       dist.base_dist.scale.double()), 1)
 

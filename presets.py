@@ -138,6 +138,12 @@ def trained_modules(config) -> list:
     return MODULES_TO_SAVE + (POSE_INPUT_MODULES if getattr(config, "pose_input_tokens", 0) else [])
 
 
+def trained_pose_head(policy) -> GaussianPoseHead:
+    """The pose head that trains: under peft, the "default" copy inside its ModulesToSaveWrapper."""
+    head = policy.get_base_model().pose_head
+    return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+
+
 def upcast_trainable(policy) -> None:
     """Trainable parameters in float32 (master weights): a bf16 weight cannot take a 1e-6 step."""
     for p in policy.parameters():

@@ -338,7 +338,7 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log):
     params = [p for p in head.parameters() if p.requires_grad]
     shift, scale = states.mean(0), states.std(0).clamp_min(1e-6)
     states = (states - shift) / scale
-    inner = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head  # peft's wrapper: the copy
+    inner = presets.trained_pose_head(policy)
     firsts = [m[0] for m in (inner.mlp, getattr(inner, "cov_mlp", None)) if m is not None]
     fold_standardisation(firsts, shift, scale, into=True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)

@@ -380,6 +380,7 @@ def test_pose_kl_in_float64_against_the_dense_formula():
         head.mlp[2].weight.normal_(0, 0.02)
     d1, d2 = head.distribution(torch.randn(5, 32)), head.distribution(torch.randn(5, 32))
     assert rollout.pose_kl(d1, d1).abs().max() < 1e-6
+
     def dense(dist):  # mean and W W^T + diag(sigma^2), formed in float64
         f = dist.cov_factor.double()
         return dist.loc.double(), f @ f.transpose(-1, -2) + torch.diag_embed(dist.cov_diag.double())

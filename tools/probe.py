@@ -274,9 +274,7 @@ def main(argv=None):
     t0 = time.time()
     policy, tokenizer, step_dir = presets.load_policy(args.sft_dir, args.preset)
     policy.eval()
-    head = policy.get_base_model().pose_head
-    if hasattr(head, "modules_to_save"):  # peft's wrapper: the trained copy
-        head = head.modules_to_save["default"]
+    head = presets.trained_pose_head(policy)
     if head.deterministic and "reward" in args.objectives:
         raise SystemExit(f"{args.sft_dir} has a deterministic head: the `reward` objective needs a Gaussian one")
     sft_head = copy.deepcopy(head).float().requires_grad_(True)
