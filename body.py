@@ -498,6 +498,7 @@ class BodyModel(torch.nn.Module):
         self.register_buffer("faces", torch.as_tensor(np.asarray(data["f"], dtype=np.int64)))
         # The joint that moves each vertex most: colours renders by body part and side.
         self.register_buffer("vertex_joint", torch.as_tensor(np.asarray(data["weights"]).argmax(1)))
+        self.register_buffer("rest_joints", (self.smpl.J_regressor @ self.smpl.v_template)[None], persistent=False)
 
     @property
     def num_vertices(self) -> int:
@@ -534,6 +535,16 @@ class BodyModel(torch.nn.Module):
                                  f"expected ({B}, {NUM_BETAS})")
         out = self.smpl(global_orient=go.to(dtype), body_pose=bp.to(dtype), betas=betas.to(dtype), pose2rot=False)
         return BodyOutput(joints=out.joints[:, :NUM_JOINTS], vertices=out.vertices)
+
+    def joints_rot6d(self, pose6d: torch.Tensor) -> torch.Tensor:
+        """(B, 24, 3) joints of the mean shape from 6D poses (B, 144), as `forward_rot6d(...).joints`,
+        through the kinematic tree alone (no mesh: a joint-space loss costs a small fraction of it)."""
+        from smplx.lbs import batch_rigid_transform
+
+        p = check_tensor(pose6d, "pose6d", (6 * NUM_JOINTS,), "BodyModel.joints_rot6d")
+        rot = rot6d_to_matrix(p.reshape(p.shape[0], NUM_JOINTS, 6)).to(self.smpl.v_template.dtype)
+        rest = self.rest_joints.expand(len(rot), -1, -1)
+        return batch_rigid_transform(rot, rest, self.smpl.parents, dtype=rot.dtype)[0]
 
     def forward_rot6d(self, pose6d: torch.Tensor, betas=None) -> BodyOutput:
         """Pose from the model's action p: (B, 144) or (B, 24, 6), global orientation first."""

@@ -170,6 +170,19 @@ def test_pose_formats_agree(model):
     assert (model.forward_rot6d(d6.reshape(4, 144)).joints - ref).abs().max() < 1e-5
 
 
+def test_joints_through_the_tree_alone_equal_the_full_forward(model):
+    """joints_rot6d (the kinematic tree, no mesh) gives forward_rot6d's joints and their gradients."""
+    aa = random_axis_angle(24 * 4, 2.0, seed=6).reshape(4, 24, 3).float()
+    d6 = body.matrix_to_rot6d(body.axis_angle_to_matrix(aa)).reshape(4, 144)
+    w = torch.randn(4, 24, 3, generator=torch.Generator().manual_seed(0))
+    a, b = d6.clone().requires_grad_(), d6.clone().requires_grad_()
+    ja, jb = model.forward_rot6d(a).joints, model.joints_rot6d(b)
+    assert (ja - jb).abs().max() < 1e-6
+    (ja * w).sum().backward()
+    (jb * w).sum().backward()
+    assert (a.grad - b.grad).abs().max() < 1e-5
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 def test_bad_shapes_and_nan_are_named(model):

@@ -115,6 +115,27 @@ def test_head_fit_standardisation_folds_exactly():
     assert torch.allclose(lin(h)[:, 3], h @ lin.weight[3] + lin.bias[3], atol=1e-5)
 
 
+def test_head_fit_loss_matches_slow_reference():
+    """The head fit's loss: the SFT pose loss + weight x the mean squared joint distance of the head's
+    mean, pelvis-relative, written here one pose and one joint at a time through the full forward."""
+    torch.manual_seed(0)
+    bm = body.BodyModel()
+    head = model.GaussianPoseHead(16, rank=2, mlp_hidden=24)
+    dist = head.distribution(torch.randn(3, 16))
+    target = body.matrix_to_rot6d(body.axis_angle_to_matrix(0.5 * torch.randn(3, 24, 3))).reshape(3, 144)
+    tj = bm.forward_rot6d(target).joints
+    tj = tj - tj[:, :1]
+    args = train_sft.Args(out_dir="x", head_fit_joints_weight=2.5)
+    loss, stats = train_sft.head_fit_loss(dist, target, tj, args, bm)
+    nll, l2_6d = train_sft.pose_loss(dist, target, torch.ones(3, dtype=torch.bool), args, 3)
+    j = bm.forward_rot6d(dist.mean).joints
+    sq = [sum(((j[b, k] - j[b, 0]) - tj[b, k]).pow(2).sum() for k in range(24)) / 24 for b in range(3)]
+    assert torch.allclose(loss, nll + l2_6d + 2.5 * sum(sq) / 3, atol=1e-6)
+    assert stats["head_fit/l2_joints"] == pytest.approx(float(sum(sq) / 3), rel=1e-5)
+    args.head_fit_joints_weight = 0.0
+    assert torch.allclose(train_sft.head_fit_loss(dist, target, None, args, bm)[0], nll + l2_6d)
+
+
 def test_cosine_schedule():
     lrs = [plumbing.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -127,7 +148,7 @@ def test_smoke_run_and_exact_resume(tmp_path):
     assert "SFT done" in out and "answer format valid" in out and "mean training pose" in out
     assert (a / "LATEST").read_text() == "step-000004" and (a / "test_metrics.json").exists()
     metrics = (a / "metrics.jsonl").read_text()
-    assert "stage0/val/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_6d" in metrics
+    assert "stage0/val/pose_vit_mpjpe_mm" in metrics and "losses/ce" in metrics and "head_fit/l2_joints" in metrics
     shutil.copytree(a / "base", b / "base")  # same initial model; stage 0 is skipped
     (b / "metrics.jsonl").write_text('{"step": 1, "from": "a run that saved nothing"}\n')
     run(TINY_RUN + ["--out_dir", str(b), "--stop_after", "2"])
