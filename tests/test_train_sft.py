@@ -131,7 +131,7 @@ def test_head_fit_loss_matches_slow_reference():
     j = bm.forward_rot6d(dist.mean).joints
     sq = [sum(((j[b, k] - j[b, 0]) - tj[b, k]).pow(2).sum() for k in range(24)) / 24 for b in range(3)]
     assert torch.allclose(loss, nll + l2_6d + 2.5 * sum(sq) / 3, atol=1e-6)
-    assert stats["head_fit/l2_joints"] == pytest.approx(float(sum(sq) / 3), rel=1e-5)
+    assert stats["head_fit/l2_joints"] == pytest.approx((sum(sq) / 3).item(), rel=1e-5)
     args.head_fit_joints_weight = 0.0
     assert torch.allclose(train_sft.head_fit_loss(dist, target, None, args, bm)[0], nll + l2_6d)
 
