@@ -280,12 +280,17 @@ def sft_loss(logits, labels, pose_dist, batch: data.Batch, args, n_tokens: float
     pose, l2_6d = pose_loss(pose_dist, target, valid, args, n_poses)
     l2_joints = logits.new_zeros(())
     if args.l2_joints_weight and valid.any():
-        joints = bodymodel.forward_rot6d(pose_dist.mean[valid]).joints
-        joints = joints - joints[:, :1]
-        l2_joints = ((joints - batch.joints[valid]) ** 2).sum(-1).mean(-1).sum() / n_poses
+        l2_joints = joints_sq_error(bodymodel, pose_dist.mean[valid], batch.joints[valid]).sum() / n_poses
     loss = ce + pose + l2_6d + args.l2_joints_weight * l2_joints
     stats = {"losses/ce": ce, "losses/pose": pose, "losses/l2_6d": l2_6d, "losses/l2_joints": l2_joints}
     return loss, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def joints_sq_error(bodymodel, pose6d: torch.Tensor, target_joints: torch.Tensor) -> torch.Tensor:
+    """(B,) squared distance of each joint of the poses (B, 144) from its pelvis-centred target
+    (B, 24, 3), averaged over joints; the joints through the kinematic tree (`joints_rot6d`)."""
+    j = bodymodel.joints_rot6d(pose6d)
+    return ((j - j[:, :1] - target_joints) ** 2).sum(-1).mean(-1)
 
 
 def pose_loss(pose_dist, target, valid, args, n_poses: float):
@@ -334,8 +339,8 @@ def fit_head(policy, tokenizer, tasks: data.PoseBenchTasks, args, device, log, b
     The joint term weighs each rotation by how far it moves the body: the 6D L2 weighs the root,
     which turns all 24 joints, as one joint of 24 (measured in offline fits, val: 117.0 -> 109.5 mm
     at weight 0.3; a larger weight gives up the root's twist: docs/RESULTS.md, "The head fit in
-    joint space"). Its targets are the joints
-    of the 6D targets (`body.BodyModel.joints_rot6d`, the kinematic tree alone: cheap).
+    joint space"). Its targets are the joints of the 6D targets (`body.BodyModel.joints_rot6d`, the
+    kinematic tree alone: cheap).
     """
     fit = [t for t in data.POSE_ANSWER_TASKS if t in data.POSE_TASKS or t in tasks.tasks]  # + pose_edit, if trained
     per_task = args.head_fit_samples // len(fit)
@@ -379,8 +384,7 @@ def head_fit_loss(dist, target, target_joints, args, bodymodel):
     nll, l2_6d = pose_loss(dist, target, valid, args, len(target))
     l2_joints = l2_6d.new_zeros(())
     if args.head_fit_joints_weight:
-        j = bodymodel.joints_rot6d(dist.mean)
-        l2_joints = ((j - j[:, :1] - target_joints) ** 2).sum(-1).mean()
+        l2_joints = joints_sq_error(bodymodel, dist.mean, target_joints).mean()
     stats = {"head_fit/pose": nll.item(), "head_fit/l2_6d": l2_6d.item(), "head_fit/l2_joints": l2_joints.item()}
     return nll + l2_6d + args.head_fit_joints_weight * l2_joints, stats
 
